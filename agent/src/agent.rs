@@ -1,0 +1,273 @@
+//! The loop that wires source, planner and data path: load, plan, apply, and again on every
+//! change of the objects (and every few seconds, to repair drift such as a re-created pod
+//! interface). Errors are logged and the last applied data path stays.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ipnet::Ipv4Net;
+use serde::Serialize;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::datapath::{Datapath, DatapathConfig, DatapathError};
+use crate::plan::{self, NodePlan, PlanConfig};
+use crate::source::{FileSource, Loaded, SourceError};
+
+const RESYNC: Duration = Duration::from_secs(5);
+
+pub struct AgentOptions {
+    pub node: String,
+    pub from_file: PathBuf,
+    pub cluster_cidrs: Vec<Ipv4Net>,
+    pub datapath: DatapathConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error("installing signal handlers: {0}")]
+    Signal(#[source] std::io::Error),
+    #[error("status file {path}: {source}")]
+    Status {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl AgentError {
+    /// Errors the user fixes by changing the command line or the objects file.
+    pub fn is_input_error(&self) -> bool {
+        matches!(self, AgentError::Source(_))
+    }
+}
+
+/// Prints the plan for `node` (the `plan` subcommand).
+pub fn print_plan(node: &str, file: &Path, cluster_cidrs: Vec<Ipv4Net>) -> Result<(), AgentError> {
+    let (_, loaded) = FileSource::open(file)?;
+    for problem in &loaded.problems {
+        eprintln!("warning: {problem}");
+    }
+    print!(
+        "{}",
+        plan::plan(&loaded.snapshot, node, &PlanConfig { cluster_cidrs })
+    );
+    Ok(())
+}
+
+pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
+    let (mut source, mut loaded) = FileSource::open(&options.from_file)?;
+    let (_watcher, mut changes) = crate::source::watch(&options.from_file)?;
+    let mut datapath = Datapath::open(options.datapath.clone()).await?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
+    let mut resync = tokio::time::interval(RESYNC);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let config = PlanConfig {
+        cluster_cidrs: options.cluster_cidrs.clone(),
+    };
+    let mut agent = Agent {
+        node: options.node.clone(),
+        state_dir: options.datapath.state_dir.clone(),
+        planned: None,
+        problems: Vec::new(),
+        warnings: Vec::new(),
+    };
+    tracing::info!(node = %options.node, file = %options.from_file.display(), "agent started");
+    agent.report_problems(&loaded);
+    loop {
+        agent.reconcile(&mut datapath, &loaded, &config).await?;
+        tokio::select! {
+            Some(()) = changes.recv() => {
+                loaded = source.reload();
+                agent.report_problems(&loaded);
+            }
+            _ = resync.tick() => {}
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        }
+    }
+    tracing::info!("exiting; the data path stays in place (`static-egress cleanup` removes it)");
+    Ok(())
+}
+
+/// Reports what it has not reported yet: an editor's save may deliver the same file twice,
+/// and the periodic resync must not repeat every warning.
+fn report_new(seen: &mut Vec<String>, now: Vec<String>, report: impl Fn(&str)) {
+    for message in now.iter().filter(|m| !seen.contains(m)) {
+        report(message);
+    }
+    *seen = now;
+}
+
+struct Agent {
+    node: String,
+    state_dir: PathBuf,
+    planned: Option<NodePlan>,
+    problems: Vec<String>,
+    warnings: Vec<String>,
+}
+
+impl Agent {
+    fn report_problems(&mut self, loaded: &Loaded) {
+        let now = loaded.problems.iter().map(ToString::to_string).collect();
+        report_new(&mut self.problems, now, |m| tracing::warn!("{m}"));
+    }
+
+    async fn reconcile(
+        &mut self,
+        datapath: &mut Datapath,
+        loaded: &Loaded,
+        config: &PlanConfig,
+    ) -> Result<(), AgentError> {
+        let plan = plan::plan(&loaded.snapshot, &self.node, config);
+        if self.planned.as_ref() != Some(&plan) {
+            log_changes(self.planned.as_ref(), &plan);
+        }
+        match datapath.apply(&plan).await {
+            Ok(warnings) => {
+                write_status(
+                    &self.state_dir,
+                    &Status::new(&plan, loaded.digest, datapath, &warnings),
+                )?;
+                report_new(&mut self.warnings, warnings, |m| tracing::warn!("{m}"));
+            }
+            Err(e) => {
+                tracing::error!("applying the plan failed, the previous data path stays: {e}")
+            }
+        }
+        self.planned = Some(plan);
+        Ok(())
+    }
+}
+
+fn log_changes(old: Option<&NodePlan>, new: &NodePlan) {
+    let holders = |p: &NodePlan| -> BTreeMap<Ipv4Addr, Option<String>> {
+        p.gateways
+            .iter()
+            .flat_map(|g| {
+                g.egress
+                    .iter()
+                    .map(|e| (e.ip, e.holder.as_ref().map(|h| h.node.clone())))
+            })
+            .collect()
+    };
+    let before = old.map(holders).unwrap_or_default();
+    for (ip, holder) in holders(new) {
+        if before.get(&ip) != Some(&holder) {
+            match holder {
+                Some(node) => tracing::info!(egress_ip = %ip, holder = %node, "egress IP holder"),
+                None => tracing::warn!(egress_ip = %ip, "no eligible node holds the egress IP"),
+            }
+        }
+    }
+    let pods = |p: &NodePlan| -> BTreeMap<Ipv4Addr, String> {
+        p.pods.iter().map(|x| (x.ip, x.gateway.clone())).collect()
+    };
+    let (before, after) = (old.map(pods).unwrap_or_default(), pods(new));
+    for pod in &new.pods {
+        if before.get(&pod.ip) != Some(&pod.gateway) {
+            tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name), ip = %pod.ip, gateway = %pod.gateway, egress_ip = %pod.egress_ip, reason = ?pod.reason, "pod selected");
+        }
+    }
+    for (ip, gateway) in before.iter().filter(|(ip, _)| !after.contains_key(ip)) {
+        tracing::info!(ip = %ip, gateway = %gateway, "pod no longer selected");
+    }
+    let old_rejected = old.map(|p| p.rejected.as_slice()).unwrap_or_default();
+    for r in new.rejected.iter().filter(|r| !old_rejected.contains(r)) {
+        tracing::warn!("gateway annotation ignored: {r}");
+    }
+    let old_problems = old.map(|p| p.problems.as_slice()).unwrap_or_default();
+    for p in new.problems.iter().filter(|p| !old_problems.contains(p)) {
+        tracing::warn!("{p}");
+    }
+}
+
+#[derive(Serialize)]
+struct Status {
+    node: String,
+    /// FNV-1a 64 of the objects file applied, as 16 hex digits.
+    applied_digest: String,
+    applied_at_unix_ms: u128,
+    gateways: Vec<GatewayStatus>,
+    pods: Vec<PodStatus>,
+    warnings: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct GatewayStatus {
+    name: String,
+    egress: Vec<(Ipv4Addr, Option<String>)>,
+    packets: u64,
+    bytes: u64,
+    dropped: u64,
+}
+
+#[derive(Serialize)]
+struct PodStatus {
+    pod: String,
+    ip: Ipv4Addr,
+    gateway: String,
+    egress_ip: Ipv4Addr,
+}
+
+impl Status {
+    fn new(plan: &NodePlan, digest: u64, datapath: &Datapath, warnings: &[String]) -> Self {
+        let counters = datapath.counters();
+        Status {
+            node: plan.node.clone(),
+            applied_digest: format!("{digest:016x}"),
+            applied_at_unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or_default(),
+            gateways: plan
+                .gateways
+                .iter()
+                .map(|g| {
+                    let c = counters.get(&g.id).copied().unwrap_or_default();
+                    GatewayStatus {
+                        name: g.name.clone(),
+                        egress: g
+                            .egress
+                            .iter()
+                            .map(|e| (e.ip, e.holder.as_ref().map(|h| h.node.clone())))
+                            .collect(),
+                        packets: c.packets,
+                        bytes: c.bytes,
+                        dropped: c.dropped,
+                    }
+                })
+                .collect(),
+            pods: plan
+                .pods
+                .iter()
+                .map(|p| PodStatus {
+                    pod: format!("{}/{}", p.namespace, p.name),
+                    ip: p.ip,
+                    gateway: p.gateway.clone(),
+                    egress_ip: p.egress_ip,
+                })
+                .collect(),
+            warnings: warnings.to_vec(),
+        }
+    }
+}
+
+fn write_status(dir: &Path, status: &Status) -> Result<(), AgentError> {
+    let path = dir.join("status.json");
+    let tmp = dir.join("status.json.tmp");
+    let err = |source| AgentError::Status {
+        path: path.clone(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(err)?;
+    let bytes = serde_json::to_vec_pretty(status).map_err(|e| err(std::io::Error::other(e)))?;
+    std::fs::write(&tmp, bytes).map_err(err)?;
+    std::fs::rename(&tmp, &path).map_err(err)
+}

@@ -1,0 +1,430 @@
+//! The kernel programs and their maps, pinned under `<bpffs>/static-egress` so that a restarted
+//! agent adopts them: maps are reused as they are, and each pinned TCX link gets the freshly
+//! loaded program swapped in atomically, so packets never see a moment without a program.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuHashMap, PerCpuValues, lpm_trie::Key};
+use aya::programs::links::{FdLink, LinkError, PinnedLink};
+use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
+use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
+use aya::{Ebpf, EbpfLoader};
+use static_egress_common::{Config, Counters, DestKey, EgressEntry, GatewayEntry, PodEntry, names};
+
+use super::DatapathError;
+
+/// The kernel object built by `cargo xtask build`; empty when built without it.
+static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/static-egress.bpf.o"));
+
+/// Everything the kernel maps must hold, computed from a plan.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapContents {
+    pub pods: BTreeMap<u32, PodEntry>,
+    /// (prefix length including the gateway bits, key) -> verdict
+    pub dests: BTreeMap<(u32, DestKey), u8>,
+    pub gateways: BTreeMap<u32, GatewayEntry>,
+    pub egress: BTreeMap<u32, EgressEntry>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Hook {
+    PodIngress,
+    UplinkEgress,
+}
+
+impl Hook {
+    fn prefix(self) -> &'static str {
+        match self {
+            Hook::PodIngress => "ingress-",
+            Hook::UplinkEgress => "egress-",
+        }
+    }
+    fn program(self) -> &'static str {
+        match self {
+            Hook::PodIngress => names::PROG_POD_INGRESS,
+            Hook::UplinkEgress => names::PROG_UPLINK_EGRESS,
+        }
+    }
+    fn attach_type(self) -> TcAttachType {
+        match self {
+            Hook::PodIngress => TcAttachType::Ingress,
+            Hook::UplinkEgress => TcAttachType::Egress,
+        }
+    }
+}
+
+/// Pin directory of our objects under a bpffs mount.
+pub fn pin_root(bpffs: &Path) -> PathBuf {
+    bpffs.join("static-egress")
+}
+
+pub struct Bpf {
+    ebpf: Ebpf,
+    links_dir: PathBuf,
+    /// Links this process holds, by hook and interface index.
+    links: BTreeMap<(Hook, u32), PinnedLink>,
+    pods: HashMap<MapData, u32, PodEntry>,
+    dests: LpmTrie<MapData, DestKey, u8>,
+    gateways: HashMap<MapData, u32, GatewayEntry>,
+    egress: HashMap<MapData, u32, EgressEntry>,
+    counters: PerCpuHashMap<MapData, u32, Counters>,
+}
+
+fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T, DatapathError> {
+    let map = ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))?;
+    T::try_from(map).map_err(|source| DatapathError::Map { map: name, source })
+}
+
+fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
+    move |source| DatapathError::Map { map, source }
+}
+
+impl Bpf {
+    /// Loads the programs, creating or reusing the pinned maps, and sets the fwmark bit.
+    pub fn load(bpffs: &Path, mark: u32) -> Result<Self, DatapathError> {
+        check_bpffs(bpffs)?;
+        if OBJECT.is_empty() {
+            return Err(DatapathError::NoKernelObject);
+        }
+        let root = pin_root(bpffs);
+        let maps_dir = root.join("maps");
+        let links_dir = root.join("links");
+        for dir in [&maps_dir, &links_dir] {
+            fs::create_dir_all(dir).map_err(|source| DatapathError::Io {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .load(OBJECT)
+            .map_err(|e| DatapathError::Load(Box::new(e)))?;
+        for hook in [Hook::PodIngress, Hook::UplinkEgress] {
+            program(&mut ebpf, hook)?
+                .load()
+                .map_err(|e| DatapathError::Program {
+                    program: hook.program(),
+                    source: Box::new(e),
+                })?;
+        }
+        let mut config: Array<MapData, Config> = take(&mut ebpf, names::CONFIG)?;
+        config
+            .set(0, Config { mark }, 0)
+            .map_err(map_err(names::CONFIG))?;
+        Ok(Self {
+            pods: take(&mut ebpf, names::PODS)?,
+            dests: take(&mut ebpf, names::DESTS)?,
+            gateways: take(&mut ebpf, names::GATEWAYS)?,
+            egress: take(&mut ebpf, names::EGRESS)?,
+            counters: take(&mut ebpf, names::COUNTERS)?,
+            ebpf,
+            links_dir,
+            links: BTreeMap::new(),
+        })
+    }
+
+    /// Brings the maps to `want`. Entries a pod entry points at are written before the pod
+    /// entry and removed after it, so the programs never see a pod without its gateway.
+    pub fn sync_maps(&mut self, want: &MapContents) -> Result<(), DatapathError> {
+        let nr_cpus = aya::util::nr_cpus().map_err(|(_, source)| DatapathError::Io {
+            path: "/sys/devices/system/cpu/possible".into(),
+            source,
+        })?;
+        for (id, entry) in &want.gateways {
+            if self.gateways.get(id, 0).ok().as_ref() != Some(entry) {
+                self.gateways
+                    .insert(id, entry, 0)
+                    .map_err(map_err(names::GATEWAYS))?;
+            }
+            if self.counters.get(id, 0).is_err() {
+                let zero = PerCpuValues::try_from(vec![Counters::default(); nr_cpus]).map_err(
+                    |source| DatapathError::Io {
+                        path: "/sys/devices/system/cpu/possible".into(),
+                        source,
+                    },
+                )?;
+                self.counters
+                    .insert(id, zero, 0)
+                    .map_err(map_err(names::COUNTERS))?;
+            }
+        }
+        for (ip, entry) in &want.egress {
+            if self.egress.get(ip, 0).ok().as_ref() != Some(entry) {
+                self.egress
+                    .insert(ip, entry, 0)
+                    .map_err(map_err(names::EGRESS))?;
+            }
+        }
+        for ((len, key), verdict) in &want.dests {
+            let k = Key::new(*len, *key);
+            if self.dests.get(&k, 0).ok() != Some(*verdict) {
+                self.dests
+                    .insert(&k, verdict, 0)
+                    .map_err(map_err(names::DESTS))?;
+            }
+        }
+        for (ip, entry) in &want.pods {
+            if self.pods.get(ip, 0).ok().as_ref() != Some(entry) {
+                self.pods
+                    .insert(ip, entry, 0)
+                    .map_err(map_err(names::PODS))?;
+            }
+        }
+        let stale: Vec<u32> = self
+            .pods
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !want.pods.contains_key(k))
+            .collect();
+        for ip in stale {
+            self.pods.remove(&ip).map_err(map_err(names::PODS))?;
+        }
+        let stale: Vec<Key<DestKey>> = self
+            .dests
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !want.dests.contains_key(&(k.prefix_len(), k.data())))
+            .collect();
+        for key in stale {
+            self.dests.remove(&key).map_err(map_err(names::DESTS))?;
+        }
+        let stale: Vec<u32> = self
+            .egress
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !want.egress.contains_key(k))
+            .collect();
+        for ip in stale {
+            self.egress.remove(&ip).map_err(map_err(names::EGRESS))?;
+        }
+        let stale: Vec<u32> = self
+            .gateways
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !want.gateways.contains_key(k))
+            .collect();
+        for id in stale {
+            self.gateways
+                .remove(&id)
+                .map_err(map_err(names::GATEWAYS))?;
+            // Removing a key that is not there is fine: counters may predate a crash.
+            let _ = self.counters.remove(&id);
+        }
+        Ok(())
+    }
+
+    /// Attaches `hook` to exactly the interfaces in `want` (index -> name), adopting pinned
+    /// links left by an earlier agent and detaching the rest.
+    pub fn sync_links(
+        &mut self,
+        hook: Hook,
+        want: &BTreeMap<u32, String>,
+    ) -> Result<(), DatapathError> {
+        let pinned = self.pinned_indices(hook)?;
+        for index in pinned.iter().filter(|i| !want.contains_key(i)) {
+            self.detach(hook, *index)?;
+        }
+        for (index, name) in want {
+            if self.links.contains_key(&(hook, *index)) {
+                continue;
+            }
+            let path = self.pin_path(hook, *index);
+            let link = match self.adopt(hook, &path) {
+                Ok(Some(link)) => link,
+                Ok(None) => self.attach(hook, name, &path)?,
+                Err(e) => {
+                    // A link whose interface went away cannot take a program any more.
+                    tracing::warn!(interface = %name, error = %e, "replacing a pinned link that could not be adopted");
+                    remove_pin(&path)?;
+                    self.attach(hook, name, &path)?
+                }
+            };
+            self.links.insert((hook, *index), link);
+        }
+        Ok(())
+    }
+
+    fn adopt(&mut self, hook: Hook, path: &Path) -> Result<Option<PinnedLink>, DatapathError> {
+        let pinned = match PinnedLink::from_pin(path) {
+            Ok(p) => p,
+            Err(LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {
+                return Ok(None);
+            }
+            Err(e) => {
+                return Err(DatapathError::Link {
+                    path: path.to_owned(),
+                    source: Box::new(e),
+                });
+            }
+        };
+        let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| {
+            DatapathError::Link {
+                path: path.to_owned(),
+                source: Box::new(e),
+            }
+        })?;
+        let prog = program(&mut self.ebpf, hook)?;
+        let id = prog
+            .attach_to_link(link)
+            .map_err(|e| DatapathError::Program {
+                program: hook.program(),
+                source: Box::new(e),
+            })?;
+        self.keep(hook, id, path).map(Some)
+    }
+
+    fn attach(
+        &mut self,
+        hook: Hook,
+        ifname: &str,
+        path: &Path,
+    ) -> Result<PinnedLink, DatapathError> {
+        let prog = program(&mut self.ebpf, hook)?;
+        let id = prog
+            .attach_with_options(
+                ifname,
+                hook.attach_type(),
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(|e| DatapathError::Attach {
+                interface: ifname.to_owned(),
+                source: Box::new(e),
+            })?;
+        self.keep(hook, id, path)
+    }
+
+    /// Takes the link out of aya's bookkeeping (which would detach it on drop) and pins it.
+    fn keep(
+        &mut self,
+        hook: Hook,
+        id: aya::programs::tc::SchedClassifierLinkId,
+        path: &Path,
+    ) -> Result<PinnedLink, DatapathError> {
+        let prog = program(&mut self.ebpf, hook)?;
+        let link = prog.take_link(id).map_err(|e| DatapathError::Program {
+            program: hook.program(),
+            source: Box::new(e),
+        })?;
+        let fd = FdLink::try_from(link).map_err(|e| DatapathError::Link {
+            path: path.to_owned(),
+            source: Box::new(e),
+        })?;
+        // Re-pinning an adopted link: the old pin names the same link, replace it.
+        if path.exists() {
+            remove_pin(path)?;
+        }
+        fd.pin(path).map_err(|e| DatapathError::Link {
+            path: path.to_owned(),
+            source: Box::new(e),
+        })
+    }
+
+    fn detach(&mut self, hook: Hook, index: u32) -> Result<(), DatapathError> {
+        self.links.remove(&(hook, index));
+        remove_pin(&self.pin_path(hook, index))
+    }
+
+    fn pin_path(&self, hook: Hook, index: u32) -> PathBuf {
+        self.links_dir.join(format!("{}{index}", hook.prefix()))
+    }
+
+    fn pinned_indices(&self, hook: Hook) -> Result<BTreeSet<u32>, DatapathError> {
+        pinned_link_indices(&self.links_dir, hook)
+    }
+
+    /// Sum over CPUs of each gateway's counters.
+    pub fn counters(&self) -> BTreeMap<u32, Counters> {
+        self.counters
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(id, per_cpu)| {
+                let sum = per_cpu.iter().fold(Counters::default(), |acc, c| Counters {
+                    packets: acc.packets + c.packets,
+                    bytes: acc.bytes + c.bytes,
+                    dropped: acc.dropped + c.dropped,
+                });
+                (id, sum)
+            })
+            .collect()
+    }
+}
+
+fn program(ebpf: &mut Ebpf, hook: Hook) -> Result<&mut SchedClassifier, DatapathError> {
+    let name = hook.program();
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::MissingProgram(name))?
+        .try_into()
+        .map_err(|e| DatapathError::Program {
+            program: name,
+            source: Box::new(e),
+        })
+}
+
+fn pinned_link_indices(dir: &Path, hook: Hook) -> Result<BTreeSet<u32>, DatapathError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(BTreeSet::new()),
+        Err(source) => {
+            return Err(DatapathError::Io {
+                path: dir.to_owned(),
+                source,
+            });
+        }
+    };
+    Ok(entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_prefix(hook.prefix())?
+                .parse()
+                .ok()
+        })
+        .collect())
+}
+
+fn remove_pin(path: &Path) -> Result<(), DatapathError> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(DatapathError::Io {
+            path: path.to_owned(),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Pinning needs a bpf filesystem; a plain directory would fail later with a vague error.
+fn check_bpffs(dir: &Path) -> Result<(), DatapathError> {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|_| DatapathError::NotBpffs(dir.to_owned()))?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid C string and `st` a writable statfs buffer.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(DatapathError::Io {
+            path: dir.to_owned(),
+            source: io::Error::last_os_error(),
+        });
+    }
+    if st.f_type as i64 != BPF_FS_MAGIC {
+        return Err(DatapathError::NotBpffs(dir.to_owned()));
+    }
+    Ok(())
+}
+
+/// Removes every pinned object of ours: links detach and maps go once no program uses them.
+pub fn remove_pins(bpffs: &Path) -> Result<bool, DatapathError> {
+    let root = pin_root(bpffs);
+    match fs::remove_dir_all(&root) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(source) => Err(DatapathError::Io { path: root, source }),
+    }
+}

@@ -1,0 +1,322 @@
+//! Makes the kernel match a [`NodePlan`]: nftables table, egress addresses, policy routing,
+//! BPF maps and TCX links, each brought to the plan by diffing what is there.
+
+mod arp;
+pub mod bpf;
+mod netlink;
+pub mod nft;
+mod state;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use static_egress_common::{
+    DEST_EXCLUDED, DEST_GATEWAY_BITS, DEST_VIA_GATEWAY, DestKey, EGRESS_LOCAL, EgressEntry,
+    GATEWAY_FAIL_CLOSED, GatewayEntry, PodEntry,
+};
+
+use crate::model::FailurePolicy;
+use crate::plan::NodePlan;
+pub use bpf::{Bpf, Hook, MapContents};
+use netlink::Netlink;
+pub use state::State;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("this binary was built without its eBPF programs; build it with `cargo xtask build`")]
+    NoKernelObject,
+    #[error("{0} is not a bpf filesystem; mount one with `mount -t bpf bpf {0}`")]
+    NotBpffs(PathBuf),
+    #[error("loading the eBPF object: {0}")]
+    Load(#[source] Box<aya::EbpfError>),
+    #[error("eBPF program {program}: {source}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("the eBPF object has no program {0}")]
+    MissingProgram(&'static str),
+    #[error("the eBPF object has no map {0}")]
+    MissingMap(&'static str),
+    #[error("eBPF map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("attaching to interface {interface}: {source}")]
+    Attach {
+        interface: String,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("pinned link {path}: {source}")]
+    Link {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("opening a netlink socket: {0}")]
+    NetlinkSocket(#[source] std::io::Error),
+    #[error("netlink {what}: {source}")]
+    Netlink {
+        what: &'static str,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("running nft: {0}")]
+    NftSpawn(#[source] std::io::Error),
+    #[error("nft refused our table: {0}")]
+    Nft(String),
+    #[error("Node {0} is missing from the objects or has no IPv4 InternalIP")]
+    NoNodeIp(String),
+    #[error("no interface holds this node's InternalIP {0}")]
+    NoUplink(Ipv4Addr),
+    #[error("state file {path}: {source}")]
+    State {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// Host-level settings of the data path.
+#[derive(Clone, Debug)]
+pub struct DatapathConfig {
+    pub bpffs: PathBuf,
+    pub state_dir: PathBuf,
+    /// One bit: ours.
+    pub fwmark: u32,
+    pub route_table: u32,
+    pub rule_priority: u32,
+}
+
+/// What a successful apply could not do, per object.
+pub type Warnings = Vec<String>;
+
+pub struct Datapath {
+    config: DatapathConfig,
+    bpf: Bpf,
+    nl: Netlink,
+    state: State,
+    last_nft: Option<String>,
+}
+
+impl Datapath {
+    /// Loads (or adopts) the kernel programs; changes nothing else yet.
+    pub async fn open(config: DatapathConfig) -> Result<Self, DatapathError> {
+        let bpf = Bpf::load(&config.bpffs, config.fwmark)?;
+        let nl = Netlink::connect()?;
+        let state = State::load(&config.state_dir)?.unwrap_or_default();
+        Ok(Self {
+            config,
+            bpf,
+            nl,
+            state,
+            last_nft: None,
+        })
+    }
+
+    pub fn counters(&self) -> BTreeMap<u32, static_egress_common::Counters> {
+        self.bpf.counters()
+    }
+
+    /// Brings the node to `plan`. Steps run in the order that keeps selected traffic from
+    /// leaving with the node's address: NAT and addresses first, marking last; removals after.
+    pub async fn apply(&mut self, plan: &NodePlan) -> Result<Warnings, DatapathError> {
+        let mut warnings = Warnings::new();
+        let node_ip = plan
+            .node_ip
+            .ok_or_else(|| DatapathError::NoNodeIp(plan.node.clone()))?;
+        let uplink_index = self
+            .nl
+            .interface_with_address(node_ip)
+            .await?
+            .ok_or(DatapathError::NoUplink(node_ip))?;
+        let uplink = self
+            .nl
+            .interface(uplink_index)
+            .await?
+            .ok_or(DatapathError::NoUplink(node_ip))?;
+
+        self.state.uplink = Some(uplink.name.clone());
+        self.state.fwmark = self.config.fwmark;
+        self.state.route_table = self.config.route_table;
+        self.state.rule_priority = self.config.rule_priority;
+        self.state.save(&self.config.state_dir)?;
+
+        let script = nft::render(&plan.snat, self.config.fwmark);
+        if self.last_nft.as_deref() != Some(script.as_str()) {
+            nft::apply(&script)?;
+            self.last_nft = Some(script);
+        }
+
+        let held: BTreeSet<Ipv4Addr> = plan.snat.iter().map(|s| s.egress_ip).collect();
+        let present: BTreeSet<Ipv4Addr> = self
+            .nl
+            .host_addresses(uplink.index)
+            .await?
+            .into_iter()
+            .collect();
+        for ip in &held {
+            if self.state.addresses.insert(*ip) {
+                self.state.save(&self.config.state_dir)?;
+            }
+            if !present.contains(ip) {
+                self.nl.add_address(uplink.index, *ip).await?;
+                tracing::info!(egress_ip = %ip, interface = %uplink.name, "holding egress IP");
+                if let Some(mac) = uplink.mac
+                    && let Err(e) = arp::announce(uplink.index, mac, *ip)
+                {
+                    warnings.push(format!("gratuitous ARP for {ip} on {}: {e}", uplink.name));
+                }
+            }
+        }
+
+        self.nl
+            .sync_rule(
+                self.config.rule_priority,
+                self.config.fwmark,
+                self.config.route_table,
+            )
+            .await?;
+        self.nl
+            .sync_table(self.config.route_table, uplink.index)
+            .await?;
+
+        self.bpf.sync_maps(&map_contents(plan))?;
+        let mut pod_ifaces = BTreeMap::new();
+        for pod in &plan.pods {
+            let found = match self.nl.route_oif(pod.ip).await {
+                Ok(Some(index)) if index != uplink.index => self.nl.interface(index).await,
+                Ok(_) => Ok(None),
+                Err(e) => Err(e),
+            };
+            match found {
+                Ok(Some(iface)) => {
+                    pod_ifaces.insert(iface.index, iface.name);
+                }
+                Ok(None) => warnings.push(format!(
+                    "Pod {}/{}: no local interface routes to its IP {}; its traffic is not marked",
+                    pod.namespace, pod.name, pod.ip
+                )),
+                Err(e) => warnings.push(format!(
+                    "Pod {}/{}: looking up the interface of {}: {e}; its traffic is not marked",
+                    pod.namespace, pod.name, pod.ip
+                )),
+            }
+        }
+        self.bpf.sync_links(Hook::PodIngress, &pod_ifaces)?;
+        self.bpf.sync_links(
+            Hook::UplinkEgress,
+            &BTreeMap::from([(uplink.index, uplink.name.clone())]),
+        )?;
+
+        let released: Vec<Ipv4Addr> = self
+            .state
+            .addresses
+            .iter()
+            .filter(|ip| !held.contains(ip))
+            .copied()
+            .collect();
+        for ip in released {
+            self.nl.remove_address(uplink.index, ip).await?;
+            tracing::info!(egress_ip = %ip, interface = %uplink.name, "released egress IP");
+            self.state.addresses.remove(&ip);
+            self.state.save(&self.config.state_dir)?;
+        }
+        Ok(warnings)
+    }
+}
+
+fn wire(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+/// The BPF map contents a plan asks for.
+pub fn map_contents(plan: &NodePlan) -> MapContents {
+    let mut maps = MapContents::default();
+    for gw in &plan.gateways {
+        let flags = match gw.failure_policy {
+            FailurePolicy::FailClosed => GATEWAY_FAIL_CLOSED,
+            FailurePolicy::FailOpen => 0,
+        };
+        maps.gateways.insert(gw.id, GatewayEntry { flags });
+        for e in &gw.egress {
+            let entry = match &e.holder {
+                Some(h) => EgressEntry {
+                    holder: wire(h.node_ip),
+                    flags: if h.node == plan.node { EGRESS_LOCAL } else { 0 },
+                },
+                None => EgressEntry {
+                    holder: 0,
+                    flags: 0,
+                },
+            };
+            maps.egress.insert(wire(e.ip), entry);
+        }
+        for d in &gw.dest_entries {
+            let key = DestKey {
+                gateway: gw.id,
+                addr: wire(d.cidr.network()),
+            };
+            let verdict = if d.via_gateway {
+                DEST_VIA_GATEWAY
+            } else {
+                DEST_EXCLUDED
+            };
+            maps.dests.insert(
+                (DEST_GATEWAY_BITS + u32::from(d.cidr.prefix_len()), key),
+                verdict,
+            );
+        }
+    }
+    for pod in &plan.pods {
+        maps.pods.insert(
+            wire(pod.ip),
+            PodEntry {
+                gateway: pod.gateway_id,
+                egress_ip: wire(pod.egress_ip),
+            },
+        );
+    }
+    maps
+}
+
+/// Removes everything an agent recorded in `state_dir` (and our pins under `bpffs`).
+/// Returns whether anything was there.
+pub async fn cleanup(
+    state_dir: &std::path::Path,
+    bpffs: Option<&std::path::Path>,
+) -> Result<bool, DatapathError> {
+    let mut removed = false;
+    let state = State::load(state_dir)?;
+    let nl = Netlink::connect()?;
+    if let Some(state) = &state {
+        nl.remove_rules(state.rule_priority, state.route_table)
+            .await?;
+        nl.flush_table(state.route_table).await?;
+        if let Some(uplink) = &state.uplink
+            && let Some(index) = nl.interface_index(uplink).await?
+        {
+            for ip in &state.addresses {
+                nl.remove_address(index, *ip).await?;
+            }
+        }
+        removed = true;
+    }
+    removed |= nft::remove()?;
+    if let Some(bpffs) = bpffs {
+        removed |= bpf::remove_pins(bpffs)?;
+    }
+    State::remove(state_dir)?;
+    Ok(removed)
+}

@@ -1,0 +1,405 @@
+//! Routes, rules and addresses through rtnetlink: the uplink, the pod interfaces (found by
+//! asking the kernel for the route to each pod), our rule and table, and the egress IPs.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures_util::TryStreamExt as _;
+use rtnetlink::packet_route::{
+    AddressFamily,
+    address::{AddressAttribute, AddressMessage},
+    link::LinkAttribute,
+    route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope, RouteType},
+    rule::{RuleAction, RuleAttribute, RuleMessage},
+};
+use rtnetlink::{Handle, IpVersion};
+
+use super::DatapathError;
+
+const MAIN_TABLE: u32 = RouteHeader::RT_TABLE_MAIN as u32;
+
+/// A network interface of this namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Interface {
+    pub index: u32,
+    pub name: String,
+    pub mac: Option<[u8; 6]>,
+}
+
+pub struct Netlink {
+    handle: Handle,
+}
+
+fn nl(what: &'static str) -> impl FnOnce(rtnetlink::Error) -> DatapathError {
+    move |source| DatapathError::Netlink { what, source }
+}
+
+impl Netlink {
+    /// Opens a netlink socket; the connection task runs on the current tokio runtime.
+    pub fn connect() -> Result<Self, DatapathError> {
+        let (conn, handle, _) =
+            rtnetlink::new_connection().map_err(DatapathError::NetlinkSocket)?;
+        tokio::spawn(conn);
+        Ok(Self { handle })
+    }
+
+    pub async fn interface(&self, index: u32) -> Result<Option<Interface>, DatapathError> {
+        let mut links = self.handle.link().get().match_index(index).execute();
+        match links.try_next().await {
+            Ok(Some(msg)) => {
+                let mut iface = Interface {
+                    index,
+                    name: String::new(),
+                    mac: None,
+                };
+                for attr in msg.attributes {
+                    match attr {
+                        LinkAttribute::IfName(name) => iface.name = name,
+                        LinkAttribute::Address(bytes) => iface.mac = bytes.try_into().ok(),
+                        _ => {}
+                    }
+                }
+                Ok(Some(iface))
+            }
+            Ok(None) => Ok(None),
+            // The kernel answers ENODEV for an index that does not exist.
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+            Err(e) => Err(nl("get link")(e)),
+        }
+    }
+
+    pub async fn interface_index(&self, name: &str) -> Result<Option<u32>, DatapathError> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute();
+        match links.try_next().await {
+            Ok(found) => Ok(found.map(|m| m.header.index)),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+            Err(e) => Err(nl("get link")(e)),
+        }
+    }
+
+    /// The interface holding `ip` (the node's InternalIP lives on the uplink).
+    pub async fn interface_with_address(&self, ip: Ipv4Addr) -> Result<Option<u32>, DatapathError> {
+        let addrs: Vec<AddressMessage> = self
+            .handle
+            .address()
+            .get()
+            .set_address_filter(IpAddr::V4(ip))
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("get addresses"))?;
+        Ok(addrs.first().map(|a| a.header.index))
+    }
+
+    /// The output interface of the kernel's route to `ip`, as `ip route get` would say.
+    pub async fn route_oif(&self, ip: Ipv4Addr) -> Result<Option<u32>, DatapathError> {
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = AddressFamily::Inet;
+        msg.header.destination_prefix_length = 32;
+        msg.attributes
+            .push(RouteAttribute::Destination(RouteAddress::Inet(ip)));
+        let mut answers = self.handle.route().get(msg).execute();
+        match answers.try_next().await {
+            Ok(Some(route)) => Ok(route.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Oif(i) => Some(*i),
+                _ => None,
+            })),
+            Ok(None) => Ok(None),
+            // Unreachable, prohibit and blackhole routes (CNIs put one on a node's pod CIDR)
+            // answer with an error: no interface leads to the address.
+            Err(rtnetlink::Error::NetlinkError(e))
+                if [
+                    libc::ENETUNREACH,
+                    libc::EHOSTUNREACH,
+                    libc::EACCES,
+                    libc::EINVAL,
+                ]
+                .contains(&-e.raw_code()) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(nl("get route")(e)),
+        }
+    }
+
+    pub async fn table_routes(&self, table: u32) -> Result<Vec<RouteMessage>, DatapathError> {
+        let mut filter = RouteMessage::default();
+        filter.header.address_family = AddressFamily::Inet;
+        let all: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(filter)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("dump routes"))?;
+        Ok(all
+            .into_iter()
+            .filter(|r| route_table(r) == table)
+            .collect())
+    }
+
+    /// Makes `table` hold exactly the main table's unicast routes through `uplink`, so that
+    /// marked packets leave through it whatever other routes the node has.
+    pub async fn sync_table(&self, table: u32, uplink: u32) -> Result<(), DatapathError> {
+        let wanted: Vec<RouteMessage> = self
+            .table_routes(MAIN_TABLE)
+            .await?
+            .into_iter()
+            .filter(|r| r.header.kind == RouteType::Unicast && route_oif(r) == Some(uplink))
+            .map(|r| retable(r, table))
+            .collect();
+        let current = self.table_routes(table).await?;
+        for route in &current {
+            if !wanted.iter().any(|w| same_route(w, route)) {
+                self.handle
+                    .route()
+                    .del(route.clone())
+                    .execute()
+                    .await
+                    .map_err(nl("delete route"))?;
+            }
+        }
+        for route in wanted {
+            if !current.iter().any(|c| same_route(c, &route)) {
+                self.handle
+                    .route()
+                    .add(route)
+                    .replace()
+                    .execute()
+                    .await
+                    .map_err(nl("add route"))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn flush_table(&self, table: u32) -> Result<(), DatapathError> {
+        for route in self.table_routes(table).await? {
+            self.handle
+                .route()
+                .del(route)
+                .execute()
+                .await
+                .map_err(nl("delete route"))?;
+        }
+        Ok(())
+    }
+
+    async fn rules_at(&self, priority: u32) -> Result<Vec<RuleMessage>, DatapathError> {
+        let rules: Vec<RuleMessage> = self
+            .handle
+            .rule()
+            .get(IpVersion::V4)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("dump rules"))?;
+        Ok(rules
+            .into_iter()
+            .filter(|r| r.attributes.contains(&RuleAttribute::Priority(priority)))
+            .collect())
+    }
+
+    /// Ensures exactly one rule at `priority`: `fwmark mark/mark lookup table`.
+    pub async fn sync_rule(
+        &self,
+        priority: u32,
+        mark: u32,
+        table: u32,
+    ) -> Result<(), DatapathError> {
+        let mut present = false;
+        for rule in self.rules_at(priority).await? {
+            let ours = rule.attributes.contains(&RuleAttribute::FwMark(mark))
+                && rule.attributes.contains(&RuleAttribute::FwMask(mark))
+                && rule_table(&rule) == table;
+            if ours && !present {
+                present = true;
+            } else {
+                self.handle
+                    .rule()
+                    .del(rule)
+                    .execute()
+                    .await
+                    .map_err(nl("delete rule"))?;
+            }
+        }
+        if !present {
+            let mut add = self
+                .handle
+                .rule()
+                .add()
+                .v4()
+                .priority(priority)
+                .fw_mark(mark)
+                .table_id(table)
+                .action(RuleAction::ToTable);
+            add.message_mut()
+                .attributes
+                .push(RuleAttribute::FwMask(mark));
+            add.execute().await.map_err(nl("add rule"))?;
+        }
+        Ok(())
+    }
+
+    /// Removes every rule at `priority` that looks up `table`.
+    pub async fn remove_rules(&self, priority: u32, table: u32) -> Result<(), DatapathError> {
+        for rule in self.rules_at(priority).await? {
+            if rule_table(&rule) == table {
+                self.handle
+                    .rule()
+                    .del(rule)
+                    .execute()
+                    .await
+                    .map_err(nl("delete rule"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// IPv4 addresses with prefix length 32 on `index`.
+    pub async fn host_addresses(&self, index: u32) -> Result<Vec<Ipv4Addr>, DatapathError> {
+        let addrs: Vec<AddressMessage> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("get addresses"))?;
+        Ok(addrs
+            .iter()
+            .filter(|a| a.header.prefix_len == 32)
+            .filter_map(|a| {
+                a.attributes.iter().find_map(|attr| match attr {
+                    AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
+                    _ => None,
+                })
+            })
+            .collect())
+    }
+
+    pub async fn add_address(&self, index: u32, ip: Ipv4Addr) -> Result<(), DatapathError> {
+        match self
+            .handle
+            .address()
+            .add(index, IpAddr::V4(ip), 32)
+            .execute()
+            .await
+        {
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => Ok(()),
+            other => other.map_err(nl("add address")),
+        }
+    }
+
+    pub async fn remove_address(&self, index: u32, ip: Ipv4Addr) -> Result<(), DatapathError> {
+        let addrs: Vec<AddressMessage> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .set_address_filter(IpAddr::V4(ip))
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("get addresses"))?;
+        for addr in addrs.into_iter().filter(|a| a.header.prefix_len == 32) {
+            match self.handle.address().del(addr).execute().await {
+                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EADDRNOTAVAIL => {}
+                other => other.map_err(nl("delete address"))?,
+            }
+        }
+        Ok(())
+    }
+}
+
+fn route_table(route: &RouteMessage) -> u32 {
+    route
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(route.header.table))
+}
+
+fn rule_table(rule: &RuleMessage) -> u32 {
+    rule.attributes
+        .iter()
+        .find_map(|a| match a {
+            RuleAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(rule.header.table))
+}
+
+fn route_oif(route: &RouteMessage) -> Option<u32> {
+    route.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Oif(i) => Some(*i),
+        _ => None,
+    })
+}
+
+/// A copy of a main-table route for our table, keeping only what identifies the path.
+fn retable(route: RouteMessage, table: u32) -> RouteMessage {
+    let mut out = RouteMessage::default();
+    out.header.address_family = AddressFamily::Inet;
+    out.header.destination_prefix_length = route.header.destination_prefix_length;
+    out.header.kind = RouteType::Unicast;
+    out.header.protocol = route.header.protocol;
+    out.header.scope = if route
+        .attributes
+        .iter()
+        .any(|a| matches!(a, RouteAttribute::Gateway(_)))
+    {
+        RouteScope::Universe
+    } else {
+        RouteScope::Link
+    };
+    out.header.table = if table < 256 {
+        table as u8
+    } else {
+        RouteHeader::RT_TABLE_UNSPEC
+    };
+    out.attributes = route
+        .attributes
+        .into_iter()
+        .filter(|a| {
+            matches!(
+                a,
+                RouteAttribute::Destination(_)
+                    | RouteAttribute::Gateway(_)
+                    | RouteAttribute::Oif(_)
+            )
+        })
+        .collect();
+    out.attributes.push(RouteAttribute::Table(table));
+    out
+}
+
+fn same_route(a: &RouteMessage, b: &RouteMessage) -> bool {
+    let key = |r: &RouteMessage| {
+        let mut attrs: Vec<String> = r
+            .attributes
+            .iter()
+            .filter(|a| {
+                matches!(
+                    a,
+                    RouteAttribute::Destination(_)
+                        | RouteAttribute::Gateway(_)
+                        | RouteAttribute::Oif(_)
+                )
+            })
+            .map(|a| format!("{a:?}"))
+            .collect();
+        attrs.sort();
+        (r.header.destination_prefix_length, attrs)
+    };
+    key(a) == key(b)
+}

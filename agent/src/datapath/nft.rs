@@ -1,0 +1,148 @@
+//! Our one nftables table: SNAT to the egress IPs this node holds, and an identity SNAT for
+//! marked packets so that a CNI's masquerade (a later NAT chain) never rewrites them to the
+//! node's address. The table is replaced whole in one transaction.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+
+use crate::plan::SnatPlan;
+
+use super::DatapathError;
+
+pub const TABLE: &str = "static_egress";
+
+/// Runs before `srcnat` (100), where iptables-nft and most CNIs masquerade: the first NAT
+/// binding made for a connection is the one that stays.
+const PRIORITY: &str = "srcnat - 10";
+
+pub fn render(snat: &[SnatPlan], mark: u32) -> String {
+    let mut s = String::new();
+    // Adding first makes the delete valid when the table is absent; all three lines are one
+    // transaction, so the kernel never runs without the table.
+    let _ = writeln!(
+        s,
+        "add table ip {TABLE}\ndelete table ip {TABLE}\ntable ip {TABLE} {{"
+    );
+    for (i, rule) in snat.iter().enumerate() {
+        set(
+            &mut s,
+            &format!("pods_{i}"),
+            false,
+            rule.pods.iter().map(ToString::to_string),
+        );
+        set(
+            &mut s,
+            &format!("dst_{i}"),
+            true,
+            rule.destinations.iter().map(ToString::to_string),
+        );
+        set(
+            &mut s,
+            &format!("excl_{i}"),
+            true,
+            rule.excluded.iter().map(ToString::to_string),
+        );
+    }
+    let _ = writeln!(
+        s,
+        "  chain postrouting {{\n    type nat hook postrouting priority {PRIORITY}; policy accept;"
+    );
+    for (i, rule) in snat.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            "    ip saddr @pods_{i} ip daddr @dst_{i} ip daddr != @excl_{i} snat ip to {} comment \"{}\"",
+            rule.egress_ip,
+            comment(&rule.gateway)
+        );
+    }
+    let _ = writeln!(
+        s,
+        "    meta mark & {mark:#x} == {mark:#x} snat ip to ip saddr comment \"keep source of marked pod traffic\"\n  }}\n}}"
+    );
+    s
+}
+
+fn set(s: &mut String, name: &str, interval: bool, elements: impl Iterator<Item = String>) {
+    let flags = if interval {
+        " flags interval; auto-merge;"
+    } else {
+        ""
+    };
+    let elements: Vec<String> = elements.collect();
+    let _ = write!(s, "  set {name} {{ type ipv4_addr;{flags}");
+    if !elements.is_empty() {
+        let _ = write!(s, " elements = {{ {} }};", elements.join(", "));
+    }
+    let _ = writeln!(s, " }}");
+}
+
+fn comment(name: &str) -> String {
+    name.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+        .collect()
+}
+
+fn nft(script: &str) -> Result<(), DatapathError> {
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(DatapathError::NftSpawn)?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(script.as_bytes())
+            .map_err(DatapathError::NftSpawn)?;
+    }
+    let out = child.wait_with_output().map_err(DatapathError::NftSpawn)?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(DatapathError::Nft(
+            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        ))
+    }
+}
+
+pub fn apply(script: &str) -> Result<(), DatapathError> {
+    nft(script)
+}
+
+/// Deletes our table if it exists; returns whether there was one.
+pub fn remove() -> Result<bool, DatapathError> {
+    let exists = Command::new("nft")
+        .args(["list", "table", "ip", TABLE])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map_err(DatapathError::NftSpawn)?
+        .success();
+    if exists {
+        nft(&format!("delete table ip {TABLE}\n"))?;
+    }
+    Ok(exists)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_snat_and_identity_rules() {
+        let plan = SnatPlan {
+            gateway: "corp-fw".into(),
+            egress_ip: "10.99.0.200".parse().expect("ip"),
+            pods: vec!["10.244.1.2".parse().expect("ip")],
+            destinations: vec!["0.0.0.0/0".parse().expect("net")],
+            excluded: vec![],
+        };
+        let text = render(&[plan], 0x2000);
+        assert!(text.starts_with("add table ip static_egress\ndelete table ip static_egress\n"));
+        assert!(text.contains("set pods_0 { type ipv4_addr; elements = { 10.244.1.2 }; }"));
+        assert!(text.contains("set excl_0 { type ipv4_addr; flags interval; auto-merge; }"));
+        assert!(text.contains("snat ip to 10.99.0.200 comment \"corp-fw\""));
+        assert!(text.contains("meta mark & 0x2000 == 0x2000 snat ip to ip saddr"));
+    }
+}

@@ -1,0 +1,169 @@
+//! `static-egress`: the node agent, its planner and its cleanup, as subcommands.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use ipnet::Ipv4Net;
+use static_egress::agent::{self, AgentOptions};
+use static_egress::datapath::{self, DatapathConfig};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Gives selected Kubernetes pods a fixed source IP for traffic leaving the cluster"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node agent until SIGTERM/SIGINT; the data path stays in place when it exits.
+    Agent(AgentArgs),
+    /// Print what the agent would program on a node, without touching the kernel.
+    Plan(PlanArgs),
+    /// Remove everything the agent created on this host.
+    Cleanup(CleanupArgs),
+}
+
+#[derive(Args)]
+struct Common {
+    /// This node's name, as in its Node object.
+    #[arg(long, env = "NODE_NAME")]
+    node: String,
+    /// File of Kubernetes-style objects (YAML documents or JSON).
+    #[arg(long)]
+    from_file: PathBuf,
+    /// In-cluster ranges (besides the nodes' pod CIDRs) that never go through a gateway.
+    #[arg(long = "cluster-cidr", value_name = "CIDR")]
+    cluster_cidrs: Vec<Ipv4Net>,
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Where the agent records what it created (read by `cleanup`).
+    #[arg(long, default_value = "/var/lib/static-egress")]
+    state_dir: PathBuf,
+    /// A bpffs mount; programs, links and maps are pinned under `<DIR>/static-egress`.
+    #[arg(long, default_value = "/sys/fs/bpf")]
+    bpffs: PathBuf,
+    /// The fwmark bit selected packets carry (one bit, e.g. 0x2000); other bits are untouched.
+    #[arg(long, default_value = "0x2000", value_parser = parse_mark_bit)]
+    fwmark: u32,
+    /// Routing table for marked packets.
+    #[arg(long, default_value_t = 1490)]
+    route_table: u32,
+    /// Priority of our `ip rule`.
+    #[arg(long, default_value_t = 1490)]
+    rule_priority: u32,
+}
+
+#[derive(Args)]
+struct PlanArgs {
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
+struct CleanupArgs {
+    #[arg(long, default_value = "/var/lib/static-egress")]
+    state_dir: PathBuf,
+    #[arg(long)]
+    bpffs: Option<PathBuf>,
+}
+
+fn parse_mark_bit(s: &str) -> Result<u32, String> {
+    let value = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    }
+    .map_err(|e| format!("{s:?} is not a number: {e}"))?;
+    if value.count_ones() != 1 {
+        return Err(format!("{s} must have exactly one bit set, e.g. 0x2000"));
+    }
+    Ok(value)
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Command::Agent(args) => runtime.block_on(agent::run(AgentOptions {
+            node: args.common.node,
+            from_file: args.common.from_file,
+            cluster_cidrs: args.common.cluster_cidrs,
+            datapath: DatapathConfig {
+                bpffs: args.bpffs,
+                state_dir: args.state_dir,
+                fwmark: args.fwmark,
+                route_table: args.route_table,
+                rule_priority: args.rule_priority,
+            },
+        })),
+        Command::Plan(args) => agent::print_plan(
+            &args.common.node,
+            &args.common.from_file,
+            args.common.cluster_cidrs,
+        ),
+        Command::Cleanup(args) => runtime.block_on(async {
+            let removed = datapath::cleanup(&args.state_dir, args.bpffs.as_deref()).await?;
+            println!(
+                "{}",
+                if removed {
+                    "removed static-egress state"
+                } else {
+                    "nothing to remove"
+                }
+            );
+            Ok(())
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(if e.is_input_error() { 2 } else { 1 })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mark_must_be_one_bit() {
+        assert_eq!(parse_mark_bit("0x2000"), Ok(0x2000));
+        assert_eq!(parse_mark_bit("16"), Ok(16));
+        assert!(parse_mark_bit("0x3000").is_err());
+        assert!(parse_mark_bit("0").is_err());
+        assert!(parse_mark_bit("zz").is_err());
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory as _;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,1238 @@
+//! Objects as `kubectl get -o yaml` prints them (plus our `EgressGateway`) turned into the
+//! model's validated types. One bad object never spoils the others: each is reported with its
+//! position and, when readable, its identity, so a source can keep its last good version.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
+
+use ipnet::{IpNet, Ipv4Net};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use serde::Deserialize;
+use serde_yaml::Value;
+
+use super::{
+    FailurePolicy, GATEWAY_ANNOTATION, Gateway, NamespaceInfo, NodeInfo, PodInfo, Selector,
+    SelectorError, Snapshot,
+};
+
+/// `apiVersion` of our own kinds.
+pub const API_VERSION: &str = "static-egress.io/v1alpha1";
+
+/// The `EgressGateway` custom resource as written by users; [`parse_documents`] validates it
+/// into a [`Gateway`]. Addresses stay strings here so errors can quote what was written.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EgressGateway {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: EgressGatewaySpec,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EgressGatewaySpec {
+    #[serde(default, rename = "egressIPs")]
+    pub egress_ips: Vec<String>,
+    pub node_selector: Option<LabelSelector>,
+    pub namespace_selector: Option<LabelSelector>,
+    pub pod_selector: Option<LabelSelector>,
+    #[serde(rename = "destinationCIDRs")]
+    pub destination_cidrs: Option<Vec<String>>,
+    #[serde(default, rename = "excludedCIDRs")]
+    pub excluded_cidrs: Vec<String>,
+    pub failure_policy: Option<String>,
+}
+
+/// Identity of an object across versions of the input. `namespace` is set for pods only.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    pub kind: String,
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.namespace {
+            Some(namespace) => write!(f, "{} {namespace}/{}", self.kind, self.name),
+            None => write!(f, "{} {}", self.kind, self.name),
+        }
+    }
+}
+
+/// A valid object of a supported kind.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ParsedObject {
+    Namespace(NamespaceInfo),
+    Node(NodeInfo),
+    Pod(PodInfo),
+    Gateway(Gateway),
+}
+
+impl ParsedObject {
+    pub fn key(&self) -> ObjectKey {
+        let (kind, namespace, name) = match self {
+            Self::Namespace(ns) => ("Namespace", None, &ns.name),
+            Self::Node(node) => ("Node", None, &node.name),
+            Self::Pod(pod) => ("Pod", Some(pod.namespace.clone()), &pod.name),
+            Self::Gateway(gw) => ("EgressGateway", None, &gw.name),
+        };
+        ObjectKey {
+            kind: kind.to_owned(),
+            namespace,
+            name: name.clone(),
+        }
+    }
+}
+
+impl FromIterator<ParsedObject> for Snapshot {
+    fn from_iter<I: IntoIterator<Item = ParsedObject>>(objects: I) -> Self {
+        let mut snapshot = Self::default();
+        for object in objects {
+            match object {
+                ParsedObject::Namespace(ns) => {
+                    snapshot.namespaces.insert(ns.name.clone(), ns);
+                }
+                ParsedObject::Node(node) => {
+                    snapshot.nodes.insert(node.name.clone(), node);
+                }
+                ParsedObject::Pod(pod) => {
+                    snapshot
+                        .pods
+                        .insert((pod.namespace.clone(), pod.name.clone()), pod);
+                }
+                ParsedObject::Gateway(gw) => {
+                    snapshot.gateways.insert(gw.name.clone(), gw);
+                }
+            }
+        }
+        snapshot
+    }
+}
+
+/// What [`parse_documents`] read from an intact stream.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Documents {
+    pub objects: Vec<ParsedObject>,
+    /// Objects skipped, each with where it is and what is wrong.
+    pub errors: Vec<ObjectError>,
+}
+
+/// The stream cannot be read past `document`: nothing in it is trustworthy.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("document {document}: YAML/JSON syntax error: {message}")]
+pub struct SyntaxError {
+    /// 1-based, like [`ObjectError::document`].
+    pub document: usize,
+    pub message: String,
+}
+
+/// One object that could not be used.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("document {document}{}: {}{problem}", item_suffix(*.item), object_prefix(.object))]
+pub struct ObjectError {
+    /// 1-based position of the YAML document (or JSON value) in the stream.
+    pub document: usize,
+    /// 0-based index in `items` when the document is a `List`.
+    pub item: Option<usize>,
+    /// Set whenever kind and name could be read, even if the rest is invalid.
+    pub object: Option<ObjectKey>,
+    pub problem: Invalid,
+}
+
+fn item_suffix(item: Option<usize>) -> String {
+    item.map(|i| format!(" items[{i}]")).unwrap_or_default()
+}
+
+fn object_prefix(object: &Option<ObjectKey>) -> String {
+    object
+        .as_ref()
+        .map(|key| format!("{key}: "))
+        .unwrap_or_default()
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    #[error("not a Kubernetes object (a mapping with apiVersion and kind)")]
+    NotAnObject,
+    #[error("kind {kind:?} of apiVersion {api_version:?} is not supported; skipped")]
+    UnsupportedKind { api_version: String, kind: String },
+    #[error("{kind} without metadata.name")]
+    MissingName { kind: String },
+    #[error("does not match the {kind} schema: {message}")]
+    Schema { kind: String, message: String },
+    #[error("{field}: {problem}")]
+    Field {
+        field: String,
+        problem: FieldProblem,
+    },
+    #[error("{field}.{error}")]
+    Selector {
+        field: &'static str,
+        error: SelectorError,
+    },
+    #[error("already defined by document {first}; this copy is ignored")]
+    Duplicate { first: usize },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FieldProblem {
+    #[error("is required ({hint})")]
+    Missing { hint: &'static str },
+    #[error("must list at least one {what}")]
+    Empty { what: &'static str },
+    #[error("{0:?} is not an IPv4 address")]
+    NotIpv4(String),
+    #[error("{0:?} is not an IP address")]
+    NotIp(String),
+    #[error("{0} is not a unicast address")]
+    NotUnicast(Ipv4Addr),
+    #[error("{ip} is already listed as spec.egressIPs[{first}]")]
+    DuplicateIp { ip: Ipv4Addr, first: usize },
+    #[error("{0:?} is not an IPv4 CIDR")]
+    NotIpv4Cidr(String),
+    #[error("{0:?} is not a CIDR")]
+    NotCidr(String),
+    #[error("{value:?} has host bits set (did you mean {suggested}?)")]
+    HostBitsSet { value: String, suggested: Ipv4Net },
+    #[error("{0:?} is not one of FailClosed, FailOpen")]
+    UnknownFailurePolicy(String),
+}
+
+/// Parses a YAML multi-document stream, a JSON value (or several, or an array), or a
+/// `kind: List`. `Err` means the stream itself is broken: the caller must not trust any part.
+pub fn parse_documents(text: &str) -> Result<Documents, SyntaxError> {
+    let mut parser = Parser::default();
+    for (index, value) in read_stream(text)?.into_iter().enumerate() {
+        let document = index + 1;
+        match value {
+            Value::Null => {}
+            Value::Sequence(items) => parser.items(document, items),
+            Value::Mapping(mut map) if map.get("kind").and_then(Value::as_str) == Some("List") => {
+                match map.remove("items").unwrap_or(Value::Null) {
+                    Value::Sequence(items) => parser.items(document, items),
+                    Value::Null => {}
+                    _ => parser.fail(
+                        document,
+                        None,
+                        None,
+                        Invalid::Schema {
+                            kind: "List".to_owned(),
+                            message: "items must be a list".to_owned(),
+                        },
+                    ),
+                }
+            }
+            other => parser.object(document, None, other),
+        }
+    }
+    Ok(parser.out)
+}
+
+fn read_stream(text: &str) -> Result<Vec<Value>, SyntaxError> {
+    let syntax = |document: usize, message: String| SyntaxError { document, message };
+    // libyaml rejects some valid JSON (tabs as indentation), so JSON gets its own parser.
+    if text.trim_start().starts_with(['{', '[']) {
+        let mut values = Vec::new();
+        for value in serde_json::Deserializer::from_str(text).into_iter::<Value>() {
+            values.push(value.map_err(|e| syntax(values.len() + 1, e.to_string()))?);
+        }
+        return Ok(values);
+    }
+    let mut values = Vec::new();
+    for document in serde_yaml::Deserializer::from_str(text) {
+        values.push(
+            Value::deserialize(document).map_err(|e| syntax(values.len() + 1, e.to_string()))?,
+        );
+    }
+    Ok(values)
+}
+
+#[derive(Default)]
+struct Parser {
+    out: Documents,
+    /// Where each valid or invalid key was first seen, to report copies.
+    seen: HashMap<ObjectKey, usize>,
+}
+
+impl Parser {
+    fn items(&mut self, document: usize, items: Vec<Value>) {
+        for (item, value) in items.into_iter().enumerate() {
+            self.object(document, Some(item), value);
+        }
+    }
+
+    fn fail(
+        &mut self,
+        document: usize,
+        item: Option<usize>,
+        object: Option<ObjectKey>,
+        problem: Invalid,
+    ) {
+        self.out.errors.push(ObjectError {
+            document,
+            item,
+            object,
+            problem,
+        });
+    }
+
+    fn object(&mut self, document: usize, item: Option<usize>, value: Value) {
+        let key = match identify(&value) {
+            Ok(key) => key,
+            Err(problem) => return self.fail(document, item, None, problem),
+        };
+        if let Some(&first) = self.seen.get(&key) {
+            return self.fail(document, item, Some(key), Invalid::Duplicate { first });
+        }
+        self.seen.insert(key.clone(), document);
+        match convert(&key, &value) {
+            Ok(object) => self.out.objects.push(object),
+            Err(problems) => {
+                for problem in problems {
+                    self.fail(document, item, Some(key.clone()), problem);
+                }
+            }
+        }
+    }
+}
+
+/// Reads kind, namespace and name without trusting the rest of the object.
+fn identify(value: &Value) -> Result<ObjectKey, Invalid> {
+    let text = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_owned);
+    if !value.is_mapping() {
+        return Err(Invalid::NotAnObject);
+    }
+    let (Some(api_version), Some(kind)) = (text(value.get("apiVersion")), text(value.get("kind")))
+    else {
+        return Err(Invalid::NotAnObject);
+    };
+    let supported = match kind.as_str() {
+        "Namespace" | "Node" | "Pod" => api_version == "v1",
+        "EgressGateway" => api_version == API_VERSION,
+        _ => false,
+    };
+    if !supported {
+        return Err(Invalid::UnsupportedKind { api_version, kind });
+    }
+    let metadata = value.get("metadata");
+    let Some(name) = text(metadata.and_then(|m| m.get("name"))).filter(|n| !n.is_empty()) else {
+        return Err(Invalid::MissingName { kind });
+    };
+    // Like kubectl, a pod written without a namespace lives in "default".
+    let namespace = (kind == "Pod").then(|| {
+        text(metadata.and_then(|m| m.get("namespace")))
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| "default".to_owned())
+    });
+    Ok(ObjectKey {
+        kind,
+        namespace,
+        name,
+    })
+}
+
+fn convert(key: &ObjectKey, value: &Value) -> Result<ParsedObject, Vec<Invalid>> {
+    match key.kind.as_str() {
+        "Namespace" => Ok(ParsedObject::Namespace(namespace(key, typed(key, value)?))),
+        "Node" => node(key, typed(key, value)?).map(ParsedObject::Node),
+        "Pod" => pod(key, typed(key, value)?).map(ParsedObject::Pod),
+        // `identify` lets through no other kind.
+        _ => gateway(key, typed(key, value)?).map(ParsedObject::Gateway),
+    }
+}
+
+fn typed<T: serde::de::DeserializeOwned>(
+    key: &ObjectKey,
+    value: &Value,
+) -> Result<T, Vec<Invalid>> {
+    T::deserialize(value).map_err(|e| {
+        vec![Invalid::Schema {
+            kind: key.kind.clone(),
+            message: schema_message::<T>(value).unwrap_or_else(|| e.to_string()),
+        }]
+    })
+}
+
+/// Deserialising from a `Value` loses the path to the bad field, which users need to find
+/// it; going through text again (only on failure) gets it back. The position in that text
+/// would mislead, so it is cut off.
+fn schema_message<T: serde::de::DeserializeOwned>(value: &Value) -> Option<String> {
+    let text = serde_yaml::to_string(value).ok()?;
+    let error = serde_yaml::from_str::<T>(&text).err()?;
+    let message = error.to_string();
+    let Some(location) = error.location() else {
+        return Some(message);
+    };
+    let suffix = format!(" at line {} column {}", location.line(), location.column());
+    Some(
+        message
+            .strip_suffix(&suffix)
+            .map_or_else(|| message.clone(), str::to_owned),
+    )
+}
+
+fn field(field: impl Into<String>, problem: FieldProblem) -> Invalid {
+    Invalid::Field {
+        field: field.into(),
+        problem,
+    }
+}
+
+/// An empty annotation is how users unset it without deleting the key.
+fn gateway_annotation(annotations: Option<BTreeMap<String, String>>) -> Option<String> {
+    annotations?
+        .remove(GATEWAY_ANNOTATION)
+        .filter(|gateway| !gateway.is_empty())
+}
+
+fn namespace(key: &ObjectKey, raw: Namespace) -> NamespaceInfo {
+    NamespaceInfo {
+        name: key.name.clone(),
+        labels: raw.metadata.labels.unwrap_or_default(),
+        gateway_annotation: gateway_annotation(raw.metadata.annotations),
+    }
+}
+
+fn node(key: &ObjectKey, raw: Node) -> Result<NodeInfo, Vec<Invalid>> {
+    let mut problems = Vec::new();
+    let status = raw.status.unwrap_or_default();
+    let ready = status
+        .conditions
+        .iter()
+        .flatten()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+
+    let mut internal_ip = None;
+    for (i, address) in status.addresses.iter().flatten().enumerate() {
+        if address.type_ != "InternalIP" {
+            continue;
+        }
+        match address.address.parse::<IpAddr>() {
+            Ok(IpAddr::V4(ip)) => {
+                internal_ip.get_or_insert(ip);
+            }
+            Ok(IpAddr::V6(_)) => {}
+            Err(_) => problems.push(field(
+                format!("status.addresses[{i}].address"),
+                FieldProblem::NotIp(address.address.clone()),
+            )),
+        }
+    }
+
+    let spec = raw.spec.unwrap_or_default();
+    let (path, cidrs) = match spec.pod_cidrs.filter(|cidrs| !cidrs.is_empty()) {
+        Some(cidrs) => ("spec.podCIDRs", cidrs),
+        None => ("spec.podCIDR", spec.pod_cidr.into_iter().collect()),
+    };
+    let mut pod_cidrs = Vec::new();
+    for (i, text) in cidrs.iter().enumerate() {
+        let at = if path == "spec.podCIDR" {
+            path.to_owned()
+        } else {
+            format!("{path}[{i}]")
+        };
+        match text.parse::<IpNet>() {
+            Ok(IpNet::V4(net)) if net.trunc() == net => pod_cidrs.push(net),
+            Ok(IpNet::V4(net)) => problems.push(field(
+                at,
+                FieldProblem::HostBitsSet {
+                    value: text.clone(),
+                    suggested: net.trunc(),
+                },
+            )),
+            Ok(IpNet::V6(_)) => {}
+            Err(_) => problems.push(field(at, FieldProblem::NotCidr(text.clone()))),
+        }
+    }
+
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok(NodeInfo {
+        name: key.name.clone(),
+        labels: raw.metadata.labels.unwrap_or_default(),
+        ready,
+        internal_ip,
+        pod_cidrs,
+    })
+}
+
+fn pod(key: &ObjectKey, raw: Pod) -> Result<PodInfo, Vec<Invalid>> {
+    let mut problems = Vec::new();
+    let spec = raw.spec.unwrap_or_default();
+    let status = raw.status.unwrap_or_default();
+    let pod_ips = status.pod_ips.unwrap_or_default();
+    let candidates: Vec<(String, &str)> = if pod_ips.is_empty() {
+        status
+            .pod_ip
+            .as_deref()
+            .map(|ip| ("status.podIP".to_owned(), ip))
+            .into_iter()
+            .collect()
+    } else {
+        pod_ips
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (format!("status.podIPs[{i}].ip"), p.ip.as_str()))
+            .collect()
+    };
+    let mut ip = None;
+    for (at, text) in candidates {
+        match text.parse::<IpAddr>() {
+            Ok(IpAddr::V4(v4)) => {
+                ip.get_or_insert(v4);
+            }
+            Ok(IpAddr::V6(_)) => {}
+            Err(_) => problems.push(field(at, FieldProblem::NotIp(text.to_owned()))),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok(PodInfo {
+        namespace: key.namespace.clone().unwrap_or_default(),
+        name: key.name.clone(),
+        labels: raw.metadata.labels.unwrap_or_default(),
+        gateway_annotation: gateway_annotation(raw.metadata.annotations),
+        node: spec.node_name.filter(|n| !n.is_empty()),
+        ip,
+        running: status.phase.as_deref() == Some("Running"),
+        host_network: spec.host_network.unwrap_or(false),
+    })
+}
+
+fn gateway(key: &ObjectKey, raw: EgressGateway) -> Result<Gateway, Vec<Invalid>> {
+    let mut problems = Vec::new();
+    let spec = raw.spec;
+
+    if spec.egress_ips.is_empty() {
+        problems.push(field(
+            "spec.egressIPs",
+            FieldProblem::Empty {
+                what: "IPv4 address",
+            },
+        ));
+    }
+    let mut egress_ips: Vec<Ipv4Addr> = Vec::new();
+    for (i, text) in spec.egress_ips.iter().enumerate() {
+        let at = format!("spec.egressIPs[{i}]");
+        match text.parse::<Ipv4Addr>() {
+            Err(_) => problems.push(field(at, FieldProblem::NotIpv4(text.clone()))),
+            Ok(ip)
+                if ip.is_unspecified()
+                    || ip.is_loopback()
+                    || ip.is_multicast()
+                    || ip.is_broadcast() =>
+            {
+                problems.push(field(at, FieldProblem::NotUnicast(ip)));
+            }
+            Ok(ip) => match spec.egress_ips[..i]
+                .iter()
+                .position(|earlier| earlier.parse() == Ok(ip))
+            {
+                Some(first) => problems.push(field(at, FieldProblem::DuplicateIp { ip, first })),
+                None => egress_ips.push(ip),
+            },
+        }
+    }
+
+    let mut selector = |path: &'static str, raw: Option<&LabelSelector>| {
+        raw.map(|raw| {
+            Selector::try_from(raw).unwrap_or_else(|error| {
+                problems.push(Invalid::Selector { field: path, error });
+                Selector::everything()
+            })
+        })
+    };
+    let node_selector = selector("spec.nodeSelector", spec.node_selector.as_ref());
+    let namespace_selector = selector("spec.namespaceSelector", spec.namespace_selector.as_ref());
+    let pod_selector = selector("spec.podSelector", spec.pod_selector.as_ref());
+    if namespace_selector.is_none() {
+        problems.push(field(
+            "spec.namespaceSelector",
+            FieldProblem::Missing {
+                hint: "use {} to admit every namespace",
+            },
+        ));
+    }
+
+    let destinations = match &spec.destination_cidrs {
+        None => vec![Ipv4Net::default()],
+        Some(list) if list.is_empty() => {
+            problems.push(field(
+                "spec.destinationCIDRs",
+                FieldProblem::Empty {
+                    what: "CIDR (omit the field for 0.0.0.0/0)",
+                },
+            ));
+            Vec::new()
+        }
+        Some(list) => cidrs("spec.destinationCIDRs", list, &mut problems),
+    };
+    let excluded = cidrs("spec.excludedCIDRs", &spec.excluded_cidrs, &mut problems);
+
+    let failure_policy = match spec.failure_policy.as_deref() {
+        None | Some("FailClosed") => FailurePolicy::FailClosed,
+        Some("FailOpen") => FailurePolicy::FailOpen,
+        Some(other) => {
+            problems.push(field(
+                "spec.failurePolicy",
+                FieldProblem::UnknownFailurePolicy(other.to_owned()),
+            ));
+            FailurePolicy::FailClosed
+        }
+    };
+
+    match namespace_selector {
+        Some(namespace_selector) if problems.is_empty() => Ok(Gateway {
+            name: key.name.clone(),
+            egress_ips,
+            node_selector: node_selector.unwrap_or_default(),
+            namespace_selector,
+            pod_selector,
+            destinations,
+            excluded,
+            failure_policy,
+        }),
+        _ => Err(problems),
+    }
+}
+
+/// Parses a CIDR list, dropping repeats (harmless) and reporting everything else.
+fn cidrs(path: &str, list: &[String], problems: &mut Vec<Invalid>) -> Vec<Ipv4Net> {
+    let mut out = Vec::new();
+    for (i, text) in list.iter().enumerate() {
+        let at = format!("{path}[{i}]");
+        match text.parse::<Ipv4Net>() {
+            Err(_) => problems.push(field(at, FieldProblem::NotIpv4Cidr(text.clone()))),
+            Ok(net) if net.trunc() != net => problems.push(field(
+                at,
+                FieldProblem::HostBitsSet {
+                    value: text.clone(),
+                    suggested: net.trunc(),
+                },
+            )),
+            Ok(net) if out.contains(&net) => {}
+            Ok(net) => out.push(net),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests fail loudly")]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Documents {
+        parse_documents(text).unwrap()
+    }
+
+    fn messages(docs: &Documents) -> Vec<String> {
+        docs.errors.iter().map(ToString::to_string).collect()
+    }
+
+    fn only_gateway_error(spec: &str) -> String {
+        let docs = parse(&format!(
+            "apiVersion: static-egress.io/v1alpha1\nkind: EgressGateway\nmetadata: {{name: corp-fw}}\nspec:\n{spec}"
+        ));
+        assert!(docs.objects.is_empty(), "{docs:?}");
+        let errors = messages(&docs);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        errors.into_iter().next().unwrap()
+    }
+
+    // Abridged from `kubectl get pod -o yaml` on a dual-stack cluster, fields we ignore kept.
+    const POD: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  annotations:
+    kubectl.kubernetes.io/restartedAt: "2026-11-02T10:00:00Z"
+    static-egress.io/gateway: corp-fw
+  creationTimestamp: "2026-11-02T10:00:03Z"
+  generateName: web-7d9f8b6c5-
+  labels:
+    app: web
+    pod-template-hash: 7d9f8b6c5
+  name: web-7d9f8b6c5-x2k4p
+  namespace: shop
+  ownerReferences:
+  - apiVersion: apps/v1
+    blockOwnerDeletion: true
+    controller: true
+    kind: ReplicaSet
+    name: web-7d9f8b6c5
+    uid: 3c1b2a10-0000-4000-8000-000000000001
+  resourceVersion: "48213"
+  uid: 9a8b7c6d-0000-4000-8000-000000000002
+spec:
+  containers:
+  - image: nginx:1.27
+    imagePullPolicy: IfNotPresent
+    name: web
+    ports:
+    - containerPort: 80
+      protocol: TCP
+    resources:
+      limits: {memory: 128Mi}
+      requests: {cpu: 100m, memory: 64Mi}
+  dnsPolicy: ClusterFirst
+  nodeName: worker-1
+  restartPolicy: Always
+  schedulerName: default-scheduler
+  terminationGracePeriodSeconds: 30
+  tolerations:
+  - effect: NoExecute
+    key: node.kubernetes.io/not-ready
+    operator: Exists
+    tolerationSeconds: 300
+  someFutureField: {nested: true}
+status:
+  conditions:
+  - lastProbeTime: null
+    lastTransitionTime: "2026-11-02T10:00:05Z"
+    status: "True"
+    type: Ready
+  containerStatuses:
+  - containerID: containerd://abc
+    image: docker.io/library/nginx:1.27
+    imageID: docker.io/library/nginx@sha256:0123
+    lastState: {}
+    name: web
+    ready: true
+    restartCount: 0
+    started: true
+    state:
+      running:
+        startedAt: "2026-11-02T10:00:04Z"
+  hostIP: 10.0.0.11
+  hostIPs:
+  - ip: 10.0.0.11
+  phase: Running
+  podIP: fd00:10:244:1::5
+  podIPs:
+  - ip: fd00:10:244:1::5
+  - ip: 10.244.1.5
+  qosClass: Burstable
+  startTime: "2026-11-02T10:00:03Z"
+"#;
+
+    const NODE: &str = r#"
+apiVersion: v1
+kind: Node
+metadata:
+  annotations:
+    node.alpha.kubernetes.io/ttl: "0"
+  labels:
+    kubernetes.io/hostname: worker-1
+    kubernetes.io/os: linux
+    egress: "true"
+  name: worker-1
+  resourceVersion: "50000"
+spec:
+  podCIDR: fd00:10:244:1::/64
+  podCIDRs:
+  - fd00:10:244:1::/64
+  - 10.244.1.0/24
+  providerID: kind://docker/kind/worker-1
+status:
+  addresses:
+  - address: fc00:f853:ccd:e793::3
+    type: InternalIP
+  - address: 10.0.0.11
+    type: InternalIP
+  - address: 10.0.0.99
+    type: InternalIP
+  - address: worker-1
+    type: Hostname
+  allocatable: {cpu: "4", memory: 8Gi, pods: "110"}
+  conditions:
+  - lastHeartbeatTime: "2026-11-02T10:00:00Z"
+    lastTransitionTime: "2026-11-01T10:00:00Z"
+    message: kubelet has sufficient memory available
+    reason: KubeletHasSufficientMemory
+    status: "False"
+    type: MemoryPressure
+  - lastHeartbeatTime: "2026-11-02T10:00:00Z"
+    lastTransitionTime: "2026-11-01T10:00:00Z"
+    message: kubelet is posting ready status
+    reason: KubeletReady
+    status: "True"
+    type: Ready
+  nodeInfo:
+    architecture: amd64
+    kubeletVersion: v1.34.1
+"#;
+
+    const NAMESPACE: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  annotations:
+    static-egress.io/gateway: corp-fw
+  creationTimestamp: "2026-11-01T10:00:00Z"
+  labels:
+    kubernetes.io/metadata.name: shop
+    team: payments
+  name: shop
+spec:
+  finalizers: [kubernetes]
+status:
+  phase: Active
+"#;
+
+    const GATEWAY: &str = r#"
+apiVersion: static-egress.io/v1alpha1
+kind: EgressGateway
+metadata: {name: corp-fw, uid: 3c1b2a10-0000-4000-8000-000000000003}
+spec:
+  egressIPs: [192.0.2.200, 192.0.2.201]
+  nodeSelector: {matchLabels: {egress: "true"}}
+  namespaceSelector: {matchLabels: {team: payments}}
+  podSelector:
+    matchExpressions: [{key: app, operator: In, values: [web]}]
+  destinationCIDRs: [203.0.113.0/24, 198.51.100.0/24, 203.0.113.0/24]
+  excludedCIDRs: [203.0.113.128/25]
+  failurePolicy: FailOpen
+  notYetKnown: 1
+status: {holders: []}
+"#;
+
+    fn labels(pairs: &[(&str, &str)]) -> crate::model::Labels {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn kubectl_pod() {
+        let docs = parse(POD);
+        assert_eq!(docs.errors, []);
+        assert_eq!(
+            docs.objects,
+            [ParsedObject::Pod(PodInfo {
+                namespace: "shop".into(),
+                name: "web-7d9f8b6c5-x2k4p".into(),
+                labels: labels(&[("app", "web"), ("pod-template-hash", "7d9f8b6c5")]),
+                gateway_annotation: Some("corp-fw".into()),
+                node: Some("worker-1".into()),
+                ip: Some(Ipv4Addr::new(10, 244, 1, 5)),
+                running: true,
+                host_network: false,
+            })]
+        );
+        assert_eq!(
+            docs.objects[0].key().to_string(),
+            "Pod shop/web-7d9f8b6c5-x2k4p"
+        );
+    }
+
+    #[test]
+    fn pod_fallbacks_and_flags() {
+        let docs = parse(
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {hostNetwork: true, containers: []}\nstatus: {phase: Pending, podIP: 10.0.0.5}",
+        );
+        assert_eq!(docs.errors, []);
+        let ParsedObject::Pod(pod) = &docs.objects[0] else {
+            panic!("not a pod: {docs:?}");
+        };
+        assert_eq!(pod.namespace, "default");
+        assert_eq!(pod.ip, Some(Ipv4Addr::new(10, 0, 0, 5)));
+        assert!(!pod.running);
+        assert!(pod.host_network);
+        assert_eq!(pod.node, None);
+
+        // An IPv6-only pod has no address we can use; a pending pod has none at all.
+        let docs = parse(
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: v6, namespace: a, annotations: {static-egress.io/gateway: ''}}\nstatus: {phase: Running, podIPs: [{ip: 'fd00::1'}]}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: new, namespace: a}",
+        );
+        assert_eq!(docs.errors, []);
+        for object in &docs.objects {
+            let ParsedObject::Pod(pod) = object else {
+                panic!("not a pod: {object:?}");
+            };
+            assert_eq!(pod.ip, None);
+            assert_eq!(
+                pod.gateway_annotation, None,
+                "an empty annotation means unset"
+            );
+        }
+    }
+
+    #[test]
+    fn kubectl_node() {
+        let docs = parse(NODE);
+        assert_eq!(docs.errors, []);
+        assert_eq!(
+            docs.objects,
+            [ParsedObject::Node(NodeInfo {
+                name: "worker-1".into(),
+                labels: labels(&[
+                    ("egress", "true"),
+                    ("kubernetes.io/hostname", "worker-1"),
+                    ("kubernetes.io/os", "linux"),
+                ]),
+                ready: true,
+                internal_ip: Some(Ipv4Addr::new(10, 0, 0, 11)),
+                pod_cidrs: vec!["10.244.1.0/24".parse().unwrap()],
+            })]
+        );
+    }
+
+    #[test]
+    fn node_fallbacks() {
+        let docs = parse(
+            "apiVersion: v1\nkind: Node\nmetadata: {name: n}\nspec: {podCIDR: 10.244.7.0/24}\nstatus:\n  conditions: [{type: Ready, status: Unknown}]\n  addresses: [{type: ExternalIP, address: 1.2.3.4}]",
+        );
+        assert_eq!(docs.errors, []);
+        assert_eq!(
+            docs.objects,
+            [ParsedObject::Node(NodeInfo {
+                name: "n".into(),
+                pod_cidrs: vec!["10.244.7.0/24".parse().unwrap()],
+                ..NodeInfo::default()
+            })]
+        );
+        let docs = parse("apiVersion: v1\nkind: Node\nmetadata: {name: bare}");
+        assert_eq!(
+            docs.objects,
+            [ParsedObject::Node(NodeInfo {
+                name: "bare".into(),
+                ..NodeInfo::default()
+            })]
+        );
+    }
+
+    #[test]
+    fn node_and_pod_field_errors() {
+        let docs = parse(
+            "apiVersion: v1\nkind: Node\nmetadata: {name: n}\nspec: {podCIDRs: [10.244.1.1/24, nonsense]}\nstatus: {addresses: [{type: InternalIP, address: 10.0.0.300}]}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: a}\nstatus: {podIPs: [{ip: 10.1.1}]}",
+        );
+        assert!(docs.objects.is_empty());
+        assert_eq!(
+            messages(&docs),
+            [
+                r#"document 1: Node n: status.addresses[0].address: "10.0.0.300" is not an IP address"#,
+                r#"document 1: Node n: spec.podCIDRs[0]: "10.244.1.1/24" has host bits set (did you mean 10.244.1.0/24?)"#,
+                r#"document 1: Node n: spec.podCIDRs[1]: "nonsense" is not a CIDR"#,
+                r#"document 2: Pod a/p: status.podIPs[0].ip: "10.1.1" is not an IP address"#,
+            ]
+        );
+    }
+
+    #[test]
+    fn kubectl_namespace() {
+        let docs = parse(NAMESPACE);
+        assert_eq!(docs.errors, []);
+        assert_eq!(
+            docs.objects,
+            [ParsedObject::Namespace(NamespaceInfo {
+                name: "shop".into(),
+                labels: labels(&[
+                    ("kubernetes.io/metadata.name", "shop"),
+                    ("team", "payments")
+                ]),
+                gateway_annotation: Some("corp-fw".into()),
+            })]
+        );
+    }
+
+    #[test]
+    fn egress_gateway_full() {
+        let docs = parse(GATEWAY);
+        assert_eq!(docs.errors, []);
+        let ParsedObject::Gateway(gw) = &docs.objects[0] else {
+            panic!("not a gateway: {docs:?}");
+        };
+        assert_eq!(gw.name, "corp-fw");
+        assert_eq!(
+            gw.egress_ips,
+            [Ipv4Addr::new(192, 0, 2, 200), Ipv4Addr::new(192, 0, 2, 201)]
+        );
+        assert!(gw.node_selector.matches(&labels(&[("egress", "true")])));
+        assert!(!gw.node_selector.matches(&labels(&[])));
+        assert!(
+            gw.namespace_selector
+                .matches(&labels(&[("team", "payments")]))
+        );
+        let pods = gw.pod_selector.as_ref().unwrap();
+        assert!(pods.matches(&labels(&[("app", "web")])));
+        assert!(!pods.matches(&labels(&[("app", "db")])));
+        let nets =
+            |list: &[&str]| -> Vec<Ipv4Net> { list.iter().map(|n| n.parse().unwrap()).collect() };
+        assert_eq!(
+            gw.destinations,
+            nets(&["203.0.113.0/24", "198.51.100.0/24"])
+        );
+        assert_eq!(gw.excluded, nets(&["203.0.113.128/25"]));
+        assert_eq!(gw.failure_policy, FailurePolicy::FailOpen);
+        assert_eq!(docs.objects[0].key().to_string(), "EgressGateway corp-fw");
+    }
+
+    #[test]
+    fn egress_gateway_defaults() {
+        let docs = parse(
+            "apiVersion: static-egress.io/v1alpha1\nkind: EgressGateway\nmetadata: {name: g}\nspec: {egressIPs: [192.0.2.1], namespaceSelector: {}}",
+        );
+        assert_eq!(docs.errors, []);
+        assert_eq!(
+            docs.objects,
+            [ParsedObject::Gateway(Gateway {
+                name: "g".into(),
+                egress_ips: vec![Ipv4Addr::new(192, 0, 2, 1)],
+                node_selector: Selector::everything(),
+                namespace_selector: Selector::everything(),
+                pod_selector: None,
+                destinations: vec![Ipv4Net::default()],
+                excluded: vec![],
+                failure_policy: FailurePolicy::FailClosed,
+            })]
+        );
+    }
+
+    #[test]
+    fn egress_gateway_validation_messages() {
+        let base = "  namespaceSelector: {}\n";
+        let cases = [
+            (
+                format!("  egressIPs: [192.0.2.1]\n{base}  destinationCIDRs: [10.0.0.0/8, 10.0.0.1/8]"),
+                r#"document 1: EgressGateway corp-fw: spec.destinationCIDRs[1]: "10.0.0.1/8" has host bits set (did you mean 10.0.0.0/8?)"#,
+            ),
+            (
+                format!("  egressIPs: [192.0.2.1]\n{base}  excludedCIDRs: [fd00::/8]"),
+                r#"document 1: EgressGateway corp-fw: spec.excludedCIDRs[0]: "fd00::/8" is not an IPv4 CIDR"#,
+            ),
+            (
+                format!("  egressIPs: [192.0.2.1]\n{base}  destinationCIDRs: []"),
+                "document 1: EgressGateway corp-fw: spec.destinationCIDRs: must list at least one CIDR (omit the field for 0.0.0.0/0)",
+            ),
+            (
+                format!("  egressIPs: [192.0.2.1, 192.0.2.300]\n{base}"),
+                r#"document 1: EgressGateway corp-fw: spec.egressIPs[1]: "192.0.2.300" is not an IPv4 address"#,
+            ),
+            (
+                format!("  egressIPs: ['2001:db8::1']\n{base}"),
+                r#"document 1: EgressGateway corp-fw: spec.egressIPs[0]: "2001:db8::1" is not an IPv4 address"#,
+            ),
+            (
+                format!("  egressIPs: [224.0.0.1]\n{base}"),
+                "document 1: EgressGateway corp-fw: spec.egressIPs[0]: 224.0.0.1 is not a unicast address",
+            ),
+            (
+                format!("  egressIPs: []\n{base}"),
+                "document 1: EgressGateway corp-fw: spec.egressIPs: must list at least one IPv4 address",
+            ),
+            (
+                base.to_owned(),
+                "document 1: EgressGateway corp-fw: spec.egressIPs: must list at least one IPv4 address",
+            ),
+            (
+                format!("  egressIPs: [192.0.2.1, 192.0.2.2, 192.0.2.1]\n{base}"),
+                "document 1: EgressGateway corp-fw: spec.egressIPs[2]: 192.0.2.1 is already listed as spec.egressIPs[0]",
+            ),
+            (
+                "  egressIPs: [192.0.2.1]\n".to_owned(),
+                "document 1: EgressGateway corp-fw: spec.namespaceSelector: is required (use {} to admit every namespace)",
+            ),
+            (
+                format!("  egressIPs: [192.0.2.1]\n{base}  podSelector: {{matchExpressions: [{{key: app, operator: Equals, values: [web]}}]}}"),
+                r#"document 1: EgressGateway corp-fw: spec.podSelector.matchExpressions[0].operator: "Equals" is not one of In, NotIn, Exists, DoesNotExist"#,
+            ),
+            (
+                "  egressIPs: [192.0.2.1]\n  namespaceSelector: {matchExpressions: [{key: team, operator: In}]}".to_owned(),
+                "document 1: EgressGateway corp-fw: spec.namespaceSelector.matchExpressions[0].values: operator In needs at least one value",
+            ),
+            (
+                format!("  egressIPs: [192.0.2.1]\n{base}  nodeSelector: {{matchExpressions: [{{key: egress, operator: Exists, values: [x]}}]}}"),
+                "document 1: EgressGateway corp-fw: spec.nodeSelector.matchExpressions[0].values: operator Exists takes no values",
+            ),
+            (
+                format!("  egressIPs: [192.0.2.1]\n{base}  failurePolicy: Ignore"),
+                r#"document 1: EgressGateway corp-fw: spec.failurePolicy: "Ignore" is not one of FailClosed, FailOpen"#,
+            ),
+            (
+                format!("  egressIPs: 192.0.2.1\n{base}"),
+                "document 1: EgressGateway corp-fw: does not match the EgressGateway schema: spec.egressIPs: invalid type: string \"192.0.2.1\", expected a sequence",
+            ),
+        ];
+        for (spec, message) in cases {
+            assert_eq!(only_gateway_error(&spec), message, "{spec}");
+        }
+    }
+
+    #[test]
+    fn every_problem_of_an_object_is_reported() {
+        let docs = parse(
+            "apiVersion: static-egress.io/v1alpha1\nkind: EgressGateway\nmetadata: {name: bad}\nspec: {egressIPs: [x], destinationCIDRs: [10.0.0.1/8]}",
+        );
+        assert_eq!(
+            messages(&docs),
+            [
+                r#"document 1: EgressGateway bad: spec.egressIPs[0]: "x" is not an IPv4 address"#,
+                "document 1: EgressGateway bad: spec.namespaceSelector: is required (use {} to admit every namespace)",
+                r#"document 1: EgressGateway bad: spec.destinationCIDRs[0]: "10.0.0.1/8" has host bits set (did you mean 10.0.0.0/8?)"#,
+            ]
+        );
+        let key = ObjectKey {
+            kind: "EgressGateway".into(),
+            namespace: None,
+            name: "bad".into(),
+        };
+        assert!(docs.errors.iter().all(|e| e.object.as_ref() == Some(&key)));
+    }
+
+    #[test]
+    fn multi_document_stream_with_unknown_kinds_and_schema_errors() {
+        let text = format!(
+            "---\n{NAMESPACE}---\n# only a comment\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: s, namespace: shop}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {{name: broken, namespace: shop}}\nspec: {{hostNetwork: maybe}}\n---\n- 1\n---\n42\n---\napiVersion: v1\nkind: Pod\nmetadata: {{namespace: shop}}\n---\napiVersion: static-egress.io/v1beta1\nkind: EgressGateway\nmetadata: {{name: future}}\n---{NODE}---\n{POD}"
+        );
+        let docs = parse(&text);
+        let kinds: Vec<String> = docs.objects.iter().map(|o| o.key().kind).collect();
+        assert_eq!(kinds, ["Namespace", "Node", "Pod"]);
+        assert_eq!(
+            messages(&docs),
+            [
+                r#"document 3: kind "Service" of apiVersion "v1" is not supported; skipped"#,
+                "document 4: Pod shop/broken: does not match the Pod schema: spec.hostNetwork: invalid type: string \"maybe\", expected a boolean",
+                "document 5 items[0]: not a Kubernetes object (a mapping with apiVersion and kind)",
+                "document 6: not a Kubernetes object (a mapping with apiVersion and kind)",
+                "document 7: Pod without metadata.name",
+                r#"document 8: kind "EgressGateway" of apiVersion "static-egress.io/v1beta1" is not supported; skipped"#,
+            ]
+        );
+        // The schema failure still names the object, so a source can keep its last version.
+        assert_eq!(
+            docs.errors[1].object,
+            Some(ObjectKey {
+                kind: "Pod".into(),
+                namespace: Some("shop".into()),
+                name: "broken".into(),
+            })
+        );
+    }
+
+    #[test]
+    fn list_kind() {
+        let text = r#"
+apiVersion: v1
+kind: List
+metadata: {resourceVersion: ""}
+items:
+- apiVersion: v1
+  kind: Namespace
+  metadata: {name: a}
+- apiVersion: v1
+  kind: ConfigMap
+  metadata: {name: c, namespace: a}
+- apiVersion: static-egress.io/v1alpha1
+  kind: EgressGateway
+  metadata: {name: g}
+  spec: {egressIPs: [192.0.2.1], namespaceSelector: {}}
+---
+apiVersion: v1
+kind: List
+items: []
+"#;
+        let docs = parse(text);
+        let keys: Vec<String> = docs.objects.iter().map(|o| o.key().to_string()).collect();
+        assert_eq!(keys, ["Namespace a", "EgressGateway g"]);
+        assert_eq!(
+            messages(&docs),
+            [
+                r#"document 1 items[1]: kind "ConfigMap" of apiVersion "v1" is not supported; skipped"#
+            ]
+        );
+        let docs = parse("apiVersion: v1\nkind: List\nitems: {a: b}");
+        assert_eq!(
+            messages(&docs),
+            ["document 1: does not match the List schema: items must be a list"]
+        );
+    }
+
+    #[test]
+    fn json_input() {
+        let object = r#"{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "a", "labels": {"x": "y"}}}"#;
+        assert_eq!(parse(object).objects.len(), 1);
+
+        // As `kubectl get -o json` prints a list; tabs would trip a YAML parser.
+        let list = "{\n\t\"apiVersion\": \"v1\",\n\t\"kind\": \"List\",\n\t\"items\": [\n\t\t{\"apiVersion\": \"v1\", \"kind\": \"Node\", \"metadata\": {\"name\": \"n1\"}},\n\t\t{\"apiVersion\": \"v1\", \"kind\": \"Pod\", \"metadata\": {\"name\": \"p\", \"namespace\": \"a\"}, \"status\": {\"phase\": \"Running\", \"podIP\": \"10.244.0.9\"}}\n\t]\n}\n";
+        let docs = parse(list);
+        assert_eq!(docs.errors, []);
+        let keys: Vec<String> = docs.objects.iter().map(|o| o.key().to_string()).collect();
+        assert_eq!(keys, ["Node n1", "Pod a/p"]);
+
+        // Several values in a row, and a bare array.
+        let docs = parse(&format!("{object}\n[{object}]"));
+        assert_eq!(docs.objects.len(), 1);
+        assert_eq!(
+            messages(&docs),
+            [
+                "document 2 items[0]: Namespace a: already defined by document 1; this copy is ignored"
+            ]
+        );
+
+        let err = parse_documents("{\"kind\": \"Pod\",}").unwrap_err();
+        assert_eq!(err.document, 1);
+        assert!(
+            err.to_string()
+                .starts_with("document 1: YAML/JSON syntax error: "),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn broken_yaml_stream_is_an_error() {
+        let text = format!(
+            "{NAMESPACE}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: [unclosed\n---\n{NODE}"
+        );
+        let err = parse_documents(&text).unwrap_err();
+        assert_eq!(err.document, 2);
+        assert!(err.to_string().contains("line"), "{err}");
+
+        let err = parse_documents("a: 1\na: 2\n").unwrap_err();
+        assert_eq!(err.document, 1);
+    }
+
+    #[test]
+    fn empty_input() {
+        assert_eq!(parse(""), Documents::default());
+        assert_eq!(parse("---\n---\n# nothing\n"), Documents::default());
+    }
+
+    #[test]
+    fn duplicates_keep_the_first() {
+        let docs = parse(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: a, labels: {v: '1'}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: a, labels: {v: '2'}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: a}",
+        );
+        assert_eq!(docs.objects.len(), 2);
+        let ParsedObject::Namespace(ns) = &docs.objects[0] else {
+            panic!("{docs:?}");
+        };
+        assert_eq!(ns.labels.get("v").map(String::as_str), Some("1"));
+        assert_eq!(
+            messages(&docs),
+            ["document 2: Namespace a: already defined by document 1; this copy is ignored"]
+        );
+    }
+
+    #[test]
+    fn snapshot_from_objects() {
+        let docs = parse(&format!("{NAMESPACE}---{NODE}---{POD}---{GATEWAY}"));
+        assert_eq!(docs.errors, []);
+        let snapshot: Snapshot = docs.objects.into_iter().collect();
+        assert!(snapshot.namespaces.contains_key("shop"));
+        assert!(snapshot.nodes.contains_key("worker-1"));
+        assert!(
+            snapshot
+                .pods
+                .contains_key(&("shop".to_owned(), "web-7d9f8b6c5-x2k4p".to_owned()))
+        );
+        assert!(snapshot.gateways.contains_key("corp-fw"));
+    }
+}

@@ -1,0 +1,412 @@
+//! The planning rules. Work is linear in pods times the gateways their namespace admits:
+//! namespace-level decisions are made once per namespace, and pods on other nodes are only
+//! looked at when this node holds an egress IP (it then SNATs for them).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+
+use super::{
+    DestEntry, EgressPlan, GatewayPlan, Holder, NodePlan, PlanConfig, PlanProblem, PodPlan, Reason,
+    RejectReason, Rejection, SnatPlan,
+};
+use crate::model::{Gateway, NamespaceInfo, PodInfo, Snapshot};
+
+/// FNV-1a, 32 bits: stable across releases and architectures, unlike `std`'s hashers.
+fn fnv1a_32(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5, |hash, &byte| {
+        (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193)
+    })
+}
+
+/// Ids for the BPF maps: FNV-1a 32 of the name, never 0 (the "no gateway" value). A collision
+/// is settled by incrementing, in name order, so an id only moves when its own hash collides.
+pub fn gateway_ids<I, S>(names: I) -> BTreeMap<String, u32>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<str>,
+{
+    let names: BTreeSet<String> = names.into_iter().map(|n| n.as_ref().to_owned()).collect();
+    let mut used = HashSet::with_capacity(names.len());
+    let mut ids = BTreeMap::new();
+    for name in names {
+        let mut id = fnv1a_32(name.as_bytes());
+        while id == 0 || used.contains(&id) {
+            id = id.wrapping_add(1);
+        }
+        used.insert(id);
+        ids.insert(name, id);
+    }
+    ids
+}
+
+/// Decides what `node` must program. Pure and deterministic: same input, same plan.
+pub fn plan(snapshot: &Snapshot, node: &str, config: &PlanConfig) -> NodePlan {
+    let cluster_cidrs = cluster_ranges(snapshot, config);
+    let (accepted, problems) = resolve_conflicts(snapshot);
+    let ids = gateway_ids(accepted.iter().map(|g| g.name.as_str()));
+    let gateways: Vec<GatewayPlan> = accepted
+        .iter()
+        .map(|g| {
+            gateway_plan(
+                snapshot,
+                g,
+                ids.get(&g.name).copied().unwrap_or(0),
+                &cluster_cidrs,
+            )
+        })
+        .collect();
+
+    let held: Vec<(usize, usize)> = gateways
+        .iter()
+        .enumerate()
+        .flat_map(|(g, plan)| {
+            plan.egress
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| e.holder.as_ref().is_some_and(|h| h.node == node))
+                .map(move |(k, _)| (g, k))
+        })
+        .collect();
+    let held_ips: HashSet<Ipv4Addr> = held
+        .iter()
+        .map(|&(g, k)| gateways[g].egress[k].ip)
+        .collect();
+
+    let mut chooser = Chooser {
+        snapshot,
+        gateways: &accepted,
+        dropped: problems.iter().map(|p| p.gateway()).collect(),
+        namespaces: HashMap::new(),
+    };
+    let mut pods = Vec::new();
+    let mut rejected = Vec::new();
+    let mut rejected_namespaces = HashSet::new();
+    let mut snat_pods: HashMap<Ipv4Addr, Vec<Ipv4Addr>> = HashMap::new();
+    for pod in snapshot.pods.values() {
+        let local = pod.node.as_deref() == Some(node);
+        if !local && held.is_empty() {
+            continue;
+        }
+        let Some(ip) = pod.ip.filter(|_| pod.running && !pod.host_network) else {
+            continue;
+        };
+        let choice = chooser.choose(pod);
+        if local {
+            if let Some(why) = choice.pod_rejection {
+                rejected.push(Rejection {
+                    namespace: pod.namespace.clone(),
+                    pod: Some(pod.name.clone()),
+                    gateway: pod.gateway_annotation.clone().unwrap_or_default(),
+                    why,
+                });
+            }
+            if let Some((gateway, why)) = choice.namespace_rejection
+                && rejected_namespaces.insert(pod.namespace.as_str())
+            {
+                rejected.push(Rejection {
+                    namespace: pod.namespace.clone(),
+                    pod: None,
+                    gateway,
+                    why,
+                });
+            }
+        }
+        let Some((winner, reason)) = choice.winner else {
+            continue;
+        };
+        let gateway = &accepted[winner];
+        let Some(&egress_ip) = gateway
+            .egress_ips
+            .get(fnv1a_32(&ip.octets()) as usize % gateway.egress_ips.len().max(1))
+        else {
+            continue;
+        };
+        if held_ips.contains(&egress_ip) {
+            snat_pods.entry(egress_ip).or_default().push(ip);
+        }
+        if local {
+            pods.push(PodPlan {
+                namespace: pod.namespace.clone(),
+                name: pod.name.clone(),
+                ip,
+                gateway: gateway.name.clone(),
+                gateway_id: gateways[winner].id,
+                egress_ip,
+                reason,
+                overridden: choice
+                    .overridden
+                    .iter()
+                    .map(|&g| accepted[g].name.clone())
+                    .collect(),
+            });
+        }
+    }
+    pods.sort_by(|a, b| (a.ip, &a.namespace, &a.name).cmp(&(b.ip, &b.namespace, &b.name)));
+    rejected.sort_by(|a, b| {
+        (&a.namespace, &a.pod, &a.gateway).cmp(&(&b.namespace, &b.pod, &b.gateway))
+    });
+
+    let snat = held
+        .iter()
+        .map(|&(g, k)| {
+            let plan = &gateways[g];
+            let egress_ip = plan.egress[k].ip;
+            let mut pods = snat_pods.remove(&egress_ip).unwrap_or_default();
+            pods.sort_unstable();
+            SnatPlan {
+                gateway: plan.name.clone(),
+                egress_ip,
+                pods,
+                destinations: plan.destinations.clone(),
+                excluded: plan.excluded.clone(),
+            }
+        })
+        .collect();
+
+    NodePlan {
+        node: node.to_owned(),
+        node_ip: snapshot.nodes.get(node).and_then(|n| n.internal_ip),
+        gateways,
+        pods,
+        rejected,
+        snat,
+        cluster_cidrs,
+        problems,
+    }
+}
+
+impl PlanProblem {
+    fn gateway(&self) -> &str {
+        match self {
+            Self::EgressIpConflict { gateway, .. } => gateway,
+        }
+    }
+}
+
+fn cluster_ranges(snapshot: &Snapshot, config: &PlanConfig) -> Vec<Ipv4Net> {
+    let mut ranges: Vec<Ipv4Net> = snapshot
+        .nodes
+        .values()
+        .flat_map(|n| {
+            let ip = n.internal_ip.map(Ipv4Net::from);
+            n.pod_cidrs.iter().copied().chain(ip)
+        })
+        // A `--cluster-cidr` with host bits set would become a wrong LPM key.
+        .chain(config.cluster_cidrs.iter().map(Ipv4Net::trunc))
+        .collect();
+    ranges.sort_unstable();
+    ranges.dedup();
+    ranges
+}
+
+/// Gateways by name; a gateway reusing an egress IP of an earlier one is dropped whole,
+/// because half a gateway would route its pods to an address another gateway SNATs.
+fn resolve_conflicts(snapshot: &Snapshot) -> (Vec<&Gateway>, Vec<PlanProblem>) {
+    let mut owner: HashMap<Ipv4Addr, &str> = HashMap::new();
+    let mut accepted = Vec::new();
+    let mut problems = Vec::new();
+    for gateway in snapshot.gateways.values() {
+        let conflict = gateway
+            .egress_ips
+            .iter()
+            .find_map(|ip| owner.get(ip).map(|kept_by| (*ip, *kept_by)));
+        if let Some((ip, kept_by)) = conflict {
+            problems.push(PlanProblem::EgressIpConflict {
+                gateway: gateway.name.clone(),
+                ip,
+                kept_by: kept_by.to_owned(),
+            });
+            continue;
+        }
+        for ip in &gateway.egress_ips {
+            owner.insert(*ip, &gateway.name);
+        }
+        accepted.push(gateway);
+    }
+    (accepted, problems)
+}
+
+fn gateway_plan(
+    snapshot: &Snapshot,
+    gateway: &Gateway,
+    id: u32,
+    cluster: &[Ipv4Net],
+) -> GatewayPlan {
+    let eligible: Vec<Holder> = snapshot
+        .nodes
+        .values()
+        .filter(|n| n.ready && gateway.node_selector.matches(&n.labels))
+        .filter_map(|n| {
+            Some(Holder {
+                node: n.name.clone(),
+                node_ip: n.internal_ip?,
+            })
+        })
+        .collect();
+    let egress = gateway
+        .egress_ips
+        .iter()
+        .enumerate()
+        .map(|(k, &ip)| EgressPlan {
+            ip,
+            holder: eligible.get(k % eligible.len().max(1)).cloned(),
+        })
+        .collect();
+
+    let mut destinations = gateway.destinations.clone();
+    destinations.sort_unstable();
+    destinations.dedup();
+    let mut excluded: Vec<Ipv4Net> = gateway.excluded.iter().chain(cluster).copied().collect();
+    excluded.sort_unstable();
+    excluded.dedup();
+
+    GatewayPlan {
+        name: gateway.name.clone(),
+        id,
+        failure_policy: gateway.failure_policy,
+        egress,
+        dest_entries: dest_entries(&destinations, &excluded),
+        destinations,
+        excluded,
+    }
+}
+
+/// LPM entries in which exclusions always win: CIDRs are nested or disjoint, so a destination
+/// inside an exclusion is simply left out, and an exclusion only needs an entry where it
+/// carves a hole in an included destination.
+fn dest_entries(destinations: &[Ipv4Net], excluded: &[Ipv4Net]) -> Vec<DestEntry> {
+    let included: Vec<Ipv4Net> = destinations
+        .iter()
+        .filter(|d| !excluded.iter().any(|e| e.contains(*d)))
+        .copied()
+        .collect();
+    let holes = excluded
+        .iter()
+        .filter(|e| included.iter().any(|d| d.contains(*e)))
+        .map(|&cidr| DestEntry {
+            cidr,
+            via_gateway: false,
+        });
+    let mut entries: Vec<DestEntry> = included
+        .iter()
+        .map(|&cidr| DestEntry {
+            cidr,
+            via_gateway: true,
+        })
+        .chain(holes)
+        .collect();
+    entries.sort_unstable_by_key(|e| e.cidr);
+    entries.dedup_by_key(|e| e.cidr);
+    entries
+}
+
+/// Per-namespace decisions, made once for all the namespace's pods.
+struct NamespaceChoice {
+    /// Indices (name order) of gateways whose namespaceSelector admits the namespace.
+    admitted: Vec<usize>,
+    /// Admitted gateways that select pods by label.
+    by_selector: Vec<usize>,
+    annotation: Option<Result<usize, (String, RejectReason)>>,
+}
+
+struct Chooser<'a> {
+    snapshot: &'a Snapshot,
+    /// Sorted by name, so an index order is a name order.
+    gateways: &'a [&'a Gateway],
+    dropped: HashSet<&'a str>,
+    namespaces: HashMap<&'a str, NamespaceChoice>,
+}
+
+struct PodChoice {
+    winner: Option<(usize, Reason)>,
+    overridden: Vec<usize>,
+    pod_rejection: Option<RejectReason>,
+    namespace_rejection: Option<(String, RejectReason)>,
+}
+
+impl<'a> Chooser<'a> {
+    fn choose(&mut self, pod: &'a PodInfo) -> PodChoice {
+        let (gateways, dropped, snapshot) = (self.gateways, &self.dropped, self.snapshot);
+        let ns = self
+            .namespaces
+            .entry(pod.namespace.as_str())
+            .or_insert_with(|| {
+                let missing = NamespaceInfo::default();
+                let info = snapshot.namespaces.get(&pod.namespace).unwrap_or(&missing);
+                let admitted: Vec<usize> = gateways
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, g)| g.namespace_selector.matches(&info.labels))
+                    .map(|(i, _)| i)
+                    .collect();
+                let by_selector = admitted
+                    .iter()
+                    .copied()
+                    .filter(|&i| gateways[i].pod_selector.is_some())
+                    .collect();
+                let annotation = info.gateway_annotation.as_deref().map(|name| {
+                    lookup(gateways, dropped, &admitted, name).map_err(|why| (name.to_owned(), why))
+                });
+                NamespaceChoice {
+                    admitted,
+                    by_selector,
+                    annotation,
+                }
+            });
+
+        let mut claims: Vec<(Reason, usize)> = Vec::new();
+        let mut pod_rejection = None;
+        if let Some(name) = &pod.gateway_annotation {
+            match lookup(gateways, dropped, &ns.admitted, name) {
+                Ok(g) => claims.push((Reason::PodAnnotation, g)),
+                Err(why) => pod_rejection = Some(why),
+            }
+        }
+        let mut namespace_rejection = None;
+        match &ns.annotation {
+            Some(Ok(g)) => claims.push((Reason::NamespaceAnnotation, *g)),
+            Some(Err(rejection)) => namespace_rejection = Some(rejection.clone()),
+            None => {}
+        }
+        for &g in &ns.by_selector {
+            if gateways[g]
+                .pod_selector
+                .as_ref()
+                .is_some_and(|s| s.matches(&pod.labels))
+            {
+                claims.push((Reason::PodSelector, g));
+            }
+        }
+
+        let winner = claims.iter().min().map(|&(reason, g)| (g, reason));
+        let mut overridden: Vec<usize> = claims
+            .iter()
+            .map(|&(_, g)| g)
+            .filter(|&g| winner.is_none_or(|(w, _)| w != g))
+            .collect();
+        overridden.sort_unstable();
+        overridden.dedup();
+        PodChoice {
+            winner,
+            overridden,
+            pod_rejection,
+            namespace_rejection,
+        }
+    }
+}
+
+fn lookup(
+    gateways: &[&Gateway],
+    dropped: &HashSet<&str>,
+    admitted: &[usize],
+    name: &str,
+) -> Result<usize, RejectReason> {
+    match gateways.binary_search_by(|g| g.name.as_str().cmp(name)) {
+        Ok(g) if admitted.contains(&g) => Ok(g),
+        Ok(_) => Err(RejectReason::NamespaceNotAdmitted),
+        Err(_) if dropped.contains(name) => Err(RejectReason::GatewayDropped),
+        Err(_) => Err(RejectReason::UnknownGateway),
+    }
+}

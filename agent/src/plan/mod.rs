@@ -1,0 +1,138 @@
+//! Pure planning: a [`Snapshot`] and the node's name in, the node's desired state out, with
+//! the reason behind every choice. Nothing here touches the kernel.
+
+mod compute;
+mod display;
+#[cfg(test)]
+mod tests;
+
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+
+use crate::model::FailurePolicy;
+
+pub use compute::{gateway_ids, plan};
+
+/// Settings of the agent that shape the plan.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PlanConfig {
+    /// Extra in-cluster ranges (`--cluster-cidr`) that never go through a gateway.
+    pub cluster_cidrs: Vec<Ipv4Net>,
+}
+
+/// What one node must program.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodePlan {
+    pub node: String,
+    /// This node's InternalIP; `None` when the Node object is missing or has none.
+    pub node_ip: Option<Ipv4Addr>,
+    /// Every valid gateway, sorted by name (all nodes know them all: a local pod may use any).
+    pub gateways: Vec<GatewayPlan>,
+    /// Local pods whose traffic is marked, sorted by IP.
+    pub pods: Vec<PodPlan>,
+    /// Local pods that asked for a gateway and were not selected, with why.
+    pub rejected: Vec<Rejection>,
+    /// Egress IPs this node holds: address on the uplink plus SNAT.
+    pub snat: Vec<SnatPlan>,
+    /// Ranges that never go through a gateway: node pod CIDRs, node IPs, `--cluster-cidr`.
+    pub cluster_cidrs: Vec<Ipv4Net>,
+    /// Inconsistencies between gateways that the planner resolved by leaving something out.
+    pub problems: Vec<PlanProblem>,
+}
+
+/// A finding about the gateways as a whole, to be logged and shown by `static-egress plan`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PlanProblem {
+    /// `gateway` names an egress IP that `kept_by` (first by name) also names; `gateway` is
+    /// left out of the plan entirely, as if it did not exist.
+    EgressIpConflict {
+        gateway: String,
+        ip: Ipv4Addr,
+        kept_by: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GatewayPlan {
+    pub name: String,
+    /// Stable id used as BPF map key; see [`gateway_ids`].
+    pub id: u32,
+    pub failure_policy: FailurePolicy,
+    pub egress: Vec<EgressPlan>,
+    /// Longest-prefix-match entries: `DestEntry::via_gateway == false` are exclusions nested
+    /// in a destination. Destinations inside an exclusion are left out (exclusions win).
+    pub dest_entries: Vec<DestEntry>,
+    /// The gateway's destinations, for SNAT on the holder.
+    pub destinations: Vec<Ipv4Net>,
+    /// The gateway's exclusions plus the cluster's ranges, for SNAT on the holder.
+    pub excluded: Vec<Ipv4Net>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EgressPlan {
+    pub ip: Ipv4Addr,
+    /// `None`: no Ready node matches the node selector.
+    pub holder: Option<Holder>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Holder {
+    pub node: String,
+    pub node_ip: Ipv4Addr,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DestEntry {
+    pub cidr: Ipv4Net,
+    pub via_gateway: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Reason {
+    PodAnnotation,
+    NamespaceAnnotation,
+    PodSelector,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodPlan {
+    pub namespace: String,
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub gateway: String,
+    pub gateway_id: u32,
+    /// One of the gateway's egress IPs, chosen from a hash of the pod IP.
+    pub egress_ip: Ipv4Addr,
+    pub reason: Reason,
+    /// Other gateways that also claimed the pod and lost, by name.
+    pub overridden: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    pub namespace: String,
+    /// `None` when the annotation is on the namespace.
+    pub pod: Option<String>,
+    pub gateway: String,
+    pub why: RejectReason,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RejectReason {
+    UnknownGateway,
+    NamespaceNotAdmitted,
+    /// The gateway exists but was left out of the plan (see [`NodePlan::problems`]).
+    GatewayDropped,
+}
+
+/// SNAT on the holder of one egress IP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnatPlan {
+    pub gateway: String,
+    pub egress_ip: Ipv4Addr,
+    /// Pods anywhere in the cluster that leave with this IP, sorted.
+    pub pods: Vec<Ipv4Addr>,
+    pub destinations: Vec<Ipv4Net>,
+    pub excluded: Vec<Ipv4Net>,
+}

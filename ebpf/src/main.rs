@@ -1,0 +1,143 @@
+//! Kernel side of static-egress.
+//!
+//! `se_pod_ingress` runs at tc ingress of pod-facing interfaces: a packet from a selected pod
+//! to one of its gateway's destinations gets our fwmark bit (policy routing then sends it out
+//! of the uplink), or is dropped when the gateway fails closed and nobody holds its egress IP.
+//! `se_uplink_egress` runs at tc egress of the uplink: a marked packet whose egress IP is held
+//! by another node is handed to that node's MAC address (the routing table cannot tell
+//! gateways apart, the program can).
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_redir_neigh},
+    helpers::generated::bpf_redirect_neigh,
+    macros::{classifier, map},
+    maps::{Array, HashMap, LpmTrie, PerCpuHashMap, lpm_trie::Key},
+    programs::TcContext,
+};
+use static_egress_common::{
+    Config, Counters, DEST_GATEWAY_BITS, DEST_VIA_GATEWAY, DestKey, EGRESS_LOCAL, EgressEntry,
+    GATEWAY_FAIL_CLOSED, GatewayEntry, PodEntry, capacity,
+};
+
+#[map(name = "SE_PODS")]
+static SE_PODS: HashMap<u32, PodEntry> = HashMap::pinned(capacity::PODS, 0);
+#[map(name = "SE_DESTS")]
+static SE_DESTS: LpmTrie<DestKey, u8> = LpmTrie::pinned(capacity::DESTS, 0);
+#[map(name = "SE_GATEWAYS")]
+static SE_GATEWAYS: HashMap<u32, GatewayEntry> = HashMap::pinned(capacity::GATEWAYS, 0);
+#[map(name = "SE_EGRESS")]
+static SE_EGRESS: HashMap<u32, EgressEntry> = HashMap::pinned(capacity::EGRESS, 0);
+#[map(name = "SE_COUNTERS")]
+static SE_COUNTERS: PerCpuHashMap<u32, Counters> = PerCpuHashMap::pinned(capacity::GATEWAYS, 0);
+#[map(name = "SE_CONFIG")]
+static SE_CONFIG: Array<Config> = Array::pinned(1, 0);
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP_WIRE: u16 = 0x0800_u16.to_be();
+const IP_SRC_OFF: usize = ETH_HLEN + 12;
+const IP_DST_OFF: usize = ETH_HLEN + 16;
+const AF_INET: u32 = 2;
+
+#[classifier]
+pub fn se_pod_ingress(ctx: TcContext) -> i32 {
+    pod_ingress(&ctx).unwrap_or(TC_ACT_OK as i32)
+}
+
+#[classifier]
+pub fn se_uplink_egress(ctx: TcContext) -> i32 {
+    uplink_egress(&ctx).unwrap_or(TC_ACT_OK as i32)
+}
+
+/// `None` means "not ours": the packet continues untouched.
+fn pod_ingress(ctx: &TcContext) -> Option<i32> {
+    let (src, dst) = ipv4_addrs(ctx)?;
+    // SAFETY: entries are plain integers written whole by the agent.
+    let pod = unsafe { SE_PODS.get(&src) }?;
+    let key = Key::new(
+        DEST_GATEWAY_BITS + 32,
+        DestKey {
+            gateway: pod.gateway,
+            addr: dst,
+        },
+    );
+    if *SE_DESTS.get(&key)? != DEST_VIA_GATEWAY {
+        return None;
+    }
+    let mark_bit = SE_CONFIG.get(0)?.mark;
+    let counters = SE_COUNTERS.get_ptr_mut(&pod.gateway);
+    // SAFETY: as above.
+    let held = unsafe { SE_EGRESS.get(&pod.egress_ip) }.is_some_and(|e| e.holder != 0);
+    if !held {
+        // A gateway missing from the map is a transient state of an update: fail closed.
+        // SAFETY: as above.
+        let fail_closed = unsafe { SE_GATEWAYS.get(&pod.gateway) }
+            .is_none_or(|g| g.flags & GATEWAY_FAIL_CLOSED != 0);
+        if !fail_closed {
+            return None;
+        }
+        if let Some(c) = counters {
+            // SAFETY: per-CPU value, only this CPU writes it while we run.
+            unsafe { (*c).dropped += 1 };
+        }
+        return Some(TC_ACT_SHOT as i32);
+    }
+    // SAFETY: `skb` is the live context pointer; other bits of the mark belong to others.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    ctx.set_mark(mark | mark_bit);
+    if let Some(c) = counters {
+        // SAFETY: per-CPU value, only this CPU writes it while we run.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += u64::from(ctx.len());
+        }
+    }
+    Some(TC_ACT_OK as i32)
+}
+
+fn uplink_egress(ctx: &TcContext) -> Option<i32> {
+    let mark_bit = SE_CONFIG.get(0)?.mark;
+    // SAFETY: `skb` is the live context pointer.
+    let (mark, ifindex) = unsafe { ((*ctx.skb.skb).mark, (*ctx.skb.skb).ifindex) };
+    if mark & mark_bit == 0 {
+        return None;
+    }
+    let (src, _) = ipv4_addrs(ctx)?;
+    // SAFETY: entries are plain integers written whole by the agent.
+    let pod = unsafe { SE_PODS.get(&src) }?;
+    // SAFETY: as above.
+    let egress = unsafe { SE_EGRESS.get(&pod.egress_ip) }?;
+    if egress.holder == 0 || egress.flags & EGRESS_LOCAL != 0 {
+        return None;
+    }
+    // The redirected packet passes this hook again; without the bit it goes out unchanged.
+    ctx.set_mark(mark & !mark_bit);
+    let mut nh = bpf_redir_neigh {
+        nh_family: AF_INET,
+        __bindgen_anon_1: aya_ebpf::bindings::bpf_redir_neigh__bindgen_ty_1 {
+            ipv4_nh: egress.holder,
+        },
+    };
+    // SAFETY: `nh` lives across the call and its size is passed along.
+    let verdict =
+        unsafe { bpf_redirect_neigh(ifindex, &mut nh, size_of::<bpf_redir_neigh>() as i32, 0) };
+    Some(verdict as i32)
+}
+
+fn ipv4_addrs(ctx: &TcContext) -> Option<(u32, u32)> {
+    if ctx.load::<u16>(12).ok()? != ETH_P_IP_WIRE {
+        return None;
+    }
+    Some((ctx.load(IP_SRC_OFF).ok()?, ctx.load(IP_DST_OFF).ok()?))
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,313 @@
+//! A tiny TCP probe for the network-namespace labs.
+//!
+//! `serve` answers every connection with the peer's address, so a client learns which source
+//! address its traffic left the cluster with; `ask` and `loop` are the clients.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+const USAGE: &str = "usage:
+  se-probe serve --listen ADDR:PORT [--log FILE]
+  se-probe ask ADDR:PORT [--timeout-ms N]
+  se-probe loop ADDR:PORT --interval-ms N --count N [--timeout-ms N]";
+
+const DEFAULT_TIMEOUT_MS: u64 = 2000;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match run(&args) {
+        Ok(code) => code,
+        Err(Failure::Usage(msg)) => {
+            eprintln!("se-probe: {msg}\n{USAGE}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Runtime(msg)) => {
+            eprintln!("se-probe: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+enum Failure {
+    Usage(String),
+    Runtime(String),
+}
+
+fn run(args: &[String]) -> Result<ExitCode, Failure> {
+    let Some((command, rest)) = args.split_first() else {
+        return Err(Failure::Usage("missing command".into()));
+    };
+    let parsed = Args::parse(rest)?;
+    match command.as_str() {
+        "serve" => {
+            parsed.only(&["listen", "log"], 0)?;
+            let listen = parse_addr(parsed.required("listen")?)?;
+            serve(listen, parsed.flags.get("log").map(String::as_str))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        "ask" => {
+            parsed.only(&["timeout-ms"], 1)?;
+            let addr = parse_addr(&parsed.positional[0])?;
+            let timeout = parsed.millis("timeout-ms", DEFAULT_TIMEOUT_MS)?;
+            let answer = ask(addr, timeout).map_err(Failure::Runtime)?;
+            println!("{answer}");
+            Ok(ExitCode::SUCCESS)
+        }
+        "loop" => {
+            parsed.only(&["interval-ms", "count", "timeout-ms"], 1)?;
+            let addr = parse_addr(&parsed.positional[0])?;
+            let interval = parsed.millis("interval-ms", 100)?;
+            let count = parsed.number("count", None)?;
+            let timeout = parsed.millis("timeout-ms", DEFAULT_TIMEOUT_MS)?;
+            let mut all_ok = true;
+            for i in 0..count {
+                if i > 0 {
+                    // Pacing between connections is the point of this command, not a wait for
+                    // some condition.
+                    std::thread::sleep(interval);
+                }
+                match ask(addr, timeout) {
+                    Ok(answer) => println!("{answer}"),
+                    Err(e) => {
+                        all_ok = false;
+                        println!("error: {e}");
+                    }
+                }
+            }
+            Ok(if all_ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        "-h" | "--help" | "help" => {
+            println!("{USAGE}");
+            Ok(ExitCode::SUCCESS)
+        }
+        other => Err(Failure::Usage(format!("unknown command {other:?}"))),
+    }
+}
+
+struct Args {
+    positional: Vec<String>,
+    flags: HashMap<String, String>,
+}
+
+impl Args {
+    fn parse(args: &[String]) -> Result<Self, Failure> {
+        let mut positional = Vec::new();
+        let mut flags = HashMap::new();
+        let mut it = args.iter();
+        while let Some(arg) = it.next() {
+            if let Some(name) = arg.strip_prefix("--") {
+                let (name, value) = match name.split_once('=') {
+                    Some((n, v)) => (n.to_owned(), v.to_owned()),
+                    None => {
+                        let value = it
+                            .next()
+                            .ok_or_else(|| Failure::Usage(format!("--{name} needs a value")))?;
+                        (name.to_owned(), value.clone())
+                    }
+                };
+                flags.insert(name, value);
+            } else {
+                positional.push(arg.clone());
+            }
+        }
+        Ok(Self { positional, flags })
+    }
+
+    fn only(&self, allowed: &[&str], positional: usize) -> Result<(), Failure> {
+        if let Some(unknown) = self.flags.keys().find(|k| !allowed.contains(&k.as_str())) {
+            return Err(Failure::Usage(format!("unknown option --{unknown}")));
+        }
+        if self.positional.len() != positional {
+            return Err(Failure::Usage(format!(
+                "expected {positional} address argument(s), got {}",
+                self.positional.len()
+            )));
+        }
+        Ok(())
+    }
+
+    fn required(&self, name: &str) -> Result<&str, Failure> {
+        self.flags
+            .get(name)
+            .map(String::as_str)
+            .ok_or_else(|| Failure::Usage(format!("--{name} is required")))
+    }
+
+    fn number(&self, name: &str, default: Option<u64>) -> Result<u64, Failure> {
+        match (self.flags.get(name), default) {
+            (Some(v), _) => v
+                .parse()
+                .map_err(|_| Failure::Usage(format!("--{name}: {v:?} is not a number"))),
+            (None, Some(d)) => Ok(d),
+            (None, None) => Err(Failure::Usage(format!("--{name} is required"))),
+        }
+    }
+
+    fn millis(&self, name: &str, default: u64) -> Result<Duration, Failure> {
+        self.number(name, Some(default)).map(Duration::from_millis)
+    }
+}
+
+fn parse_addr(s: &str) -> Result<SocketAddr, Failure> {
+    s.parse()
+        .map_err(|_| Failure::Usage(format!("{s:?} is not an ADDR:PORT socket address")))
+}
+
+fn serve(listen: SocketAddr, log: Option<&str>) -> Result<(), Failure> {
+    let listener = TcpListener::bind(listen)
+        .map_err(|e| Failure::Runtime(format!("cannot listen on {listen}: {e}")))?;
+    let mut log = log
+        .map(|path| {
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| Failure::Runtime(format!("cannot open log {path}: {e}")))
+        })
+        .transpose()?;
+    println!("ready");
+    io::stdout()
+        .flush()
+        .map_err(|e| Failure::Runtime(format!("cannot write to stdout: {e}")))?;
+    for conn in listener.incoming() {
+        match conn {
+            Ok(stream) => answer(stream, log.as_mut()),
+            Err(e) => eprintln!("se-probe: accept failed: {e}"),
+        }
+    }
+    Ok(())
+}
+
+fn answer(mut stream: TcpStream, log: Option<&mut File>) {
+    let peer = match stream.peer_addr() {
+        Ok(peer) => peer.ip(),
+        Err(e) => {
+            eprintln!("se-probe: peer went away before it could be answered: {e}");
+            return;
+        }
+    };
+    let line = format!("{peer}\n");
+    // Logged before answering so that once a client has its answer, the log already holds it.
+    // One write per line keeps concurrent readers from ever seeing half a line.
+    if let Some(log) = log
+        && let Err(e) = log.write_all(line.as_bytes())
+    {
+        eprintln!("se-probe: cannot append to log: {e}");
+    }
+    if let Err(e) = stream.write_all(line.as_bytes()) {
+        eprintln!("se-probe: cannot answer {peer}: {e}");
+    }
+}
+
+fn ask(addr: SocketAddr, timeout: Duration) -> Result<String, String> {
+    let started = Instant::now();
+    let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| match e.kind() {
+        ErrorKind::TimedOut | ErrorKind::WouldBlock => {
+            format!(
+                "cannot connect to {addr}: no answer within {} ms",
+                timeout.as_millis()
+            )
+        }
+        _ => format!("cannot connect to {addr}: {e}"),
+    })?;
+    let left = timeout
+        .saturating_sub(started.elapsed())
+        .max(Duration::from_millis(1));
+    stream
+        .set_read_timeout(Some(left))
+        .map_err(|e| format!("cannot set a read timeout: {e}"))?;
+    let mut reply = String::new();
+    stream
+        .read_to_string(&mut reply)
+        .map_err(|e| match e.kind() {
+            ErrorKind::TimedOut | ErrorKind::WouldBlock => {
+                format!(
+                    "connected to {addr} but got no reply within {} ms",
+                    timeout.as_millis()
+                )
+            }
+            _ => format!("connected to {addr} but reading the reply failed: {e}"),
+        })?;
+    let reply = reply.trim();
+    if reply.is_empty() {
+        return Err(format!("{addr} closed the connection without a reply"));
+    }
+    Ok(reply.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn flags_take_a_value_with_or_without_equals() {
+        let Ok(parsed) = Args::parse(&args(&["1.2.3.4:5", "--count", "3", "--interval-ms=10"]))
+        else {
+            panic!("parses");
+        };
+        assert_eq!(parsed.positional, ["1.2.3.4:5"]);
+        assert!(matches!(parsed.number("count", None), Ok(3)));
+        assert!(
+            matches!(parsed.millis("interval-ms", 100), Ok(d) if d == Duration::from_millis(10))
+        );
+        assert!(matches!(parsed.millis("timeout-ms", 7), Ok(d) if d == Duration::from_millis(7)));
+        assert!(parsed.only(&["count", "interval-ms"], 1).is_ok());
+        assert!(parsed.only(&["count"], 1).is_err());
+        assert!(parsed.only(&["count", "interval-ms"], 0).is_err());
+    }
+
+    #[test]
+    fn usage_errors_are_reported_as_such() {
+        for bad in [
+            &["ask"][..],
+            &["ask", "not-an-address"],
+            &["ask", "1.2.3.4:5", "--timeout-ms"],
+            &["loop", "1.2.3.4:5"],
+            &["serve"],
+            &["fly"],
+        ] {
+            assert!(matches!(run(&args(bad)), Err(Failure::Usage(_))), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn answers_with_the_peer_address_and_logs_it_first() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("binds on loopback");
+        let addr = listener.local_addr().expect("has an address");
+        let log_path =
+            std::env::temp_dir().join(format!("se-probe-test-{}.log", std::process::id()));
+        let mut log = File::create(&log_path).expect("creates log");
+        let server = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().expect("accepts");
+            answer(stream, Some(&mut log));
+        });
+        let reply = ask(addr, Duration::from_secs(5)).expect("answered");
+        server.join().expect("server thread");
+        assert_eq!(reply, "127.0.0.1");
+        let logged = std::fs::read_to_string(&log_path).expect("reads log");
+        std::fs::remove_file(&log_path).expect("removes log");
+        assert_eq!(logged, "127.0.0.1\n");
+    }
+
+    #[test]
+    fn refused_connections_fail_with_a_message() {
+        // Bind then drop to get a loopback port with nobody listening.
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port");
+        let err = ask(addr, Duration::from_secs(2)).expect_err("nobody listens");
+        assert!(err.contains("cannot connect"), "{err}");
+    }
+}

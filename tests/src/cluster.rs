@@ -1,0 +1,850 @@
+//! A running lab: topology, pods, objects, agents.
+
+use std::ffi::OsStr;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use ipnet::Ipv4Net;
+
+use crate::POLL_INTERVAL;
+use crate::builder::{ClusterBuilder, NodePlan, Plan, PodStyle, locate_binary, nth_host};
+use crate::cmd::{exec, ip, netns_command, write_sysctls};
+use crate::digest::digest;
+use crate::names::{check_dns_label, check_dns_subdomain, host_veth_name, ipv4_conf_key};
+use crate::objects::{self, Labels, Objects};
+use crate::process::{AgentHandle, Background, ProbeLoop};
+use crate::snapshot::NodeSnapshot;
+use crate::teardown::{kill_namespace_processes, mount_bpffs, script, teardown};
+
+/// The next-hop address routed pods use, answered by the node through proxy ARP (as Calico does).
+const ROUTED_POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// How long `se-probe ask` waits for a connection and its reply unless told otherwise.
+const ASK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A node of a running lab.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LabNode {
+    /// The Kubernetes node name (`--node`).
+    pub name: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    /// Prefix length of the node segment, as configured on the uplink.
+    pub prefix_len: u8,
+    pub uplink: String,
+    pub pod_cidr: Ipv4Net,
+    pub pod_style: PodStyle,
+    pub rp_filter: u8,
+    /// The node's bpffs (`--bpffs`).
+    pub bpffs: PathBuf,
+    /// The agent's state directory (`--state-dir`).
+    pub state_dir: PathBuf,
+}
+
+impl LabNode {
+    /// Runs a command in the node's namespace; see [`crate::exec`].
+    pub fn exec<I, S>(&self, args: I) -> Result<String>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        exec(&self.netns, args)
+    }
+
+    pub fn status_path(&self) -> PathBuf {
+        self.state_dir.join("status.json")
+    }
+}
+
+/// What to create with [`Cluster::add_pod`].
+#[derive(Clone, Debug)]
+pub struct PodSpec {
+    namespace: String,
+    name: String,
+    node: String,
+    ip: Option<Ipv4Addr>,
+    labels: Labels,
+    annotations: Labels,
+}
+
+impl PodSpec {
+    pub fn new(
+        namespace: impl Into<String>,
+        name: impl Into<String>,
+        node: impl Into<String>,
+    ) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+            node: node.into(),
+            ip: None,
+            labels: Labels::new(),
+            annotations: Labels::new(),
+        }
+    }
+
+    /// A fixed address instead of the next free one of the node's pod CIDR.
+    pub fn ip(mut self, ip: Ipv4Addr) -> Self {
+        self.ip = Some(ip);
+        self
+    }
+
+    pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.labels.insert(key.into(), value.into());
+        self
+    }
+
+    pub fn annotation(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.annotations.insert(key.into(), value.into());
+        self
+    }
+
+    /// Opts the pod in to the gateway `name` by annotation.
+    pub fn gateway(self, name: impl Into<String>) -> Self {
+        self.annotation(objects::GATEWAY_ANNOTATION, name)
+    }
+}
+
+/// A pod of a running lab.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LabPod {
+    pub namespace: String,
+    pub name: String,
+    pub node: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    /// The node side of the pod's veth.
+    pub host_veth: String,
+    pub style: PodStyle,
+}
+
+impl LabPod {
+    /// Runs a command in the pod's namespace; see [`crate::exec`].
+    pub fn exec<I, S>(&self, args: I) -> Result<String>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        exec(&self.netns, args)
+    }
+}
+
+/// A lab left running by [`Cluster::keep`].
+#[derive(Clone, Debug)]
+pub struct Kept {
+    pub prefix: String,
+    pub dir: PathBuf,
+    /// A bash script that removes the lab.
+    pub script: PathBuf,
+}
+
+impl Kept {
+    /// The shell command that removes the lab.
+    pub fn command(&self) -> String {
+        format!("bash {}", self.script.display())
+    }
+}
+
+/// A running lab; dropping it removes everything it created.
+#[derive(Debug)]
+pub struct Cluster {
+    prefix: String,
+    dir: PathBuf,
+    objects_path: PathBuf,
+    router_netns: String,
+    ext_netns: String,
+    settings: ClusterBuilder,
+    router_ip: Ipv4Addr,
+    ext_ip: Ipv4Addr,
+    nodes: Vec<LabNode>,
+    pods: Vec<LabPod>,
+    objects: Objects,
+    probe_bin: PathBuf,
+    ext_server: Option<Background>,
+    /// Numbers the log files of agents and loops.
+    runs: AtomicU32,
+    armed: bool,
+}
+
+/// `ip netns add` sets up the shared `/run/netns` mount the first time it runs; concurrent first
+/// runs can race on that, so this process adds namespaces one at a time.
+static NETNS_ADD: Mutex<()> = Mutex::new(());
+
+fn add_netns(name: &str, ipv6: bool) -> Result<()> {
+    {
+        let _serialized = NETNS_ADD.lock().unwrap_or_else(|e| e.into_inner());
+        ip(["netns", "add", name])?;
+    }
+    ip(["-n", name, "link", "set", "lo", "up"])?;
+    if !ipv6 {
+        write_sysctls(
+            name,
+            &[
+                ("net/ipv6/conf/all/disable_ipv6".into(), "1".into()),
+                ("net/ipv6/conf/default/disable_ipv6".into(), "1".into()),
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+fn rp_filter_settings(devices: &[&str], value: u8) -> Vec<(String, String)> {
+    devices
+        .iter()
+        .map(|dev| (ipv4_conf_key(dev, "rp_filter"), value.to_string()))
+        .collect()
+}
+
+impl Cluster {
+    pub fn builder() -> ClusterBuilder {
+        ClusterBuilder::default()
+    }
+
+    pub(crate) fn create(
+        settings: ClusterBuilder,
+        plan: &Plan,
+        prefix: String,
+        dir: PathBuf,
+        probe_bin: PathBuf,
+    ) -> Result<Self> {
+        let mut cluster = Self {
+            objects_path: dir.join("objects.yaml"),
+            dir,
+            router_netns: format!("{prefix}-router"),
+            ext_netns: format!("{prefix}-ext"),
+            prefix,
+            settings,
+            router_ip: plan.router_ip,
+            ext_ip: plan.ext_ip,
+            nodes: Vec::new(),
+            pods: Vec::new(),
+            objects: Objects::default(),
+            probe_bin,
+            ext_server: None,
+            runs: AtomicU32::new(0),
+            armed: true,
+        };
+        // From here on an error drops `cluster`, which removes whatever was already created.
+        cluster.build_topology(plan)?;
+        Ok(cluster)
+    }
+
+    fn build_topology(&mut self, plan: &Plan) -> Result<()> {
+        let s = &self.settings;
+        let (router, ext) = (self.router_netns.clone(), self.ext_netns.clone());
+        add_netns(&router, s.ipv6)?;
+        add_netns(&ext, s.ipv6)?;
+        write_sysctls(&router, &[("net/ipv4/ip_forward".into(), "1".into())])?;
+
+        let node_len = s.node_subnet.prefix_len();
+        let br = &s.router_bridge;
+        ip_in(&router, &format!("link add {br} type bridge"))?;
+        ip_in(
+            &router,
+            &format!("addr add {}/{node_len} dev {br}", self.router_ip),
+        )?;
+        ip_in(&router, &format!("link set {br} up"))?;
+
+        let ext_len = s.ext_subnet.prefix_len();
+        let router_ext_ip = plan.router_ext_ip;
+        ip_in(
+            &router,
+            &format!("link add ext0 type veth peer name eth0 netns {ext}"),
+        )?;
+        ip_in(
+            &router,
+            &format!("addr add {router_ext_ip}/{ext_len} dev ext0"),
+        )?;
+        ip_in(&router, "link set ext0 up")?;
+        ip_in(
+            &ext,
+            &format!("addr add {}/{ext_len} dev eth0", self.ext_ip),
+        )?;
+        ip_in(&ext, "link set eth0 up")?;
+        ip_in(&ext, &format!("route add default via {router_ext_ip}"))?;
+
+        for node in &plan.nodes {
+            let lab_node = self.create_node(node, node_len)?;
+            self.objects.set_node(
+                objects::Node {
+                    name: lab_node.name.clone(),
+                    labels: node.spec.labels.clone(),
+                    annotations: Labels::new(),
+                    ready: node.spec.ready,
+                    internal_ip: Some(lab_node.ip),
+                    pod_cidrs: vec![lab_node.pod_cidr],
+                }
+                .label("kubernetes.io/hostname", lab_node.name.clone()),
+            );
+            self.nodes.push(lab_node);
+        }
+        // host-gw: every node reaches the other nodes' pods through those nodes' addresses.
+        for node in &self.nodes {
+            for other in self.nodes.iter().filter(|o| o.name != node.name) {
+                let route = format!(
+                    "route add {} via {} dev {}",
+                    other.pod_cidr, other.ip, node.uplink
+                );
+                ip_in(&node.netns, &route)?;
+            }
+        }
+        self.start_ext_server()?;
+        self.write_objects()?;
+        Ok(())
+    }
+
+    fn create_node(&self, plan: &NodePlan, prefix_len: u8) -> Result<LabNode> {
+        let s = &self.settings;
+        let name = &plan.spec.name;
+        let netns = format!("{}-{name}", self.prefix);
+        add_netns(&netns, s.ipv6)?;
+        let mut sysctls = vec![("net/ipv4/ip_forward".to_owned(), "1".to_owned())];
+        // `default` before any interface exists, so the uplink and pod veths inherit it.
+        sysctls.extend(rp_filter_settings(&["all", "default"], plan.rp_filter));
+        write_sysctls(&netns, &sysctls)?;
+
+        let port = format!("port{}", plan.number);
+        let (uplink, router) = (plan.uplink.as_str(), self.router_netns.as_str());
+        ip_in(
+            &netns,
+            &format!("link add {uplink} type veth peer name {port} netns {router}"),
+        )?;
+        ip_in(
+            router,
+            &format!("link set {port} master {} up", s.router_bridge),
+        )?;
+        write_sysctls(&netns, &rp_filter_settings(&[uplink], plan.rp_filter))?;
+        ip_in(
+            &netns,
+            &format!("addr add {}/{prefix_len} dev {uplink}", plan.ip),
+        )?;
+        ip_in(&netns, &format!("link set {uplink} up"))?;
+        ip_in(
+            &netns,
+            &format!("route add default via {} dev {uplink}", self.router_ip),
+        )?;
+
+        match plan.pod_style {
+            PodStyle::Routed => {
+                // As Calico does for its own block: pods that do not exist are unreachable
+                // instead of being sent to the default route.
+                ip_in(&netns, &format!("route add blackhole {}", plan.pod_cidr))?;
+            }
+            PodStyle::Bridged => {
+                let bridge = &s.pod_bridge;
+                let gateway = nth_host(plan.pod_cidr, 1)?;
+                let len = plan.pod_cidr.prefix_len();
+                ip_in(&netns, &format!("link add {bridge} type bridge"))?;
+                ip_in(&netns, &format!("addr add {gateway}/{len} dev {bridge}"))?;
+                ip_in(&netns, &format!("link set {bridge} up"))?;
+            }
+        }
+        if s.masquerade {
+            let pods = s.pod_supernet.to_string();
+            exec(
+                &netns,
+                ["iptables", "-w", "-t", "nat", "-A", "POSTROUTING"]
+                    .into_iter()
+                    .chain(["-s", &pods, "!", "-d", &pods, "-j", "MASQUERADE"]),
+            )?;
+        }
+
+        let node_dir = self.dir.join(name);
+        let bpffs = node_dir.join("bpf");
+        let state_dir = node_dir.join("state");
+        for dir in [&bpffs, &state_dir] {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        mount_bpffs(&bpffs)?;
+        Ok(LabNode {
+            name: name.clone(),
+            netns,
+            ip: plan.ip,
+            prefix_len,
+            uplink: plan.uplink.clone(),
+            pod_cidr: plan.pod_cidr,
+            pod_style: plan.pod_style,
+            rp_filter: plan.rp_filter,
+            bpffs,
+            state_dir,
+        })
+    }
+
+    fn start_ext_server(&mut self) -> Result<()> {
+        let listen = self.probe_addr().to_string();
+        let log = self.ext_log_path();
+        let mut cmd = netns_command(&self.ext_netns, [self.probe_bin.as_os_str()]);
+        cmd.args(["serve", "--listen", &listen, "--log"]).arg(&log);
+        let out = self.dir.join("ext-serve.out");
+        let mut server = Background::spawn(cmd, &out, "se-probe serve in ext".into())?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if server.output()?.lines().any(|l| l == "ready") {
+                break;
+            }
+            if !server.is_running() || Instant::now() >= deadline {
+                bail!(
+                    "se-probe serve did not get ready: {}",
+                    server.output()?.trim()
+                );
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+        self.ext_server = Some(server);
+        Ok(())
+    }
+
+    /// `tag-pid-counter`: starts every namespace of this lab and names its directory.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The lab's directory: objects file, node state dirs and bpffs, logs.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn nodes(&self) -> &[LabNode] {
+        &self.nodes
+    }
+
+    pub fn node(&self, name: &str) -> Result<&LabNode> {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .ok_or_else(|| anyhow!("the lab has no node {name}"))
+    }
+
+    pub fn pods(&self) -> &[LabPod] {
+        &self.pods
+    }
+
+    pub fn pod(&self, namespace: &str, name: &str) -> Result<&LabPod> {
+        self.pods
+            .iter()
+            .find(|p| p.namespace == namespace && p.name == name)
+            .ok_or_else(|| anyhow!("the lab has no pod {namespace}/{name}"))
+    }
+
+    pub fn router_netns(&self) -> &str {
+        &self.router_netns
+    }
+
+    pub fn ext_netns(&self) -> &str {
+        &self.ext_netns
+    }
+
+    /// The router's address on the node segment: the nodes' default gateway.
+    pub fn router_ip(&self) -> Ipv4Addr {
+        self.router_ip
+    }
+
+    pub fn ext_ip(&self) -> Ipv4Addr {
+        self.ext_ip
+    }
+
+    /// Where the external probe server listens.
+    pub fn probe_addr(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(self.ext_ip, self.settings.probe_port)
+    }
+
+    pub fn probe_bin(&self) -> &Path {
+        &self.probe_bin
+    }
+
+    /// The `static-egress` binary the lab runs (see [`ClusterBuilder::agent_bin`]).
+    pub fn agent_bin(&self) -> Result<PathBuf> {
+        let path = match &self.settings.agent_bin {
+            Some(path) => path.clone(),
+            None => locate_binary("STATIC_EGRESS_BIN", "static-egress"),
+        };
+        ensure!(
+            path.is_file(),
+            "static-egress not found at {}: build it with `cargo xtask build` or set \
+             STATIC_EGRESS_BIN",
+            path.display()
+        );
+        Ok(path)
+    }
+
+    fn next_run(&self) -> u32 {
+        self.runs.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    // ---- pods -----------------------------------------------------------------------------
+
+    /// Creates a pod's namespace and wiring on its node and puts its Pod object (Running, with
+    /// its address) into [`objects`](Self::objects); the file is written by
+    /// [`write_objects`](Self::write_objects).
+    pub fn add_pod(&mut self, spec: PodSpec) -> Result<LabPod> {
+        check_dns_label("namespace", &spec.namespace)?;
+        check_dns_subdomain("pod name", &spec.name)?;
+        ensure!(
+            self.pod(&spec.namespace, &spec.name).is_err(),
+            "pod {}/{} already exists",
+            spec.namespace,
+            spec.name
+        );
+        let node = self.node(&spec.node)?.clone();
+        let address = match spec.ip {
+            Some(address) => address,
+            None => self.free_pod_ip(&node)?,
+        };
+        ensure!(
+            !self.pods.iter().any(|p| p.ip == address),
+            "address {address} is already taken by another pod"
+        );
+        let pod = LabPod {
+            netns: format!("{}-pod-{}.{}", self.prefix, spec.namespace, spec.name),
+            host_veth: host_veth_name(node.pod_style.veth_prefix(), &spec.namespace, &spec.name)?,
+            namespace: spec.namespace.clone(),
+            name: spec.name.clone(),
+            node: node.name.clone(),
+            ip: address,
+            style: node.pod_style,
+        };
+        if let Err(e) = self.wire_pod(&pod, &node) {
+            // Take back what was created so a retry starts clean.
+            let _ = kill_namespace_processes(&pod.netns);
+            let _ = ip(["netns", "del", &pod.netns]);
+            return Err(e);
+        }
+        let mut object = objects::Pod::new(&spec.namespace, &spec.name)
+            .node(&node.name)
+            .ip(address);
+        object.labels = spec.labels;
+        object.annotations = spec.annotations;
+        self.objects.set_pod(object);
+        self.pods.push(pod.clone());
+        Ok(pod)
+    }
+
+    fn wire_pod(&self, pod: &LabPod, node: &LabNode) -> Result<()> {
+        let (ns, veth, host) = (
+            pod.netns.as_str(),
+            pod.host_veth.as_str(),
+            node.netns.as_str(),
+        );
+        add_netns(ns, self.settings.ipv6)?;
+        ip_in(
+            ns,
+            &format!("link add eth0 type veth peer name {veth} netns {host}"),
+        )?;
+        match pod.style {
+            PodStyle::Routed => {
+                ip_in(ns, &format!("addr add {}/32 dev eth0", pod.ip))?;
+                ip_in(ns, "link set eth0 up")?;
+                ip_in(
+                    ns,
+                    &format!("route add default via {ROUTED_POD_GATEWAY} dev eth0 onlink"),
+                )?;
+                write_sysctls(host, &[(ipv4_conf_key(veth, "proxy_arp"), "1".into())])?;
+                ip_in(host, &format!("link set {veth} up"))?;
+                ip_in(host, &format!("route add {}/32 dev {veth}", pod.ip))?;
+            }
+            PodStyle::Bridged => {
+                let gateway = nth_host(node.pod_cidr, 1)?;
+                let len = node.pod_cidr.prefix_len();
+                ip_in(ns, &format!("addr add {}/{len} dev eth0", pod.ip))?;
+                ip_in(ns, "link set eth0 up")?;
+                ip_in(ns, &format!("route add default via {gateway}"))?;
+                ip_in(
+                    host,
+                    &format!("link set {veth} master {} up", self.settings.pod_bridge),
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Lowest address of the node's pod CIDR above the first (the bridge's on bridged nodes)
+    /// that no pod has.
+    fn free_pod_ip(&self, node: &LabNode) -> Result<Ipv4Addr> {
+        node.pod_cidr
+            .hosts()
+            .skip(1)
+            .find(|ip| !self.pods.iter().any(|p| p.ip == *ip))
+            .ok_or_else(|| anyhow!("pod CIDR {} of {} is full", node.pod_cidr, node.name))
+    }
+
+    /// Removes a pod's namespace and wiring, and its Pod object from [`objects`](Self::objects).
+    pub fn remove_pod(&mut self, namespace: &str, name: &str) -> Result<()> {
+        let pod = self.pod(namespace, name)?.clone();
+        let node = self.node(&pod.node)?;
+        kill_namespace_processes(&pod.netns)?;
+        // Deleting the veth from the node side is immediate, while the kernel dismantles a
+        // deleted namespace in the background: a pod added again right away would otherwise
+        // find its veth name still taken.
+        ip_in(&node.netns, &format!("link del {}", pod.host_veth))?;
+        ip(["netns", "del", &pod.netns])?;
+        self.pods
+            .retain(|p| !(p.namespace == namespace && p.name == name));
+        self.objects.remove_pod(namespace, name);
+        Ok(())
+    }
+
+    /// Asks the external probe server, from inside the pod, which source address it sees.
+    pub fn ask(&self, pod: &LabPod) -> Result<Ipv4Addr> {
+        self.ask_timeout(pod, ASK_TIMEOUT)
+    }
+
+    pub fn ask_timeout(&self, pod: &LabPod, timeout: Duration) -> Result<Ipv4Addr> {
+        let answer = exec(
+            &pod.netns,
+            [
+                self.probe_bin.as_os_str(),
+                OsStr::new("ask"),
+                OsStr::new(&self.probe_addr().to_string()),
+                OsStr::new("--timeout-ms"),
+                OsStr::new(&timeout.as_millis().to_string()),
+            ],
+        )
+        .with_context(|| format!("pod {}/{} could not reach ext", pod.namespace, pod.name))?;
+        answer
+            .trim()
+            .parse()
+            .with_context(|| format!("odd answer from se-probe: {answer:?}"))
+    }
+
+    /// Starts `se-probe loop` in the pod: `count` connections, one every `interval`.
+    pub fn start_loop(&self, pod: &LabPod, interval: Duration, count: u32) -> Result<ProbeLoop> {
+        let out = self.dir.join(format!(
+            "loop.{}.{}.{}.out",
+            pod.namespace,
+            pod.name,
+            self.next_run()
+        ));
+        let mut cmd = netns_command(&pod.netns, [self.probe_bin.as_os_str()]);
+        cmd.arg("loop")
+            .arg(self.probe_addr().to_string())
+            .args(["--interval-ms", &interval.as_millis().to_string()])
+            .args(["--count", &count.to_string()])
+            .args(["--timeout-ms", &ASK_TIMEOUT.as_millis().to_string()]);
+        let what = format!("se-probe loop in {}/{}", pod.namespace, pod.name);
+        Ok(ProbeLoop {
+            process: Background::spawn(cmd, &out, what)?,
+        })
+    }
+
+    fn ext_log_path(&self) -> PathBuf {
+        self.dir.join("ext-seen.log")
+    }
+
+    /// Every source address the external server has seen, oldest first.
+    pub fn ext_seen(&self) -> Result<Vec<Ipv4Addr>> {
+        let path = self.ext_log_path();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(anyhow!(e).context(format!("cannot read {}", path.display()))),
+        };
+        text.lines()
+            .map(|l| {
+                l.parse()
+                    .with_context(|| format!("odd line {l:?} in {}", path.display()))
+            })
+            .collect()
+    }
+
+    // ---- nodes ----------------------------------------------------------------------------
+
+    /// Sets `rp_filter` on the node's `all`, `default` and uplink.
+    pub fn set_rp_filter(&mut self, node: &str, value: u8) -> Result<()> {
+        ensure!(value <= 2, "rp_filter {value} is not 0, 1 or 2");
+        let index = self
+            .nodes
+            .iter()
+            .position(|n| n.name == node)
+            .ok_or_else(|| anyhow!("the lab has no node {node}"))?;
+        let lab_node = &mut self.nodes[index];
+        let devices = ["all", "default", lab_node.uplink.as_str()];
+        write_sysctls(&lab_node.netns, &rp_filter_settings(&devices, value))?;
+        lab_node.rp_filter = value;
+        Ok(())
+    }
+
+    /// Writes `/proc/sys/<key>` inside `netns`; `key` in path form, e.g.
+    /// `net/ipv4/conf/eth0/rp_filter`.
+    pub fn set_sysctl(&self, netns: &str, key: &str, value: &str) -> Result<()> {
+        write_sysctls(netns, &[(key.to_owned(), value.to_owned())])
+    }
+
+    /// Brings an interface up or down, e.g. a node's uplink to cut it off.
+    pub fn set_link(&self, netns: &str, interface: &str, up: bool) -> Result<()> {
+        ip([
+            "-n",
+            netns,
+            "link",
+            "set",
+            "dev",
+            interface,
+            if up { "up" } else { "down" },
+        ])?;
+        Ok(())
+    }
+
+    pub fn snapshot(&self, node: &str) -> Result<NodeSnapshot> {
+        NodeSnapshot::take(&self.node(node)?.netns)
+    }
+
+    // ---- objects --------------------------------------------------------------------------
+
+    pub fn objects(&self) -> &Objects {
+        &self.objects
+    }
+
+    /// Changes take effect for the agents at the next [`write_objects`](Self::write_objects).
+    pub fn objects_mut(&mut self) -> &mut Objects {
+        &mut self.objects
+    }
+
+    /// The file given to the agents with `--from-file`.
+    pub fn objects_path(&self) -> &Path {
+        &self.objects_path
+    }
+
+    /// Writes the objects file atomically; returns its digest.
+    pub fn write_objects(&self) -> Result<String> {
+        self.objects.write(&self.objects_path)
+    }
+
+    /// Changes the objects and writes the file; returns its digest.
+    pub fn update_objects(&mut self, change: impl FnOnce(&mut Objects)) -> Result<String> {
+        change(&mut self.objects);
+        self.write_objects()
+    }
+
+    /// Digest of the objects file as it is on disk, as the agent computes it.
+    pub fn objects_digest(&self) -> Result<String> {
+        let bytes = std::fs::read(&self.objects_path)
+            .with_context(|| format!("cannot read {}", self.objects_path.display()))?;
+        Ok(digest(&bytes))
+    }
+
+    // ---- agents ---------------------------------------------------------------------------
+
+    /// Starts `static-egress agent` for `node` in its namespace, output to a log file.
+    pub fn start_agent<I, S>(&self, node: &str, extra_args: I) -> Result<AgentHandle>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let node = self.node(node)?;
+        let bin = self.agent_bin()?;
+        let log = self
+            .dir
+            .join(&node.name)
+            .join(format!("agent.{}.log", self.next_run()));
+        let mut cmd = netns_command(&node.netns, [bin.as_os_str()]);
+        cmd.args(["agent", "--node", &node.name, "--from-file"])
+            .arg(&self.objects_path)
+            .arg("--state-dir")
+            .arg(&node.state_dir)
+            .arg("--bpffs")
+            .arg(&node.bpffs)
+            .args(extra_args);
+        let what = format!("agent on {}", node.name);
+        Ok(AgentHandle {
+            process: Background::spawn(cmd, &log, what)?,
+            node: node.name.clone(),
+        })
+    }
+
+    /// Runs `static-egress cleanup` for `node` in its namespace; returns its stdout.
+    pub fn cleanup(&self, node: &str) -> Result<String> {
+        let node = self.node(node)?;
+        let bin = self.agent_bin()?;
+        exec(
+            &node.netns,
+            [
+                bin.as_os_str(),
+                OsStr::new("cleanup"),
+                OsStr::new("--state-dir"),
+                node.state_dir.as_os_str(),
+                OsStr::new("--bpffs"),
+                node.bpffs.as_os_str(),
+            ],
+        )
+    }
+
+    /// The `applied_digest` of the node's `status.json`, if the agent wrote one.
+    pub fn applied_digest(&self, node: &str) -> Result<Option<String>> {
+        let path = self.node(node)?.status_path();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(anyhow!(e).context(format!("cannot read {}", path.display()))),
+        };
+        // A status file caught mid-write by a non-atomic writer reads as "nothing applied yet".
+        let status: serde_json::Value = match serde_json::from_str(&text) {
+            Ok(status) => status,
+            Err(_) => return Ok(None),
+        };
+        Ok(status
+            .get("applied_digest")
+            .and_then(|d| d.as_str())
+            .map(str::to_owned))
+    }
+
+    /// Waits until the node's agent reports the current objects file as applied.
+    pub fn wait_applied(&self, node: &str, timeout: Duration) -> Result<()> {
+        let want = self.objects_digest()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let have = self.applied_digest(node)?;
+            if have.as_deref() == Some(want.as_str()) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let status = std::fs::read_to_string(self.node(node)?.status_path())
+                    .unwrap_or_else(|e| format!("<{e}>"));
+                bail!(
+                    "agent on {node} did not apply objects {want} within {timeout:?} \
+                     (status.json: {})",
+                    status.trim()
+                );
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    // ---- lifetime -------------------------------------------------------------------------
+
+    /// Leaves the lab running (processes included) and returns how to remove it later.
+    pub fn keep(mut self) -> Result<Kept> {
+        let script_path = self.dir.join("teardown.sh");
+        std::fs::write(&script_path, script(&self.prefix, &self.dir))
+            .with_context(|| format!("cannot write {}", script_path.display()))?;
+        if let Some(server) = self.ext_server.take() {
+            server.detach();
+        }
+        self.armed = false;
+        Ok(Kept {
+            prefix: self.prefix.clone(),
+            dir: self.dir.clone(),
+            script: script_path,
+        })
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        drop(self.ext_server.take());
+        if let Err(e) = teardown(&self.prefix, &self.dir) {
+            eprintln!("netlab: {e:#}");
+        }
+    }
+}
+
+/// `ip -n NETNS <command>`, the command split at spaces: every name in it was checked to have
+/// none, which keeps the topology code readable.
+fn ip_in(netns: &str, command: &str) -> Result<String> {
+    ip(["-n", netns].into_iter().chain(command.split_whitespace()))
+}

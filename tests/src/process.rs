@@ -1,0 +1,260 @@
+//! Processes the lab runs in the background: agents, the external probe server, probe loops.
+
+use std::fs::{self, File};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::POLL_INTERVAL;
+use crate::cmd::describe;
+
+/// How long a process gets to exit after SIGTERM before [`AgentHandle::stop`] calls it a failure.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A child with stdout and stderr in one file, killed when dropped unless detached.
+#[derive(Debug)]
+pub(crate) struct Background {
+    child: Child,
+    what: String,
+    output: PathBuf,
+    detached: bool,
+}
+
+impl Background {
+    pub(crate) fn spawn(mut cmd: Command, output: &Path, what: String) -> Result<Self> {
+        let out =
+            File::create(output).with_context(|| format!("cannot create {}", output.display()))?;
+        let err = out.try_clone()?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("cannot start {what}: `{}`", describe(&cmd)))?;
+        Ok(Self {
+            child,
+            what,
+            output: output.to_owned(),
+            detached: false,
+        })
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub(crate) fn output_path(&self) -> &Path {
+        &self.output
+    }
+
+    pub(crate) fn output(&self) -> Result<String> {
+        let bytes = fs::read(&self.output)
+            .with_context(|| format!("cannot read {}", self.output.display()))?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    pub(crate) fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits for the process to exit by itself.
+    pub(crate) fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{} (pid {}) still running after {timeout:?}",
+                    self.what,
+                    self.pid()
+                );
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// SIGTERM, then waits; a process that ignores it is killed and reported as an error.
+    pub(crate) fn terminate(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        if let Some(status) = self.child.try_wait()? {
+            return Ok(status);
+        }
+        let pid = libc::pid_t::try_from(self.pid())?;
+        // SAFETY: plain syscall; the child is not reaped yet, so the pid still names it.
+        if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("cannot send SIGTERM to {}", self.what));
+        }
+        match self.wait_exit(timeout) {
+            Ok(status) => Ok(status),
+            Err(e) => {
+                self.kill()?;
+                Err(e.context(format!("{} ignored SIGTERM and was killed", self.what)))
+            }
+        }
+    }
+
+    pub(crate) fn kill(&mut self) -> Result<ExitStatus> {
+        if let Some(status) = self.child.try_wait()? {
+            return Ok(status);
+        }
+        self.child
+            .kill()
+            .with_context(|| format!("cannot kill {}", self.what))?;
+        Ok(self.child.wait()?)
+    }
+
+    pub(crate) fn detach(mut self) {
+        self.detached = true;
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if !self.detached {
+            // Errors here mean the process is already gone, which is the goal.
+            let _ = self.kill();
+        }
+    }
+}
+
+/// A running `static-egress agent` in a node's namespace; killed when dropped.
+#[derive(Debug)]
+pub struct AgentHandle {
+    pub(crate) process: Background,
+    pub(crate) node: String,
+}
+
+impl AgentHandle {
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    pub fn log_path(&self) -> &Path {
+        self.process.output_path()
+    }
+
+    /// Everything the agent printed so far, stdout and stderr interleaved.
+    pub fn log(&self) -> Result<String> {
+        self.process.output()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.process.is_running()
+    }
+
+    /// Sends SIGTERM and waits for the agent to exit (10 s at most, then SIGKILL and an error).
+    pub fn stop(&mut self) -> Result<ExitStatus> {
+        self.process.terminate(STOP_TIMEOUT)
+    }
+
+    /// SIGKILL: the agent gets no chance to clean up, as in a crash or OOM kill.
+    pub fn kill(&mut self) -> Result<ExitStatus> {
+        self.process.kill()
+    }
+
+    /// Waits for the agent to exit on its own, e.g. after a fatal configuration error.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        self.process.wait_exit(timeout)
+    }
+
+    /// Leaves the agent running after this handle is gone (the lab's `--keep`).
+    pub fn detach(self) {
+        self.process.detach();
+    }
+}
+
+/// One line of `se-probe loop` output.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// The server saw the connection come from this address.
+    From(Ipv4Addr),
+    /// The connection failed; the probe's message.
+    Failed(String),
+}
+
+impl Answer {
+    fn parse(line: &str) -> Self {
+        match line.parse() {
+            Ok(ip) => Self::From(ip),
+            Err(_) => Self::Failed(line.strip_prefix("error: ").unwrap_or(line).to_owned()),
+        }
+    }
+
+    pub fn source(&self) -> Option<Ipv4Addr> {
+        match self {
+            Self::From(ip) => Some(*ip),
+            Self::Failed(_) => None,
+        }
+    }
+}
+
+/// `se-probe loop` running in a pod: a pod that keeps opening connections.
+#[derive(Debug)]
+pub struct ProbeLoop {
+    pub(crate) process: Background,
+}
+
+impl ProbeLoop {
+    /// Answers of the connections finished so far.
+    pub fn answers(&self) -> Result<Vec<Answer>> {
+        Ok(parse_answers(&self.process.output()?))
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.process.is_running()
+    }
+
+    /// Waits for the loop to finish its connections and returns all answers.
+    pub fn wait(mut self, timeout: Duration) -> Result<Vec<Answer>> {
+        self.process.wait_exit(timeout)?;
+        self.answers()
+    }
+
+    /// Stops the loop early and returns the answers so far.
+    pub fn stop(mut self) -> Result<Vec<Answer>> {
+        self.process.kill()?;
+        self.answers()
+    }
+}
+
+/// Complete lines only: the last one may still be being written.
+fn parse_answers(output: &str) -> Vec<Answer> {
+    let complete = match output.rfind('\n') {
+        Some(end) => &output[..end],
+        None => "",
+    };
+    complete
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| Answer::parse(l.trim()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loop_output_is_parsed_line_by_line() {
+        let out =
+            "10.99.0.200\nerror: cannot connect to 203.0.113.10:7777: refused\n10.99.0.11\n10.9";
+        assert_eq!(
+            parse_answers(out),
+            vec![
+                Answer::From(Ipv4Addr::new(10, 99, 0, 200)),
+                Answer::Failed("cannot connect to 203.0.113.10:7777: refused".into()),
+                Answer::From(Ipv4Addr::new(10, 99, 0, 11)),
+            ]
+        );
+        assert!(parse_answers("").is_empty());
+    }
+}

@@ -1,0 +1,492 @@
+//! End to end: the real agent binary, real eBPF, nftables and routes, in a cluster of network
+//! namespaces; each test asserts the source address the external server saw.
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, ensure};
+use ipnet::Ipv4Net;
+use netlab::objects::{EgressGateway, FailurePolicy, match_labels};
+use netlab::{AgentHandle, Cluster, LabPod, PodSpec, PodStyle, wait_until};
+
+const GATEWAY: &str = "corp-fw";
+const EGRESS_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 200);
+const APPLY: Duration = Duration::from_secs(15);
+
+fn gateway(name: &str, ip: Ipv4Addr) -> EgressGateway {
+    EgressGateway::new(name)
+        .egress_ip(ip)
+        .node_selector(match_labels([("egress", "true")]))
+        .namespace_selector(Some(match_labels([("team", "payments")])))
+        .pod_selector(Some(match_labels([("app", "api")])))
+}
+
+/// Three nodes: node1 (routed pods, not eligible), node2 (bridged pods, eligible: the holder),
+/// node3 (routed pods, eligible). Namespace `payments` is admitted by `corp-fw`.
+fn cluster() -> Result<Cluster> {
+    let mut cluster = Cluster::builder()
+        .nodes(3)
+        .with_node("node2", |n| {
+            n.pod_style(PodStyle::Bridged).label("egress", "true")
+        })
+        .with_node("node3", |n| n.label("egress", "true"))
+        .probe_bin(env!("CARGO_BIN_EXE_se-probe"))
+        .build()?;
+    cluster.update_objects(|o| {
+        o.namespace("payments")
+            .labels
+            .insert("team".into(), "payments".into());
+        o.set_gateway(gateway(GATEWAY, EGRESS_IP));
+    })?;
+    Ok(cluster)
+}
+
+fn api_pod(cluster: &mut Cluster, name: &str, node: &str) -> Result<LabPod> {
+    cluster.add_pod(PodSpec::new("payments", name, node).label("app", "api"))
+}
+
+/// Writes the objects (pods added so far included) and starts an agent on every node.
+fn start_agents(cluster: &Cluster) -> Result<Vec<AgentHandle>> {
+    cluster.write_objects()?;
+    let names: Vec<String> = cluster.nodes().iter().map(|n| n.name.clone()).collect();
+    let agents = names
+        .iter()
+        .map(|n| cluster.start_agent(n, std::iter::empty::<&str>()))
+        .collect::<Result<Vec<_>>>()?;
+    wait_all_applied(cluster)?;
+    Ok(agents)
+}
+
+fn wait_all_applied(cluster: &Cluster) -> Result<()> {
+    for node in cluster.nodes() {
+        cluster.wait_applied(&node.name, APPLY)?;
+    }
+    Ok(())
+}
+
+fn node_ip(cluster: &Cluster, node: &str) -> Result<Ipv4Addr> {
+    Ok(cluster.node(node)?.ip)
+}
+
+/// Asks until the answer is `want` (the other nodes may still be catching up), then asserts.
+fn expect_source(cluster: &Cluster, pod: &LabPod, want: Ipv4Addr) -> Result<()> {
+    let mut last = None;
+    let ok = wait_until(APPLY, || {
+        last = Some(cluster.ask(pod).map_err(|e| e.to_string()));
+        matches!(&last, Some(Ok(ip)) if *ip == want)
+    });
+    ok.with_context(|| {
+        format!(
+            "pod {}/{}: wanted {want}, last answer {last:?}",
+            pod.namespace, pod.name
+        )
+    })
+}
+
+fn has_address(cluster: &Cluster, node: &str, ip: Ipv4Addr) -> Result<bool> {
+    let node = cluster.node(node)?;
+    let out = node.exec(["ip", "-o", "-4", "addr", "show", "dev", &node.uplink])?;
+    Ok(out.contains(&format!(" {ip}/32 ")))
+}
+
+fn status(cluster: &Cluster, node: &str) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(cluster.node(node)?.status_path())?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+#[test]
+fn selected_pods_leave_with_the_egress_ip_from_every_node() -> Result<()> {
+    let mut cluster = cluster()?;
+    let on_other = api_pod(&mut cluster, "api-1", "node1")?;
+    let on_gateway = api_pod(&mut cluster, "api-2", "node2")?;
+    let on_third = api_pod(&mut cluster, "api-3", "node3")?;
+    let unselected = cluster.add_pod(PodSpec::new("payments", "batch", "node1"))?;
+    let _agents = start_agents(&cluster)?;
+
+    for pod in [&on_other, &on_gateway, &on_third] {
+        expect_source(&cluster, pod, EGRESS_IP)?;
+    }
+    assert_eq!(cluster.ask(&unselected)?, node_ip(&cluster, "node1")?);
+    assert!(has_address(&cluster, "node2", EGRESS_IP)?);
+    assert!(!has_address(&cluster, "node3", EGRESS_IP)?);
+
+    // Excluding the server's address sends the same pods out through their own nodes.
+    let server = Ipv4Net::new(cluster.ext_ip(), 32)?;
+    cluster.update_objects(|o| {
+        if let Ok(g) = o.gateway_mut(GATEWAY) {
+            g.excluded_cidrs = vec![server];
+        }
+    })?;
+    wait_all_applied(&cluster)?;
+    assert_eq!(cluster.ask(&on_other)?, node_ip(&cluster, "node1")?);
+    assert_eq!(cluster.ask(&on_gateway)?, node_ip(&cluster, "node2")?);
+    assert_eq!(cluster.ask(&on_third)?, node_ip(&cluster, "node3")?);
+
+    // So does a destination list that does not contain the server.
+    cluster.update_objects(|o| {
+        if let Ok(g) = o.gateway_mut(GATEWAY) {
+            g.excluded_cidrs = vec![];
+            g.destination_cidrs = Some(vec![
+                Ipv4Net::new(Ipv4Addr::new(198, 51, 100, 0), 24).unwrap_or_default(),
+            ]);
+        }
+    })?;
+    wait_all_applied(&cluster)?;
+    assert_eq!(cluster.ask(&on_other)?, node_ip(&cluster, "node1")?);
+    Ok(())
+}
+
+#[test]
+fn annotation_from_a_namespace_not_admitted_is_ignored_until_admitted() -> Result<()> {
+    let mut cluster = cluster()?;
+    cluster.update_objects(|o| {
+        o.namespace("web");
+    })?;
+    let pod = cluster.add_pod(PodSpec::new("web", "shop", "node1").gateway(GATEWAY))?;
+    let agents = start_agents(&cluster)?;
+    assert_eq!(cluster.ask(&pod)?, node_ip(&cluster, "node1")?);
+    let log = agents[0].log()?;
+    ensure!(
+        log.contains("gateway annotation ignored") && log.contains("web"),
+        "no report of the ignored annotation:\n{log}"
+    );
+
+    cluster.update_objects(|o| {
+        o.namespace("web")
+            .labels
+            .insert("team".into(), "payments".into());
+    })?;
+    wait_all_applied(&cluster)?;
+    expect_source(&cluster, &pod, EGRESS_IP)?;
+
+    // A namespace annotation opts in every pod of an admitted namespace.
+    let other = cluster.add_pod(PodSpec::new("web", "cart", "node3"))?;
+    cluster.update_objects(|o| {
+        o.namespace("web")
+            .annotations
+            .insert(netlab::objects::GATEWAY_ANNOTATION.into(), GATEWAY.into());
+    })?;
+    wait_all_applied(&cluster)?;
+    expect_source(&cluster, &other, EGRESS_IP)?;
+    Ok(())
+}
+
+#[test]
+fn next_eligible_node_takes_over_when_the_holder_is_not_ready() -> Result<()> {
+    let mut cluster = cluster()?;
+    let pod = api_pod(&mut cluster, "api-1", "node1")?;
+    let _agents = start_agents(&cluster)?;
+    expect_source(&cluster, &pod, EGRESS_IP)?;
+    assert!(has_address(&cluster, "node2", EGRESS_IP)?);
+
+    cluster.update_objects(|o| {
+        if let Ok(n) = o.node_mut("node2") {
+            n.ready = false;
+        }
+    })?;
+    wait_all_applied(&cluster)?;
+    assert!(
+        has_address(&cluster, "node3", EGRESS_IP)?,
+        "node3 did not take the egress IP"
+    );
+    assert!(
+        !has_address(&cluster, "node2", EGRESS_IP)?,
+        "node2 kept the egress IP"
+    );
+    expect_source(&cluster, &pod, EGRESS_IP)?;
+    let seen_from_node3 = status(&cluster, "node1")?["gateways"][0]["egress"][0][1].clone();
+    assert_eq!(seen_from_node3, "node3");
+    Ok(())
+}
+
+#[test]
+fn restarting_agents_never_lets_a_pod_leave_with_its_node_address() -> Result<()> {
+    let mut cluster = cluster()?;
+    let on_other = api_pod(&mut cluster, "api-1", "node1")?;
+    let on_gateway = api_pod(&mut cluster, "api-2", "node2")?;
+    let mut agents = start_agents(&cluster)?;
+    expect_source(&cluster, &on_other, EGRESS_IP)?;
+    expect_source(&cluster, &on_gateway, EGRESS_IP)?;
+
+    let loops = [
+        cluster.start_loop(&on_other, Duration::from_millis(20), 150)?,
+        cluster.start_loop(&on_gateway, Duration::from_millis(20), 150)?,
+    ];
+    // A graceful restart of the origin node's agent and a crash of the gateway's.
+    agents[0].stop()?;
+    agents[1].kill()?;
+    let again = [
+        cluster.start_agent("node1", std::iter::empty::<&str>())?,
+        cluster.start_agent("node2", std::iter::empty::<&str>())?,
+    ];
+    wait_all_applied(&cluster)?;
+    for probe in loops {
+        let answers = probe.wait(Duration::from_secs(60))?;
+        ensure!(
+            answers.len() == 150,
+            "the probe loop ended early: {} answers",
+            answers.len()
+        );
+        let bad: Vec<_> = answers
+            .iter()
+            .filter(|a| a.source() != Some(EGRESS_IP))
+            .collect();
+        ensure!(
+            bad.is_empty(),
+            "{} of 150 connections did not leave with {EGRESS_IP}: {bad:?}",
+            bad.len()
+        );
+    }
+    drop(again);
+    Ok(())
+}
+
+#[test]
+fn with_no_eligible_node_fail_closed_drops_and_fail_open_leaves_from_the_node() -> Result<()> {
+    let mut cluster = cluster()?;
+    let pod = api_pod(&mut cluster, "api-1", "node1")?;
+    let _agents = start_agents(&cluster)?;
+    expect_source(&cluster, &pod, EGRESS_IP)?;
+
+    cluster.update_objects(|o| {
+        if let Ok(g) = o.gateway_mut(GATEWAY) {
+            g.node_selector = match_labels([("egress", "nowhere")]);
+            g.failure_policy = Some(FailurePolicy::FailClosed);
+        }
+    })?;
+    wait_all_applied(&cluster)?;
+    assert!(!has_address(&cluster, "node2", EGRESS_IP)?);
+    let refused = cluster.ask_timeout(&pod, Duration::from_millis(500));
+    ensure!(refused.is_err(), "FailClosed let the pod out: {refused:?}");
+    wait_until(APPLY, || {
+        status(&cluster, "node1")
+            .is_ok_and(|s| s["gateways"][0]["dropped"].as_u64().unwrap_or(0) > 0)
+    })
+    .context("the drops were not counted")?;
+
+    cluster.update_objects(|o| {
+        if let Ok(g) = o.gateway_mut(GATEWAY) {
+            g.failure_policy = Some(FailurePolicy::FailOpen);
+        }
+    })?;
+    wait_all_applied(&cluster)?;
+    assert_eq!(cluster.ask(&pod)?, node_ip(&cluster, "node1")?);
+
+    // An eligible node again: back to the egress IP.
+    cluster.update_objects(|o| {
+        if let Ok(g) = o.gateway_mut(GATEWAY) {
+            g.node_selector = match_labels([("egress", "true")]);
+        }
+    })?;
+    wait_all_applied(&cluster)?;
+    expect_source(&cluster, &pod, EGRESS_IP)?;
+    Ok(())
+}
+
+#[test]
+fn bad_input_is_reported_and_the_last_good_state_stays() -> Result<()> {
+    let mut cluster = cluster()?;
+    let pod = api_pod(&mut cluster, "api-1", "node1")?;
+    let mut agents = start_agents(&cluster)?;
+    expect_source(&cluster, &pod, EGRESS_IP)?;
+    let log_has =
+        |agents: &[AgentHandle], text: &str| agents[0].log().is_ok_and(|l| l.contains(text));
+
+    // A file that is not YAML at all keeps everything as it was.
+    cluster.update_objects(|o| o.raw.push("kind: [unclosed\n  : :".into()))?;
+    wait_until(APPLY, || log_has(&agents, "keeping the last good snapshot"))
+        .context("no report of the broken file")?;
+    assert_eq!(cluster.ask(&pod)?, EGRESS_IP);
+
+    // A gateway turned invalid keeps its last good version; a new invalid one is skipped.
+    cluster.update_objects(|o| {
+        o.raw.clear();
+        o.remove_gateway(GATEWAY);
+        o.raw.push(
+            "apiVersion: static-egress.io/v1alpha1\nkind: EgressGateway\nmetadata: {name: corp-fw}\nspec:\n  egressIPs: [10.99.0.200]\n  nodeSelector: {matchLabels: {egress: 'true'}}\n  namespaceSelector: {matchLabels: {team: payments}}\n  podSelector: {matchLabels: {app: api}}\n  destinationCIDRs: [10.0.0.1/8]\n".into(),
+        );
+        o.raw.push(
+            "apiVersion: static-egress.io/v1alpha1\nkind: EgressGateway\nmetadata: {name: broken}\nspec:\n  egressIPs: [10.99.0.300]\n  namespaceSelector: {}\n".into(),
+        );
+    })?;
+    wait_until(APPLY, || {
+        log_has(&agents, "keeping its last valid version") && log_has(&agents, "10.99.0.300")
+    })
+    .context("no report naming the bad gateways")?;
+    assert_eq!(cluster.ask(&pod)?, EGRESS_IP);
+    // An unknown gateway named by annotation and a pod whose address no interface routes.
+    let stray =
+        cluster.add_pod(PodSpec::new("payments", "stray", "node1").gateway("no-such-gateway"))?;
+    cluster.update_objects(|o| {
+        o.set_pod(
+            netlab::objects::Pod::new("payments", "ghost")
+                .label("app", "api")
+                .node("node1")
+                .ip(Ipv4Addr::new(10, 244, 1, 250)),
+        );
+    })?;
+    wait_all_applied(&cluster)?;
+    wait_until(APPLY, || {
+        log_has(&agents, "asks for no-such-gateway: no such gateway")
+            && log_has(&agents, "Pod payments/ghost: no local interface")
+    })
+    .context("no report of the unknown gateway or the missing interface")?;
+    assert_eq!(cluster.ask(&pod)?, EGRESS_IP);
+    assert_eq!(cluster.ask(&stray)?, node_ip(&cluster, "node1")?);
+    for agent in &mut agents {
+        ensure!(agent.is_running(), "agent on {} died", agent.node());
+    }
+    Ok(())
+}
+
+#[test]
+fn cleanup_restores_every_node_exactly_twice_in_a_row() -> Result<()> {
+    let mut cluster = cluster()?;
+    let pod = api_pod(&mut cluster, "api-1", "node1")?;
+    let names: Vec<String> = cluster.nodes().iter().map(|n| n.name.clone()).collect();
+    let before = names
+        .iter()
+        .map(|n| cluster.snapshot(n))
+        .collect::<Result<Vec<_>>>()?;
+    let mut agents = start_agents(&cluster)?;
+    expect_source(&cluster, &pod, EGRESS_IP)?;
+    for agent in &mut agents {
+        agent.stop()?;
+    }
+    for (name, before) in names.iter().zip(&before) {
+        let first = cluster.cleanup(name)?;
+        ensure!(
+            first.contains("removed"),
+            "{name}: first cleanup said {first:?}"
+        );
+        assert_eq!(
+            &cluster.snapshot(name)?,
+            before,
+            "{name} differs after cleanup"
+        );
+        let second = cluster.cleanup(name)?;
+        ensure!(
+            second.contains("nothing to remove"),
+            "{name}: second cleanup said {second:?}"
+        );
+        assert_eq!(
+            &cluster.snapshot(name)?,
+            before,
+            "{name} differs after a second cleanup"
+        );
+    }
+    assert_eq!(cluster.ask(&pod)?, node_ip(&cluster, "node1")?);
+    Ok(())
+}
+
+#[test]
+fn gateways_held_by_different_nodes_serve_pods_of_one_node() -> Result<()> {
+    let second_ip = Ipv4Addr::new(10, 99, 0, 201);
+    let mut cluster = Cluster::builder()
+        .nodes(3)
+        .with_node("node2", |n| n.label("egress", "true").label("site", "a"))
+        .with_node("node3", |n| n.label("egress", "true").label("site", "b"))
+        .probe_bin(env!("CARGO_BIN_EXE_se-probe"))
+        .build()?;
+    cluster.update_objects(|o| {
+        o.namespace("payments")
+            .labels
+            .insert("team".into(), "payments".into());
+        o.set_gateway(gateway(GATEWAY, EGRESS_IP).node_selector(match_labels([("site", "a")])));
+        o.set_gateway(
+            gateway("partner-api", second_ip)
+                .node_selector(match_labels([("site", "b")]))
+                .pod_selector(Some(match_labels([("app", "partner")]))),
+        );
+    })?;
+    let first = api_pod(&mut cluster, "api-1", "node1")?;
+    let second =
+        cluster.add_pod(PodSpec::new("payments", "partner-1", "node1").label("app", "partner"))?;
+    let _agents = start_agents(&cluster)?;
+    expect_source(&cluster, &first, EGRESS_IP)?;
+    expect_source(&cluster, &second, second_ip)?;
+    assert!(has_address(&cluster, "node2", EGRESS_IP)?);
+    assert!(has_address(&cluster, "node3", second_ip)?);
+    Ok(())
+}
+
+#[test]
+fn other_names_addresses_and_loose_rp_filter() -> Result<()> {
+    let egress_ip = Ipv4Addr::new(172, 31, 5, 250);
+    let mut cluster = Cluster::builder()
+        .tag("alt")
+        .nodes(2)
+        .uplink_name("ens5")
+        .node_subnet(Ipv4Net::new(Ipv4Addr::new(172, 31, 5, 0), 24)?)
+        .pod_supernet(Ipv4Net::new(Ipv4Addr::new(10, 50, 0, 0), 16)?)
+        .rp_filter(2)
+        .with_node("node2", |n| {
+            n.label("egress", "true").pod_style(PodStyle::Bridged)
+        })
+        .probe_bin(env!("CARGO_BIN_EXE_se-probe"))
+        .build()?;
+    cluster.update_objects(|o| {
+        o.namespace("payments")
+            .labels
+            .insert("team".into(), "payments".into());
+        o.set_gateway(gateway(GATEWAY, egress_ip));
+    })?;
+    let remote = api_pod(&mut cluster, "api-1", "node1")?;
+    let local = api_pod(&mut cluster, "api-2", "node2")?;
+    let _agents = start_agents(&cluster)?;
+    expect_source(&cluster, &remote, egress_ip)?;
+    expect_source(&cluster, &local, egress_ip)?;
+    Ok(())
+}
+
+#[test]
+fn file_changes_reach_the_data_path_quickly() -> Result<()> {
+    let mut cluster = cluster()?;
+    let pod = api_pod(&mut cluster, "api-1", "node1")?;
+    let probe = cluster.start_loop(&pod, Duration::from_millis(5), 2000)?;
+    let started = Instant::now();
+    cluster.write_objects()?;
+    let _agents = ["node1", "node2", "node3"]
+        .iter()
+        .map(|n| cluster.start_agent(n, std::iter::empty::<&str>()))
+        .collect::<Result<Vec<_>>>()?;
+    let first_marked = loop {
+        if probe
+            .answers()?
+            .iter()
+            .any(|a| a.source() == Some(EGRESS_IP))
+        {
+            break started.elapsed();
+        }
+        ensure!(
+            started.elapsed() < APPLY,
+            "no connection left with the egress IP"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    drop(probe.stop()?);
+
+    let mut latencies = Vec::new();
+    for i in 0..40 {
+        let t = Instant::now();
+        cluster.update_objects(|o| {
+            if let Ok(p) = o.pod_mut("payments", "api-1") {
+                p.labels.insert("round".into(), i.to_string());
+            }
+        })?;
+        cluster.wait_applied("node1", APPLY)?;
+        latencies.push(t.elapsed());
+    }
+    latencies.sort();
+    let p50 = latencies[latencies.len() / 2];
+    let p99 = latencies[latencies.len() * 99 / 100];
+    eprintln!(
+        "agent start to first connection with the egress IP: {first_marked:?}; file change to applied on node1: p50 {p50:?}, p99 {p99:?} over {} changes",
+        latencies.len()
+    );
+    ensure!(
+        p99 < Duration::from_secs(1),
+        "file change took {p99:?} at p99"
+    );
+    Ok(())
+}

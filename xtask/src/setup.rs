@@ -1,0 +1,281 @@
+//! `cargo xtask setup`: everything a fresh machine (Debian with iproute2 and the stable and
+//! nightly Rust toolchains) lacks to build and test the project. Idempotent and silent when
+//! nothing is missing.
+
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::util::{cache_dir, cargo, cargo_home, output, run_cmd};
+
+/// Tools the tests and the lab run inside network namespaces.
+const PACKAGES: &[&str] = &[
+    "iproute2",
+    "nftables",
+    "iptables",
+    "bpftool",
+    "iperf3",
+    "tcpdump",
+    "socat",
+    "iputils-ping",
+    "conntrack",
+];
+
+/// The kernel crate is built with nightly: the BPF targets have no prebuilt `core`.
+pub const KERNEL_TOOLCHAIN: &str = "nightly";
+
+/// Pinned: a newer bpf-linker may drop the LLVM feature that matches the toolchain.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// Say what is checked, also when nothing needs doing.
+    #[arg(long)]
+    pub verbose: bool,
+}
+
+pub fn run(options: &Options) -> Result<()> {
+    packages(options.verbose)?;
+    rust_src(options.verbose)?;
+    bpf_linker(options.verbose)?;
+    Ok(())
+}
+
+fn packages(verbose: bool) -> Result<()> {
+    let mut missing = Vec::new();
+    for package in PACKAGES {
+        if !installed(package)? {
+            missing.push(*package);
+        }
+    }
+    if missing.is_empty() {
+        if verbose {
+            println!("setup: packages present: {}", PACKAGES.join(" "));
+        }
+        return Ok(());
+    }
+    netlab::require_root().context("setup must install Debian packages")?;
+    println!("setup: installing {}", missing.join(" "));
+    let apt = |args: &[&str]| {
+        let mut cmd = Command::new("apt-get");
+        cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        cmd
+    };
+    run_cmd(&mut apt(&["update", "-q"]))?;
+    let mut install = apt(&["install", "-y", "-q", "--no-install-recommends"]);
+    run_cmd(install.args(&missing))?;
+    Ok(())
+}
+
+fn installed(package: &str) -> Result<bool> {
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f=${db:Status-Abbrev}", package])
+        .output()
+        .context("cannot run dpkg-query: setup supports Debian-based systems only")?;
+    // dpkg-query fails for packages it has never heard of: not installed either.
+    Ok(out.status.success() && out.stdout.starts_with(b"ii"))
+}
+
+fn rust_src(verbose: bool) -> Result<()> {
+    let mut list = Command::new("rustup");
+    list.args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        KERNEL_TOOLCHAIN,
+    ]);
+    let components = output(&mut list).with_context(|| {
+        format!("the {KERNEL_TOOLCHAIN} toolchain is needed for the kernel crate")
+    })?;
+    if components.lines().any(|c| c.trim() == "rust-src") {
+        if verbose {
+            println!("setup: rust-src present for {KERNEL_TOOLCHAIN}");
+        }
+        return Ok(());
+    }
+    println!("setup: adding rust-src to {KERNEL_TOOLCHAIN}");
+    let mut add = Command::new("rustup");
+    run_cmd(add.args([
+        "component",
+        "add",
+        "rust-src",
+        "--toolchain",
+        KERNEL_TOOLCHAIN,
+    ]))
+}
+
+/// What the kernel toolchain's LLVM is: bpf-linker must link against the same one.
+#[derive(Debug, PartialEq, Eq)]
+struct ToolchainLlvm {
+    major: u32,
+    /// `commit-hash` of `rustc -vV`: a new nightly may ship a different LLVM build.
+    commit: String,
+}
+
+fn parse_rustc_version(text: &str) -> Result<ToolchainLlvm> {
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .with_context(|| format!("`rustc -vV` has no {name:?} line"))
+    };
+    let llvm = field("LLVM version:")?;
+    let major = llvm
+        .split('.')
+        .next()
+        .and_then(|m| m.parse().ok())
+        .with_context(|| format!("odd LLVM version {llvm:?}"))?;
+    Ok(ToolchainLlvm {
+        major,
+        commit: field("commit-hash:")?.to_owned(),
+    })
+}
+
+/// rustup ships LLVM as one shared library in the sysroot; bpf-linker's build looks for
+/// `$LLVM_PREFIX/lib/libLLVM.so`, and the linker finds the real file by its own name at run time.
+fn llvm_library(sysroot: &Path) -> Result<PathBuf> {
+    let lib = sysroot.join("lib");
+    for entry in fs::read_dir(&lib).with_context(|| format!("cannot list {}", lib.display()))? {
+        let path = entry?.path();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        if name.is_some_and(|n| n.starts_with("libLLVM") && n.contains(".so")) {
+            return Ok(path);
+        }
+    }
+    bail!("no libLLVM shared library in {}", lib.display())
+}
+
+fn stamp_text(llvm: &ToolchainLlvm, library: &Path, prefix: &Path) -> String {
+    format!(
+        "bpf-linker {BPF_LINKER_VERSION}\nfeature llvm-{}\n{KERNEL_TOOLCHAIN} commit {}\nlibrary {}\nprefix {}\n",
+        llvm.major,
+        llvm.commit,
+        library.display(),
+        prefix.display()
+    )
+}
+
+fn bpf_linker(verbose: bool) -> Result<()> {
+    let mut version = Command::new("rustc");
+    version.args([format!("+{KERNEL_TOOLCHAIN}").as_str(), "-vV"]);
+    let llvm = parse_rustc_version(&output(&mut version)?)?;
+    let mut sysroot = Command::new("rustc");
+    sysroot.args([
+        format!("+{KERNEL_TOOLCHAIN}").as_str(),
+        "--print",
+        "sysroot",
+    ]);
+    let library = llvm_library(Path::new(output(&mut sysroot)?.trim()))?;
+    let file_name = library
+        .file_name()
+        .context("LLVM library path has no file name")?;
+
+    // The linker keeps this directory as its library search path, so it lives outside
+    // `target/` where `cargo clean` would break the installed linker.
+    let prefix = cache_dir()?.join("static-egress/llvm").join(file_name);
+    let prefix_lib = prefix.join("lib");
+    fs::create_dir_all(&prefix_lib)
+        .with_context(|| format!("cannot create {}", prefix_lib.display()))?;
+    for link in [Path::new("libLLVM.so"), Path::new(file_name)] {
+        ensure_symlink(&prefix_lib.join(link), &library)?;
+    }
+
+    let bin = cargo_home()?.join("bin");
+    let linker = bin.join("bpf-linker");
+    let stamp = bin.join("bpf-linker.static-egress-stamp");
+    let want = stamp_text(&llvm, &library, &prefix);
+    if linker.is_file() && fs::read_to_string(&stamp).is_ok_and(|have| have == want) {
+        if verbose {
+            println!(
+                "setup: bpf-linker matches LLVM {} of {KERNEL_TOOLCHAIN}",
+                llvm.major
+            );
+        }
+        return Ok(());
+    }
+    println!(
+        "setup: installing bpf-linker {BPF_LINKER_VERSION} for LLVM {} (about a minute)",
+        llvm.major
+    );
+    let mut install = cargo(Some(KERNEL_TOOLCHAIN));
+    install
+        .args([
+            "install",
+            "bpf-linker",
+            "--locked",
+            "--force",
+            "--version",
+            BPF_LINKER_VERSION,
+        ])
+        .args([
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{}", llvm.major),
+        ])
+        .arg("--root")
+        .arg(cargo_home()?)
+        .env("LLVM_PREFIX", &prefix)
+        // A target dir from the environment would mix the linker's build into the project's.
+        .env_remove("CARGO_TARGET_DIR");
+    run_cmd(&mut install)?;
+    fs::write(&stamp, want).with_context(|| format!("cannot write {}", stamp.display()))?;
+    Ok(())
+}
+
+fn ensure_symlink(link: &Path, target: &Path) -> Result<()> {
+    if fs::read_link(link).is_ok_and(|current| current == target) {
+        return Ok(());
+    }
+    match fs::remove_file(link) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot replace {}", link.display())),
+    }
+    symlink(target, link).with_context(|| format!("cannot create {}", link.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llvm_major_and_commit_come_from_rustc() {
+        let text = "rustc 1.97.0-nightly (e50aa6fba 2026-05-19)\nbinary: rustc\n\
+                    commit-hash: e50aa6fba4e63ab34c72bf9acfd2c307c1155d1a\n\
+                    host: x86_64-unknown-linux-gnu\nrelease: 1.97.0-nightly\nLLVM version: 22.1.4\n";
+        assert_eq!(
+            parse_rustc_version(text).expect("parses"),
+            ToolchainLlvm {
+                major: 22,
+                commit: "e50aa6fba4e63ab34c72bf9acfd2c307c1155d1a".into()
+            }
+        );
+        assert!(parse_rustc_version("rustc 1.0\n").is_err());
+    }
+
+    #[test]
+    fn stamp_changes_with_anything_the_linker_depends_on() {
+        let llvm = ToolchainLlvm {
+            major: 22,
+            commit: "a".into(),
+        };
+        let base = stamp_text(&llvm, Path::new("/l/libLLVM.so.22.1"), Path::new("/p"));
+        let newer = ToolchainLlvm {
+            major: 22,
+            commit: "b".into(),
+        };
+        assert_ne!(
+            base,
+            stamp_text(&newer, Path::new("/l/libLLVM.so.22.1"), Path::new("/p"))
+        );
+        assert_ne!(
+            base,
+            stamp_text(&llvm, Path::new("/l/libLLVM.so.22.2"), Path::new("/p"))
+        );
+        assert!(base.contains("feature llvm-22"));
+    }
+}
