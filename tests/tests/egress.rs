@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
 use ipnet::Ipv4Net;
-use netlab::objects::{EgressGateway, FailurePolicy, match_labels};
+use netlab::objects::{EgressGateway, FailurePolicy, Objects, match_labels};
 use netlab::{AgentHandle, Cluster, LabPod, PodSpec, PodStyle, wait_until};
 
 const GATEWAY: &str = "corp-fw";
@@ -55,6 +55,12 @@ fn start_agents(cluster: &Cluster) -> Result<Vec<AgentHandle>> {
         .collect::<Result<Vec<_>>>()?;
     wait_all_applied(cluster)?;
     Ok(agents)
+}
+
+/// Changes the objects and waits until every agent has applied them.
+fn change(cluster: &mut Cluster, edit: impl FnOnce(&mut Objects)) -> Result<()> {
+    cluster.update_objects(edit)?;
+    wait_all_applied(cluster)
 }
 
 fn wait_all_applied(cluster: &Cluster) -> Result<()> {
@@ -112,18 +118,17 @@ fn selected_pods_leave_with_the_egress_ip_from_every_node() -> Result<()> {
 
     // Excluding the server's address sends the same pods out through their own nodes.
     let server = Ipv4Net::new(cluster.ext_ip(), 32)?;
-    cluster.update_objects(|o| {
+    change(&mut cluster, |o| {
         if let Ok(g) = o.gateway_mut(GATEWAY) {
             g.excluded_cidrs = vec![server];
         }
     })?;
-    wait_all_applied(&cluster)?;
     assert_eq!(cluster.ask(&on_other)?, node_ip(&cluster, "node1")?);
     assert_eq!(cluster.ask(&on_gateway)?, node_ip(&cluster, "node2")?);
     assert_eq!(cluster.ask(&on_third)?, node_ip(&cluster, "node3")?);
 
     // So does a destination list that does not contain the server.
-    cluster.update_objects(|o| {
+    change(&mut cluster, |o| {
         if let Ok(g) = o.gateway_mut(GATEWAY) {
             g.excluded_cidrs = vec![];
             g.destination_cidrs = Some(vec![
@@ -131,7 +136,6 @@ fn selected_pods_leave_with_the_egress_ip_from_every_node() -> Result<()> {
             ]);
         }
     })?;
-    wait_all_applied(&cluster)?;
     assert_eq!(cluster.ask(&on_other)?, node_ip(&cluster, "node1")?);
     Ok(())
 }
@@ -151,22 +155,20 @@ fn annotation_from_a_namespace_not_admitted_is_ignored_until_admitted() -> Resul
         "no report of the ignored annotation:\n{log}"
     );
 
-    cluster.update_objects(|o| {
+    change(&mut cluster, |o| {
         o.namespace("web")
             .labels
             .insert("team".into(), "payments".into());
     })?;
-    wait_all_applied(&cluster)?;
     expect_source(&cluster, &pod, EGRESS_IP)?;
 
     // A namespace annotation opts in every pod of an admitted namespace.
     let other = cluster.add_pod(PodSpec::new("web", "cart", "node3"))?;
-    cluster.update_objects(|o| {
+    change(&mut cluster, |o| {
         o.namespace("web")
             .annotations
             .insert(netlab::objects::GATEWAY_ANNOTATION.into(), GATEWAY.into());
     })?;
-    wait_all_applied(&cluster)?;
     expect_source(&cluster, &other, EGRESS_IP)?;
     Ok(())
 }
@@ -179,12 +181,11 @@ fn next_eligible_node_takes_over_when_the_holder_is_not_ready() -> Result<()> {
     expect_source(&cluster, &pod, EGRESS_IP)?;
     assert!(has_address(&cluster, "node2", EGRESS_IP)?);
 
-    cluster.update_objects(|o| {
+    change(&mut cluster, |o| {
         if let Ok(n) = o.node_mut("node2") {
             n.ready = false;
         }
     })?;
-    wait_all_applied(&cluster)?;
     assert!(
         has_address(&cluster, "node3", EGRESS_IP)?,
         "node3 did not take the egress IP"
@@ -248,13 +249,12 @@ fn with_no_eligible_node_fail_closed_drops_and_fail_open_leaves_from_the_node() 
     let _agents = start_agents(&cluster)?;
     expect_source(&cluster, &pod, EGRESS_IP)?;
 
-    cluster.update_objects(|o| {
+    change(&mut cluster, |o| {
         if let Ok(g) = o.gateway_mut(GATEWAY) {
             g.node_selector = match_labels([("egress", "nowhere")]);
             g.failure_policy = Some(FailurePolicy::FailClosed);
         }
     })?;
-    wait_all_applied(&cluster)?;
     assert!(!has_address(&cluster, "node2", EGRESS_IP)?);
     let refused = cluster.ask_timeout(&pod, Duration::from_millis(500));
     ensure!(refused.is_err(), "FailClosed let the pod out: {refused:?}");
@@ -264,21 +264,19 @@ fn with_no_eligible_node_fail_closed_drops_and_fail_open_leaves_from_the_node() 
     })
     .context("the drops were not counted")?;
 
-    cluster.update_objects(|o| {
+    change(&mut cluster, |o| {
         if let Ok(g) = o.gateway_mut(GATEWAY) {
             g.failure_policy = Some(FailurePolicy::FailOpen);
         }
     })?;
-    wait_all_applied(&cluster)?;
     assert_eq!(cluster.ask(&pod)?, node_ip(&cluster, "node1")?);
 
     // An eligible node again: back to the egress IP.
-    cluster.update_objects(|o| {
+    change(&mut cluster, |o| {
         if let Ok(g) = o.gateway_mut(GATEWAY) {
             g.node_selector = match_labels([("egress", "true")]);
         }
     })?;
-    wait_all_applied(&cluster)?;
     expect_source(&cluster, &pod, EGRESS_IP)?;
     Ok(())
 }
@@ -317,7 +315,7 @@ fn bad_input_is_reported_and_the_last_good_state_stays() -> Result<()> {
     // An unknown gateway named by annotation and a pod whose address no interface routes.
     let stray =
         cluster.add_pod(PodSpec::new("payments", "stray", "node1").gateway("no-such-gateway"))?;
-    cluster.update_objects(|o| {
+    change(&mut cluster, |o| {
         o.set_pod(
             netlab::objects::Pod::new("payments", "ghost")
                 .label("app", "api")
@@ -325,7 +323,6 @@ fn bad_input_is_reported_and_the_last_good_state_stays() -> Result<()> {
                 .ip(Ipv4Addr::new(10, 244, 1, 250)),
         );
     })?;
-    wait_all_applied(&cluster)?;
     wait_until(APPLY, || {
         log_has(&agents, "asks for no-such-gateway: no such gateway")
             && log_has(&agents, "Pod payments/ghost: no local interface")
@@ -443,13 +440,18 @@ fn other_names_addresses_and_loose_rp_filter() -> Result<()> {
 fn file_changes_reach_the_data_path_quickly() -> Result<()> {
     let mut cluster = cluster()?;
     let pod = api_pod(&mut cluster, "api-1", "node1")?;
-    let probe = cluster.start_loop(&pod, Duration::from_millis(5), 2000)?;
-    let started = Instant::now();
+    // The gateway nodes first, so that what is measured is this node's agent alone.
     cluster.write_objects()?;
-    let _agents = ["node1", "node2", "node3"]
+    let mut agents = ["node2", "node3"]
         .iter()
         .map(|n| cluster.start_agent(n, std::iter::empty::<&str>()))
         .collect::<Result<Vec<_>>>()?;
+    cluster.wait_applied("node2", APPLY)?;
+    cluster.wait_applied("node3", APPLY)?;
+    assert_eq!(cluster.ask(&pod)?, node_ip(&cluster, "node1")?);
+    let probe = cluster.start_loop(&pod, Duration::from_millis(2), 5000)?;
+    let started = Instant::now();
+    agents.push(cluster.start_agent("node1", std::iter::empty::<&str>())?);
     let first_marked = loop {
         if probe
             .answers()?
@@ -462,9 +464,24 @@ fn file_changes_reach_the_data_path_quickly() -> Result<()> {
             started.elapsed() < APPLY,
             "no connection left with the egress IP"
         );
-        std::thread::sleep(Duration::from_millis(2));
+        std::thread::sleep(Duration::from_millis(1));
     };
-    drop(probe.stop()?);
+    let answers = probe.stop()?;
+    let lost = answers.iter().filter(|a| a.source().is_none()).count();
+    ensure!(
+        lost == 0,
+        "{lost} connections failed while the agent started: {answers:?}"
+    );
+    // Once marking starts, every connection leaves with the egress IP.
+    let sources: Vec<_> = answers.iter().filter_map(netlab::Answer::source).collect();
+    let first = sources
+        .iter()
+        .position(|ip| *ip == EGRESS_IP)
+        .unwrap_or(sources.len());
+    ensure!(
+        sources[first..].iter().all(|ip| *ip == EGRESS_IP),
+        "connections left with other addresses after the first marked one: {sources:?}"
+    );
 
     let mut latencies = Vec::new();
     for i in 0..40 {

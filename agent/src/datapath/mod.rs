@@ -192,6 +192,20 @@ impl Datapath {
             .sync_table(self.config.route_table, uplink.index)
             .await?;
 
+        let holders: BTreeSet<Ipv4Addr> = plan
+            .gateways
+            .iter()
+            .flat_map(|g| g.egress.iter().filter_map(|e| e.holder.as_ref()))
+            .filter(|h| h.node_ip != node_ip)
+            .map(|h| h.node_ip)
+            .collect();
+        for ip in &holders {
+            if self.state.neighbours.insert(*ip) {
+                self.state.save(&self.config.state_dir)?;
+            }
+            self.nl.keep_resolved(uplink.index, *ip).await?;
+        }
+
         self.bpf.sync_maps(&map_contents(plan))?;
         let mut pod_ifaces = BTreeMap::new();
         for pod in &plan.pods {
@@ -214,11 +228,25 @@ impl Datapath {
                 )),
             }
         }
-        self.bpf.sync_links(Hook::PodIngress, &pod_ifaces)?;
+        // The uplink program first: a packet marked before it is in place would leave through
+        // the router with the pod's address instead of going to the holder.
         self.bpf.sync_links(
             Hook::UplinkEgress,
             &BTreeMap::from([(uplink.index, uplink.name.clone())]),
         )?;
+        self.bpf.sync_links(Hook::PodIngress, &pod_ifaces)?;
+
+        let unused: Vec<Ipv4Addr> = self
+            .state
+            .neighbours
+            .difference(&holders)
+            .copied()
+            .collect();
+        for ip in unused {
+            self.nl.forget_neighbour(uplink.index, ip).await?;
+            self.state.neighbours.remove(&ip);
+            self.state.save(&self.config.state_dir)?;
+        }
 
         let released: Vec<Ipv4Addr> = self
             .state
@@ -309,6 +337,9 @@ pub async fn cleanup(
         {
             for ip in &state.addresses {
                 nl.remove_address(index, *ip).await?;
+            }
+            for ip in &state.neighbours {
+                nl.forget_neighbour(index, *ip).await?;
             }
         }
         removed = true;

@@ -8,6 +8,7 @@ use rtnetlink::packet_route::{
     AddressFamily,
     address::{AddressAttribute, AddressMessage},
     link::LinkAttribute,
+    neighbour::{NeighbourAttribute, NeighbourExtFlags, NeighbourState},
     route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope, RouteType},
     rule::{RuleAction, RuleAttribute, RuleMessage},
 };
@@ -261,18 +262,28 @@ impl Netlink {
         Ok(())
     }
 
-    /// IPv4 addresses with prefix length 32 on `index`.
-    pub async fn host_addresses(&self, index: u32) -> Result<Vec<Ipv4Addr>, DatapathError> {
-        let addrs: Vec<AddressMessage> = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(index)
+    /// Addresses on `index`, only `ip` when given.
+    async fn addresses(
+        &self,
+        index: u32,
+        ip: Option<Ipv4Addr>,
+    ) -> Result<Vec<AddressMessage>, DatapathError> {
+        let mut request = self.handle.address().get().set_link_index_filter(index);
+        if let Some(ip) = ip {
+            request = request.set_address_filter(IpAddr::V4(ip));
+        }
+        request
             .execute()
             .try_collect()
             .await
-            .map_err(nl("get addresses"))?;
-        Ok(addrs
+            .map_err(nl("get addresses"))
+    }
+
+    /// IPv4 addresses with prefix length 32 on `index`.
+    pub async fn host_addresses(&self, index: u32) -> Result<Vec<Ipv4Addr>, DatapathError> {
+        Ok(self
+            .addresses(index, None)
+            .await?
             .iter()
             .filter(|a| a.header.prefix_len == 32)
             .filter_map(|a| {
@@ -298,16 +309,7 @@ impl Netlink {
     }
 
     pub async fn remove_address(&self, index: u32, ip: Ipv4Addr) -> Result<(), DatapathError> {
-        let addrs: Vec<AddressMessage> = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .set_address_filter(IpAddr::V4(ip))
-            .execute()
-            .try_collect()
-            .await
-            .map_err(nl("get addresses"))?;
+        let addrs = self.addresses(index, Some(ip)).await?;
         for addr in addrs.into_iter().filter(|a| a.header.prefix_len == 32) {
             match self.handle.address().del(addr).execute().await {
                 Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EADDRNOTAVAIL => {}
@@ -315,6 +317,33 @@ impl Netlink {
             }
         }
         Ok(())
+    }
+
+    /// Asks the kernel to keep `ip` resolved on `index` (a "managed" neighbour). The uplink
+    /// program hands packets to a holder's MAC; a packet that meets an unresolved neighbour
+    /// there is queued and later sent along its original route, to the router.
+    pub async fn keep_resolved(&self, index: u32, ip: Ipv4Addr) -> Result<(), DatapathError> {
+        let mut add = self
+            .handle
+            .neighbours()
+            .add(index, IpAddr::V4(ip))
+            .state(NeighbourState::None);
+        add.message_mut()
+            .attributes
+            .push(NeighbourAttribute::ExtFlags(NeighbourExtFlags::Managed));
+        add.replace().execute().await.map_err(nl("add neighbour"))
+    }
+
+    pub async fn forget_neighbour(&self, index: u32, ip: Ipv4Addr) -> Result<(), DatapathError> {
+        let mut msg = rtnetlink::packet_route::neighbour::NeighbourMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        msg.header.ifindex = index;
+        msg.attributes
+            .push(NeighbourAttribute::Destination(IpAddr::V4(ip).into()));
+        match self.handle.neighbours().del(msg).execute().await {
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENOENT => Ok(()),
+            other => other.map_err(nl("delete neighbour")),
+        }
     }
 }
 
@@ -346,39 +375,34 @@ fn route_oif(route: &RouteMessage) -> Option<u32> {
     })
 }
 
+/// The attributes that say where a route leads; the rest (metrics, cache info) may differ
+/// between a main-table route and our copy of it.
+fn is_path(attr: &RouteAttribute) -> bool {
+    matches!(
+        attr,
+        RouteAttribute::Destination(_) | RouteAttribute::Gateway(_) | RouteAttribute::Oif(_)
+    )
+}
+
 /// A copy of a main-table route for our table, keeping only what identifies the path.
 fn retable(route: RouteMessage, table: u32) -> RouteMessage {
+    let via_gateway = route
+        .attributes
+        .iter()
+        .any(|a| matches!(a, RouteAttribute::Gateway(_)));
     let mut out = RouteMessage::default();
     out.header.address_family = AddressFamily::Inet;
     out.header.destination_prefix_length = route.header.destination_prefix_length;
     out.header.kind = RouteType::Unicast;
     out.header.protocol = route.header.protocol;
-    out.header.scope = if route
-        .attributes
-        .iter()
-        .any(|a| matches!(a, RouteAttribute::Gateway(_)))
-    {
+    out.header.scope = if via_gateway {
         RouteScope::Universe
     } else {
         RouteScope::Link
     };
-    out.header.table = if table < 256 {
-        table as u8
-    } else {
-        RouteHeader::RT_TABLE_UNSPEC
-    };
-    out.attributes = route
-        .attributes
-        .into_iter()
-        .filter(|a| {
-            matches!(
-                a,
-                RouteAttribute::Destination(_)
-                    | RouteAttribute::Gateway(_)
-                    | RouteAttribute::Oif(_)
-            )
-        })
-        .collect();
+    // Tables above 255 only fit the attribute; the header then says "see the attribute".
+    out.header.table = u8::try_from(table).unwrap_or(RouteHeader::RT_TABLE_UNSPEC);
+    out.attributes = route.attributes.into_iter().filter(is_path).collect();
     out.attributes.push(RouteAttribute::Table(table));
     out
 }
@@ -388,14 +412,7 @@ fn same_route(a: &RouteMessage, b: &RouteMessage) -> bool {
         let mut attrs: Vec<String> = r
             .attributes
             .iter()
-            .filter(|a| {
-                matches!(
-                    a,
-                    RouteAttribute::Destination(_)
-                        | RouteAttribute::Gateway(_)
-                        | RouteAttribute::Oif(_)
-                )
-            })
+            .filter(|a| is_path(a))
             .map(|a| format!("{a:?}"))
             .collect();
         attrs.sort();

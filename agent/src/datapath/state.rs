@@ -21,6 +21,9 @@ pub struct State {
     pub rule_priority: u32,
     /// Egress IPs we added to the uplink.
     pub addresses: BTreeSet<Ipv4Addr>,
+    /// Holders' node IPs we keep resolved on the uplink.
+    #[serde(default)]
+    pub neighbours: BTreeSet<Ipv4Addr>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DatapathError + '_ {
