@@ -213,9 +213,16 @@ fn restarting_agents_never_lets_a_pod_leave_with_its_node_address() -> Result<()
         cluster.start_loop(&on_other, Duration::from_millis(20), 150)?,
         cluster.start_loop(&on_gateway, Duration::from_millis(20), 150)?,
     ];
-    // A graceful restart of the origin node's agent and a crash of the gateway's.
+    // A graceful stop of the origin node's agent and a crash of the gateway's; both pods keep
+    // connecting while no agent runs on either node, then new agents adopt the data path.
     agents[0].stop()?;
     agents[1].kill()?;
+    let done = |l: &netlab::ProbeLoop| l.answers().map(|a| a.len()).unwrap_or(0);
+    let before: Vec<usize> = loops.iter().map(done).collect();
+    wait_until(APPLY, || {
+        loops.iter().zip(&before).all(|(l, b)| done(l) >= b + 20)
+    })
+    .context("the pods stopped connecting while the agents were down")?;
     let again = [
         cluster.start_agent("node1", std::iter::empty::<&str>())?,
         cluster.start_agent("node2", std::iter::empty::<&str>())?,

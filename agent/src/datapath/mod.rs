@@ -133,107 +133,48 @@ impl Datapath {
     /// leaving with the node's address: NAT and addresses first, marking last; removals after.
     pub async fn apply(&mut self, plan: &NodePlan) -> Result<Warnings, DatapathError> {
         let mut warnings = Warnings::new();
-        let node_ip = plan
-            .node_ip
-            .ok_or_else(|| DatapathError::NoNodeIp(plan.node.clone()))?;
-        let uplink_index = self
-            .nl
-            .interface_with_address(node_ip)
-            .await?
-            .ok_or(DatapathError::NoUplink(node_ip))?;
-        let uplink = self
-            .nl
-            .interface(uplink_index)
-            .await?
-            .ok_or(DatapathError::NoUplink(node_ip))?;
-
-        self.state.uplink = Some(uplink.name.clone());
-        self.state.fwmark = self.config.fwmark;
-        self.state.route_table = self.config.route_table;
-        self.state.rule_priority = self.config.rule_priority;
-        self.state.save(&self.config.state_dir)?;
+        let uplink = self.uplink(plan).await?;
+        let c = self.config.clone();
+        self.record(|s| {
+            s.uplink = Some(uplink.name.clone());
+            s.fwmark = c.fwmark;
+            s.route_table = c.route_table;
+            s.rule_priority = c.rule_priority;
+        })?;
 
         let script = nft::render(&plan.snat, self.config.fwmark);
         if self.last_nft.as_deref() != Some(script.as_str()) {
             nft::apply(&script)?;
             self.last_nft = Some(script);
         }
-
         let held: BTreeSet<Ipv4Addr> = plan.snat.iter().map(|s| s.egress_ip).collect();
-        let present: BTreeSet<Ipv4Addr> = self
-            .nl
-            .host_addresses(uplink.index)
-            .await?
-            .into_iter()
-            .collect();
-        for ip in &held {
-            if self.state.addresses.insert(*ip) {
-                self.state.save(&self.config.state_dir)?;
-            }
-            if !present.contains(ip) {
-                self.nl.add_address(uplink.index, *ip).await?;
-                tracing::info!(egress_ip = %ip, interface = %uplink.name, "holding egress IP");
-                if let Some(mac) = uplink.mac
-                    && let Err(e) = arp::announce(uplink.index, mac, *ip)
-                {
-                    warnings.push(format!("gratuitous ARP for {ip} on {}: {e}", uplink.name));
-                }
-            }
-        }
+        self.hold_addresses(&uplink, &held, &mut warnings).await?;
 
+        let c = &self.config;
         self.nl
-            .sync_rule(
-                self.config.rule_priority,
-                self.config.fwmark,
-                self.config.route_table,
-            )
+            .sync_rule(c.rule_priority, c.fwmark, c.route_table)
             .await?;
-        self.nl
-            .sync_table(self.config.route_table, uplink.index)
-            .await?;
-
+        self.nl.sync_table(c.route_table, uplink.index).await?;
         let holders: BTreeSet<Ipv4Addr> = plan
             .gateways
             .iter()
             .flat_map(|g| g.egress.iter().filter_map(|e| e.holder.as_ref()))
-            .filter(|h| h.node_ip != node_ip)
+            .filter(|h| h.node != plan.node)
             .map(|h| h.node_ip)
             .collect();
         for ip in &holders {
-            if self.state.neighbours.insert(*ip) {
-                self.state.save(&self.config.state_dir)?;
-            }
+            self.record(|s| {
+                s.neighbours.insert(*ip);
+            })?;
             self.nl.keep_resolved(uplink.index, *ip).await?;
         }
 
         self.bpf.sync_maps(&map_contents(plan))?;
-        let mut pod_ifaces = BTreeMap::new();
-        for pod in &plan.pods {
-            let found = match self.nl.route_oif(pod.ip).await {
-                Ok(Some(index)) if index != uplink.index => self.nl.interface(index).await,
-                Ok(_) => Ok(None),
-                Err(e) => Err(e),
-            };
-            match found {
-                Ok(Some(iface)) => {
-                    pod_ifaces.insert(iface.index, iface.name);
-                }
-                Ok(None) => warnings.push(format!(
-                    "Pod {}/{}: no local interface routes to its IP {}; its traffic is not marked",
-                    pod.namespace, pod.name, pod.ip
-                )),
-                Err(e) => warnings.push(format!(
-                    "Pod {}/{}: looking up the interface of {}: {e}; its traffic is not marked",
-                    pod.namespace, pod.name, pod.ip
-                )),
-            }
-        }
+        let pod_ifaces = self.pod_interfaces(plan, &uplink, &mut warnings).await;
         // The uplink program first: a packet marked before it is in place would leave through
         // the router with the pod's address instead of going to the holder.
-        self.bpf.sync_links(
-            Hook::UplinkEgress,
-            &BTreeMap::from([(uplink.index, uplink.name.clone())]),
-        )?;
+        let uplink_only = BTreeMap::from([(uplink.index, uplink.name.clone())]);
+        self.bpf.sync_links(Hook::UplinkEgress, &uplink_only)?;
         self.bpf.sync_links(Hook::PodIngress, &pod_ifaces)?;
 
         let unused: Vec<Ipv4Addr> = self
@@ -244,24 +185,106 @@ impl Datapath {
             .collect();
         for ip in unused {
             self.nl.forget_neighbour(uplink.index, ip).await?;
-            self.state.neighbours.remove(&ip);
-            self.state.save(&self.config.state_dir)?;
+            self.record(|s| {
+                s.neighbours.remove(&ip);
+            })?;
         }
-
-        let released: Vec<Ipv4Addr> = self
-            .state
-            .addresses
-            .iter()
-            .filter(|ip| !held.contains(ip))
-            .copied()
-            .collect();
+        let released: Vec<Ipv4Addr> = self.state.addresses.difference(&held).copied().collect();
         for ip in released {
             self.nl.remove_address(uplink.index, ip).await?;
             tracing::info!(egress_ip = %ip, interface = %uplink.name, "released egress IP");
-            self.state.addresses.remove(&ip);
-            self.state.save(&self.config.state_dir)?;
+            self.record(|s| {
+                s.addresses.remove(&ip);
+            })?;
         }
         Ok(warnings)
+    }
+
+    /// The interface holding this node's InternalIP.
+    async fn uplink(&self, plan: &NodePlan) -> Result<netlink::Interface, DatapathError> {
+        let node_ip = plan
+            .node_ip
+            .ok_or_else(|| DatapathError::NoNodeIp(plan.node.clone()))?;
+        let index = self.nl.interface_with_address(node_ip).await?;
+        match index {
+            Some(index) => self
+                .nl
+                .interface(index)
+                .await?
+                .ok_or(DatapathError::NoUplink(node_ip)),
+            None => Err(DatapathError::NoUplink(node_ip)),
+        }
+    }
+
+    /// Changes the record of what we created, writing it only when it changed.
+    fn record(&mut self, change: impl FnOnce(&mut State)) -> Result<(), DatapathError> {
+        let before = self.state.clone();
+        change(&mut self.state);
+        if self.state != before {
+            self.state.save(&self.config.state_dir)?;
+        }
+        Ok(())
+    }
+
+    /// Adds the held egress IPs to the uplink (recorded first) and announces new ones.
+    async fn hold_addresses(
+        &mut self,
+        uplink: &netlink::Interface,
+        held: &BTreeSet<Ipv4Addr>,
+        warnings: &mut Warnings,
+    ) -> Result<(), DatapathError> {
+        let present: BTreeSet<Ipv4Addr> = self
+            .nl
+            .host_addresses(uplink.index)
+            .await?
+            .into_iter()
+            .collect();
+        for ip in held.difference(&present) {
+            self.record(|s| {
+                s.addresses.insert(*ip);
+            })?;
+            self.nl.add_address(uplink.index, *ip).await?;
+            tracing::info!(egress_ip = %ip, interface = %uplink.name, "holding egress IP");
+            if let Some(mac) = uplink.mac
+                && let Err(e) = arp::announce(uplink.index, mac, *ip)
+            {
+                warnings.push(format!("gratuitous ARP for {ip} on {}: {e}", uplink.name));
+            }
+        }
+        Ok(())
+    }
+
+    /// The interfaces the kernel routes the local selected pods to (index -> name). A pod
+    /// without one is reported and left unmarked; the others are still served.
+    async fn pod_interfaces(
+        &self,
+        plan: &NodePlan,
+        uplink: &netlink::Interface,
+        warnings: &mut Warnings,
+    ) -> BTreeMap<u32, String> {
+        let mut found = BTreeMap::new();
+        for pod in &plan.pods {
+            let iface = match self.nl.route_oif(pod.ip).await {
+                Ok(Some(index)) if index != uplink.index => self.nl.interface(index).await,
+                Ok(_) => Ok(None),
+                Err(e) => Err(e),
+            };
+            let name = format!("Pod {}/{}", pod.namespace, pod.name);
+            match iface {
+                Ok(Some(iface)) => {
+                    found.insert(iface.index, iface.name);
+                }
+                Ok(None) => warnings.push(format!(
+                    "{name}: no local interface routes to its IP {}; its traffic is not marked",
+                    pod.ip
+                )),
+                Err(e) => warnings.push(format!(
+                    "{name}: looking up the interface of {}: {e}; its traffic is not marked",
+                    pod.ip
+                )),
+            }
+        }
+        found
     }
 }
 
