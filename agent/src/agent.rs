@@ -15,7 +15,11 @@ use crate::datapath::{Datapath, DatapathConfig, DatapathError};
 use crate::plan::{self, NodePlan, PlanConfig};
 use crate::source::{FileSource, Loaded, SourceError};
 
-const RESYNC: Duration = Duration::from_secs(5);
+/// A full reconcile without a change repairs drift (a re-created pod interface, a deleted
+/// rule); it costs a route lookup per local pod, so it is not frequent.
+const RESYNC: Duration = Duration::from_secs(30);
+/// Counters in the status file are refreshed this often; a failed apply is retried as often.
+const REFRESH: Duration = Duration::from_secs(5);
 
 pub struct AgentOptions {
     pub node: String,
@@ -66,8 +70,10 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
     let mut datapath = Datapath::open(options.datapath.clone()).await?;
     let mut terminate = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
-    let mut resync = tokio::time::interval(RESYNC);
+    let mut resync = tokio::time::interval_at(tokio::time::Instant::now() + RESYNC, RESYNC);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut refresh = tokio::time::interval_at(tokio::time::Instant::now() + REFRESH, REFRESH);
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let config = PlanConfig {
         cluster_cidrs: options.cluster_cidrs.clone(),
     };
@@ -75,19 +81,29 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
         node: options.node.clone(),
         state_dir: options.datapath.state_dir.clone(),
         planned: None,
+        applied: None,
+        failed: false,
         problems: Vec::new(),
         warnings: Vec::new(),
     };
     tracing::info!(node = %options.node, file = %options.from_file.display(), "agent started");
     agent.report_problems(&loaded);
+    agent.reconcile(&mut datapath, &loaded, &config).await?;
     loop {
-        agent.reconcile(&mut datapath, &loaded, &config).await?;
         tokio::select! {
             Some(()) = changes.recv() => {
                 loaded = source.reload();
                 agent.report_problems(&loaded);
+                agent.reconcile(&mut datapath, &loaded, &config).await?;
             }
-            _ = resync.tick() => {}
+            _ = resync.tick() => agent.reconcile(&mut datapath, &loaded, &config).await?,
+            _ = refresh.tick() => {
+                if agent.failed {
+                    agent.reconcile(&mut datapath, &loaded, &config).await?;
+                } else {
+                    agent.write_status(&datapath)?;
+                }
+            }
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
@@ -109,6 +125,9 @@ struct Agent {
     node: String,
     state_dir: PathBuf,
     planned: Option<NodePlan>,
+    /// The last plan applied successfully and the digest of the file it came from.
+    applied: Option<(NodePlan, u64)>,
+    failed: bool,
     problems: Vec<String>,
     warnings: Vec<String>,
 }
@@ -131,18 +150,28 @@ impl Agent {
         }
         match datapath.apply(&plan).await {
             Ok(warnings) => {
-                write_status(
-                    &self.state_dir,
-                    &Status::new(&plan, loaded.digest, datapath, &warnings),
-                )?;
                 report_new(&mut self.warnings, warnings, |m| tracing::warn!("{m}"));
+                self.applied = Some((plan.clone(), loaded.digest));
+                self.failed = false;
+                self.write_status(datapath)?;
             }
             Err(e) => {
-                tracing::error!("applying the plan failed, the previous data path stays: {e}")
+                tracing::error!("applying the plan failed, the previous data path stays: {e}");
+                self.failed = true;
             }
         }
         self.planned = Some(plan);
         Ok(())
+    }
+
+    fn write_status(&self, datapath: &Datapath) -> Result<(), AgentError> {
+        match &self.applied {
+            Some((plan, digest)) => write_status(
+                &self.state_dir,
+                &Status::new(plan, *digest, datapath, &self.warnings),
+            ),
+            None => Ok(()),
+        }
     }
 }
 

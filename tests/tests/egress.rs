@@ -137,6 +137,19 @@ fn selected_pods_leave_with_the_egress_ip_from_every_node() -> Result<()> {
         }
     })?;
     assert_eq!(cluster.ask(&on_other)?, node_ip(&cluster, "node1")?);
+
+    // Back to every destination; then a pod that leaves the objects is no longer selected.
+    change(&mut cluster, |o| {
+        if let Ok(g) = o.gateway_mut(GATEWAY) {
+            g.destination_cidrs = None;
+        }
+    })?;
+    expect_source(&cluster, &on_third, EGRESS_IP)?;
+    change(&mut cluster, |o| {
+        o.remove_pod("payments", "api-3");
+    })?;
+    assert_eq!(cluster.ask(&on_third)?, node_ip(&cluster, "node3")?);
+    expect_source(&cluster, &on_other, EGRESS_IP)?;
     Ok(())
 }
 
