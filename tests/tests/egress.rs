@@ -450,7 +450,27 @@ fn other_names_addresses_and_loose_rp_filter() -> Result<()> {
     })?;
     let remote = api_pod(&mut cluster, "api-1", "node1")?;
     let local = api_pod(&mut cluster, "api-2", "node2")?;
-    let _agents = start_agents(&cluster)?;
+    // Another fwmark bit, table and rule priority, as on a node where the defaults are taken.
+    cluster.write_objects()?;
+    let flags = [
+        "--fwmark",
+        "0x40000",
+        "--route-table",
+        "77",
+        "--rule-priority",
+        "2000",
+    ];
+    let _agents = ["node1", "node2"]
+        .iter()
+        .map(|n| cluster.start_agent(n, flags))
+        .collect::<Result<Vec<_>>>()?;
+    wait_all_applied(&cluster)?;
+    let rules = cluster.node("node1")?.exec(["ip", "rule"])?;
+    ensure!(
+        rules.contains("2000:\tfrom all fwmark 0x40000/0x40000 lookup 77"),
+        "{rules}"
+    );
+
     expect_source(&cluster, &remote, egress_ip)?;
     expect_source(&cluster, &local, egress_ip)?;
     Ok(())
@@ -525,5 +545,37 @@ fn file_changes_reach_the_data_path_quickly() -> Result<()> {
         p99 < Duration::from_secs(1),
         "file change took {p99:?} at p99"
     );
+    Ok(())
+}
+
+#[test]
+fn several_egress_ips_spread_over_eligible_nodes_and_pods() -> Result<()> {
+    let second = Ipv4Addr::new(10, 99, 0, 201);
+    let mut cluster = cluster()?;
+    cluster.update_objects(|o| {
+        if let Ok(g) = o.gateway_mut(GATEWAY) {
+            g.egress_ips.push(second);
+        }
+    })?;
+    let pods = (1..=6)
+        .map(|i| api_pod(&mut cluster, &format!("api-{i}"), "node1"))
+        .collect::<Result<Vec<_>>>()?;
+    let _agents = start_agents(&cluster)?;
+    // The first IP goes to the first eligible node, the second to the next one.
+    assert!(has_address(&cluster, "node2", EGRESS_IP)?);
+    assert!(has_address(&cluster, "node3", second)?);
+    let status = status(&cluster, "node1")?;
+    let mut used = std::collections::BTreeSet::new();
+    for pod in &pods {
+        let want: Ipv4Addr = status["pods"]
+            .as_array()
+            .and_then(|all| all.iter().find(|p| p["ip"] == pod.ip.to_string()))
+            .and_then(|p| p["egress_ip"].as_str())
+            .context("pod missing from status.json")?
+            .parse()?;
+        expect_source(&cluster, pod, want)?;
+        used.insert(want);
+    }
+    ensure!(used.len() == 2, "six pods all hashed to {used:?}");
     Ok(())
 }
