@@ -36,6 +36,14 @@ pub enum AgentError {
     Datapath(#[from] DatapathError),
     #[error("installing signal handlers: {0}")]
     Signal(#[source] std::io::Error),
+    #[error(
+        "status file {path} is {age:?} old (more than {max_age:?}): the agent is not reconciling"
+    )]
+    Stale {
+        path: PathBuf,
+        age: Duration,
+        max_age: Duration,
+    },
     #[error("status file {path}: {source}")]
     Status {
         path: PathBuf,
@@ -61,6 +69,25 @@ pub fn print_plan(node: &str, file: &Path, cluster_cidrs: Vec<Ipv4Net>) -> Resul
         "{}",
         plan::plan(&loaded.snapshot, node, &PlanConfig { cluster_cidrs })
     );
+    Ok(())
+}
+
+/// The `health` subcommand: the agent rewrites its status at least every `REFRESH`, so an old
+/// file means a stuck or dead agent.
+pub fn health(state_dir: &Path, max_age: Duration) -> Result<(), AgentError> {
+    let path = state_dir.join("status.json");
+    let err = |source| AgentError::Status {
+        path: path.clone(),
+        source,
+    };
+    let modified = std::fs::metadata(&path)
+        .and_then(|m| m.modified())
+        .map_err(err)?;
+    let age = modified.elapsed().unwrap_or_default();
+    if age > max_age {
+        return Err(AgentError::Stale { path, age, max_age });
+    }
+    println!("ok: status written {}s ago", age.as_secs());
     Ok(())
 }
 

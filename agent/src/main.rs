@@ -26,6 +26,25 @@ enum Command {
     Plan(PlanArgs),
     /// Remove everything the agent created on this host.
     Cleanup(CleanupArgs),
+    /// Exit 0 when the agent has written its status recently (for liveness/readiness probes).
+    Health(HealthArgs),
+}
+
+#[derive(Args)]
+struct HealthArgs {
+    #[arg(long, default_value = "/var/lib/static-egress")]
+    state_dir: PathBuf,
+    /// How old the status file may be, in seconds (`60` or `60s`).
+    #[arg(long, default_value = "60s", value_parser = parse_seconds)]
+    max_age: std::time::Duration,
+}
+
+fn parse_seconds(s: &str) -> Result<std::time::Duration, String> {
+    s.strip_suffix('s')
+        .unwrap_or(s)
+        .parse()
+        .map(std::time::Duration::from_secs)
+        .map_err(|e| format!("{s:?} is not a number of seconds: {e}"))
 }
 
 #[derive(Args)]
@@ -126,6 +145,7 @@ fn main() -> ExitCode {
             &args.common.from_file,
             args.common.cluster_cidrs,
         ),
+        Command::Health(args) => agent::health(&args.state_dir, args.max_age),
         Command::Cleanup(args) => runtime.block_on(async {
             let removed = datapath::cleanup(&args.state_dir, args.bpffs.as_deref()).await?;
             println!(

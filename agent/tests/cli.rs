@@ -112,3 +112,30 @@ fn the_agent_refuses_a_directory_that_is_not_a_bpffs() {
         stderr(&out)
     );
 }
+
+#[test]
+fn health_reports_a_missing_or_stale_status() {
+    let dir = std::env::temp_dir().join(format!("static-egress-health-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let d = dir.display().to_string();
+    let missing = static_egress(&["health", "--state-dir", &d]);
+    assert_eq!(missing.status.code(), Some(1), "{}", stderr(&missing));
+    std::fs::write(dir.join("status.json"), "{}").expect("status");
+    let fresh = static_egress(&["health", "--state-dir", &d, "--max-age", "60s"]);
+    assert!(fresh.status.success(), "{}", stderr(&fresh));
+    // An agent that stopped writing two minutes ago.
+    let aged = Command::new("touch")
+        .args(["-d", "2 minutes ago"])
+        .arg(dir.join("status.json"))
+        .status()
+        .expect("run touch");
+    assert!(aged.success());
+    let stale = static_egress(&["health", "--state-dir", &d, "--max-age", "60"]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(stale.status.code(), Some(1));
+    assert!(
+        stderr(&stale).contains("the agent is not reconciling"),
+        "{}",
+        stderr(&stale)
+    );
+}
