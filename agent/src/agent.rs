@@ -1,6 +1,6 @@
 //! The loop that wires source, planner and data path: load, plan, apply, and again on every
-//! change of the objects (and every few seconds, to repair drift such as a re-created pod
-//! interface). Errors are logged and the last applied data path stays.
+//! change of the objects (from the file or the cluster) and now and then to repair drift such
+//! as a re-created pod interface. Errors are logged and the last applied data path stays.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -13,7 +13,8 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::datapath::{Datapath, DatapathConfig, DatapathError};
 use crate::plan::{self, NodePlan, PlanConfig};
-use crate::source::{FileSource, Loaded, SourceError};
+use crate::report::Reporter;
+use crate::source::{FileSource, FileWatcher, Loaded, SourceError};
 
 /// A full reconcile without a change repairs drift (a re-created pod interface, a deleted
 /// rule); it costs a route lookup per local pod, so it is not frequent.
@@ -23,7 +24,8 @@ const REFRESH: Duration = Duration::from_secs(5);
 
 pub struct AgentOptions {
     pub node: String,
-    pub from_file: PathBuf,
+    /// `None`: the cluster (in-cluster config or KUBECONFIG) is the source of truth.
+    pub from_file: Option<PathBuf>,
     pub cluster_cidrs: Vec<Ipv4Net>,
     pub datapath: DatapathConfig,
 }
@@ -34,6 +36,10 @@ pub enum AgentError {
     Source(#[from] SourceError),
     #[error(transparent)]
     Datapath(#[from] DatapathError),
+    #[error("connecting to the Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("the cluster source stopped")]
+    SourceClosed,
     #[error("installing signal handlers: {0}")]
     Signal(#[source] std::io::Error),
     #[error(
@@ -91,10 +97,61 @@ pub fn health(state_dir: &Path, max_age: Duration) -> Result<(), AgentError> {
     Ok(())
 }
 
+/// Where the objects come from.
+enum Objects {
+    File {
+        source: FileSource,
+        changes: tokio::sync::mpsc::Receiver<()>,
+        _watcher: FileWatcher,
+    },
+    Cluster {
+        updates: tokio::sync::mpsc::Receiver<Loaded>,
+    },
+}
+
+impl Objects {
+    /// The next view of the objects; `None` when the source has stopped for good.
+    async fn next(&mut self) -> Option<Loaded> {
+        match self {
+            Objects::File {
+                source, changes, ..
+            } => {
+                changes.recv().await?;
+                Some(source.reload())
+            }
+            Objects::Cluster { updates } => updates.recv().await,
+        }
+    }
+}
+
 pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
-    let (mut source, mut loaded) = FileSource::open(&options.from_file)?;
-    let (_watcher, mut changes) = crate::source::watch(&options.from_file)?;
     let mut datapath = Datapath::open(options.datapath.clone()).await?;
+    let (mut objects, mut loaded, mut reporter) = match &options.from_file {
+        Some(path) => {
+            let (source, loaded) = FileSource::open(path)?;
+            let (watcher, changes) = crate::source::watch(path)?;
+            tracing::info!(node = %options.node, file = %path.display(), "agent started");
+            (
+                Objects::File {
+                    source,
+                    changes,
+                    _watcher: watcher,
+                },
+                loaded,
+                None,
+            )
+        }
+        None => {
+            let client = kube::Client::try_default().await?;
+            let mut updates =
+                crate::source::kube::start(client.clone(), options.node.clone()).await?;
+            tracing::info!(node = %options.node, "agent started; waiting for the cluster's objects");
+            // The first view arrives once every watch has listed: nothing half-synced is applied.
+            let loaded = updates.recv().await.ok_or(AgentError::SourceClosed)?;
+            let reporter = Reporter::new(client, options.node.clone());
+            (Objects::Cluster { updates }, loaded, Some(reporter))
+        }
+    };
     let mut terminate = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
     let mut resync = tokio::time::interval_at(tokio::time::Instant::now() + RESYNC, RESYNC);
@@ -113,20 +170,21 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
         problems: Vec::new(),
         warnings: Vec::new(),
     };
-    tracing::info!(node = %options.node, file = %options.from_file.display(), "agent started");
     agent.report_problems(&loaded);
-    agent.reconcile(&mut datapath, &loaded, &config).await?;
+    agent
+        .reconcile(&mut datapath, &loaded, &config, reporter.as_mut())
+        .await?;
     loop {
         tokio::select! {
-            Some(()) = changes.recv() => {
-                loaded = source.reload();
+            next = objects.next() => {
+                loaded = next.ok_or(AgentError::SourceClosed)?;
                 agent.report_problems(&loaded);
-                agent.reconcile(&mut datapath, &loaded, &config).await?;
+                agent.reconcile(&mut datapath, &loaded, &config, reporter.as_mut()).await?;
             }
-            _ = resync.tick() => agent.reconcile(&mut datapath, &loaded, &config).await?,
+            _ = resync.tick() => agent.reconcile(&mut datapath, &loaded, &config, reporter.as_mut()).await?,
             _ = refresh.tick() => {
                 if agent.failed {
-                    agent.reconcile(&mut datapath, &loaded, &config).await?;
+                    agent.reconcile(&mut datapath, &loaded, &config, reporter.as_mut()).await?;
                 } else {
                     agent.write_status(&datapath)?;
                 }
@@ -170,6 +228,7 @@ impl Agent {
         datapath: &mut Datapath,
         loaded: &Loaded,
         config: &PlanConfig,
+        reporter: Option<&mut Reporter>,
     ) -> Result<(), AgentError> {
         let plan = plan::plan(&loaded.snapshot, &self.node, config);
         if self.planned.as_ref() != Some(&plan) {
@@ -181,6 +240,9 @@ impl Agent {
                 self.applied = Some((plan.clone(), loaded.digest));
                 self.failed = false;
                 self.write_status(datapath)?;
+                if let Some(reporter) = reporter {
+                    reporter.publish(&loaded.snapshot, &plan).await;
+                }
             }
             Err(e) => {
                 tracing::error!("applying the plan failed, the previous data path stays: {e}");

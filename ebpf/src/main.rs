@@ -113,12 +113,12 @@ fn uplink_egress(ctx: &TcContext) -> Option<i32> {
     }
     // The redirected packet passes this hook again; without the bit it goes out unchanged.
     ctx.set_mark(mark & !mark_bit);
-    let mut nh = bpf_redir_neigh {
-        nh_family: AF_INET,
-        __bindgen_anon_1: aya_ebpf::bindings::bpf_redir_neigh__bindgen_ty_1 {
-            ipv4_nh: egress.holder,
-        },
-    };
+    // Zeroed whole: the verifier refuses to pass uninitialised stack bytes (the unused IPv6
+    // part of the union) to a helper unless the loader has CAP_PERFMON.
+    // SAFETY: bpf_redir_neigh is plain integers, for which all-zero is valid.
+    let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
+    nh.nh_family = AF_INET;
+    nh.__bindgen_anon_1.ipv4_nh = egress.holder;
     // SAFETY: `nh` lives across the call and its size is passed along.
     let verdict =
         unsafe { bpf_redirect_neigh(ifindex, &mut nh, size_of::<bpf_redir_neigh>() as i32, 0) };

@@ -1,6 +1,6 @@
 //! A running lab: topology, pods, objects, agents.
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -733,6 +733,30 @@ impl Cluster {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
+        let mut args = vec![
+            OsString::from("--from-file"),
+            self.objects_path.clone().into(),
+        ];
+        args.extend(extra_args.into_iter().map(|a| a.as_ref().to_owned()));
+        self.spawn_agent(node, &args, None)
+    }
+
+    /// Starts the agent for `node` in cluster mode: objects come from the API server that
+    /// `kubeconfig` names instead of the objects file.
+    pub fn start_agent_with_kubeconfig(
+        &self,
+        node: &str,
+        kubeconfig: &Path,
+    ) -> Result<AgentHandle> {
+        self.spawn_agent(node, &[], Some(kubeconfig))
+    }
+
+    fn spawn_agent(
+        &self,
+        node: &str,
+        args: &[OsString],
+        kubeconfig: Option<&Path>,
+    ) -> Result<AgentHandle> {
         let node = self.node(node)?;
         let bin = self.agent_bin()?;
         let log = self
@@ -740,13 +764,15 @@ impl Cluster {
             .join(&node.name)
             .join(format!("agent.{}.log", self.next_run()));
         let mut cmd = netns_command(&node.netns, [bin.as_os_str()]);
-        cmd.args(["agent", "--node", &node.name, "--from-file"])
-            .arg(&self.objects_path)
+        cmd.args(["agent", "--node", &node.name])
             .arg("--state-dir")
             .arg(&node.state_dir)
             .arg("--bpffs")
             .arg(&node.bpffs)
-            .args(extra_args);
+            .args(args);
+        if let Some(kubeconfig) = kubeconfig {
+            cmd.env("KUBECONFIG", kubeconfig);
+        }
         let what = format!("agent on {}", node.name);
         Ok(AgentHandle {
             process: Background::spawn(cmd, &log, what)?,

@@ -44,10 +44,12 @@
 //! # }
 //! ```
 
+pub mod apiserver;
 mod builder;
 mod cluster;
 mod cmd;
 mod digest;
+pub mod fixture;
 mod names;
 pub mod objects;
 mod process;

@@ -155,6 +155,29 @@ impl Objects {
         Ok(documents.join("---\n"))
     }
 
+    /// Every object as the JSON an API server stores (raw documents included when they parse).
+    pub fn api_objects(&self) -> Result<Vec<serde_json::Value>> {
+        let mut out = Vec::new();
+        for namespace in &self.namespaces {
+            out.push(serde_json::to_value(namespace.to_k8s())?);
+        }
+        for node in &self.nodes {
+            out.push(serde_json::to_value(node.to_k8s())?);
+        }
+        for pod in &self.pods {
+            out.push(serde_json::to_value(pod.to_k8s())?);
+        }
+        for gateway in &self.gateways {
+            out.push(serde_json::to_value(gateway.to_document())?);
+        }
+        for raw in &self.raw {
+            if let Ok(value) = serde_yaml::from_str::<serde_json::Value>(raw) {
+                out.push(value);
+            }
+        }
+        Ok(out)
+    }
+
     /// Renders and writes the file atomically; returns the digest of what was written.
     pub fn write(&self, path: &Path) -> Result<String> {
         let text = self.render()?;

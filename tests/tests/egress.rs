@@ -6,39 +6,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
 use ipnet::Ipv4Net;
-use netlab::objects::{EgressGateway, FailurePolicy, Objects, match_labels};
+use netlab::fixture::{EGRESS_IP, GATEWAY, gateway, three_nodes};
+use netlab::objects::{FailurePolicy, Objects, match_labels};
 use netlab::{AgentHandle, Cluster, LabPod, PodSpec, PodStyle, wait_until};
 
-const GATEWAY: &str = "corp-fw";
-const EGRESS_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 200);
 const APPLY: Duration = Duration::from_secs(15);
 
-fn gateway(name: &str, ip: Ipv4Addr) -> EgressGateway {
-    EgressGateway::new(name)
-        .egress_ip(ip)
-        .node_selector(match_labels([("egress", "true")]))
-        .namespace_selector(Some(match_labels([("team", "payments")])))
-        .pod_selector(Some(match_labels([("app", "api")])))
-}
-
-/// Three nodes: node1 (routed pods, not eligible), node2 (bridged pods, eligible: the holder),
-/// node3 (routed pods, eligible). Namespace `payments` is admitted by `corp-fw`.
 fn cluster() -> Result<Cluster> {
-    let mut cluster = Cluster::builder()
-        .nodes(3)
-        .with_node("node2", |n| {
-            n.pod_style(PodStyle::Bridged).label("egress", "true")
-        })
-        .with_node("node3", |n| n.label("egress", "true"))
-        .probe_bin(env!("CARGO_BIN_EXE_se-probe"))
-        .build()?;
-    cluster.update_objects(|o| {
-        o.namespace("payments")
-            .labels
-            .insert("team".into(), "payments".into());
-        o.set_gateway(gateway(GATEWAY, EGRESS_IP));
-    })?;
-    Ok(cluster)
+    three_nodes(env!("CARGO_BIN_EXE_se-probe").as_ref())
 }
 
 fn api_pod(cluster: &mut Cluster, name: &str, node: &str) -> Result<LabPod> {

@@ -1,5 +1,6 @@
-//! `cargo xtask <task>`: the project's setup, build, test and lab commands.
+//! `cargo xtask <task>`: the project's setup, build, test, lab and bench commands.
 
+mod bench;
 mod build;
 mod lab;
 mod setup;
@@ -25,6 +26,8 @@ enum Task {
     Test(test::Options),
     /// Show the agent at work in a three-node network-namespace cluster (needs root).
     Lab(lab::Options),
+    /// Measure the data path and the agent against other ways of pinning egress (needs root).
+    Bench(bench::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -33,5 +36,6 @@ fn main() -> anyhow::Result<()> {
         Task::Build(options) => build::run(&options).map(|_| ()),
         Task::Test(options) => test::run(&options),
         Task::Lab(options) => lab::run(&options),
+        Task::Bench(options) => bench::run(&options),
     }
 }

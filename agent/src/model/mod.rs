@@ -1,7 +1,8 @@
 //! The cluster as the planner sees it: small validated types, converted from the Kubernetes
-//! objects (`Namespace`, `Node`, `Pod`, `EgressGateway`) by `objects`.
+//! objects (`Namespace`, `Node`, `Pod`, and our `EgressGateway` defined in `crd`) by `objects`.
 
-mod objects;
+mod crd;
+pub(crate) mod objects;
 mod selector;
 
 use std::collections::BTreeMap;
@@ -9,9 +10,10 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
+pub use crd::{EgressGateway, EgressGatewaySpec, EgressGatewayStatus, EgressIpHolder};
 pub use objects::{
-    API_VERSION, Documents, EgressGateway, EgressGatewaySpec, FieldProblem, Invalid, ObjectError,
-    ObjectKey, ParsedObject, SyntaxError, parse_documents,
+    API_VERSION, Documents, FieldProblem, GatewayError, Invalid, ObjectError, ObjectKey,
+    ParsedObject, SyntaxError, gateway_from_object, parse_documents,
 };
 pub use selector::{Selector, SelectorError};
 

@@ -8,10 +8,11 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::{IpNet, Ipv4Net};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use serde::Deserialize;
 use serde_yaml::Value;
 
+use super::crd::{EgressGateway, EgressGatewaySpec};
 use super::{
     FailurePolicy, GATEWAY_ANNOTATION, Gateway, NamespaceInfo, NodeInfo, PodInfo, Selector,
     SelectorError, Snapshot,
@@ -19,32 +20,6 @@ use super::{
 
 /// `apiVersion` of our own kinds.
 pub const API_VERSION: &str = "static-egress.io/v1alpha1";
-
-/// The `EgressGateway` custom resource as written by users; [`parse_documents`] validates it
-/// into a [`Gateway`]. Addresses stay strings here so errors can quote what was written.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct EgressGateway {
-    #[serde(default)]
-    pub metadata: ObjectMeta,
-    #[serde(default)]
-    pub spec: EgressGatewaySpec,
-}
-
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct EgressGatewaySpec {
-    #[serde(default, rename = "egressIPs")]
-    pub egress_ips: Vec<String>,
-    pub node_selector: Option<LabelSelector>,
-    pub namespace_selector: Option<LabelSelector>,
-    pub pod_selector: Option<LabelSelector>,
-    #[serde(rename = "destinationCIDRs")]
-    pub destination_cidrs: Option<Vec<String>>,
-    #[serde(default, rename = "excludedCIDRs")]
-    pub excluded_cidrs: Vec<String>,
-    pub failure_policy: Option<String>,
-}
 
 /// Identity of an object across versions of the input. `namespace` is set for pods only.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -341,7 +316,10 @@ fn convert(key: &ObjectKey, value: &Value) -> Result<ParsedObject, Vec<Invalid>>
         "Node" => node(key, typed(key, value)?).map(ParsedObject::Node),
         "Pod" => pod(key, typed(key, value)?).map(ParsedObject::Pod),
         // `identify` lets through no other kind.
-        _ => gateway(key, typed(key, value)?).map(ParsedObject::Gateway),
+        _ => {
+            let object: EgressGateway = typed(key, &gateway_input(value))?;
+            validate_gateway(&key.name, &object.spec).map(ParsedObject::Gateway)
+        }
     }
 }
 
@@ -389,7 +367,7 @@ fn gateway_annotation(annotations: Option<BTreeMap<String, String>>) -> Option<S
         .filter(|gateway| !gateway.is_empty())
 }
 
-fn namespace(key: &ObjectKey, raw: Namespace) -> NamespaceInfo {
+pub(crate) fn namespace(key: &ObjectKey, raw: Namespace) -> NamespaceInfo {
     NamespaceInfo {
         name: key.name.clone(),
         labels: raw.metadata.labels.unwrap_or_default(),
@@ -397,7 +375,7 @@ fn namespace(key: &ObjectKey, raw: Namespace) -> NamespaceInfo {
     }
 }
 
-fn node(key: &ObjectKey, raw: Node) -> Result<NodeInfo, Vec<Invalid>> {
+pub(crate) fn node(key: &ObjectKey, raw: Node) -> Result<NodeInfo, Vec<Invalid>> {
     let mut problems = Vec::new();
     let status = raw.status.unwrap_or_default();
     let ready = status
@@ -461,7 +439,7 @@ fn node(key: &ObjectKey, raw: Node) -> Result<NodeInfo, Vec<Invalid>> {
     })
 }
 
-fn pod(key: &ObjectKey, raw: Pod) -> Result<PodInfo, Vec<Invalid>> {
+pub(crate) fn pod(key: &ObjectKey, raw: Pod) -> Result<PodInfo, Vec<Invalid>> {
     let mut problems = Vec::new();
     let spec = raw.spec.unwrap_or_default();
     let status = raw.status.unwrap_or_default();
@@ -505,9 +483,62 @@ fn pod(key: &ObjectKey, raw: Pod) -> Result<PodInfo, Vec<Invalid>> {
     })
 }
 
-fn gateway(key: &ObjectKey, raw: EgressGateway) -> Result<Gateway, Vec<Invalid>> {
+/// Files predate the resource's `status` and the agent never acts on one, so a file's status
+/// (as `kubectl get -o yaml` prints it) must not spoil its gateway. A missing `spec` is
+/// reported field by field, like an empty one.
+fn gateway_input(value: &Value) -> Value {
+    let mut value = value.clone();
+    if let Value::Mapping(map) = &mut value {
+        map.remove("status");
+        if !map.contains_key("spec") {
+            map.insert("spec".into(), Value::Mapping(serde_yaml::Mapping::new()));
+        }
+    }
+    value
+}
+
+/// An `EgressGateway` from the API server that does not validate.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{}{}", gateway_prefix(.name), join_problems(.problems))]
+pub struct GatewayError {
+    /// Empty only when the object has no name, which the API server never lets happen.
+    pub name: String,
+    /// Every problem found, each naming its field.
+    pub problems: Vec<Invalid>,
+}
+
+fn gateway_prefix(name: &str) -> String {
+    if name.is_empty() {
+        String::new()
+    } else {
+        format!("EgressGateway {name}: ")
+    }
+}
+
+fn join_problems(problems: &[Invalid]) -> String {
+    problems
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Validates a watched `EgressGateway` exactly as the file source does.
+pub fn gateway_from_object(object: &EgressGateway) -> Result<Gateway, GatewayError> {
+    let name = object.metadata.name.clone().unwrap_or_default();
+    if name.is_empty() {
+        return Err(GatewayError {
+            name,
+            problems: vec![Invalid::MissingName {
+                kind: "EgressGateway".to_owned(),
+            }],
+        });
+    }
+    validate_gateway(&name, &object.spec).map_err(|problems| GatewayError { name, problems })
+}
+
+fn validate_gateway(name: &str, spec: &EgressGatewaySpec) -> Result<Gateway, Vec<Invalid>> {
     let mut problems = Vec::new();
-    let spec = raw.spec;
 
     if spec.egress_ips.is_empty() {
         problems.push(field(
@@ -589,7 +620,7 @@ fn gateway(key: &ObjectKey, raw: EgressGateway) -> Result<Gateway, Vec<Invalid>>
 
     match namespace_selector {
         Some(namespace_selector) if problems.is_empty() => Ok(Gateway {
-            name: key.name.clone(),
+            name: name.to_owned(),
             egress_ips,
             node_selector: node_selector.unwrap_or_default(),
             namespace_selector,
@@ -973,6 +1004,62 @@ status: {holders: []}
         assert_eq!(gw.excluded, nets(&["203.0.113.128/25"]));
         assert_eq!(gw.failure_policy, FailurePolicy::FailOpen);
         assert_eq!(docs.objects[0].key().to_string(), "EgressGateway corp-fw");
+    }
+
+    #[test]
+    fn watched_gateway_validates_like_a_file_one() {
+        let ParsedObject::Gateway(from_file) = &parse(GATEWAY).objects[0] else {
+            panic!("not a gateway");
+        };
+        // As the API server sends it: unknown fields pruned, a status written by the agents.
+        let object: EgressGateway = serde_yaml::from_str(
+            &GATEWAY
+                .replace("  notYetKnown: 1\n", "")
+                .replace(
+                    "status: {holders: []}",
+                    "status: {holders: [{ip: 192.0.2.200, node: n1}, {ip: 192.0.2.201}], selectedPods: 3}",
+                ),
+        )
+        .unwrap();
+        assert_eq!(object.status.as_ref().unwrap().selected_pods, 3);
+        assert_eq!(&gateway_from_object(&object).unwrap(), from_file);
+
+        let mut bad = object.clone();
+        bad.spec.egress_ips = vec!["x".into()];
+        bad.spec.namespace_selector = None;
+        let error = gateway_from_object(&bad).unwrap_err();
+        assert_eq!(error.name, "corp-fw");
+        assert_eq!(
+            error.to_string(),
+            r#"EgressGateway corp-fw: spec.egressIPs[0]: "x" is not an IPv4 address; spec.namespaceSelector: is required (use {} to admit every namespace)"#
+        );
+
+        bad.metadata.name = None;
+        assert_eq!(
+            gateway_from_object(&bad).unwrap_err().to_string(),
+            "EgressGateway without metadata.name"
+        );
+    }
+
+    #[test]
+    fn file_gateway_ignores_status_and_reports_a_missing_spec_per_field() {
+        let docs = parse(&GATEWAY.replace(
+            "status: {holders: []}",
+            "status: {holders: 7, conditions: [{type: Ready}]}",
+        ));
+        assert_eq!(docs.errors, []);
+        assert_eq!(docs.objects.len(), 1);
+
+        let docs = parse(
+            "apiVersion: static-egress.io/v1alpha1\nkind: EgressGateway\nmetadata: {name: empty}",
+        );
+        assert_eq!(
+            messages(&docs),
+            [
+                "document 1: EgressGateway empty: spec.egressIPs: must list at least one IPv4 address",
+                "document 1: EgressGateway empty: spec.namespaceSelector: is required (use {} to admit every namespace)",
+            ]
+        );
     }
 
     #[test]

@@ -74,12 +74,7 @@ pub fn plan(snapshot: &Snapshot, node: &str, config: &PlanConfig) -> NodePlan {
         .map(|&(g, k)| gateways[g].egress[k].ip)
         .collect();
 
-    let mut chooser = Chooser {
-        snapshot,
-        gateways: &accepted,
-        dropped: problems.iter().map(|p| p.gateway()).collect(),
-        namespaces: HashMap::new(),
-    };
+    let mut chooser = Chooser::new(snapshot, &accepted, &problems);
     let mut pods = Vec::new();
     let mut rejected = Vec::new();
     let mut rejected_namespaces = HashSet::new();
@@ -203,7 +198,7 @@ fn cluster_ranges(snapshot: &Snapshot, config: &PlanConfig) -> Vec<Ipv4Net> {
 
 /// Gateways by name; a gateway reusing an egress IP of an earlier one is dropped whole,
 /// because half a gateway would route its pods to an address another gateway SNATs.
-fn resolve_conflicts(snapshot: &Snapshot) -> (Vec<&Gateway>, Vec<PlanProblem>) {
+pub(super) fn resolve_conflicts(snapshot: &Snapshot) -> (Vec<&Gateway>, Vec<PlanProblem>) {
     let mut owner: HashMap<Ipv4Addr, &str> = HashMap::new();
     let mut accepted = Vec::new();
     let mut problems = Vec::new();
@@ -303,58 +298,55 @@ fn dest_entries(destinations: &[Ipv4Net], excluded: &[Ipv4Net]) -> Vec<DestEntry
 }
 
 /// Per-namespace decisions, made once for all the namespace's pods.
-struct NamespaceChoice {
+pub(super) struct NamespaceChoice {
     /// Indices (name order) of gateways whose namespaceSelector admits the namespace.
     admitted: Vec<usize>,
     /// Admitted gateways that select pods by label.
     by_selector: Vec<usize>,
-    annotation: Option<Result<usize, (String, RejectReason)>>,
+    pub(super) annotation: Option<Result<usize, (String, RejectReason)>>,
 }
 
-struct Chooser<'a> {
+pub(super) struct Chooser<'a> {
     snapshot: &'a Snapshot,
     /// Sorted by name, so an index order is a name order.
-    gateways: &'a [&'a Gateway],
+    pub(super) gateways: &'a [&'a Gateway],
     dropped: HashSet<&'a str>,
     namespaces: HashMap<&'a str, NamespaceChoice>,
 }
 
-struct PodChoice {
-    winner: Option<(usize, Reason)>,
+pub(super) struct PodChoice {
+    pub(super) winner: Option<(usize, Reason)>,
     overridden: Vec<usize>,
-    pod_rejection: Option<RejectReason>,
+    pub(super) pod_rejection: Option<RejectReason>,
     namespace_rejection: Option<(String, RejectReason)>,
 }
 
 impl<'a> Chooser<'a> {
-    fn choose(&mut self, pod: &'a PodInfo) -> PodChoice {
+    /// `gateways` are those [`resolve_conflicts`] accepted, `problems` what it left out.
+    pub(super) fn new(
+        snapshot: &'a Snapshot,
+        gateways: &'a [&'a Gateway],
+        problems: &'a [PlanProblem],
+    ) -> Self {
+        Self {
+            snapshot,
+            gateways,
+            dropped: problems.iter().map(PlanProblem::gateway).collect(),
+            namespaces: HashMap::new(),
+        }
+    }
+
+    /// Decides for `namespace` without caching: for callers that look at each namespace once.
+    pub(super) fn namespace(&self, namespace: &str) -> NamespaceChoice {
+        namespace_choice(self.snapshot, self.gateways, &self.dropped, namespace)
+    }
+
+    pub(super) fn choose(&mut self, pod: &'a PodInfo) -> PodChoice {
         let (gateways, dropped, snapshot) = (self.gateways, &self.dropped, self.snapshot);
         let ns = self
             .namespaces
             .entry(pod.namespace.as_str())
-            .or_insert_with(|| {
-                let missing = NamespaceInfo::default();
-                let info = snapshot.namespaces.get(&pod.namespace).unwrap_or(&missing);
-                let admitted: Vec<usize> = gateways
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, g)| g.namespace_selector.matches(&info.labels))
-                    .map(|(i, _)| i)
-                    .collect();
-                let by_selector = admitted
-                    .iter()
-                    .copied()
-                    .filter(|&i| gateways[i].pod_selector.is_some())
-                    .collect();
-                let annotation = info.gateway_annotation.as_deref().map(|name| {
-                    lookup(gateways, dropped, &admitted, name).map_err(|why| (name.to_owned(), why))
-                });
-                NamespaceChoice {
-                    admitted,
-                    by_selector,
-                    annotation,
-                }
-            });
+            .or_insert_with(|| namespace_choice(snapshot, gateways, dropped, &pod.namespace));
 
         let mut claims: Vec<(Reason, usize)> = Vec::new();
         let mut pod_rejection = None;
@@ -394,6 +386,35 @@ impl<'a> Chooser<'a> {
             pod_rejection,
             namespace_rejection,
         }
+    }
+}
+
+fn namespace_choice(
+    snapshot: &Snapshot,
+    gateways: &[&Gateway],
+    dropped: &HashSet<&str>,
+    namespace: &str,
+) -> NamespaceChoice {
+    let missing = NamespaceInfo::default();
+    let info = snapshot.namespaces.get(namespace).unwrap_or(&missing);
+    let admitted: Vec<usize> = gateways
+        .iter()
+        .enumerate()
+        .filter(|(_, g)| g.namespace_selector.matches(&info.labels))
+        .map(|(i, _)| i)
+        .collect();
+    let by_selector = admitted
+        .iter()
+        .copied()
+        .filter(|&i| gateways[i].pod_selector.is_some())
+        .collect();
+    let annotation = info.gateway_annotation.as_deref().map(|name| {
+        lookup(gateways, dropped, &admitted, name).map_err(|why| (name.to_owned(), why))
+    });
+    NamespaceChoice {
+        admitted,
+        by_selector,
+        annotation,
     }
 }
 

@@ -1,6 +1,7 @@
 //! Pure planning: a [`Snapshot`] and the node's name in, the node's desired state out, with
 //! the reason behind every choice. Nothing here touches the kernel.
 
+mod cluster;
 mod compute;
 mod display;
 #[cfg(test)]
@@ -12,6 +13,7 @@ use ipnet::Ipv4Net;
 
 use crate::model::FailurePolicy;
 
+pub use cluster::{GatewayUsage, gateway_usage};
 pub use compute::{gateway_ids, plan};
 
 /// Settings of the agent that shape the plan.

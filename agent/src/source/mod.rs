@@ -1,6 +1,7 @@
 //! Where snapshots come from. Today a file of Kubernetes objects, watched for changes.
 
 mod file;
+pub mod kube;
 
 use std::fmt;
 use std::io;
@@ -42,6 +43,12 @@ pub enum SourceError {
         path: PathBuf,
         source: notify::Error,
     },
+    #[error(
+        "the EgressGateway CustomResourceDefinition is not installed (`static-egress crd | kubectl apply -f -`)"
+    )]
+    CrdMissing,
+    #[error("cannot list EgressGateways from the Kubernetes API: {0}")]
+    Cluster(#[source] ::kube::Error),
 }
 
 /// FNV-1a, 64 bits: cheap, dependency-free, and easy to recompute in tests and scripts.

@@ -1,7 +1,8 @@
 //! A tiny TCP probe for the network-namespace labs.
 //!
 //! `serve` answers every connection with the peer's address, so a client learns which source
-//! address its traffic left the cluster with; `ask` and `loop` are the clients.
+//! address its traffic left the cluster with; `ask` and `loop` are the clients. `echo` and `rr`
+//! measure request/response latency over one persistent connection (`cargo xtask bench`).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -13,7 +14,13 @@ use std::time::{Duration, Instant};
 const USAGE: &str = "usage:
   se-probe serve --listen ADDR:PORT [--log FILE]
   se-probe ask ADDR:PORT [--timeout-ms N]
-  se-probe loop ADDR:PORT --interval-ms N --count N [--timeout-ms N]";
+  se-probe loop ADDR:PORT --interval-ms N --count N [--timeout-ms N]
+  se-probe echo --listen ADDR:PORT
+  se-probe rr ADDR:PORT --count N [--size BYTES] [--warmup N] [--timeout-ms N]";
+
+/// `rr` refuses messages larger than this: the point is small transactions, and the echo server
+/// reads into a buffer of this size.
+const MAX_RR_SIZE: u64 = 65_536;
 
 const DEFAULT_TIMEOUT_MS: u64 = 2000;
 
@@ -83,6 +90,29 @@ fn run(args: &[String]) -> Result<ExitCode, Failure> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        "echo" => {
+            parsed.only(&["listen"], 0)?;
+            let listen = parse_addr(parsed.required("listen")?)?;
+            echo_serve(listen)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        "rr" => {
+            parsed.only(&["count", "size", "warmup", "timeout-ms"], 1)?;
+            let addr = parse_addr(&parsed.positional[0])?;
+            let count = parsed.number("count", None)?;
+            let size = parsed.number("size", Some(64))?;
+            if size == 0 || size > MAX_RR_SIZE {
+                return Err(Failure::Usage(format!(
+                    "--size must be 1..={MAX_RR_SIZE} bytes"
+                )));
+            }
+            let warmup = parsed.number("warmup", Some(100))?;
+            let timeout = parsed.millis("timeout-ms", DEFAULT_TIMEOUT_MS)?;
+            let mut rtts =
+                round_trips(addr, count, size, warmup, timeout).map_err(Failure::Runtime)?;
+            println!("{}", summarize(&mut rtts));
+            Ok(ExitCode::SUCCESS)
         }
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
@@ -243,6 +273,106 @@ fn ask(addr: SocketAddr, timeout: Duration) -> Result<String, String> {
     Ok(reply.to_owned())
 }
 
+fn echo_serve(listen: SocketAddr) -> Result<(), Failure> {
+    let listener = TcpListener::bind(listen)
+        .map_err(|e| Failure::Runtime(format!("cannot listen on {listen}: {e}")))?;
+    println!("ready");
+    io::stdout()
+        .flush()
+        .map_err(|e| Failure::Runtime(format!("cannot write to stdout: {e}")))?;
+    for conn in listener.incoming() {
+        match conn {
+            // A thread per connection: clients are few (one per measurement) and each blocks.
+            Ok(stream) => {
+                std::thread::spawn(move || echo(stream));
+            }
+            Err(e) => eprintln!("se-probe: accept failed: {e}"),
+        }
+    }
+    Ok(())
+}
+
+/// Sends back whatever arrives until the peer closes.
+fn echo(mut stream: TcpStream) {
+    if let Err(e) = stream.set_nodelay(true) {
+        eprintln!("se-probe: cannot disable Nagle: {e}");
+    }
+    let mut buf = vec![0_u8; usize::try_from(MAX_RR_SIZE).unwrap_or(65_536)];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                if let Err(e) = stream.write_all(&buf[..n]) {
+                    eprintln!("se-probe: echo write failed: {e}");
+                    return;
+                }
+            }
+            Err(e) => {
+                eprintln!("se-probe: echo read failed: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// `warmup` unmeasured then `count` measured round trips of `size` bytes on one connection;
+/// returns each measured round trip's duration.
+fn round_trips(
+    addr: SocketAddr,
+    count: u64,
+    size: u64,
+    warmup: u64,
+    timeout: Duration,
+) -> Result<Vec<Duration>, String> {
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    stream
+        .set_nodelay(true)
+        .and_then(|()| stream.set_read_timeout(Some(timeout)))
+        .and_then(|()| stream.set_write_timeout(Some(timeout)))
+        .map_err(|e| format!("cannot set socket options: {e}"))?;
+    let size = usize::try_from(size).map_err(|e| e.to_string())?;
+    let request = vec![0x5a_u8; size];
+    let mut reply = vec![0_u8; size];
+    let mut rtts = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
+    for i in 0..warmup.saturating_add(count) {
+        let started = Instant::now();
+        stream
+            .write_all(&request)
+            .and_then(|()| stream.read_exact(&mut reply))
+            .map_err(|e| format!("round trip {i} to {addr} failed: {e}"))?;
+        if i >= warmup {
+            rtts.push(started.elapsed());
+        }
+    }
+    Ok(rtts)
+}
+
+/// `n=.. p50_us=.. p99_us=.. mean_us=..`, the line `cargo xtask bench` parses.
+fn summarize(rtts: &mut [Duration]) -> String {
+    rtts.sort_unstable();
+    let micros = |d: Duration| d.as_secs_f64() * 1e6;
+    let at = |q: f64| {
+        let last = rtts.len().saturating_sub(1);
+        // Nearest rank: truncation to an index is the intent.
+        let index = ((last as f64) * q).round() as usize;
+        rtts.get(index).copied().map_or(0.0, micros)
+    };
+    let total: f64 = rtts.iter().copied().map(micros).sum();
+    let mean = if rtts.is_empty() {
+        0.0
+    } else {
+        total / rtts.len() as f64
+    };
+    format!(
+        "n={} p50_us={:.1} p99_us={:.1} mean_us={:.1}",
+        rtts.len(),
+        at(0.50),
+        at(0.99),
+        mean
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,6 +429,30 @@ mod tests {
         let logged = std::fs::read_to_string(&log_path).expect("reads log");
         std::fs::remove_file(&log_path).expect("removes log");
         assert_eq!(logged, "127.0.0.1\n");
+    }
+
+    #[test]
+    fn round_trips_come_back_and_are_summarized() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("binds on loopback");
+        let addr = listener.local_addr().expect("has an address");
+        let server = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().expect("accepts");
+            echo(stream);
+        });
+        let mut rtts = round_trips(addr, 50, 100, 5, Duration::from_secs(5)).expect("echoed");
+        server.join().expect("server thread");
+        assert_eq!(rtts.len(), 50);
+        let line = summarize(&mut rtts);
+        assert!(line.starts_with("n=50 p50_us="), "{line}");
+    }
+
+    #[test]
+    fn percentiles_use_the_nearest_rank() {
+        let mut rtts: Vec<Duration> = (1..=100).map(Duration::from_micros).collect();
+        assert_eq!(
+            summarize(&mut rtts),
+            "n=100 p50_us=51.0 p99_us=99.0 mean_us=50.5"
+        );
     }
 
     #[test]

@@ -1,0 +1,248 @@
+//! Tells the cluster what the agents decided: each `EgressGateway`'s status (written by one
+//! node per gateway, through server-side apply) and events on refused pods and on holder
+//! changes. Nothing here is fatal: the data path matters more than what we say about it, so
+//! failures are logged and retried on the next publish.
+
+mod events;
+mod status;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use k8s_openapi::api::core::v1::Event;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::{Client, Resource};
+use serde_json::{Map, Value};
+
+use crate::model::{EgressGateway, EgressGatewayStatus, Snapshot};
+use crate::plan::NodePlan;
+use events::PodWarning;
+
+/// Field manager of every status write: all nodes use the same one, so the node that takes
+/// over a gateway's status replaces what the previous writer set instead of merging with it.
+const FIELD_MANAGER: &str = "static-egress";
+
+#[derive(Debug, thiserror::Error)]
+enum ReportError {
+    #[error("encoding the status of EgressGateway {gateway}: {source}")]
+    Encode {
+        gateway: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("writing the status of EgressGateway {gateway}: {source}")]
+    Status {
+        gateway: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("creating event {reason} in namespace {namespace}: {source}")]
+    Event {
+        namespace: String,
+        reason: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+/// What one [`Reporter::publish`] sent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Published {
+    /// Gateway statuses written.
+    pub statuses: usize,
+    /// Events created.
+    pub events: usize,
+    /// Writes that failed (logged; they are tried again on the next publish).
+    pub failures: usize,
+}
+
+impl Published {
+    fn failed(&mut self, error: &ReportError) {
+        tracing::warn!(%error, "reporting to the cluster; will retry");
+        self.failures += 1;
+    }
+}
+
+/// Publishes the gateways' status and events for one node. It remembers what it wrote, so a
+/// publish after every resync costs nothing when nothing changed.
+pub struct Reporter {
+    client: Client,
+    node: String,
+    /// The last conditions computed for each gateway, written or not, for their transition
+    /// times: when this node becomes a gateway's writer it keeps the times it has seen.
+    conditions: BTreeMap<String, Vec<Condition>>,
+    /// The status last written for each gateway this node still writes; forgotten when
+    /// another node takes over, since that node may have written something else since.
+    written: BTreeMap<String, EgressGatewayStatus>,
+    /// The holder of each egress IP at the last publish, per gateway.
+    holders: BTreeMap<(String, Ipv4Addr), Option<String>>,
+    /// Warnings on local pods already published that still hold.
+    warned: BTreeSet<PodWarning>,
+}
+
+impl Reporter {
+    pub fn new(client: Client, node: String) -> Self {
+        Self {
+            client,
+            node,
+            conditions: BTreeMap::new(),
+            written: BTreeMap::new(),
+            holders: BTreeMap::new(),
+            warned: BTreeSet::new(),
+        }
+    }
+
+    /// Reports on `plan`, this node's plan of `snapshot`, once it is applied.
+    pub async fn publish(&mut self, snapshot: &Snapshot, plan: &NodePlan) -> Published {
+        let now = Timestamp::now();
+        let mut published = Published::default();
+        self.publish_statuses(snapshot, plan, now, &mut published)
+            .await;
+        self.warn_pods(plan, now, &mut published).await;
+        self.announce_holders(plan, now, &mut published).await;
+        published
+    }
+
+    async fn publish_statuses(
+        &mut self,
+        snapshot: &Snapshot,
+        plan: &NodePlan,
+        now: Timestamp,
+        published: &mut Published,
+    ) {
+        let mut conditions = BTreeMap::new();
+        for desired in status::desired(snapshot, plan) {
+            let gateway = desired.gateway.clone();
+            let writes = desired.writer.as_deref() == Some(self.node.as_str());
+            let previous = self.conditions.get(&gateway).map_or(&[][..], Vec::as_slice);
+            let status = desired.status(previous, now);
+            conditions.insert(gateway.clone(), status.conditions.clone());
+            if !writes {
+                self.written.remove(&gateway);
+                continue;
+            }
+            match self.write_status(&gateway, status).await {
+                Ok(true) => published.statuses += 1,
+                Ok(false) => {}
+                Err(error) => published.failed(&error),
+            }
+        }
+        self.written
+            .retain(|gateway, _| conditions.contains_key(gateway));
+        self.conditions = conditions;
+    }
+
+    async fn warn_pods(&mut self, plan: &NodePlan, now: Timestamp, published: &mut Published) {
+        let warnings = events::pod_warnings(plan);
+        self.warned.retain(|w| warnings.binary_search(w).is_ok());
+        for warning in warnings {
+            if self.warned.contains(&warning) {
+                continue;
+            }
+            match self.create_event(warning.event(&self.node, now)).await {
+                Ok(()) => {
+                    published.events += 1;
+                    self.warned.insert(warning);
+                }
+                Err(error) => published.failed(&error),
+            }
+        }
+    }
+
+    /// Only the new holder speaks: it is the one node sure to see the change, and only once.
+    async fn announce_holders(
+        &mut self,
+        plan: &NodePlan,
+        now: Timestamp,
+        published: &mut Published,
+    ) {
+        let mut holders = BTreeMap::new();
+        for gateway in &plan.gateways {
+            for egress in &gateway.egress {
+                let key = (gateway.name.clone(), egress.ip);
+                let holder = egress.holder.as_ref().map(|h| h.node.clone());
+                let mut seen = holder.clone();
+                if let Some(before) = self.holders.get(&key)
+                    && *before != holder
+                    && holder.as_deref() == Some(self.node.as_str())
+                {
+                    let event = events::holder_changed(
+                        &self.node,
+                        &gateway.name,
+                        egress.ip,
+                        before.as_deref(),
+                        now,
+                    );
+                    match self.create_event(event).await {
+                        Ok(()) => published.events += 1,
+                        Err(error) => {
+                            published.failed(&error);
+                            // Remembering the old holder makes the next publish try again.
+                            seen.clone_from(before);
+                        }
+                    }
+                }
+                holders.insert(key, seen);
+            }
+        }
+        self.holders = holders;
+    }
+
+    /// Applies `status` unless it is what this node last wrote; `Ok(true)` when it wrote.
+    async fn write_status(
+        &mut self,
+        gateway: &str,
+        status: EgressGatewayStatus,
+    ) -> Result<bool, ReportError> {
+        if self.written.get(gateway) == Some(&status) {
+            return Ok(false);
+        }
+        let encoded = serde_json::to_value(&status).map_err(|source| ReportError::Encode {
+            gateway: gateway.to_owned(),
+            source,
+        })?;
+        let mut body = Map::new();
+        body.insert(
+            "apiVersion".to_owned(),
+            EgressGateway::api_version(&()).into(),
+        );
+        body.insert("kind".to_owned(), EgressGateway::kind(&()).into());
+        let mut metadata = Map::new();
+        metadata.insert("name".to_owned(), gateway.into());
+        body.insert("metadata".to_owned(), metadata.into());
+        body.insert("status".to_owned(), encoded);
+        Api::<EgressGateway>::all(self.client.clone())
+            .patch_status(
+                gateway,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(Value::Object(body)),
+            )
+            .await
+            .map_err(|source| ReportError::Status {
+                gateway: gateway.to_owned(),
+                source,
+            })?;
+        tracing::info!(gateway, "EgressGateway status written");
+        self.written.insert(gateway.to_owned(), status);
+        Ok(true)
+    }
+
+    async fn create_event(&self, event: Event) -> Result<(), ReportError> {
+        let namespace = event.metadata.namespace.clone().unwrap_or_default();
+        let reason = event.reason.clone().unwrap_or_default();
+        Api::<Event>::namespaced(self.client.clone(), &namespace)
+            .create(&PostParams::default(), &event)
+            .await
+            .map_err(|source| ReportError::Event {
+                namespace: namespace.clone(),
+                reason: reason.clone(),
+                source,
+            })?;
+        tracing::debug!(namespace, reason, "event created");
+        Ok(())
+    }
+}

@@ -1,0 +1,1264 @@
+//! The cluster as the source: the agent watches the API server and publishes a new
+//! [`Loaded`] whenever its view changes.
+//!
+//! What each agent watches, and why:
+//!
+//! - **`Node`: all.** Holder election needs every node's readiness, labels and InternalIP, and
+//!   the cluster ranges that never go through a gateway include every node's pod CIDRs. Each
+//!   Node is converted to the model's small `NodeInfo` as it arrives, so a 1,000-node cluster
+//!   costs kilobytes, not the megabytes of full Node objects.
+//! - **`Namespace`: all.** Gateways select namespaces by label and namespaces opt in by
+//!   annotation. Namespaces are small and few.
+//! - **`EgressGateway`: all.** Cluster-scoped and few. They are watched as untyped objects and
+//!   validated one by one, so that one object the agent cannot read (say a `status` written by
+//!   another agent version) is reported alone instead of failing the whole list and with it
+//!   every update.
+//! - **`Pod`: this node's, always** (`fieldSelector=spec.nodeName=<node>`): marking happens at
+//!   the pod's interface, so only local pods matter for it. **All pods, only while this node may
+//!   hold an egress IP** (its labels match some gateway's `nodeSelector`): the holder SNATs the
+//!   pods of every node. That cluster-wide watch starts and stops as eligibility changes, so the
+//!   API server streams every pod only to the few nodes that may need them. Eligibility ignores
+//!   readiness on purpose: a node flapping Ready would otherwise re-list every pod each time,
+//!   and a node that becomes Ready must be able to take over at once.
+//!
+//! Consistency: nothing is published until every active watch has finished its initial list
+//! (including the cluster-wide pod watch when it starts), so the planner never sees a cluster
+//! without, say, its gateways. A re-list (after `410 Gone` or a restarted watch) is buffered and
+//! swapped in when complete, deleting what it no longer lists; until then that kind keeps its
+//! previous view. Watch errors are logged and retried with kube's default backoff; the data path
+//! stays as last programmed meanwhile.
+//!
+//! Like the file source, an object that turns invalid keeps its last valid version and a new
+//! invalid one is skipped; both are reported in [`Loaded::problems`] for as long as they last.
+//! Updates that leave the model unchanged (a Node's heartbeat, a pod's container status) are
+//! not published at all.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::future;
+
+use futures_util::stream::{BoxStream, StreamExt as _, TryStreamExt as _};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use kube::api::{Api, ApiResource, DynamicObject, ListParams};
+use kube::runtime::WatchStreamExt as _;
+use kube::runtime::watcher::{self, Event};
+use kube::{Client, Resource, ResourceExt as _};
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+
+use super::{Loaded, Problem, SourceError, fnv1a_64};
+use crate::model::objects;
+use crate::model::{
+    EgressGateway, Gateway, Invalid, NamespaceInfo, NodeInfo, ObjectKey, PodInfo, Snapshot,
+    gateway_from_object,
+};
+
+/// Checks that the API server answers and serves `EgressGateway`s, then starts watching it for
+/// `node` and returns the views as they change.
+///
+/// The first [`Loaded`] arrives once every initial list is in; later ones whenever the view
+/// changes, coalesced while the receiver has not taken the previous one (the channel holds at
+/// most one, always the latest). Only this first check fails: a cluster without the CRD, or an
+/// agent without access, is a deployment error worth one clear line; later API errors are
+/// logged and retried, and the receiver simply waits. The watches stop when the receiver is
+/// dropped.
+pub async fn start(client: Client, node: String) -> Result<mpsc::Receiver<Loaded>, SourceError> {
+    let gateways = Api::<DynamicObject>::all_with(client.clone(), &gateway_resource());
+    gateways
+        .list(&ListParams::default().limit(1))
+        .await
+        .map_err(|error| match error {
+            ::kube::Error::Api(status) if status.is_not_found() => SourceError::CrdMissing,
+            error => SourceError::Cluster(error),
+        })?;
+    let (tx, rx) = mpsc::channel(1);
+    tokio::spawn(run(client, node, tx));
+    Ok(rx)
+}
+
+fn gateway_resource() -> ApiResource {
+    ApiResource::erase::<EgressGateway>(&())
+}
+
+type Watch<T> = BoxStream<'static, Result<Event<Item<T>>, watcher::Error>>;
+
+async fn run(client: Client, node: String, tx: mpsc::Sender<Loaded>) {
+    // kube's defaults: consistent lists (served from the API server's watch cache since
+    // Kubernetes 1.31, so 1,000 agents starting at once do not each read etcd) in pages of 500,
+    // which bounds what one response holds before it is converted.
+    let config = watcher::Config::default;
+    let mut namespaces = watch(Api::all(client.clone()), config(), namespace_item);
+    let mut nodes = watch(Api::all(client.clone()), config(), node_item);
+    let gateway_api = Api::<DynamicObject>::all_with(client.clone(), &gateway_resource());
+    let mut gateways = watch(gateway_api, config(), gateway_item);
+    let local = config().fields(&format!("spec.nodeName={node}"));
+    let mut local_pods = watch(Api::all(client.clone()), local, pod_item);
+    let mut cluster_pods: Option<Watch<PodInfo>> = None;
+
+    let mut view = View::new(node);
+    let mut dirty = false;
+    let mut published_once = false;
+    loop {
+        // Biased: events already received are applied before publishing, so a burst (or an
+        // initial list) ends in one publication rather than one per object.
+        tokio::select! {
+            biased;
+            () = tx.closed() => break,
+            Some(event) = namespaces.next() => dirty |= handle(&mut view.namespaces, event),
+            Some(event) = nodes.next() => dirty |= handle(&mut view.nodes, event),
+            Some(event) = gateways.next() => dirty |= handle(&mut view.gateways, event),
+            Some(event) = local_pods.next() => dirty |= handle(&mut view.local_pods, event),
+            Some(event) = next_event(&mut cluster_pods) => {
+                if let Some(store) = &mut view.cluster_pods {
+                    dirty |= handle(store, event);
+                }
+            }
+            permit = tx.reserve(), if dirty && view.synced() => {
+                let Ok(permit) = permit else { break };
+                let loaded = view.loaded();
+                if !published_once {
+                    published_once = true;
+                    tracing::info!(
+                        nodes = loaded.snapshot.nodes.len(),
+                        namespaces = loaded.snapshot.namespaces.len(),
+                        pods = loaded.snapshot.pods.len(),
+                        gateways = loaded.snapshot.gateways.len(),
+                        "first complete view from the API server"
+                    );
+                }
+                tracing::debug!(digest = format_args!("{:016x}", loaded.digest), "view changed");
+                permit.send(loaded);
+                dirty = false;
+            }
+        }
+
+        match (view.may_hold_egress_ip(), cluster_pods.is_some()) {
+            (true, false) => {
+                tracing::info!("this node may hold an egress IP: watching the pods of every node");
+                cluster_pods = Some(watch(Api::all(client.clone()), config(), pod_item));
+                view.cluster_pods = Some(Store::default());
+            }
+            (false, true) => {
+                tracing::info!(
+                    "this node may no longer hold an egress IP: watching only its own pods"
+                );
+                cluster_pods = None;
+                view.cluster_pods = None;
+                dirty = true;
+            }
+            _ => {}
+        }
+    }
+    tracing::debug!("nobody listens to the cluster view any more; watches stopped");
+}
+
+/// A watch whose objects are converted as they arrive, so only the model's types are kept.
+fn watch<K, T>(api: Api<K>, config: watcher::Config, convert: fn(K) -> Item<T>) -> Watch<T>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    T: Send + 'static,
+{
+    watcher::watcher(api, config)
+        .default_backoff()
+        .map_ok(move |event| match event {
+            Event::Apply(object) => Event::Apply(convert(object)),
+            Event::Delete(object) => Event::Delete(convert(object)),
+            Event::Init => Event::Init,
+            Event::InitApply(object) => Event::InitApply(convert(object)),
+            Event::InitDone => Event::InitDone,
+        })
+        .boxed()
+}
+
+/// The cluster-wide pod watch's next event; never, while it is not running.
+async fn next_event<T>(
+    watch: &mut Option<Watch<T>>,
+) -> Option<Result<Event<Item<T>>, watcher::Error>> {
+    match watch {
+        Some(watch) => watch.next().await,
+        None => future::pending().await,
+    }
+}
+
+fn handle<T: Model>(store: &mut Store<T>, event: Result<Event<Item<T>>, watcher::Error>) -> bool {
+    match event {
+        Ok(event) => store.handle(event),
+        Err(error) => {
+            tracing::warn!(
+                kind = T::KIND,
+                %error,
+                "watching the API server failed; retrying with backoff, the last view stays"
+            );
+            false
+        }
+    }
+}
+
+/// One object as converted on arrival: its identity and its model value, or why it has none.
+struct Item<T> {
+    id: ObjectKey,
+    value: Result<T, Vec<Invalid>>,
+}
+
+fn cluster_id(kind: &str, name: String) -> ObjectKey {
+    ObjectKey {
+        kind: kind.to_owned(),
+        namespace: None,
+        name,
+    }
+}
+
+fn namespace_item(raw: Namespace) -> Item<NamespaceInfo> {
+    let id = cluster_id(NamespaceInfo::KIND, raw.name_any());
+    let value = Ok(objects::namespace(&id, raw));
+    Item { id, value }
+}
+
+fn node_item(raw: Node) -> Item<NodeInfo> {
+    let id = cluster_id(NodeInfo::KIND, raw.name_any());
+    let value = objects::node(&id, raw);
+    Item { id, value }
+}
+
+fn pod_item(raw: Pod) -> Item<PodInfo> {
+    let id = ObjectKey {
+        kind: PodInfo::KIND.to_owned(),
+        namespace: Some(raw.namespace().unwrap_or_default()),
+        name: raw.name_any(),
+    };
+    let value = objects::pod(&id, raw);
+    Item { id, value }
+}
+
+fn gateway_item(raw: DynamicObject) -> Item<Gateway> {
+    let id = cluster_id(Gateway::KIND, raw.name_any());
+    let schema = |error: serde_json::Error| {
+        vec![Invalid::Schema {
+            kind: Gateway::KIND.to_owned(),
+            message: error.to_string(),
+        }]
+    };
+    let value = serde_json::to_value(raw)
+        .and_then(|mut value| {
+            // Agents write the status and never act on it, so it must not spoil the spec.
+            if let Some(object) = value.as_object_mut() {
+                object.remove("status");
+            }
+            serde_json::from_value::<EgressGateway>(value)
+        })
+        .map_err(schema)
+        .and_then(|object| gateway_from_object(&object).map_err(|error| error.problems));
+    Item { id, value }
+}
+
+/// A model type as kept by a [`Store`], keyed as in [`Snapshot`].
+trait Model: Clone + Debug + PartialEq {
+    const KIND: &'static str;
+    type Key: Ord + Clone;
+    fn key(id: &ObjectKey) -> Self::Key;
+}
+
+impl Model for NamespaceInfo {
+    const KIND: &'static str = "Namespace";
+    type Key = String;
+    fn key(id: &ObjectKey) -> String {
+        id.name.clone()
+    }
+}
+
+impl Model for NodeInfo {
+    const KIND: &'static str = "Node";
+    type Key = String;
+    fn key(id: &ObjectKey) -> String {
+        id.name.clone()
+    }
+}
+
+impl Model for Gateway {
+    const KIND: &'static str = "EgressGateway";
+    type Key = String;
+    fn key(id: &ObjectKey) -> String {
+        id.name.clone()
+    }
+}
+
+impl Model for PodInfo {
+    const KIND: &'static str = "Pod";
+    type Key = (String, String);
+    fn key(id: &ObjectKey) -> (String, String) {
+        (id.namespace.clone().unwrap_or_default(), id.name.clone())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct Kept<T> {
+    value: T,
+    /// Of the value's `Debug` text, which is deterministic for the model's types (ordered
+    /// maps, vectors); the digest needs no more than that.
+    hash: u64,
+}
+
+impl<T: Debug> Kept<T> {
+    fn new(value: T) -> Self {
+        let hash = fnv1a_64(format!("{value:?}").as_bytes());
+        Self { value, hash }
+    }
+}
+
+/// One kind's view: the last valid version of each object, and what is wrong with the others.
+struct Store<T: Model> {
+    objects: BTreeMap<T::Key, Kept<T>>,
+    problems: BTreeMap<T::Key, Vec<Problem>>,
+    /// Wrapping sum of the objects' hashes: kept up to date per event, so a publication does
+    /// not rehash thousands of pods.
+    digest: u64,
+    /// Between `Init` and `InitDone`: the (re)list so far, swapped in whole at `InitDone`.
+    listing: Option<Vec<Item<T>>>,
+    /// The first list is complete.
+    synced: bool,
+}
+
+impl<T: Model> Default for Store<T> {
+    fn default() -> Self {
+        Self {
+            objects: BTreeMap::new(),
+            problems: BTreeMap::new(),
+            digest: 0,
+            listing: None,
+            synced: false,
+        }
+    }
+}
+
+impl<T: Model> Store<T> {
+    /// Applies one event; `true` when the view (objects or problems) changed.
+    fn handle(&mut self, event: Event<Item<T>>) -> bool {
+        match event {
+            Event::Init => {
+                self.listing = Some(Vec::new());
+                false
+            }
+            Event::InitApply(item) => {
+                self.listing.get_or_insert_with(Vec::new).push(item);
+                false
+            }
+            Event::InitDone => self.swap_in_listing(),
+            Event::Apply(item) => self.apply(item),
+            Event::Delete(item) => {
+                let key = T::key(&item.id);
+                let problems = self.problems.remove(&key).is_some();
+                let object = self.objects.remove(&key);
+                if let Some(old) = &object {
+                    self.digest = self.digest.wrapping_sub(old.hash);
+                }
+                problems || object.is_some()
+            }
+        }
+    }
+
+    fn apply(&mut self, item: Item<T>) -> bool {
+        let key = T::key(&item.id);
+        match item.value {
+            Ok(value) => {
+                let problems = self.problems.remove(&key).is_some();
+                if self.objects.get(&key).is_some_and(|old| old.value == value) {
+                    return problems;
+                }
+                let new = Kept::new(value);
+                self.digest = self.digest.wrapping_add(new.hash);
+                if let Some(old) = self.objects.insert(key, new) {
+                    self.digest = self.digest.wrapping_sub(old.hash);
+                }
+                true
+            }
+            Err(invalid) => {
+                let problems = report(&item.id, &invalid, self.objects.contains_key(&key));
+                self.problems.insert(key, problems.clone()) != Some(problems)
+            }
+        }
+    }
+
+    fn swap_in_listing(&mut self) -> bool {
+        let mut objects = BTreeMap::new();
+        let mut problems = BTreeMap::new();
+        for item in self.listing.take().unwrap_or_default() {
+            let key = T::key(&item.id);
+            match item.value {
+                Ok(value) => {
+                    let kept = match self.objects.get(&key) {
+                        // Keeps the hash instead of formatting the value again.
+                        Some(old) if old.value == value => old.clone(),
+                        _ => Kept::new(value),
+                    };
+                    objects.insert(key, kept);
+                }
+                Err(invalid) => {
+                    let previous = self.objects.get(&key).cloned();
+                    problems.insert(key.clone(), report(&item.id, &invalid, previous.is_some()));
+                    if let Some(previous) = previous {
+                        objects.insert(key, previous);
+                    }
+                }
+            }
+        }
+        let changed = !self.synced || objects != self.objects || problems != self.problems;
+        self.digest = objects
+            .values()
+            .fold(0, |sum: u64, kept| sum.wrapping_add(kept.hash));
+        self.objects = objects;
+        self.problems = problems;
+        self.synced = true;
+        changed
+    }
+
+    fn values(&self) -> BTreeMap<T::Key, T> {
+        self.objects
+            .iter()
+            .map(|(key, kept)| (key.clone(), kept.value.clone()))
+            .collect()
+    }
+}
+
+fn report(id: &ObjectKey, invalid: &[Invalid], kept: bool) -> Vec<Problem> {
+    let outcome = if kept {
+        "keeping its last valid version"
+    } else {
+        "skipped"
+    };
+    invalid
+        .iter()
+        .map(|problem| Problem {
+            object: Some(id.clone()),
+            message: format!("{id}: {problem}; {outcome}"),
+        })
+        .collect()
+}
+
+struct View {
+    node: String,
+    namespaces: Store<NamespaceInfo>,
+    nodes: Store<NodeInfo>,
+    gateways: Store<Gateway>,
+    local_pods: Store<PodInfo>,
+    /// Pods of every node, while this node may hold an egress IP; replaces `local_pods` then.
+    cluster_pods: Option<Store<PodInfo>>,
+}
+
+impl View {
+    fn new(node: String) -> Self {
+        Self {
+            node,
+            namespaces: Store::default(),
+            nodes: Store::default(),
+            gateways: Store::default(),
+            local_pods: Store::default(),
+            cluster_pods: None,
+        }
+    }
+
+    fn synced(&self) -> bool {
+        self.namespaces.synced
+            && self.nodes.synced
+            && self.gateways.synced
+            && self.local_pods.synced
+            && self.cluster_pods.as_ref().is_none_or(|pods| pods.synced)
+    }
+
+    /// Undecided (`false`) until nodes and gateways are listed; the first publication waits
+    /// for the cluster-wide pods when the answer turns out `true`.
+    fn may_hold_egress_ip(&self) -> bool {
+        if !(self.nodes.synced && self.gateways.synced) {
+            return false;
+        }
+        self.nodes.objects.get(&self.node).is_some_and(|node| {
+            self.gateways
+                .objects
+                .values()
+                .any(|gateway| gateway.value.node_selector.matches(&node.value.labels))
+        })
+    }
+
+    fn pods(&self) -> &Store<PodInfo> {
+        self.cluster_pods.as_ref().unwrap_or(&self.local_pods)
+    }
+
+    fn loaded(&self) -> Loaded {
+        let pods = self.pods();
+        let mut problems = Vec::new();
+        problems.extend(self.namespaces.problems.values().flatten().cloned());
+        problems.extend(self.nodes.problems.values().flatten().cloned());
+        problems.extend(pods.problems.values().flatten().cloned());
+        problems.extend(self.gateways.problems.values().flatten().cloned());
+        let digests = [
+            self.namespaces.digest,
+            self.nodes.digest,
+            pods.digest,
+            self.gateways.digest,
+        ];
+        Loaded {
+            snapshot: Snapshot {
+                namespaces: self.namespaces.values(),
+                nodes: self.nodes.values(),
+                pods: pods.values(),
+                gateways: self.gateways.values(),
+            },
+            problems,
+            digest: fnv1a_64(&digests.map(u64::to_le_bytes).concat()),
+        }
+    }
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests fail loudly")]
+mod tests {
+    use std::collections::{HashMap, VecDeque};
+    use std::net::Ipv4Addr;
+    use std::time::Duration;
+
+    use http::{Request, Response, StatusCode};
+    use kube::client::Body;
+    use serde_json::{Value, json};
+    use tokio::sync::watch as signal;
+    use tokio::task::{JoinError, JoinHandle};
+    use tower_test::mock::{Handle, SendResponse};
+
+    use super::*;
+    use crate::model::Labels;
+
+    /// Generous: the re-list after `410 Gone` waits for kube's backoff (0.8 to 1.6 s).
+    const WITHIN: Duration = Duration::from_secs(10);
+    /// How long "nothing is published" is watched for; a publication takes well under 1 ms.
+    const QUIET: Duration = Duration::from_millis(200);
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+    enum Route {
+        /// `start`'s check that the API serves `EgressGateway`s.
+        Probe,
+        Namespaces,
+        Nodes,
+        Gateways,
+        LocalPods,
+        AllPods,
+    }
+
+    impl Route {
+        fn of(request: &Request<Body>) -> Self {
+            let query = query(request);
+            match request.uri().path() {
+                "/api/v1/namespaces" => Self::Namespaces,
+                "/api/v1/nodes" => Self::Nodes,
+                "/apis/static-egress.io/v1alpha1/egressgateways"
+                    if query.get("limit").map(String::as_str) == Some("1") =>
+                {
+                    Self::Probe
+                }
+                "/apis/static-egress.io/v1alpha1/egressgateways" => Self::Gateways,
+                "/api/v1/pods" if query.contains_key("fieldSelector") => Self::LocalPods,
+                "/api/v1/pods" => Self::AllPods,
+                _ => panic!("unexpected request {}", request.uri()),
+            }
+        }
+
+        fn list_type(self) -> (&'static str, &'static str) {
+            match self {
+                Self::Namespaces => ("v1", "NamespaceList"),
+                Self::Nodes => ("v1", "NodeList"),
+                Self::Probe | Self::Gateways => ("static-egress.io/v1alpha1", "EgressGatewayList"),
+                Self::LocalPods | Self::AllPods => ("v1", "PodList"),
+            }
+        }
+    }
+
+    /// The query as sent (still percent-encoded), so assertions show the wire format.
+    fn query(request: &Request<Body>) -> BTreeMap<String, String> {
+        request
+            .uri()
+            .query()
+            .unwrap_or_default()
+            .split('&')
+            .filter_map(|pair| pair.split_once('='))
+            .map(|(key, value)| (key.to_owned(), value.to_owned()))
+            .collect()
+    }
+
+    enum Expect {
+        /// A list request, the continuation of page `continue_` if set.
+        List { continue_: Option<&'static str> },
+        /// A watch from this resource version.
+        Watch { from: &'static str },
+    }
+
+    struct Reply {
+        expect: Expect,
+        status: StatusCode,
+        body: String,
+    }
+
+    fn list(route: Route, resource_version: &str, items: Vec<Value>) -> Reply {
+        page(route, resource_version, items, None, None)
+    }
+
+    /// One page of a list; `continue_in` is the token the request must carry, `continue_out`
+    /// the one this page hands out.
+    fn page(
+        route: Route,
+        resource_version: &str,
+        items: Vec<Value>,
+        continue_in: Option<&'static str>,
+        continue_out: Option<&str>,
+    ) -> Reply {
+        let (api_version, kind) = route.list_type();
+        // As the API server sends them: list items carry neither apiVersion nor kind.
+        let items: Vec<Value> = items
+            .into_iter()
+            .map(|mut item| {
+                let object = item.as_object_mut().unwrap();
+                object.remove("apiVersion");
+                object.remove("kind");
+                item
+            })
+            .collect();
+        let mut metadata = json!({"resourceVersion": resource_version});
+        if let Some(token) = continue_out {
+            metadata["continue"] = json!(token);
+        }
+        Reply {
+            expect: Expect::List {
+                continue_: continue_in,
+            },
+            status: StatusCode::OK,
+            body: json!({"apiVersion": api_version, "kind": kind, "metadata": metadata, "items": items})
+                .to_string(),
+        }
+    }
+
+    /// A watch response: the events, one JSON document per line, then the end of the stream
+    /// (as when `timeoutSeconds` runs out), after which the watcher watches again.
+    fn events(from: &'static str, events: &[Value]) -> Reply {
+        Reply {
+            expect: Expect::Watch { from },
+            status: StatusCode::OK,
+            body: events.iter().map(|event| format!("{event}\n")).collect(),
+        }
+    }
+
+    fn event(kind: &str, mut object: Value, resource_version: &str) -> Value {
+        object["metadata"]["resourceVersion"] = json!(resource_version);
+        json!({"type": kind, "object": object})
+    }
+
+    fn bookmark(kind: &str, resource_version: &str) -> Value {
+        json!({"type": "BOOKMARK", "object": {
+            "apiVersion": "v1", "kind": kind, "metadata": {"resourceVersion": resource_version}
+        }})
+    }
+
+    fn gone() -> Value {
+        json!({"type": "ERROR", "object": {
+            "apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure",
+            "message": "too old resource version: 20 (50)", "reason": "Expired", "code": 410
+        }})
+    }
+
+    fn api_error(code: StatusCode, reason: &str) -> Reply {
+        Reply {
+            expect: Expect::List { continue_: None },
+            status: code,
+            body: json!({
+                "apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure",
+                "message": reason, "reason": reason, "code": code.as_u16()
+            })
+            .to_string(),
+        }
+    }
+
+    fn namespace(name: &str, labels: Value) -> Value {
+        json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": name, "resourceVersion": "1", "labels": labels},
+            "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}})
+    }
+
+    fn node(n: u8, labels: Value) -> Value {
+        json!({"apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": format!("node{n}"), "resourceVersion": "1", "labels": labels},
+        "spec": {"podCIDR": format!("10.244.{n}.0/24"), "podCIDRs": [format!("10.244.{n}.0/24")]},
+        "status": {
+            "conditions": [{"type": "Ready", "status": "True"}],
+            "addresses": [
+                {"type": "InternalIP", "address": format!("10.0.0.{n}")},
+                {"type": "Hostname", "address": format!("node{n}")}
+            ]
+        }})
+    }
+
+    fn pod(name: &str, node: u8, ip: &str) -> Value {
+        json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "payments", "resourceVersion": "1",
+                "labels": {"app": "api"}},
+            "spec": {"nodeName": format!("node{node}"), "containers": [{"name": "app", "image": "app"}]},
+            "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}})
+    }
+
+    fn gateway(name: &str, spec: Value) -> Value {
+        json!({"apiVersion": "static-egress.io/v1alpha1", "kind": "EgressGateway",
+            "metadata": {"name": name, "resourceVersion": "1", "generation": 1},
+            "spec": spec, "status": {"selectedPods": 1, "activeNodes": "node2"}})
+    }
+
+    fn corp_fw() -> Value {
+        gateway(
+            "corp-fw",
+            json!({
+                "egressIPs": ["192.0.2.200"],
+                "nodeSelector": {"matchLabels": {"egress": "true"}},
+                "namespaceSelector": {"matchLabels": {"team": "payments"}},
+                "podSelector": {"matchLabels": {"app": "api"}}
+            }),
+        )
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> Labels {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn node_info(n: u8, node_labels: &[(&str, &str)]) -> NodeInfo {
+        NodeInfo {
+            name: format!("node{n}"),
+            labels: labels(node_labels),
+            ready: true,
+            internal_ip: Some(Ipv4Addr::new(10, 0, 0, n)),
+            pod_cidrs: vec![format!("10.244.{n}.0/24").parse().unwrap()],
+        }
+    }
+
+    fn pod_names(loaded: &Loaded) -> Vec<&str> {
+        loaded
+            .snapshot
+            .pods
+            .keys()
+            .map(|(_, name)| name.as_str())
+            .collect()
+    }
+
+    fn messages(loaded: &Loaded) -> Vec<&str> {
+        loaded
+            .problems
+            .iter()
+            .map(|problem| problem.message.as_str())
+            .collect()
+    }
+
+    /// The API server: answers each request with the next reply scripted for its route, in
+    /// order, holding requests until there is one (as a quiet watch would), and asserting
+    /// that each request is what the reply expects.
+    struct Fake {
+        script: mpsc::UnboundedSender<(Route, Reply)>,
+        arrived: signal::Receiver<BTreeMap<Route, usize>>,
+        server: JoinHandle<()>,
+    }
+
+    impl Fake {
+        fn new(handle: Handle<Request<Body>, Response<Body>>) -> Self {
+            let (script, replies) = mpsc::unbounded_channel();
+            let (counts, arrived) = signal::channel(BTreeMap::new());
+            let server = tokio::spawn(serve(handle, replies, counts));
+            Self {
+                script,
+                arrived,
+                server,
+            }
+        }
+
+        fn reply(&self, route: Route, reply: Reply) {
+            self.script.send((route, reply)).unwrap();
+        }
+
+        async fn next(&mut self, rx: &mut mpsc::Receiver<Loaded>) -> Loaded {
+            tokio::select! {
+                loaded = tokio::time::timeout(WITHIN, rx.recv()) => {
+                    loaded.expect("no view published in time").expect("the source stopped")
+                }
+                end = &mut self.server => server_ended(end),
+            }
+        }
+
+        async fn quiet(&mut self, rx: &mut mpsc::Receiver<Loaded>) {
+            tokio::select! {
+                loaded = tokio::time::timeout(QUIET, rx.recv()) => {
+                    assert!(loaded.is_err(), "published too early: {loaded:?}");
+                }
+                end = &mut self.server => server_ended(end),
+            }
+        }
+
+        /// Waits until `count` requests have come for `route`: a watch request proves that
+        /// the list before it was consumed to its end.
+        async fn arrived(&mut self, route: Route, count: usize) {
+            let wait = self
+                .arrived
+                .wait_for(|counts| counts.get(&route).copied().unwrap_or(0) >= count);
+            tokio::select! {
+                seen = tokio::time::timeout(WITHIN, wait) => {
+                    assert!(seen.expect("request did not come").is_ok());
+                }
+                end = &mut self.server => server_ended(end),
+            }
+        }
+
+        fn count(&self, route: Route) -> usize {
+            self.arrived.borrow().get(&route).copied().unwrap_or(0)
+        }
+    }
+
+    /// Surfaces the server's failed assertion as the test's own panic.
+    fn server_ended(end: Result<(), JoinError>) -> ! {
+        match end {
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            other => panic!("the fake API server ended: {other:?}"),
+        }
+    }
+
+    async fn serve(
+        mut handle: Handle<Request<Body>, Response<Body>>,
+        mut script: mpsc::UnboundedReceiver<(Route, Reply)>,
+        counts: signal::Sender<BTreeMap<Route, usize>>,
+    ) {
+        type Pending = (Request<Body>, SendResponse<Response<Body>>);
+        let mut replies: HashMap<Route, VecDeque<Reply>> = HashMap::new();
+        let mut requests: HashMap<Route, VecDeque<Pending>> = HashMap::new();
+        loop {
+            tokio::select! {
+                request = handle.next_request() => {
+                    // Every client is gone: the source has stopped.
+                    let Some((request, send)) = request else { return };
+                    let route = Route::of(&request);
+                    requests.entry(route).or_default().push_back((request, send));
+                    counts.send_modify(|counts| *counts.entry(route).or_default() += 1);
+                }
+                Some((route, reply)) = script.recv() => {
+                    replies.entry(route).or_default().push_back(reply);
+                }
+            }
+            for (route, waiting) in &mut requests {
+                let scripted = replies.entry(*route).or_default();
+                while !waiting.is_empty() && !scripted.is_empty() {
+                    let (request, send) = waiting.pop_front().unwrap();
+                    let reply = scripted.pop_front().unwrap();
+                    send.send_response(answer(*route, &request, reply));
+                }
+            }
+        }
+    }
+
+    fn answer(route: Route, request: &Request<Body>, reply: Reply) -> Response<Body> {
+        let uri = request.uri();
+        let query = query(request);
+        let get = |key: &str| query.get(key).map(String::as_str);
+        assert_eq!(request.method(), http::Method::GET, "{uri}");
+        let selector = (route == Route::LocalPods).then_some("spec.nodeName%3Dnode1");
+        assert_eq!(get("fieldSelector"), selector, "{route:?}: {uri}");
+        assert_eq!(get("labelSelector"), None, "{route:?}: {uri}");
+        match reply.expect {
+            Expect::List { continue_ } => {
+                assert_eq!(get("watch"), None, "{route:?}: expected a list: {uri}");
+                let limit = if route == Route::Probe { "1" } else { "500" };
+                assert_eq!(get("limit"), Some(limit), "{route:?}: {uri}");
+                assert_eq!(get("continue"), continue_, "{route:?}: {uri}");
+                // A consistent list, never a possibly stale one from resourceVersion=0.
+                assert_eq!(get("resourceVersion"), None, "{route:?}: {uri}");
+            }
+            Expect::Watch { from } => {
+                assert_eq!(
+                    get("watch"),
+                    Some("true"),
+                    "{route:?}: expected a watch: {uri}"
+                );
+                assert_eq!(get("resourceVersion"), Some(from), "{route:?}: {uri}");
+                assert_eq!(get("allowWatchBookmarks"), Some("true"), "{route:?}: {uri}");
+            }
+        }
+        Response::builder()
+            .status(reply.status)
+            .body(Body::from(reply.body.into_bytes()))
+            .unwrap()
+    }
+
+    fn fake_api() -> (Client, Fake) {
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        (Client::new(service, "default"), Fake::new(handle))
+    }
+
+    async fn started() -> (mpsc::Receiver<Loaded>, Fake) {
+        let (client, fake) = fake_api();
+        fake.reply(Route::Probe, list(Route::Probe, "40", vec![corp_fw()]));
+        let rx = start(client, "node1".to_owned()).await.unwrap();
+        (rx, fake)
+    }
+
+    /// Namespaces at 10, nodes at 20 (node1 with `node1_labels`, node2 eligible), this node's
+    /// pods at 30; the gateways' list (at 40) is left to the caller.
+    fn initial_lists(fake: &Fake, node1_labels: Value) {
+        fake.reply(
+            Route::Namespaces,
+            list(
+                Route::Namespaces,
+                "10",
+                vec![
+                    namespace("payments", json!({"team": "payments"})),
+                    namespace("default", json!({})),
+                ],
+            ),
+        );
+        fake.reply(
+            Route::Nodes,
+            list(
+                Route::Nodes,
+                "20",
+                vec![node(1, node1_labels), node(2, json!({"egress": "true"}))],
+            ),
+        );
+        fake.reply(
+            Route::LocalPods,
+            list(Route::LocalPods, "30", vec![pod("api-1", 1, "10.244.1.5")]),
+        );
+    }
+
+    fn gateway_list(fake: &Fake) {
+        fake.reply(
+            Route::Gateways,
+            list(Route::Gateways, "40", vec![corp_fw()]),
+        );
+    }
+
+    /// Started and synced with node1 not eligible.
+    async fn synced() -> (mpsc::Receiver<Loaded>, Fake, Loaded) {
+        let (mut rx, mut fake) = started().await;
+        initial_lists(&fake, json!({}));
+        gateway_list(&fake);
+        let first = fake.next(&mut rx).await;
+        (rx, fake, first)
+    }
+
+    #[tokio::test]
+    async fn first_view_waits_for_every_list() {
+        let (mut rx, mut fake) = started().await;
+        initial_lists(&fake, json!({}));
+        // The second request of each is its watch: those three lists are in.
+        for route in [Route::Namespaces, Route::Nodes, Route::LocalPods] {
+            fake.arrived(route, 2).await;
+        }
+        fake.quiet(&mut rx).await;
+
+        gateway_list(&fake);
+        let first = fake.next(&mut rx).await;
+        let snapshot = &first.snapshot;
+        assert_eq!(first.problems, []);
+        assert_eq!(
+            snapshot.nodes.values().cloned().collect::<Vec<_>>(),
+            [node_info(1, &[]), node_info(2, &[("egress", "true")])]
+        );
+        assert_eq!(
+            snapshot.namespaces["payments"],
+            NamespaceInfo {
+                name: "payments".into(),
+                labels: labels(&[("team", "payments")]),
+                gateway_annotation: None,
+            }
+        );
+        assert_eq!(snapshot.namespaces.len(), 2);
+        assert_eq!(
+            snapshot.pods.values().cloned().collect::<Vec<_>>(),
+            [PodInfo {
+                namespace: "payments".into(),
+                name: "api-1".into(),
+                labels: labels(&[("app", "api")]),
+                gateway_annotation: None,
+                node: Some("node1".into()),
+                ip: Some(Ipv4Addr::new(10, 244, 1, 5)),
+                running: true,
+                host_network: false,
+            }]
+        );
+        let gateway = &snapshot.gateways["corp-fw"];
+        assert_eq!(gateway.egress_ips, [Ipv4Addr::new(192, 0, 2, 200)]);
+        assert!(
+            gateway
+                .node_selector
+                .matches(&labels(&[("egress", "true")]))
+        );
+        // node1 cannot hold the egress IP: pods of other nodes are none of its business.
+        fake.arrived(Route::Gateways, 2).await;
+        assert_eq!(fake.count(Route::AllPods), 0);
+    }
+
+    #[tokio::test]
+    async fn watch_events_update_the_view_and_no_op_updates_are_not_published() {
+        let (mut rx, mut fake, first) = synced().await;
+
+        // A new pod, then a bookmark the next watch must resume from.
+        let added = event("ADDED", pod("api-2", 1, "10.244.1.6"), "31");
+        fake.reply(
+            Route::LocalPods,
+            events("30", &[added, bookmark("Pod", "35")]),
+        );
+        let second = fake.next(&mut rx).await;
+        assert_eq!(pod_names(&second), ["api-1", "api-2"]);
+        assert_ne!(second.digest, first.digest);
+
+        // A Node update that changes nothing the model keeps (an annotation) is not published:
+        // once its watch is back (the event was consumed), the next view is the next change.
+        let mut touched = node(2, json!({"egress": "true"}));
+        touched["metadata"]["annotations"] = json!({"heartbeat": "now"});
+        fake.reply(
+            Route::Nodes,
+            events("20", &[event("MODIFIED", touched, "21")]),
+        );
+        fake.arrived(Route::Nodes, 3).await;
+        let default = namespace("default", json!({}));
+        fake.reply(
+            Route::Namespaces,
+            events("10", &[event("DELETED", default.clone(), "11")]),
+        );
+        let third = fake.next(&mut rx).await;
+        assert_eq!(third.snapshot.nodes, first.snapshot.nodes);
+        assert_eq!(
+            third.snapshot.namespaces.keys().collect::<Vec<_>>(),
+            ["payments"]
+        );
+
+        // A pod's address changes.
+        let moved = event("MODIFIED", pod("api-2", 1, "10.244.1.7"), "36");
+        fake.reply(Route::LocalPods, events("35", &[moved]));
+        let fourth = fake.next(&mut rx).await;
+        let api_2 = &fourth.snapshot.pods[&("payments".to_owned(), "api-2".to_owned())];
+        assert_eq!(api_2.ip, Some(Ipv4Addr::new(10, 244, 1, 7)));
+
+        // Back to the first view: the digest depends on the content only.
+        fake.reply(
+            Route::Namespaces,
+            events("11", &[event("ADDED", default, "12")]),
+        );
+        fake.next(&mut rx).await;
+        let deleted = event("DELETED", pod("api-2", 1, "10.244.1.7"), "37");
+        fake.reply(Route::LocalPods, events("36", &[deleted]));
+        let back = fake.next(&mut rx).await;
+        assert_eq!(back.snapshot, first.snapshot);
+        assert_eq!(back.digest, first.digest);
+    }
+
+    #[tokio::test]
+    async fn invalid_objects_keep_their_last_valid_version() {
+        let (mut rx, mut fake, first) = synced().await;
+        let good = first.snapshot.gateways["corp-fw"].clone();
+
+        let mut broken = corp_fw();
+        broken["spec"]
+            .as_object_mut()
+            .unwrap()
+            .remove("namespaceSelector");
+        fake.reply(
+            Route::Gateways,
+            events("40", &[event("MODIFIED", broken, "41")]),
+        );
+        let kept = fake.next(&mut rx).await;
+        assert_eq!(kept.snapshot.gateways["corp-fw"], good);
+        assert_eq!(
+            messages(&kept),
+            [
+                "EgressGateway corp-fw: spec.namespaceSelector: is required (use {} to admit every namespace); keeping its last valid version"
+            ]
+        );
+        assert_eq!(
+            kept.problems[0].object.as_ref().map(ToString::to_string),
+            Some("EgressGateway corp-fw".to_owned())
+        );
+
+        // New and invalid: skipped. Problems come namespaces, nodes, pods, gateways.
+        let bad_pod = event("ADDED", pod("bad", 1, "nope"), "31");
+        fake.reply(Route::LocalPods, events("30", &[bad_pod]));
+        let skipped = fake.next(&mut rx).await;
+        assert_eq!(pod_names(&skipped), ["api-1"]);
+        assert_eq!(
+            messages(&skipped),
+            [
+                r#"Pod payments/bad: status.podIPs[0].ip: "nope" is not an IP address; skipped"#,
+                "EgressGateway corp-fw: spec.namespaceSelector: is required (use {} to admit every namespace); keeping its last valid version",
+            ]
+        );
+
+        // A gateway the agent cannot even read is reported alone; the watch goes on.
+        let unreadable = gateway(
+            "typo",
+            json!({"egressIPs": "192.0.2.9", "namespaceSelector": {}}),
+        );
+        fake.reply(
+            Route::Gateways,
+            events("41", &[event("ADDED", unreadable, "42")]),
+        );
+        let unread = fake.next(&mut rx).await;
+        assert!(!unread.snapshot.gateways.contains_key("typo"));
+        let message = messages(&unread)[2];
+        assert!(
+            message.starts_with(
+                "EgressGateway typo: does not match the EgressGateway schema: invalid type: string"
+            ) && message.ends_with("; skipped"),
+            "{message}"
+        );
+
+        // Deleting an object deletes its kept version and its problems.
+        let deleted = [
+            event("DELETED", corp_fw(), "43"),
+            event("DELETED", gateway("typo", json!({})), "44"),
+        ];
+        fake.reply(Route::Gateways, events("42", &deleted));
+        let mut gone = fake.next(&mut rx).await;
+        // The two deletions may be published apart.
+        while !gone.snapshot.gateways.is_empty() || gone.problems.len() != 1 {
+            gone = fake.next(&mut rx).await;
+        }
+        assert_eq!(
+            messages(&gone),
+            [r#"Pod payments/bad: status.podIPs[0].ip: "nope" is not an IP address; skipped"#]
+        );
+    }
+
+    #[tokio::test]
+    async fn gone_relists_without_publishing_half_a_view() {
+        let (mut rx, mut fake, first) = synced().await;
+
+        // 410 Gone: the watcher backs off and lists again, here in two pages.
+        fake.reply(Route::Nodes, events("20", &[gone()]));
+        let relabelled = node(1, json!({"zone": "b"}));
+        fake.reply(
+            Route::Nodes,
+            page(Route::Nodes, "50", vec![relabelled], None, Some("page-2")),
+        );
+        // list, watch, page 1, page 2: page 1 has been consumed, page 2 is held back.
+        fake.arrived(Route::Nodes, 4).await;
+
+        // Other kinds still publish, with the nodes as they were before the re-list.
+        fake.reply(
+            Route::Namespaces,
+            events("10", &[event("ADDED", namespace("extra", json!({})), "12")]),
+        );
+        let meanwhile = fake.next(&mut rx).await;
+        assert_eq!(meanwhile.snapshot.nodes, first.snapshot.nodes);
+        assert!(meanwhile.snapshot.namespaces.contains_key("extra"));
+
+        // The last page completes the re-list: node2, not listed again, is deleted.
+        fake.reply(
+            Route::Nodes,
+            page(
+                Route::Nodes,
+                "50",
+                vec![node(3, json!({}))],
+                Some("page-2"),
+                None,
+            ),
+        );
+        let relisted = fake.next(&mut rx).await;
+        assert_eq!(
+            relisted
+                .snapshot
+                .nodes
+                .values()
+                .cloned()
+                .collect::<Vec<_>>(),
+            [node_info(1, &[("zone", "b")]), node_info(3, &[])]
+        );
+        // And the watch resumes from the new list.
+        fake.reply(Route::Nodes, events("50", &[]));
+        fake.arrived(Route::Nodes, 6).await;
+    }
+
+    #[tokio::test]
+    async fn pods_of_every_node_are_watched_while_this_node_may_hold_an_egress_ip() {
+        let (mut rx, mut fake, first) = synced().await;
+        assert_eq!(pod_names(&first), ["api-1"]);
+
+        // node1 becomes eligible: the view waits for every pod before it is published.
+        let eligible = node(1, json!({"egress": "true"}));
+        fake.reply(
+            Route::Nodes,
+            events("20", &[event("MODIFIED", eligible, "21")]),
+        );
+        fake.arrived(Route::AllPods, 1).await;
+        fake.quiet(&mut rx).await;
+        let everywhere = vec![pod("api-1", 1, "10.244.1.5"), pod("api-3", 2, "10.244.2.5")];
+        fake.reply(Route::AllPods, list(Route::AllPods, "60", everywhere));
+        let holder = fake.next(&mut rx).await;
+        assert_eq!(
+            holder.snapshot.nodes["node1"].labels,
+            labels(&[("egress", "true")])
+        );
+        assert_eq!(pod_names(&holder), ["api-1", "api-3"]);
+        assert_eq!(holder.snapshot.pods.len(), 2);
+
+        // A pod elsewhere changes: seen through the cluster-wide watch.
+        let scaled = event("ADDED", pod("api-4", 2, "10.244.2.6"), "61");
+        fake.reply(Route::AllPods, events("60", &[scaled]));
+        let more = fake.next(&mut rx).await;
+        assert_eq!(pod_names(&more), ["api-1", "api-3", "api-4"]);
+
+        // No longer eligible: back to this node's pods, without waiting for anything.
+        let plain = node(1, json!({}));
+        fake.reply(
+            Route::Nodes,
+            events("21", &[event("MODIFIED", plain, "22")]),
+        );
+        let local = fake.next(&mut rx).await;
+        assert_eq!(pod_names(&local), ["api-1"]);
+        assert_eq!(local.snapshot, first.snapshot);
+        assert_eq!(local.digest, first.digest);
+    }
+
+    #[tokio::test]
+    async fn an_eligible_node_starts_with_every_pod() {
+        let (mut rx, mut fake) = started().await;
+        initial_lists(&fake, json!({"egress": "true"}));
+        gateway_list(&fake);
+        fake.arrived(Route::AllPods, 1).await;
+        fake.quiet(&mut rx).await;
+        let everywhere = vec![pod("api-1", 1, "10.244.1.5"), pod("api-3", 2, "10.244.2.5")];
+        fake.reply(Route::AllPods, list(Route::AllPods, "60", everywhere));
+        let first = fake.next(&mut rx).await;
+        assert_eq!(pod_names(&first), ["api-1", "api-3"]);
+    }
+
+    #[tokio::test]
+    async fn start_fails_without_the_crd_or_access() {
+        let (client, fake) = fake_api();
+        fake.reply(Route::Probe, api_error(StatusCode::NOT_FOUND, "NotFound"));
+        let error = start(client, "node1".to_owned()).await.unwrap_err();
+        assert!(matches!(error, SourceError::CrdMissing), "{error:?}");
+        assert_eq!(
+            error.to_string(),
+            "the EgressGateway CustomResourceDefinition is not installed (`static-egress crd | kubectl apply -f -`)"
+        );
+
+        let (client, fake) = fake_api();
+        fake.reply(Route::Probe, api_error(StatusCode::FORBIDDEN, "Forbidden"));
+        let error = start(client, "node1".to_owned()).await.unwrap_err();
+        assert!(matches!(error, SourceError::Cluster(_)), "{error:?}");
+        assert!(
+            error
+                .to_string()
+                .starts_with("cannot list EgressGateways from the Kubernetes API: "),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn watches_stop_with_the_receiver() {
+        let (rx, fake, _) = synced().await;
+        drop(rx);
+        // The server ends once the last client, held by the watches, is gone.
+        tokio::time::timeout(WITHIN, fake.server)
+            .await
+            .expect("the watches are still running")
+            .unwrap();
+    }
+}

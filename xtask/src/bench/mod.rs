@@ -1,0 +1,268 @@
+//! `cargo xtask bench`: static-egress against no policy, a hand-built policy and an
+//! iptables/ipset one, on the same namespace topology and traffic, back to back in one run.
+
+mod lab;
+mod measure;
+mod report;
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::util::target_dir;
+use crate::{build, setup};
+use lab::{Bench, Variant};
+use measure::{Effort, Sample};
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// Run only this part.
+    #[arg(value_enum)]
+    part: Option<Part>,
+    /// Longer runs, three rounds (medians), and the 100,000-pod memory point.
+    #[arg(long)]
+    full: bool,
+    /// Use the release binaries already in the target directory instead of building them.
+    #[arg(long)]
+    no_build: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    /// Throughput, small-packet rate and latency of the four variants.
+    Datapath,
+    /// Per-packet cost as selected pods and destination prefixes grow.
+    Scale,
+    /// Change-to-data-path time, start-up and memory of the agent.
+    Control,
+}
+
+struct Settings {
+    rounds: usize,
+    datapath: Effort,
+    scale: Effort,
+    pods: &'static [u32],
+    dests: &'static [u32],
+    changes: u32,
+    memory_pods: &'static [u32],
+}
+
+const QUICK: Settings = Settings {
+    rounds: 1,
+    datapath: Effort {
+        seconds: 3,
+        streams: 4,
+        round_trips: 5_000,
+    },
+    scale: Effort {
+        seconds: 2,
+        streams: 1,
+        round_trips: 3_000,
+    },
+    pods: &[1, 100, 1_000, 10_000],
+    dests: &[1, 10, 100, 1_000],
+    changes: 30,
+    memory_pods: &[10_000],
+};
+
+const FULL: Settings = Settings {
+    rounds: 3,
+    datapath: Effort {
+        seconds: 10,
+        streams: 4,
+        round_trips: 20_000,
+    },
+    scale: Effort {
+        seconds: 5,
+        streams: 1,
+        round_trips: 10_000,
+    },
+    pods: &[1, 100, 1_000, 10_000],
+    dests: &[1, 10, 100, 1_000],
+    changes: 100,
+    memory_pods: &[10_000, 100_000],
+};
+
+/// Pause between object changes, so each is its own file event and reconcile.
+const CHANGE_GAP: Duration = Duration::from_millis(100);
+/// Idle time before reading an agent's memory, past its first periodic re-check.
+const IDLE_BEFORE_RSS: Duration = Duration::from_secs(6);
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Quiet time after a variant is set up, before measuring: the first seconds after the agents
+/// start are measurably slower (see the README's bench section), and the comparison is of
+/// steady states.
+const SETTLE: Duration = Duration::from_secs(6);
+
+/// Which axis a scale point grows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Axis {
+    Pods,
+    Dests,
+}
+
+pub struct ScalePoint {
+    pub axis: Axis,
+    pub n: u32,
+    pub variant: Variant,
+    pub sample: Sample,
+}
+
+pub struct Startup {
+    pub pods: u32,
+    pub seconds: f64,
+    /// (node, VmRSS in KiB) of each agent after idling.
+    pub rss_kib: Vec<(String, u64)>,
+}
+
+#[derive(Default)]
+pub struct Results {
+    pub settings: String,
+    /// Per variant, every round's sample.
+    pub datapath: Vec<(Variant, Vec<Sample>)>,
+    pub scale: Vec<ScalePoint>,
+    pub change_ms: Vec<f64>,
+    pub startups: Vec<Startup>,
+}
+
+pub fn run(options: &Options) -> Result<()> {
+    netlab::require_root().context("the bench builds network namespaces")?;
+    setup::run(&setup::Options { verbose: false })?;
+    let (agent, probe) = if options.no_build {
+        let dir = target_dir().join("release");
+        (dir.join("static-egress"), dir.join("se-probe"))
+    } else {
+        let artifacts = build::run(&build::Options { release: true })?;
+        (artifacts.agent, artifacts.probe)
+    };
+    let settings = if options.full { &FULL } else { &QUICK };
+    let wanted = |part| options.part.is_none_or(|p| p == part);
+
+    let mut bench = Bench::new(&agent, &probe)?;
+    println!("bench lab {} is up", bench.cluster.prefix());
+    let _servers = measure::start_servers(&bench.cluster)?;
+    let mut results = Results {
+        settings: describe(settings),
+        ..Results::default()
+    };
+    if wanted(Part::Datapath) {
+        datapath(&mut bench, settings, &mut results)?;
+    }
+    if wanted(Part::Scale) {
+        scale(&mut bench, settings, &mut results)?;
+    }
+    if wanted(Part::Control) {
+        control(&mut bench, settings, &mut results)?;
+    }
+    bench.leave()?;
+
+    let command = match (options.part, options.full) {
+        (None, false) => "cargo xtask bench".to_owned(),
+        (None, true) => "cargo xtask bench --full".to_owned(),
+        (Some(p), full) => format!(
+            "cargo xtask bench {}{}",
+            format!("{p:?}").to_lowercase(),
+            if full { " --full" } else { "" }
+        ),
+    };
+    let dir = target_dir().join("bench");
+    let markdown = report::write(&dir, &results, &command)?;
+    println!("\n{markdown}");
+    println!("written to {}", dir.display());
+    Ok(())
+}
+
+fn describe(s: &Settings) -> String {
+    format!(
+        "{} round(s) per variant, median shown; iperf3 {} s per run, {} streams for the \
+         multi-stream figure; {} round trips of 64 B for latency; scale points: iperf3 {} s, {} \
+         round trips",
+        s.rounds,
+        s.datapath.seconds,
+        s.datapath.streams,
+        s.datapath.round_trips,
+        s.scale.seconds,
+        s.scale.round_trips
+    )
+}
+
+fn datapath(bench: &mut Bench, settings: &Settings, results: &mut Results) -> Result<()> {
+    let mut samples: Vec<(Variant, Vec<Sample>)> =
+        Variant::ALL.iter().map(|v| (*v, Vec::new())).collect();
+    for round in 1..=settings.rounds {
+        for (variant, list) in &mut samples {
+            println!("datapath round {round}: {}", variant.title());
+            bench.enter(*variant, 1, 1)?;
+            std::thread::sleep(SETTLE);
+            list.push(measure::sample(
+                &bench.cluster,
+                &bench.pod,
+                settings.datapath,
+                true,
+            )?);
+        }
+    }
+    bench.leave()?;
+    results.datapath = samples;
+    Ok(())
+}
+
+fn scale(bench: &mut Bench, settings: &Settings, results: &mut Results) -> Result<()> {
+    // Variant outermost: the agents then only see object changes, not restarts.
+    for variant in [Variant::Iptables, Variant::Ours] {
+        for (axis, points) in [(Axis::Pods, settings.pods), (Axis::Dests, settings.dests)] {
+            for &n in points {
+                let (pods, dests) = match axis {
+                    Axis::Pods => (n, 1),
+                    Axis::Dests => (1, n),
+                };
+                println!(
+                    "scale: {} with {pods} pod(s), {dests} prefix(es)",
+                    variant.key()
+                );
+                let fresh = bench.active() != Some(variant);
+                bench.enter(variant, pods, dests)?;
+                if fresh {
+                    std::thread::sleep(SETTLE);
+                }
+                let sample = measure::sample(&bench.cluster, &bench.pod, settings.scale, false)?;
+                results.scale.push(ScalePoint {
+                    axis,
+                    n,
+                    variant,
+                    sample,
+                });
+            }
+        }
+    }
+    bench.leave()
+}
+
+fn control(bench: &mut Bench, settings: &Settings, results: &mut Results) -> Result<()> {
+    println!("control: {} object changes", settings.changes);
+    bench.enter(Variant::Ours, 1, 1)?;
+    for i in 0..settings.changes {
+        std::thread::sleep(CHANGE_GAP);
+        let started = std::time::Instant::now();
+        bench.toggle_churn_pod(i % 2 == 0)?;
+        bench.wait_agents(CHANGE_TIMEOUT)?;
+        results
+            .change_ms
+            .push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    for &pods in settings.memory_pods {
+        println!("control: cold start with {pods} pods");
+        let took = bench.cold_start(pods)?;
+        std::thread::sleep(IDLE_BEFORE_RSS);
+        let rss_kib = bench
+            .agents()
+            .iter()
+            .map(|a| Ok((a.node().to_owned(), measure::rss_kib(a.pid())?)))
+            .collect::<Result<Vec<_>>>()?;
+        results.startups.push(Startup {
+            pods,
+            seconds: took.as_secs_f64(),
+            rss_kib,
+        });
+    }
+    bench.leave()
+}

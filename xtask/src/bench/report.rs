@@ -1,0 +1,566 @@
+//! The bench's Markdown table, raw JSON and SVG chart under `target/bench/`.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result};
+use serde_json::{Value, json};
+
+use super::lab::Variant;
+use super::measure::Sample;
+use super::{Axis, Results};
+
+const TARGET_THROUGHPUT: f64 = 0.97;
+const TARGET_ADDED_P50_US: f64 = 5.0;
+/// "Flat": the largest scale point's p50 within this factor of the smallest one's.
+const FLAT_FACTOR: f64 = 1.10;
+const TARGET_CHANGE_P99_MS: f64 = 100.0;
+const TARGET_RSS_MIB: f64 = 50.0;
+const RSS_TARGET_PODS: u32 = 10_000;
+
+/// Writes `report.md`, `raw.json` and `chart.svg` into `dir`; returns the Markdown.
+pub fn write(dir: &Path, results: &Results, command: &str) -> Result<String> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let header = machine(command);
+    let markdown = markdown(results, &header);
+    let files = [
+        ("report.md", markdown.clone()),
+        (
+            "raw.json",
+            serde_json::to_string_pretty(&raw(results, &header))?,
+        ),
+        ("chart.svg", chart(results)),
+    ];
+    for (name, text) in files {
+        let path = dir.join(name);
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(markdown)
+}
+
+/// Date, core count, kernel and command, for the table's caption.
+fn machine(command: &str) -> String {
+    let date = Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "{date}, {cores} cores (`nproc`), kernel {} (`uname -r`), `{command}`",
+        kernel.trim()
+    )
+}
+
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.filter(|x| x.is_finite()).collect();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn median_sample(samples: &[Sample]) -> Sample {
+    Sample {
+        tcp1_gbps: median(samples.iter().map(|s| s.tcp1_gbps)),
+        tcpn_gbps: median(samples.iter().map(|s| s.tcpn_gbps)),
+        udp_kpps: median(samples.iter().map(|s| s.udp_kpps)),
+        rr_p50_us: median(samples.iter().map(|s| s.rr_p50_us)),
+        rr_p99_us: median(samples.iter().map(|s| s.rr_p99_us)),
+    }
+}
+
+fn medians(results: &Results) -> Vec<(Variant, Sample)> {
+    results
+        .datapath
+        .iter()
+        .map(|(v, s)| (*v, median_sample(s)))
+        .collect()
+}
+
+fn of(medians: &[(Variant, Sample)], variant: Variant) -> Option<Sample> {
+    medians.iter().find(|(v, _)| *v == variant).map(|(_, s)| *s)
+}
+
+fn cell(value: f64, base: f64, unit: &str, decimals: usize) -> String {
+    format!("{value:.decimals$} {unit} ({:.2})", value / base)
+}
+
+fn yes(ok: bool) -> &'static str {
+    if ok { "met" } else { "**missed**" }
+}
+
+fn markdown(results: &Results, header: &str) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "{header}; {}.\n", results.settings);
+    let medians = medians(results);
+    if let Some(base) = of(&medians, Variant::None) {
+        md.push_str(
+            "**Data path** (same pod, same traffic; ratios to variant 1 in parentheses; variant 1 \
+             leaves from node1 and skips the gateway hop, so it is the ceiling):\n\n\
+             | variant | path | TCP 1 stream | TCP multi-stream | UDP 64 B rate | RR p50 | RR p99 |\n\
+             |---|---|---|---|---|---|---|\n",
+        );
+        for (variant, s) in &medians {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                variant.title(),
+                variant.path(),
+                cell(s.tcp1_gbps, base.tcp1_gbps, "Gbit/s", 2),
+                cell(s.tcpn_gbps, base.tcpn_gbps, "Gbit/s", 2),
+                cell(s.udp_kpps, base.udp_kpps, "kpps", 0),
+                cell(s.rr_p50_us, base.rr_p50_us, "µs", 1),
+                cell(s.rr_p99_us, base.rr_p99_us, "µs", 1),
+            );
+        }
+        md.push('\n');
+    }
+    for (axis, what) in [
+        (Axis::Pods, "selected pod IPs"),
+        (Axis::Dests, "destination prefixes"),
+    ] {
+        scale_table(&mut md, results, axis, what);
+    }
+    control_table(&mut md, results);
+    targets(&mut md, results, &medians);
+    md
+}
+
+fn scale_points(results: &Results, axis: Axis, variant: Variant) -> Vec<(u32, Sample)> {
+    results
+        .scale
+        .iter()
+        .filter(|p| p.axis == axis && p.variant == variant)
+        .map(|p| (p.n, p.sample))
+        .collect()
+}
+
+fn scale_table(md: &mut String, results: &Results, axis: Axis, what: &str) {
+    let ipt = scale_points(results, axis, Variant::Iptables);
+    let ours = scale_points(results, axis, Variant::Ours);
+    if ipt.is_empty() || ours.is_empty() {
+        return;
+    }
+    let note = match axis {
+        Axis::Pods => {
+            "variant 3: entries of the ipset (hash:ip) on node1 and node2; variant 4: selected \
+             Pod objects on node1 (the pod map on node1, the SNAT set on node2)"
+        }
+        Axis::Dests => {
+            "variant 3: one iptables MARK rule per prefix in mangle PREROUTING on node1, the \
+             matching one last; variant 4: the gateway's destinationCIDRs (an LPM trie)"
+        }
+    };
+    let _ = write!(
+        md,
+        "**Scale: {what}** ({note}; ratios to the first row of the same variant):\n\n\
+         | {what} | 3 iptables RR p50 | 4 static-egress RR p50 | 3 iptables TCP 1 stream | \
+         4 static-egress TCP 1 stream |\n|---|---|---|---|---|\n"
+    );
+    let (ipt0, ours0) = (ipt[0].1, ours[0].1);
+    for ((n, a), (_, b)) in ipt.iter().zip(&ours) {
+        let _ = writeln!(
+            md,
+            "| {n} | {} | {} | {} | {} |",
+            cell(a.rr_p50_us, ipt0.rr_p50_us, "µs", 1),
+            cell(b.rr_p50_us, ours0.rr_p50_us, "µs", 1),
+            cell(a.tcp1_gbps, ipt0.tcp1_gbps, "Gbit/s", 2),
+            cell(b.tcp1_gbps, ours0.tcp1_gbps, "Gbit/s", 2),
+        );
+    }
+    md.push('\n');
+}
+
+fn percentile(values: &[f64], q: f64) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    // Nearest rank; the index is small and non-negative by construction.
+    let last = v.len() - 1;
+    let index = ((last as f64) * q).round() as usize;
+    v[index.min(last)]
+}
+
+fn control_table(md: &mut String, results: &Results) {
+    if results.change_ms.is_empty() && results.startups.is_empty() {
+        return;
+    }
+    md.push_str("**Control plane** (static-egress agents on node1 and node2):\n\n| measure | value |\n|---|---|\n");
+    if !results.change_ms.is_empty() {
+        let _ = writeln!(
+            md,
+            "| object change to both agents' `applied_digest` ({} changes, 1 ms polling) | p50 {:.1} ms, p99 {:.1} ms |",
+            results.change_ms.len(),
+            percentile(&results.change_ms, 0.5),
+            percentile(&results.change_ms, 0.99)
+        );
+    }
+    for s in &results.startups {
+        let rss: Vec<String> = s
+            .rss_kib
+            .iter()
+            .map(|(node, kib)| format!("{node} {:.1} MiB", *kib as f64 / 1024.0))
+            .collect();
+        let _ = writeln!(
+            md,
+            "| cold start with {} pods to applied on both nodes | {:.2} s |\n| agent VmRSS idle with {} pods | {} |",
+            s.pods,
+            s.seconds,
+            s.pods,
+            rss.join(", ")
+        );
+    }
+    md.push('\n');
+}
+
+/// Growth of RR p50 from the first to the last scale point.
+fn growth(results: &Results, axis: Axis, variant: Variant) -> Option<f64> {
+    let points = scale_points(results, axis, variant);
+    let (first, last) = (points.first()?, points.last()?);
+    Some(last.1.rr_p50_us / first.1.rr_p50_us)
+}
+
+fn targets(md: &mut String, results: &Results, medians: &[(Variant, Sample)]) {
+    let mut rows: Vec<(String, String, &str)> = Vec::new();
+    if let (Some(hand), Some(ours)) = (of(medians, Variant::Hand), of(medians, Variant::Ours)) {
+        let (r1, rn) = (
+            ours.tcp1_gbps / hand.tcp1_gbps,
+            ours.tcpn_gbps / hand.tcpn_gbps,
+        );
+        rows.push((
+            "throughput >= 97% of variant 2".into(),
+            format!(
+                "{:.1}% (1 stream), {:.1}% (multi-stream)",
+                r1 * 100.0,
+                rn * 100.0
+            ),
+            yes(r1 >= TARGET_THROUGHPUT && rn >= TARGET_THROUGHPUT),
+        ));
+        let added = ours.rr_p50_us - hand.rr_p50_us;
+        rows.push((
+            "added latency <= 5 µs p50 over variant 2".into(),
+            format!("{added:+.1} µs"),
+            yes(added <= TARGET_ADDED_P50_US),
+        ));
+    }
+    for (axis, what) in [(Axis::Pods, "pods"), (Axis::Dests, "prefixes")] {
+        if let (Some(ours), Some(ipt)) = (
+            growth(results, axis, Variant::Ours),
+            growth(results, axis, Variant::Iptables),
+        ) {
+            rows.push((
+                format!("flat per-packet cost over {what} (RR p50 last/first <= {FLAT_FACTOR})"),
+                format!("static-egress x{ours:.2}, iptables x{ipt:.2}"),
+                yes(ours <= FLAT_FACTOR),
+            ));
+        }
+    }
+    if !results.change_ms.is_empty() {
+        let p99 = percentile(&results.change_ms, 0.99);
+        rows.push((
+            "change to data path < 100 ms p99".into(),
+            format!("{p99:.1} ms"),
+            yes(p99 < TARGET_CHANGE_P99_MS),
+        ));
+    }
+    if let Some(s) = results.startups.iter().find(|s| s.pods == RSS_TARGET_PODS) {
+        let max = s.rss_kib.iter().map(|(_, k)| *k).max().unwrap_or(0) as f64 / 1024.0;
+        rows.push((
+            "agent RSS < 50 MiB at 10k pods".into(),
+            format!("{max:.1} MiB (largest agent)"),
+            yes(max < TARGET_RSS_MIB),
+        ));
+    }
+    if rows.is_empty() {
+        return;
+    }
+    md.push_str("**Targets:**\n\n| target | result | |\n|---|---|---|\n");
+    for (target, result, met) in rows {
+        let _ = writeln!(md, "| {target} | {result} | {met} |");
+    }
+}
+
+fn sample_json(s: &Sample) -> Value {
+    json!({
+        "tcp1_gbps": s.tcp1_gbps,
+        "tcpn_gbps": s.tcpn_gbps,
+        "udp_kpps": s.udp_kpps,
+        "rr_p50_us": s.rr_p50_us,
+        "rr_p99_us": s.rr_p99_us,
+    })
+}
+
+fn raw(results: &Results, header: &str) -> Value {
+    json!({
+        "run": header,
+        "settings": results.settings,
+        "datapath": results.datapath.iter().map(|(v, samples)| json!({
+            "variant": v.key(),
+            "samples": samples.iter().map(sample_json).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "scale": results.scale.iter().map(|p| json!({
+            "axis": match p.axis { Axis::Pods => "pods", Axis::Dests => "dests" },
+            "n": p.n,
+            "variant": p.variant.key(),
+            "sample": sample_json(&p.sample),
+        })).collect::<Vec<_>>(),
+        "change_ms": results.change_ms,
+        "startups": results.startups.iter().map(|s| json!({
+            "pods": s.pods,
+            "seconds": s.seconds,
+            "rss_kib": s.rss_kib,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+// ---- chart --------------------------------------------------------------------------------
+
+const WIDTH: f64 = 900.0;
+const PANEL_H: f64 = 260.0;
+const COLORS: [&str; 4] = ["#888888", "#4e79a7", "#e15759", "#59a14f"];
+
+fn chart(results: &Results) -> String {
+    let mut panels = Vec::new();
+    let medians = medians(results);
+    if !medians.is_empty() {
+        panels.push(bars(&medians));
+    }
+    for (axis, what) in [
+        (Axis::Pods, "selected pod IPs"),
+        (Axis::Dests, "destination prefixes"),
+    ] {
+        let ipt = scale_points(results, axis, Variant::Iptables);
+        let ours = scale_points(results, axis, Variant::Ours);
+        if !ipt.is_empty() && !ours.is_empty() {
+            panels.push(lines(
+                what,
+                &[(Variant::Iptables, ipt), (Variant::Ours, ours)],
+            ));
+        }
+    }
+    let height = PANEL_H * panels.len().max(1) as f64;
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{height}\" \
+         font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+    );
+    for (i, panel) in panels.iter().enumerate() {
+        let _ = writeln!(
+            svg,
+            "<g transform=\"translate(0,{})\">\n{panel}</g>",
+            i as f64 * PANEL_H
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// A chart label and how to read its figure from a sample.
+type Metric = (&'static str, fn(&Sample) -> f64);
+
+/// Grouped bars: each metric's ratio to variant 1, one bar per variant.
+fn bars(medians: &[(Variant, Sample)]) -> String {
+    let metrics: [Metric; 5] = [
+        ("TCP 1 stream", |s| s.tcp1_gbps),
+        ("TCP multi", |s| s.tcpn_gbps),
+        ("UDP 64 B rate", |s| s.udp_kpps),
+        ("RR p50 (lower is better)", |s| s.rr_p50_us),
+        ("RR p99 (lower is better)", |s| s.rr_p99_us),
+    ];
+    let base = of(medians, Variant::None).unwrap_or_default();
+    let ratios: Vec<Vec<f64>> = metrics
+        .iter()
+        .map(|(_, f)| medians.iter().map(|(_, s)| f(s) / f(&base)).collect())
+        .collect();
+    let max = ratios
+        .iter()
+        .flatten()
+        .copied()
+        .filter(|r| r.is_finite())
+        .fold(1.0_f64, f64::max)
+        * 1.15;
+    let (left, top, plot_w, plot_h) = (60.0, 40.0, WIDTH - 80.0, PANEL_H - 100.0);
+    let mut g = format!(
+        "<text x=\"{left}\" y=\"20\" font-size=\"14\" font-weight=\"bold\">Data path, ratio to \
+         variant 1 (no policy)</text>\n"
+    );
+    axis_y(&mut g, left, top, plot_w, plot_h, max, "x");
+    let group_w = plot_w / metrics.len() as f64;
+    let bar_w = group_w * 0.8 / medians.len().max(1) as f64;
+    for (m, (label, _)) in metrics.iter().enumerate() {
+        let x0 = left + group_w * m as f64 + group_w * 0.1;
+        for (v, ratio) in ratios[m].iter().enumerate() {
+            let ratio = if ratio.is_finite() { *ratio } else { 0.0 };
+            let h = plot_h * ratio / max;
+            let x = x0 + bar_w * v as f64;
+            let _ = writeln!(
+                g,
+                "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{h:.1}\" fill=\"{}\"/>\
+                 <text x=\"{:.1}\" y=\"{:.1}\" font-size=\"9\" text-anchor=\"middle\">{ratio:.2}</text>",
+                top + plot_h - h,
+                bar_w - 2.0,
+                COLORS[v % COLORS.len()],
+                x + bar_w / 2.0,
+                top + plot_h - h - 3.0
+            );
+        }
+        let _ = writeln!(
+            g,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{label}</text>",
+            x0 + group_w * 0.4,
+            top + plot_h + 16.0
+        );
+    }
+    legend(
+        &mut g,
+        left,
+        top + plot_h + 36.0,
+        medians.iter().map(|(v, _)| *v).collect(),
+    );
+    g
+}
+
+/// A variant's scale points: (n, sample).
+type Series = (Variant, Vec<(u32, Sample)>);
+
+/// RR p50 against the scale (log x), one line per variant.
+fn lines(what: &str, series: &[Series]) -> String {
+    let (left, top, plot_w, plot_h) = (60.0, 40.0, WIDTH - 80.0, PANEL_H - 100.0);
+    let max_y = series
+        .iter()
+        .flat_map(|(_, pts)| pts.iter().map(|(_, s)| s.rr_p50_us))
+        .filter(|y| y.is_finite())
+        .fold(1.0_f64, f64::max)
+        * 1.2;
+    let max_x = series
+        .iter()
+        .flat_map(|(_, pts)| pts.iter().map(|(n, _)| f64::from(*n)))
+        .fold(10.0_f64, f64::max)
+        .log10();
+    let x_of = |n: u32| left + plot_w * f64::from(n.max(1)).log10() / max_x;
+    let mut g = format!(
+        "<text x=\"{left}\" y=\"20\" font-size=\"14\" font-weight=\"bold\">Request/response p50 \
+         (µs) vs {what}</text>\n"
+    );
+    axis_y(&mut g, left, top, plot_w, plot_h, max_y, " µs");
+    if let Some((_, pts)) = series.first() {
+        for (n, _) in pts {
+            let _ = writeln!(
+                g,
+                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{n}</text>",
+                x_of(*n),
+                top + plot_h + 16.0
+            );
+        }
+    }
+    for (variant, pts) in series {
+        let color = COLORS[Variant::ALL.iter().position(|v| v == variant).unwrap_or(0)];
+        let points: Vec<String> = pts
+            .iter()
+            .map(|(n, s)| {
+                format!(
+                    "{:.1},{:.1}",
+                    x_of(*n),
+                    top + plot_h - plot_h * s.rr_p50_us / max_y
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            g,
+            "<polyline points=\"{}\" fill=\"none\" stroke=\"{color}\" stroke-width=\"2\"/>",
+            points.join(" ")
+        );
+        for p in &points {
+            let (x, y) = p.split_once(',').unwrap_or(("0", "0"));
+            let _ = writeln!(
+                g,
+                "<circle cx=\"{x}\" cy=\"{y}\" r=\"3\" fill=\"{color}\"/>"
+            );
+        }
+    }
+    legend(
+        &mut g,
+        left,
+        top + plot_h + 36.0,
+        series.iter().map(|(v, _)| *v).collect(),
+    );
+    g
+}
+
+fn axis_y(g: &mut String, left: f64, top: f64, width: f64, height: f64, max: f64, unit: &str) {
+    for i in 0..=4 {
+        let value = max * f64::from(i) / 4.0;
+        let y = top + height - height * f64::from(i) / 4.0;
+        let _ = writeln!(
+            g,
+            "<line x1=\"{left}\" y1=\"{y:.1}\" x2=\"{:.1}\" y2=\"{y:.1}\" stroke=\"#dddddd\"/>\
+             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{value:.1}{unit}</text>",
+            left + width,
+            left - 5.0,
+            y + 4.0
+        );
+    }
+}
+
+fn legend(g: &mut String, left: f64, y: f64, variants: Vec<Variant>) {
+    let mut x = left;
+    for v in variants {
+        let color = COLORS[Variant::ALL.iter().position(|a| *a == v).unwrap_or(0)];
+        let _ = writeln!(
+            g,
+            "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"10\" height=\"10\" fill=\"{color}\"/>\
+             <text x=\"{:.1}\" y=\"{y:.1}\">{}</text>",
+            y - 9.0,
+            x + 14.0,
+            v.title()
+        );
+        x += 14.0 + 6.5 * v.title().len() as f64 + 20.0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_and_percentile_pick_the_middle_and_the_tail() {
+        assert_eq!(median([3.0, 1.0, 2.0].into_iter()), 2.0);
+        assert_eq!(median([4.0, 1.0, 2.0, 3.0].into_iter()), 2.5);
+        assert!(median(std::iter::empty()).is_nan());
+        let values: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&values, 0.5), 51.0);
+        assert_eq!(percentile(&values, 0.99), 99.0);
+    }
+
+    #[test]
+    fn a_datapath_only_run_renders_its_table_and_chart() {
+        let s = |t: f64, l: f64| Sample {
+            tcp1_gbps: t,
+            tcpn_gbps: t,
+            udp_kpps: 100.0,
+            rr_p50_us: l,
+            rr_p99_us: l * 2.0,
+        };
+        let results = Results {
+            datapath: vec![
+                (Variant::None, vec![s(10.0, 20.0)]),
+                (Variant::Hand, vec![s(8.0, 30.0)]),
+                (Variant::Iptables, vec![s(7.0, 32.0)]),
+                (Variant::Ours, vec![s(7.9, 33.0)]),
+            ],
+            ..Results::default()
+        };
+        let md = markdown(&results, "test run");
+        assert!(md.contains("| 4 static-egress |"), "{md}");
+        assert!(md.contains("98.8% (1 stream)"), "{md}");
+        assert!(md.contains("+3.0 µs | met"), "{md}");
+        let svg = chart(&results);
+        assert!(svg.starts_with("<svg") && svg.ends_with("</svg>\n"));
+    }
+}
