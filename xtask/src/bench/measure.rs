@@ -192,6 +192,38 @@ pub fn field(line: &str, name: &str) -> Result<f64> {
         .with_context(|| format!("bad {name} in {line:?}"))
 }
 
+/// CPU time a process has used so far (user + system), from /proc/PID/stat.
+pub fn cpu_time(pid: u32) -> Result<std::time::Duration> {
+    let path = Path::new("/proc").join(pid.to_string()).join("stat");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    cpu_time_of(&text, clock_ticks_per_second())
+}
+
+fn clock_ticks_per_second() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(ticks).ok().filter(|t| *t > 0).unwrap_or(100)
+}
+
+/// utime and stime are the 14th and 15th fields; the command name (2nd) may hold spaces, so
+/// fields are counted after its closing parenthesis.
+fn cpu_time_of(stat: &str, ticks_per_second: u64) -> Result<std::time::Duration> {
+    let after_name = stat.rsplit_once(')').context("no command name in stat")?.1;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<u64> {
+        fields
+            .get(i)
+            .context("short stat line")?
+            .parse()
+            .context("bad stat field")
+    };
+    let total = ticks(11)? + ticks(12)?;
+    Ok(std::time::Duration::from_millis(
+        total * 1000 / ticks_per_second,
+    ))
+}
+
 /// VmRSS of a process, in KiB.
 pub fn rss_kib(pid: u32) -> Result<u64> {
     let path = Path::new("/proc").join(pid.to_string()).join("status");
@@ -208,6 +240,13 @@ pub fn rss_kib(pid: u32) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_time_counts_user_and_system_ticks() {
+        let stat = "42 (static egress) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 1 2 3";
+        let cpu = cpu_time_of(stat, 100).expect("parses");
+        assert_eq!(cpu, std::time::Duration::from_secs(3));
+    }
 
     #[test]
     fn reads_fields_of_an_rr_line() {

@@ -45,6 +45,8 @@ struct Settings {
     dests: &'static [u32],
     changes: u32,
     memory_pods: &'static [u32],
+    /// How long idle CPU is sampled; 30 s or more includes one full re-check of the host.
+    idle_window: Duration,
 }
 
 const QUICK: Settings = Settings {
@@ -63,6 +65,7 @@ const QUICK: Settings = Settings {
     dests: &[1, 10, 100, 1_000],
     changes: 30,
     memory_pods: &[10_000],
+    idle_window: Duration::from_secs(10),
 };
 
 const FULL: Settings = Settings {
@@ -81,6 +84,7 @@ const FULL: Settings = Settings {
     dests: &[1, 10, 100, 1_000],
     changes: 100,
     memory_pods: &[10_000, 100_000],
+    idle_window: Duration::from_secs(35),
 };
 
 /// Pause between object changes, so each is its own file event and reconcile.
@@ -112,6 +116,8 @@ pub struct Startup {
     pub seconds: f64,
     /// (node, VmRSS in KiB) of each agent after idling.
     pub rss_kib: Vec<(String, u64)>,
+    /// (node, share of one core in percent) each agent used while idle.
+    pub idle_cpu_percent: Vec<(String, f64)>,
 }
 
 #[derive(Default)]
@@ -237,6 +243,29 @@ fn scale(bench: &mut Bench, settings: &Settings, results: &mut Results) -> Resul
     bench.leave()
 }
 
+/// CPU the agents use with nothing changing: status refreshes and, in a window of 30 s or more,
+/// one full re-check of the host.
+fn idle_cpu(bench: &Bench, window: Duration) -> Result<Vec<(String, f64)>> {
+    let before = bench
+        .agents()
+        .iter()
+        .map(|a| measure::cpu_time(a.pid()))
+        .collect::<Result<Vec<_>>>()?;
+    std::thread::sleep(window);
+    bench
+        .agents()
+        .iter()
+        .zip(before)
+        .map(|(a, t0)| {
+            let used = measure::cpu_time(a.pid())?.saturating_sub(t0);
+            Ok((
+                a.node().to_owned(),
+                used.as_secs_f64() / window.as_secs_f64() * 100.0,
+            ))
+        })
+        .collect()
+}
+
 fn control(bench: &mut Bench, settings: &Settings, results: &mut Results) -> Result<()> {
     println!("control: {} object changes", settings.changes);
     bench.enter(Variant::Ours, 1, 1)?;
@@ -258,10 +287,12 @@ fn control(bench: &mut Bench, settings: &Settings, results: &mut Results) -> Res
             .iter()
             .map(|a| Ok((a.node().to_owned(), measure::rss_kib(a.pid())?)))
             .collect::<Result<Vec<_>>>()?;
+        let idle_cpu_percent = idle_cpu(bench, settings.idle_window)?;
         results.startups.push(Startup {
             pods,
             seconds: took.as_secs_f64(),
             rss_kib,
+            idle_cpu_percent,
         });
     }
     bench.leave()

@@ -208,13 +208,20 @@ fn control_table(md: &mut String, results: &Results) {
             .iter()
             .map(|(node, kib)| format!("{node} {:.1} MiB", *kib as f64 / 1024.0))
             .collect();
+        let cpu: Vec<String> = s
+            .idle_cpu_percent
+            .iter()
+            .map(|(node, pct)| format!("{node} {pct:.2} %"))
+            .collect();
         let _ = writeln!(
             md,
-            "| cold start with {} pods to applied on both nodes | {:.2} s |\n| agent VmRSS idle with {} pods | {} |",
+            "| cold start with {} pods to applied on both nodes | {:.2} s |\n| agent VmRSS idle with {} pods | {} |\n| agent CPU idle with {} pods (share of one core) | {} |",
             s.pods,
             s.seconds,
             s.pods,
-            rss.join(", ")
+            rss.join(", "),
+            s.pods,
+            cpu.join(", ")
         );
     }
     md.push('\n');
@@ -316,6 +323,7 @@ fn raw(results: &Results, header: &str) -> Value {
             "pods": s.pods,
             "seconds": s.seconds,
             "rss_kib": s.rss_kib,
+            "idle_cpu_percent": s.idle_cpu_percent,
         })).collect::<Vec<_>>(),
     })
 }
