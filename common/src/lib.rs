@@ -71,6 +71,8 @@ pub struct EgressEntry {
 
 /// `EgressEntry::flags`: this node holds the address, packets leave straight from the uplink.
 pub const EGRESS_LOCAL: u32 = 1;
+/// `EgressEntry::flags`: our routing table already sends packets to this holder.
+pub const EGRESS_ROUTED: u32 = 2;
 
 /// Per-CPU value of `SE_COUNTERS`, keyed by gateway id.
 #[repr(C)]

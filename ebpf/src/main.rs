@@ -17,8 +17,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use static_egress_common::{
-    Config, Counters, DEST_GATEWAY_BITS, DEST_VIA_GATEWAY, DestKey, EGRESS_LOCAL, EgressEntry,
-    GATEWAY_FAIL_CLOSED, GatewayEntry, PodEntry, capacity,
+    Config, Counters, DEST_GATEWAY_BITS, DEST_VIA_GATEWAY, DestKey, EGRESS_LOCAL, EGRESS_ROUTED,
+    EgressEntry, GATEWAY_FAIL_CLOSED, GatewayEntry, PodEntry, capacity,
 };
 
 #[map(name = "SE_PODS")]
@@ -108,7 +108,7 @@ fn uplink_egress(ctx: &TcContext) -> Option<i32> {
     let pod = unsafe { SE_PODS.get(&src) }?;
     // SAFETY: as above.
     let egress = unsafe { SE_EGRESS.get(&pod.egress_ip) }?;
-    if egress.holder == 0 || egress.flags & EGRESS_LOCAL != 0 {
+    if egress.holder == 0 || egress.flags & (EGRESS_LOCAL | EGRESS_ROUTED) != 0 {
         return None;
     }
     // The redirected packet passes this hook again; without the bit it goes out unchanged.

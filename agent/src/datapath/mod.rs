@@ -12,8 +12,8 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use static_egress_common::{
-    DEST_EXCLUDED, DEST_GATEWAY_BITS, DEST_VIA_GATEWAY, DestKey, EGRESS_LOCAL, EgressEntry,
-    GATEWAY_FAIL_CLOSED, GatewayEntry, PodEntry,
+    DEST_EXCLUDED, DEST_GATEWAY_BITS, DEST_VIA_GATEWAY, DestKey, EGRESS_LOCAL, EGRESS_ROUTED,
+    EgressEntry, GATEWAY_FAIL_CLOSED, GatewayEntry, PodEntry,
 };
 
 use crate::model::FailurePolicy;
@@ -154,7 +154,8 @@ impl Datapath {
         self.nl
             .sync_rule(c.rule_priority, c.fwmark, c.route_table)
             .await?;
-        self.nl.sync_table(c.route_table, uplink.index).await?;
+        let via = single_remote_holder(plan);
+        self.nl.sync_table(c.route_table, uplink.index, via).await?;
         let holders: BTreeSet<Ipv4Addr> = plan
             .gateways
             .iter()
@@ -169,7 +170,7 @@ impl Datapath {
             self.nl.keep_resolved(uplink.index, *ip).await?;
         }
 
-        self.bpf.sync_maps(&map_contents(plan))?;
+        self.bpf.sync_maps(&map_contents(plan, via))?;
         let pod_ifaces = self.pod_interfaces(plan, &uplink, &mut warnings).await;
         // The uplink program first: a packet marked before it is in place would leave through
         // the router with the pod's address instead of going to the holder.
@@ -292,8 +293,32 @@ fn wire(ip: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(ip.octets())
 }
 
-/// The BPF map contents a plan asks for.
-pub fn map_contents(plan: &NodePlan) -> MapContents {
+/// The node that holds the egress IPs of every local selected pod, when there is exactly one
+/// and it is not this node: our table can then route to it directly, and the uplink program
+/// leaves those packets alone (one pass through the egress path instead of two).
+pub fn single_remote_holder(plan: &NodePlan) -> Option<Ipv4Addr> {
+    let holder_of: BTreeMap<Ipv4Addr, &crate::plan::Holder> = plan
+        .gateways
+        .iter()
+        .flat_map(|g| g.egress.iter())
+        .filter_map(|e| Some((e.ip, e.holder.as_ref()?)))
+        .collect();
+    // Pods whose egress IP this node holds need the table's own default route: one holder
+    // for every pod, and not this node, or nothing.
+    let holders: BTreeSet<(&str, Ipv4Addr)> = plan
+        .pods
+        .iter()
+        .filter_map(|p| holder_of.get(&p.egress_ip))
+        .map(|h| (h.node.as_str(), h.node_ip))
+        .collect();
+    match holders.into_iter().collect::<Vec<_>>().as_slice() {
+        [(node, ip)] if *node != plan.node => Some(*ip),
+        _ => None,
+    }
+}
+
+/// The BPF map contents a plan asks for; `routed` is the holder our table routes to.
+pub fn map_contents(plan: &NodePlan, routed: Option<Ipv4Addr>) -> MapContents {
     let mut maps = MapContents::default();
     for gw in &plan.gateways {
         let flags = match gw.failure_policy {
@@ -305,7 +330,13 @@ pub fn map_contents(plan: &NodePlan) -> MapContents {
             let entry = match &e.holder {
                 Some(h) => EgressEntry {
                     holder: wire(h.node_ip),
-                    flags: if h.node == plan.node { EGRESS_LOCAL } else { 0 },
+                    flags: if h.node == plan.node {
+                        EGRESS_LOCAL
+                    } else if routed == Some(h.node_ip) {
+                        EGRESS_ROUTED
+                    } else {
+                        0
+                    },
                 },
                 None => EgressEntry {
                     holder: 0,
@@ -373,4 +404,77 @@ pub async fn cleanup(
     }
     State::remove(state_dir)?;
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{EgressPlan, GatewayPlan, Holder, PodPlan, Reason};
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().expect("address")
+    }
+
+    /// node1's plan: gateway `a` (10.99.0.200) and `b` (10.99.0.201) with the given holders,
+    /// and one local pod per egress IP listed in `pods`.
+    fn plan(holders: [&str; 2], pods: &[&str]) -> NodePlan {
+        let egress = |addr: &str, node: &str| EgressPlan {
+            ip: ip(addr),
+            holder: Some(Holder {
+                node: node.into(),
+                node_ip: ip(&format!("10.99.0.1{}", &node[4..])),
+            }),
+        };
+        let gateway = |name: &str, id: u32, e: EgressPlan| GatewayPlan {
+            name: name.into(),
+            id,
+            failure_policy: FailurePolicy::FailClosed,
+            egress: vec![e],
+            dest_entries: vec![],
+            destinations: vec![],
+            excluded: vec![],
+        };
+        NodePlan {
+            node: "node1".into(),
+            gateways: vec![
+                gateway("a", 1, egress("10.99.0.200", holders[0])),
+                gateway("b", 2, egress("10.99.0.201", holders[1])),
+            ],
+            pods: pods
+                .iter()
+                .enumerate()
+                .map(|(i, e)| PodPlan {
+                    namespace: "ns".into(),
+                    name: format!("p{i}"),
+                    ip: ip(&format!("10.244.1.{}", i + 2)),
+                    gateway: "a".into(),
+                    gateway_id: 1,
+                    egress_ip: ip(e),
+                    reason: Reason::PodSelector,
+                    overridden: vec![],
+                })
+                .collect(),
+            ..NodePlan::default()
+        }
+    }
+
+    #[test]
+    fn routes_to_the_holder_only_when_every_local_pod_uses_that_one_remote_node() {
+        let one = plan(["node2", "node3"], &["10.99.0.200", "10.99.0.200"]);
+        assert_eq!(single_remote_holder(&one), Some(ip("10.99.0.12")));
+        let routed = map_contents(&one, single_remote_holder(&one));
+        assert_eq!(routed.egress[&wire(ip("10.99.0.200"))].flags, EGRESS_ROUTED);
+        assert_eq!(routed.egress[&wire(ip("10.99.0.201"))].flags, 0);
+
+        let two = plan(["node2", "node3"], &["10.99.0.200", "10.99.0.201"]);
+        assert_eq!(single_remote_holder(&two), None);
+        // A pod whose egress IP this node holds needs the table's own default route.
+        let local = plan(["node2", "node1"], &["10.99.0.200", "10.99.0.201"]);
+        assert_eq!(single_remote_holder(&local), None);
+        assert_eq!(
+            map_contents(&local, None).egress[&wire(ip("10.99.0.201"))].flags,
+            EGRESS_LOCAL
+        );
+        assert_eq!(single_remote_holder(&plan(["node2", "node3"], &[])), None);
+    }
 }

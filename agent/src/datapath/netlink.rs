@@ -146,34 +146,48 @@ impl Netlink {
 
     /// Makes `table` hold exactly the main table's unicast routes through `uplink`, so that
     /// marked packets leave through it whatever other routes the node has.
-    pub async fn sync_table(&self, table: u32, uplink: u32) -> Result<(), DatapathError> {
-        let wanted: Vec<RouteMessage> = self
+    /// Makes `table` hold the main table's unicast routes through `uplink`, so that marked
+    /// packets leave through it whatever other routes the node has. With `via`, the default
+    /// route goes to that node instead: the holder every local selected pod uses.
+    pub async fn sync_table(
+        &self,
+        table: u32,
+        uplink: u32,
+        via: Option<Ipv4Addr>,
+    ) -> Result<(), DatapathError> {
+        let mut wanted: Vec<RouteMessage> = self
             .table_routes(MAIN_TABLE)
             .await?
             .into_iter()
             .filter(|r| r.header.kind == RouteType::Unicast && route_oif(r) == Some(uplink))
             .map(|r| retable(r, table))
             .collect();
-        let current = self.table_routes(table).await?;
-        for route in &current {
-            if !wanted.iter().any(|w| same_route(w, route)) {
-                self.handle
-                    .route()
-                    .del(route.clone())
-                    .execute()
-                    .await
-                    .map_err(nl("delete route"))?;
-            }
+        if let Some(holder) = via {
+            wanted.retain(|r| r.header.destination_prefix_length != 0);
+            wanted.push(default_via(holder, uplink, table));
         }
-        for route in wanted {
-            if !current.iter().any(|c| same_route(c, &route)) {
+        // Replacing first: a default route that changes gateway is swapped in place, so marked
+        // packets never find the table without one.
+        let current = self.table_routes(table).await?;
+        for route in &wanted {
+            if !current.iter().any(|c| same_route(c, route)) {
                 self.handle
                     .route()
-                    .add(route)
+                    .add(route.clone())
                     .replace()
                     .execute()
                     .await
                     .map_err(nl("add route"))?;
+            }
+        }
+        for route in self.table_routes(table).await? {
+            if !wanted.iter().any(|w| same_route(w, &route)) {
+                self.handle
+                    .route()
+                    .del(route)
+                    .execute()
+                    .await
+                    .map_err(nl("delete route"))?;
             }
         }
         Ok(())
@@ -405,6 +419,20 @@ fn retable(route: RouteMessage, table: u32) -> RouteMessage {
     out.attributes = route.attributes.into_iter().filter(is_path).collect();
     out.attributes.push(RouteAttribute::Table(table));
     out
+}
+
+fn default_via(holder: Ipv4Addr, uplink: u32, table: u32) -> RouteMessage {
+    let mut route = RouteMessage::default();
+    route.header.address_family = AddressFamily::Inet;
+    route.header.kind = RouteType::Unicast;
+    route.header.scope = RouteScope::Universe;
+    route.header.table = u8::try_from(table).unwrap_or(RouteHeader::RT_TABLE_UNSPEC);
+    route.attributes = vec![
+        RouteAttribute::Gateway(RouteAddress::Inet(holder)),
+        RouteAttribute::Oif(uplink),
+        RouteAttribute::Table(table),
+    ];
+    route
 }
 
 fn same_route(a: &RouteMessage, b: &RouteMessage) -> bool {

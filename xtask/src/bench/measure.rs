@@ -20,6 +20,8 @@ const RR_SIZE: &str = "64";
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Sample {
     pub tcp1_gbps: f64,
+    /// Busy CPU of the whole machine (both ends and every hop) per gigabit moved, one stream.
+    pub cpu_s_per_gbit: f64,
     pub tcpn_gbps: f64,
     pub udp_kpps: f64,
     pub rr_p50_us: f64,
@@ -106,8 +108,12 @@ pub fn start_servers(cluster: &Cluster) -> Result<Servers> {
 /// Everything in [`Sample`]; `full_set` false measures only what the scale runs compare
 /// (one TCP stream and round trips).
 pub fn sample(cluster: &Cluster, pod: &LabPod, effort: Effort, full_set: bool) -> Result<Sample> {
+    let busy_before = busy_cpu_seconds()?;
+    let tcp1_gbps = tcp(cluster, pod, effort.seconds, 1)?;
+    let busy = busy_cpu_seconds()? - busy_before;
     let mut s = Sample {
-        tcp1_gbps: tcp(cluster, pod, effort.seconds, 1)?,
+        tcp1_gbps,
+        cpu_s_per_gbit: busy / (tcp1_gbps * effort.seconds as f64),
         ..Sample::default()
     };
     if full_set {
@@ -192,6 +198,27 @@ pub fn field(line: &str, name: &str) -> Result<f64> {
         .with_context(|| format!("bad {name} in {line:?}"))
 }
 
+/// Seconds all CPUs have spent busy since boot (everything but idle and iowait), from /proc/stat.
+fn busy_cpu_seconds() -> Result<f64> {
+    let text = std::fs::read_to_string("/proc/stat").context("cannot read /proc/stat")?;
+    busy_of(&text, clock_ticks_per_second())
+}
+
+fn busy_of(stat: &str, ticks_per_second: u64) -> Result<f64> {
+    let line = stat.lines().next().context("empty /proc/stat")?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().context("bad /proc/stat field"))
+        .collect::<Result<_>>()?;
+    let (idle, iowait) = (
+        ticks.get(3).copied().unwrap_or(0),
+        ticks.get(4).copied().unwrap_or(0),
+    );
+    let total: u64 = ticks.iter().take(8).sum();
+    Ok((total - idle - iowait) as f64 / ticks_per_second as f64)
+}
+
 /// CPU time a process has used so far (user + system), from /proc/PID/stat.
 pub fn cpu_time(pid: u32) -> Result<std::time::Duration> {
     let path = Path::new("/proc").join(pid.to_string()).join("stat");
@@ -240,6 +267,12 @@ pub fn rss_kib(pid: u32) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn busy_cpu_leaves_out_idle_and_iowait() {
+        let stat = "cpu  100 0 50 1000 20 5 5 0 0 0\ncpu0 1 2 3\n";
+        assert_eq!(busy_of(stat, 100).expect("parses"), 1.6);
+    }
 
     #[test]
     fn cpu_time_counts_user_and_system_ticks() {

@@ -67,6 +67,7 @@ fn median(values: impl Iterator<Item = f64>) -> f64 {
 fn median_sample(samples: &[Sample]) -> Sample {
     Sample {
         tcp1_gbps: median(samples.iter().map(|s| s.tcp1_gbps)),
+        cpu_s_per_gbit: median(samples.iter().map(|s| s.cpu_s_per_gbit)),
         tcpn_gbps: median(samples.iter().map(|s| s.tcpn_gbps)),
         udp_kpps: median(samples.iter().map(|s| s.udp_kpps)),
         rr_p50_us: median(samples.iter().map(|s| s.rr_p50_us)),
@@ -102,16 +103,17 @@ fn markdown(results: &Results, header: &str) -> String {
         md.push_str(
             "**Data path** (same pod, same traffic; ratios to variant 1 in parentheses; variant 1 \
              leaves from node1 and skips the gateway hop, so it is the ceiling):\n\n\
-             | variant | path | TCP 1 stream | TCP multi-stream | UDP 64 B rate | RR p50 | RR p99 |\n\
-             |---|---|---|---|---|---|---|\n",
+             | variant | path | TCP 1 stream | CPU per Gbit (1 stream, whole machine) | TCP multi-stream | UDP 64 B rate | RR p50 | RR p99 |\n\
+             |---|---|---|---|---|---|---|---|\n",
         );
         for (variant, s) in &medians {
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
                 variant.title(),
                 variant.path(),
                 cell(s.tcp1_gbps, base.tcp1_gbps, "Gbit/s", 2),
+                cell(s.cpu_s_per_gbit, base.cpu_s_per_gbit, "CPU-s", 3),
                 cell(s.tcpn_gbps, base.tcpn_gbps, "Gbit/s", 2),
                 cell(s.udp_kpps, base.udp_kpps, "kpps", 0),
                 cell(s.rr_p50_us, base.rr_p50_us, "µs", 1),
@@ -297,6 +299,7 @@ fn targets(md: &mut String, results: &Results, medians: &[(Variant, Sample)]) {
 fn sample_json(s: &Sample) -> Value {
     json!({
         "tcp1_gbps": s.tcp1_gbps,
+        "cpu_s_per_gbit": s.cpu_s_per_gbit,
         "tcpn_gbps": s.tcpn_gbps,
         "udp_kpps": s.udp_kpps,
         "rr_p50_us": s.rr_p50_us,
@@ -550,6 +553,7 @@ mod tests {
     fn a_datapath_only_run_renders_its_table_and_chart() {
         let s = |t: f64, l: f64| Sample {
             tcp1_gbps: t,
+            cpu_s_per_gbit: 0.1,
             tcpn_gbps: t,
             udp_kpps: 100.0,
             rr_p50_us: l,
