@@ -181,8 +181,12 @@ pub enum FieldProblem {
 /// `kind: List`. `Err` means the stream itself is broken: the caller must not trust any part.
 pub fn parse_documents(text: &str) -> Result<Documents, SyntaxError> {
     let mut parser = Parser::default();
-    for (index, value) in read_stream(text)?.into_iter().enumerate() {
+    // One document at a time: holding every document's tree at once would cost several times
+    // the objects themselves on a large file. A syntax error anywhere still rejects the whole
+    // file, since the partial result is dropped.
+    for (index, value) in documents(text).enumerate() {
         let document = index + 1;
+        let value = value.map_err(|message| SyntaxError { document, message })?;
         match value {
             Value::Null => {}
             Value::Sequence(items) => parser.items(document, items),
@@ -207,23 +211,19 @@ pub fn parse_documents(text: &str) -> Result<Documents, SyntaxError> {
     Ok(parser.out)
 }
 
-fn read_stream(text: &str) -> Result<Vec<Value>, SyntaxError> {
-    let syntax = |document: usize, message: String| SyntaxError { document, message };
+fn documents(text: &str) -> Box<dyn Iterator<Item = Result<Value, String>> + '_> {
     // libyaml rejects some valid JSON (tabs as indentation), so JSON gets its own parser.
     if text.trim_start().starts_with(['{', '[']) {
-        let mut values = Vec::new();
-        for value in serde_json::Deserializer::from_str(text).into_iter::<Value>() {
-            values.push(value.map_err(|e| syntax(values.len() + 1, e.to_string()))?);
-        }
-        return Ok(values);
-    }
-    let mut values = Vec::new();
-    for document in serde_yaml::Deserializer::from_str(text) {
-        values.push(
-            Value::deserialize(document).map_err(|e| syntax(values.len() + 1, e.to_string()))?,
+        return Box::new(
+            serde_json::Deserializer::from_str(text)
+                .into_iter::<Value>()
+                .map(|v| v.map_err(|e| e.to_string())),
         );
     }
-    Ok(values)
+    Box::new(
+        serde_yaml::Deserializer::from_str(text)
+            .map(|document| Value::deserialize(document).map_err(|e| e.to_string())),
+    )
 }
 
 #[derive(Default)]

@@ -29,8 +29,9 @@ pub struct Loaded {
 #[derive(Debug)]
 pub struct FileSource {
     path: PathBuf,
+    /// The snapshot is built from this on demand rather than kept beside it: at 10,000 pods a
+    /// second copy costs megabytes.
     last_good: BTreeMap<ObjectKey, ParsedObject>,
-    snapshot: Snapshot,
     digest: u64,
 }
 
@@ -53,7 +54,6 @@ impl FileSource {
         let mut source = Self {
             path,
             last_good: BTreeMap::new(),
-            snapshot: Snapshot::default(),
             digest: fnv1a_64(&bytes),
         };
         let problems = source.merge(documents.objects, documents.errors);
@@ -116,14 +116,13 @@ impl FileSource {
                 message: format!("{}: {error}{outcome}", self.path.display()),
             });
         }
-        self.snapshot = next.values().cloned().collect();
         self.last_good = next;
         problems
     }
 
     fn loaded(&self, problems: Vec<Problem>) -> Loaded {
         Loaded {
-            snapshot: self.snapshot.clone(),
+            snapshot: self.last_good.values().cloned().collect(),
             problems,
             digest: self.digest,
         }
