@@ -437,20 +437,40 @@ fn respond(shared: &Shared, request: &Request) -> (u16, Value) {
         && let Some(kind) = collection(&request.path)
     {
         let store = lock(shared);
-        let items: Vec<Value> = store
+        // Pages as a real API server does: `limit` items, then a `continue` token (here the
+        // offset) for the rest.
+        let offset: usize = request
+            .query
+            .get("continue")
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let limit: usize = request
+            .query
+            .get("limit")
+            .and_then(|l| l.parse().ok())
+            .unwrap_or(usize::MAX);
+        let matching: Vec<&Value> = store
             .objects
             .get(kind)
             .map(|m| {
                 m.values()
                     .filter(|o| matches_selector(o, &request.query))
-                    .cloned()
                     .collect()
             })
             .unwrap_or_default();
+        let items: Vec<Value> = matching
+            .iter()
+            .skip(offset)
+            .take(limit)
+            .map(|o| (*o).clone())
+            .collect();
+        let mut metadata = json!({"resourceVersion": store.version.to_string()});
+        if offset.saturating_add(limit) < matching.len() {
+            metadata["continue"] = json!((offset + limit).to_string());
+        }
         return (
             200,
-            json!({"kind": format!("{kind}List"), "apiVersion": "v1",
-                   "metadata": {"resourceVersion": store.version.to_string()}, "items": items}),
+            json!({"kind": format!("{kind}List"), "apiVersion": "v1", "metadata": metadata, "items": items}),
         );
     }
     let gateways = "/apis/static-egress.io/v1alpha1/egressgateways/";
