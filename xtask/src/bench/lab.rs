@@ -501,8 +501,10 @@ impl Drop for Bench {
     }
 }
 
-fn ipt_exception(op: &str) -> Vec<&str> {
-    vec![
+/// An iptables nat POSTROUTING rule for the pods in our ipset, added (`-A`/`-I`) or deleted
+/// (`-D`) by `op`, with target `target`.
+fn ipt_set_rule<'a>(op: &'a str, target: &[&'a str]) -> Vec<&'a str> {
+    let mut rule = vec![
         "iptables",
         "-w",
         "-t",
@@ -515,28 +517,17 @@ fn ipt_exception(op: &str) -> Vec<&str> {
         IPSET,
         "src",
         "-j",
-        "ACCEPT",
-    ]
+    ];
+    rule.extend_from_slice(target);
+    rule
+}
+
+fn ipt_exception(op: &str) -> Vec<&str> {
+    ipt_set_rule(op, &["ACCEPT"])
 }
 
 fn ipt_snat(op: &'static str) -> Vec<&'static str> {
-    vec![
-        "iptables",
-        "-w",
-        "-t",
-        "nat",
-        op,
-        "POSTROUTING",
-        "-m",
-        "set",
-        "--match-set",
-        IPSET,
-        "src",
-        "-j",
-        "SNAT",
-        "--to-source",
-        "10.99.0.200",
-    ]
+    ipt_set_rule(op, &["SNAT", "--to-source", "10.99.0.200"])
 }
 
 fn node_ns<'a>(cluster: &'a Cluster, node: &str) -> Result<&'a str> {
