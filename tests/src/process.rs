@@ -197,6 +197,21 @@ impl Answer {
     }
 }
 
+/// Fails, listing the exceptions, unless every connection succeeded and left with `want`.
+pub fn expect_all_from(answers: &[Answer], want: Ipv4Addr) -> anyhow::Result<()> {
+    let bad: Vec<&Answer> = answers
+        .iter()
+        .filter(|a| a.source() != Some(want))
+        .collect();
+    anyhow::ensure!(
+        bad.is_empty(),
+        "{} of {} connections did not leave with {want}: {bad:?}",
+        bad.len(),
+        answers.len()
+    );
+    Ok(())
+}
+
 /// `se-probe loop` running in a pod: a pod that keeps opening connections.
 #[derive(Debug)]
 pub struct ProbeLoop {
