@@ -1,6 +1,6 @@
-//! `cargo xtask setup`: everything a fresh machine (Debian with iproute2 and the stable and
-//! nightly Rust toolchains) lacks to build and test the project. Idempotent and silent when
-//! nothing is missing.
+//! `cargo xtask setup`: everything a fresh machine (Debian with iproute2 and rustup's stable
+//! toolchain) lacks to build and test the project, the nightly toolchain included. Idempotent
+//! and silent when nothing is missing.
 
 use std::fs;
 use std::os::unix::fs::symlink;
@@ -48,6 +48,7 @@ pub struct Options {
 
 pub fn run(options: &Options) -> Result<()> {
     packages(options.verbose)?;
+    kernel_toolchain(options.verbose)?;
     rust_src(options.verbose)?;
     bpf_linker(options.verbose)?;
     kube_tools(options.verbose)?;
@@ -141,6 +142,45 @@ fn kube_tools(verbose: bool) -> Result<()> {
 fn on_path(command: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(command).is_file()))
+}
+
+/// Installs the kernel toolchain, with `rust-src`, when rustup does not have it: machines may
+/// come with stable only.
+fn kernel_toolchain(verbose: bool) -> Result<()> {
+    let mut list = Command::new("rustup");
+    list.args(["toolchain", "list"]);
+    let toolchains = output(&mut list).context("rustup is needed to build the kernel crate")?;
+    if has_toolchain(&toolchains, KERNEL_TOOLCHAIN) {
+        if verbose {
+            println!("setup: toolchain {KERNEL_TOOLCHAIN} present");
+        }
+        return Ok(());
+    }
+    println!("setup: installing the {KERNEL_TOOLCHAIN} toolchain with rust-src (a few minutes)");
+    let mut install = Command::new("rustup");
+    run_cmd(install.args([
+        "toolchain",
+        "install",
+        KERNEL_TOOLCHAIN,
+        "--profile",
+        "minimal",
+        "--component",
+        "rust-src",
+    ]))
+}
+
+/// `rustup toolchain list` prints `nightly-x86_64-unknown-linux-gnu (default)` and the like:
+/// the channel, then the host triple (a dated `nightly-2026-05-19-...` is another toolchain).
+fn has_toolchain(list: &str, channel: &str) -> bool {
+    list.lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .filter_map(|full| full.strip_prefix(channel))
+        .any(|rest| {
+            rest.is_empty()
+                || rest
+                    .strip_prefix('-')
+                    .is_some_and(|host| !host.starts_with(|c: char| c.is_ascii_digit()))
+        })
 }
 
 fn rust_src(verbose: bool) -> Result<()> {
@@ -319,6 +359,23 @@ mod tests {
             }
         );
         assert!(parse_rustc_version("rustc 1.0\n").is_err());
+    }
+
+    #[test]
+    fn finds_the_kernel_toolchain_by_channel_not_by_dated_name() {
+        let list = "stable-x86_64-unknown-linux-gnu (active, default)\n\
+                    nightly-x86_64-unknown-linux-gnu\n1.95.0-x86_64-unknown-linux-gnu\n";
+        assert!(has_toolchain(list, "nightly"));
+        assert!(has_toolchain(list, "stable"));
+        assert!(!has_toolchain(
+            "stable-x86_64-unknown-linux-gnu (default)\n",
+            "nightly"
+        ));
+        // A dated nightly is not what `+nightly` runs.
+        assert!(!has_toolchain(
+            "nightly-2026-05-19-x86_64-unknown-linux-gnu\n",
+            "nightly"
+        ));
     }
 
     #[test]
