@@ -6,11 +6,15 @@
 //! `se_uplink_egress` runs at tc egress of the uplink: a marked packet whose egress IP is held
 //! by another node is handed to that node's MAC address (the routing table cannot tell
 //! gateways apart, the program can).
+//!
+//! Both share their hook with other programs (a CNI's, a bandwidth manager's, a probe's, and
+//! legacy tc filters after the TCX chain): every packet they neither drop nor redirect goes on
+//! to the next program with `TCX_NEXT`, never `TCX_PASS`, which would end the chain.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_redir_neigh},
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_redir_neigh},
     helpers::generated::bpf_redirect_neigh,
     macros::{classifier, map},
     maps::{Array, HashMap, LpmTrie, PerCpuHashMap, lpm_trie::Key},
@@ -39,18 +43,20 @@ const ETH_P_IP_WIRE: u16 = 0x0800_u16.to_be();
 const IP_SRC_OFF: usize = ETH_HLEN + 12;
 const IP_DST_OFF: usize = ETH_HLEN + 16;
 const AF_INET: u32 = 2;
+/// `TC_ACT_UNSPEC` is what TCX calls `TCX_NEXT`: the next program (or legacy tc) decides.
+const TCX_NEXT: i32 = TC_ACT_UNSPEC;
 
 #[classifier]
 pub fn se_pod_ingress(ctx: TcContext) -> i32 {
-    pod_ingress(&ctx).unwrap_or(TC_ACT_OK as i32)
+    pod_ingress(&ctx).unwrap_or(TCX_NEXT)
 }
 
 #[classifier]
 pub fn se_uplink_egress(ctx: TcContext) -> i32 {
-    uplink_egress(&ctx).unwrap_or(TC_ACT_OK as i32)
+    uplink_egress(&ctx).unwrap_or(TCX_NEXT)
 }
 
-/// `None` means "not ours": the packet continues untouched.
+/// `None` means "no verdict of ours": the packet goes on to the next program, marked or not.
 fn pod_ingress(ctx: &TcContext) -> Option<i32> {
     let (src, dst) = ipv4_addrs(ctx)?;
     // SAFETY: entries are plain integers written whole by the agent.
@@ -93,7 +99,7 @@ fn pod_ingress(ctx: &TcContext) -> Option<i32> {
             (*c).bytes += u64::from(ctx.len());
         }
     }
-    Some(TC_ACT_OK as i32)
+    None
 }
 
 fn uplink_egress(ctx: &TcContext) -> Option<i32> {

@@ -2,11 +2,15 @@
 
 use std::net::Ipv4Addr;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 
-use crate::objects::{EgressGateway, match_labels};
-use crate::{Cluster, PodStyle};
+use crate::objects::{EgressGateway, Objects, match_labels};
+use crate::{AgentHandle, Cluster, LabPod, PodSpec, PodStyle, wait_until};
+
+/// How long the tests give the agents to apply a change.
+pub const APPLY: Duration = Duration::from_secs(20);
 
 pub const GATEWAY: &str = "corp-fw";
 pub const EGRESS_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 200);
@@ -39,4 +43,70 @@ pub fn three_nodes(probe_bin: &Path) -> Result<Cluster> {
         o.set_gateway(gateway(GATEWAY, EGRESS_IP));
     })?;
     Ok(cluster)
+}
+
+/// A pod labelled `app=api` in namespace `payments` (selected by [`GATEWAY`]).
+pub fn api_pod(cluster: &mut Cluster, name: &str, node: &str) -> Result<LabPod> {
+    cluster.add_pod(PodSpec::new("payments", name, node).label("app", "api"))
+}
+
+/// Writes the objects (pods added so far included), starts an agent with `extra_args` on every
+/// node and waits until each has applied them.
+pub fn start_agents(cluster: &Cluster, extra_args: &[&str]) -> Result<Vec<AgentHandle>> {
+    cluster.write_objects()?;
+    let names: Vec<String> = cluster.nodes().iter().map(|n| n.name.clone()).collect();
+    let agents = names
+        .iter()
+        .map(|n| cluster.start_agent(n, extra_args))
+        .collect::<Result<Vec<_>>>()?;
+    wait_all_applied(cluster)?;
+    Ok(agents)
+}
+
+/// Changes the objects and waits until every agent has applied them.
+pub fn change(cluster: &mut Cluster, edit: impl FnOnce(&mut Objects)) -> Result<()> {
+    cluster.update_objects(edit)?;
+    wait_all_applied(cluster)
+}
+
+pub fn wait_all_applied(cluster: &Cluster) -> Result<()> {
+    for node in cluster.nodes() {
+        cluster.wait_applied(&node.name, APPLY)?;
+    }
+    Ok(())
+}
+
+/// Asks until the answer is `want` (other nodes may still be catching up) and returns how long
+/// that took. Only for waiting: a test that must rule out a leak counts every answer instead.
+pub fn expect_source(cluster: &Cluster, pod: &LabPod, want: Ipv4Addr) -> Result<Duration> {
+    let started = Instant::now();
+    let mut last = None;
+    wait_until(APPLY, || {
+        last = Some(
+            cluster
+                .ask_timeout(pod, Duration::from_millis(500))
+                .map_err(|e| e.to_string()),
+        );
+        matches!(&last, Some(Ok(ip)) if *ip == want)
+    })
+    .with_context(|| {
+        format!(
+            "pod {}/{}: wanted {want}, last answer {last:?}",
+            pod.namespace, pod.name
+        )
+    })?;
+    Ok(started.elapsed())
+}
+
+/// Whether `ip` is a /32 on `node`'s uplink.
+pub fn has_address(cluster: &Cluster, node: &str, ip: Ipv4Addr) -> Result<bool> {
+    let node = cluster.node(node)?;
+    let out = node.exec(["ip", "-o", "-4", "addr", "show", "dev", &node.uplink])?;
+    Ok(out.contains(&format!(" {ip}/32 ")))
+}
+
+/// The agent's `status.json` on `node`.
+pub fn status(cluster: &Cluster, node: &str) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(cluster.node(node)?.status_path())?;
+    Ok(serde_json::from_str(&text)?)
 }

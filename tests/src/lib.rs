@@ -48,6 +48,7 @@ pub mod apiserver;
 mod builder;
 mod cluster;
 mod cmd;
+pub mod counter;
 mod digest;
 pub mod fixture;
 mod names;

@@ -2,37 +2,13 @@
 //! the list/watch protocol (resource versions, watch events, bookmarks, 410 Gone), not from a
 //! file. Each test asserts the source address the external server saw.
 
-use std::net::Ipv4Addr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
 use netlab::apiserver::{ApiServer, default_addr, wait_for_request};
-use netlab::fixture::{EGRESS_IP, GATEWAY, three_nodes};
+use netlab::fixture::{APPLY, EGRESS_IP, GATEWAY, expect_source, three_nodes};
 use netlab::objects::GATEWAY_ANNOTATION;
 use netlab::{AgentHandle, Cluster, LabPod, PodSpec, expect_all_from, wait_until};
-
-const APPLY: Duration = Duration::from_secs(20);
-
-/// Asks until the answer is `want`, then returns how long that took.
-fn expect_source(cluster: &Cluster, pod: &LabPod, want: Ipv4Addr) -> Result<Duration> {
-    let started = Instant::now();
-    let mut last = None;
-    wait_until(APPLY, || {
-        last = Some(
-            cluster
-                .ask_timeout(pod, Duration::from_millis(500))
-                .map_err(|e| e.to_string()),
-        );
-        matches!(&last, Some(Ok(ip)) if *ip == want)
-    })
-    .with_context(|| {
-        format!(
-            "pod {}/{}: wanted {want}, last answer {last:?}",
-            pod.namespace, pod.name
-        )
-    })?;
-    Ok(started.elapsed())
-}
 
 fn sync(api: &ApiServer, cluster: &Cluster) -> Result<()> {
     api.sync(&cluster.objects().api_objects()?)

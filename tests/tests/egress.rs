@@ -6,73 +6,19 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
 use ipnet::Ipv4Net;
-use netlab::fixture::{EGRESS_IP, GATEWAY, gateway, three_nodes};
-use netlab::objects::{FailurePolicy, Objects, match_labels};
-use netlab::{AgentHandle, Cluster, LabPod, PodSpec, PodStyle, expect_all_from, wait_until};
-
-const APPLY: Duration = Duration::from_secs(15);
+use netlab::fixture::{
+    APPLY, EGRESS_IP, GATEWAY, api_pod, change, expect_source, gateway, has_address, start_agents,
+    status, three_nodes, wait_all_applied,
+};
+use netlab::objects::{FailurePolicy, match_labels};
+use netlab::{AgentHandle, Cluster, PodSpec, PodStyle, expect_all_from, wait_until};
 
 fn cluster() -> Result<Cluster> {
     three_nodes(env!("CARGO_BIN_EXE_se-probe").as_ref())
 }
 
-fn api_pod(cluster: &mut Cluster, name: &str, node: &str) -> Result<LabPod> {
-    cluster.add_pod(PodSpec::new("payments", name, node).label("app", "api"))
-}
-
-/// Writes the objects (pods added so far included) and starts an agent on every node.
-fn start_agents(cluster: &Cluster) -> Result<Vec<AgentHandle>> {
-    cluster.write_objects()?;
-    let names: Vec<String> = cluster.nodes().iter().map(|n| n.name.clone()).collect();
-    let agents = names
-        .iter()
-        .map(|n| cluster.start_agent(n, std::iter::empty::<&str>()))
-        .collect::<Result<Vec<_>>>()?;
-    wait_all_applied(cluster)?;
-    Ok(agents)
-}
-
-/// Changes the objects and waits until every agent has applied them.
-fn change(cluster: &mut Cluster, edit: impl FnOnce(&mut Objects)) -> Result<()> {
-    cluster.update_objects(edit)?;
-    wait_all_applied(cluster)
-}
-
-fn wait_all_applied(cluster: &Cluster) -> Result<()> {
-    for node in cluster.nodes() {
-        cluster.wait_applied(&node.name, APPLY)?;
-    }
-    Ok(())
-}
-
 fn node_ip(cluster: &Cluster, node: &str) -> Result<Ipv4Addr> {
     Ok(cluster.node(node)?.ip)
-}
-
-/// Asks until the answer is `want` (the other nodes may still be catching up), then asserts.
-fn expect_source(cluster: &Cluster, pod: &LabPod, want: Ipv4Addr) -> Result<()> {
-    let mut last = None;
-    let ok = wait_until(APPLY, || {
-        last = Some(cluster.ask(pod).map_err(|e| e.to_string()));
-        matches!(&last, Some(Ok(ip)) if *ip == want)
-    });
-    ok.with_context(|| {
-        format!(
-            "pod {}/{}: wanted {want}, last answer {last:?}",
-            pod.namespace, pod.name
-        )
-    })
-}
-
-fn has_address(cluster: &Cluster, node: &str, ip: Ipv4Addr) -> Result<bool> {
-    let node = cluster.node(node)?;
-    let out = node.exec(["ip", "-o", "-4", "addr", "show", "dev", &node.uplink])?;
-    Ok(out.contains(&format!(" {ip}/32 ")))
-}
-
-fn status(cluster: &Cluster, node: &str) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(cluster.node(node)?.status_path())?;
-    Ok(serde_json::from_str(&text)?)
 }
 
 #[test]
@@ -82,7 +28,7 @@ fn selected_pods_leave_with_the_egress_ip_from_every_node() -> Result<()> {
     let on_gateway = api_pod(&mut cluster, "api-2", "node2")?;
     let on_third = api_pod(&mut cluster, "api-3", "node3")?;
     let unselected = cluster.add_pod(PodSpec::new("payments", "batch", "node1"))?;
-    let _agents = start_agents(&cluster)?;
+    let _agents = start_agents(&cluster, &[])?;
 
     for pod in [&on_other, &on_gateway, &on_third] {
         expect_source(&cluster, pod, EGRESS_IP)?;
@@ -135,7 +81,7 @@ fn annotation_from_a_namespace_not_admitted_is_ignored_until_admitted() -> Resul
         o.namespace("web");
     })?;
     let pod = cluster.add_pod(PodSpec::new("web", "shop", "node1").gateway(GATEWAY))?;
-    let agents = start_agents(&cluster)?;
+    let agents = start_agents(&cluster, &[])?;
     assert_eq!(cluster.ask(&pod)?, node_ip(&cluster, "node1")?);
     let log = agents[0].log()?;
     ensure!(
@@ -165,7 +111,7 @@ fn annotation_from_a_namespace_not_admitted_is_ignored_until_admitted() -> Resul
 fn next_eligible_node_takes_over_when_the_holder_is_not_ready() -> Result<()> {
     let mut cluster = cluster()?;
     let pod = api_pod(&mut cluster, "api-1", "node1")?;
-    let _agents = start_agents(&cluster)?;
+    let _agents = start_agents(&cluster, &[])?;
     expect_source(&cluster, &pod, EGRESS_IP)?;
     assert!(has_address(&cluster, "node2", EGRESS_IP)?);
 
@@ -193,7 +139,7 @@ fn restarting_agents_never_lets_a_pod_leave_with_its_node_address() -> Result<()
     let mut cluster = cluster()?;
     let on_other = api_pod(&mut cluster, "api-1", "node1")?;
     let on_gateway = api_pod(&mut cluster, "api-2", "node2")?;
-    let mut agents = start_agents(&cluster)?;
+    let mut agents = start_agents(&cluster, &[])?;
     expect_source(&cluster, &on_other, EGRESS_IP)?;
     expect_source(&cluster, &on_gateway, EGRESS_IP)?;
 
@@ -233,7 +179,7 @@ fn restarting_agents_never_lets_a_pod_leave_with_its_node_address() -> Result<()
 fn with_no_eligible_node_fail_closed_drops_and_fail_open_leaves_from_the_node() -> Result<()> {
     let mut cluster = cluster()?;
     let pod = api_pod(&mut cluster, "api-1", "node1")?;
-    let _agents = start_agents(&cluster)?;
+    let _agents = start_agents(&cluster, &[])?;
     expect_source(&cluster, &pod, EGRESS_IP)?;
 
     change(&mut cluster, |o| {
@@ -272,7 +218,7 @@ fn with_no_eligible_node_fail_closed_drops_and_fail_open_leaves_from_the_node() 
 fn bad_input_is_reported_and_the_last_good_state_stays() -> Result<()> {
     let mut cluster = cluster()?;
     let pod = api_pod(&mut cluster, "api-1", "node1")?;
-    let mut agents = start_agents(&cluster)?;
+    let mut agents = start_agents(&cluster, &[])?;
     expect_source(&cluster, &pod, EGRESS_IP)?;
     let log_has =
         |agents: &[AgentHandle], text: &str| agents[0].log().is_ok_and(|l| l.contains(text));
@@ -332,7 +278,7 @@ fn cleanup_restores_every_node_exactly_twice_in_a_row() -> Result<()> {
         .iter()
         .map(|n| cluster.snapshot(n))
         .collect::<Result<Vec<_>>>()?;
-    let mut agents = start_agents(&cluster)?;
+    let mut agents = start_agents(&cluster, &[])?;
     expect_source(&cluster, &pod, EGRESS_IP)?;
     for agent in &mut agents {
         agent.stop()?;
@@ -386,7 +332,7 @@ fn gateways_held_by_different_nodes_serve_pods_of_one_node() -> Result<()> {
     let first = api_pod(&mut cluster, "api-1", "node1")?;
     let second =
         cluster.add_pod(PodSpec::new("payments", "partner-1", "node1").label("app", "partner"))?;
-    let _agents = start_agents(&cluster)?;
+    let _agents = start_agents(&cluster, &[])?;
     expect_source(&cluster, &first, EGRESS_IP)?;
     expect_source(&cluster, &second, second_ip)?;
     assert!(has_address(&cluster, "node2", EGRESS_IP)?);
@@ -527,7 +473,7 @@ fn several_egress_ips_spread_over_eligible_nodes_and_pods() -> Result<()> {
     let pods = (1..=6)
         .map(|i| api_pod(&mut cluster, &format!("api-{i}"), "node1"))
         .collect::<Result<Vec<_>>>()?;
-    let _agents = start_agents(&cluster)?;
+    let _agents = start_agents(&cluster, &[])?;
     // The first IP goes to the first eligible node, the second to the next one.
     assert!(has_address(&cluster, "node2", EGRESS_IP)?);
     assert!(has_address(&cluster, "node3", second)?);

@@ -31,7 +31,12 @@ pub fn run(options: &Options) -> Result<Artifacts> {
     host(options.release, ebpf_obj)
 }
 
-/// Builds the kernel crate and returns the absolute path of its object.
+/// The kernel crate of the tests (a packet counter to attach beside ours), built with ours.
+const TEST_COUNTER: &str = "se-test-counter";
+/// Where the end-to-end tests find that counter's object.
+pub const TEST_COUNTER_OBJ_ENV: &str = "SE_TEST_COUNTER_OBJ";
+
+/// Builds the kernel crates and returns the absolute path of the agent's object.
 pub fn kernel() -> Result<PathBuf> {
     let manifest = workspace_root().join("ebpf/Cargo.toml");
     ensure!(
@@ -44,6 +49,8 @@ pub fn kernel() -> Result<PathBuf> {
         "build",
         "-p",
         "static-egress-ebpf",
+        "-p",
+        TEST_COUNTER,
         "--release",
         "--target",
         BPF_TARGET,
@@ -52,15 +59,23 @@ pub fn kernel() -> Result<PathBuf> {
     // rustc calls the linker by name: make sure it is the one `setup` matched to nightly.
     .env("PATH", path_with(&cargo_home()?.join("bin"))?);
     run_cmd(&mut cmd)?;
-    let obj = target_dir()
-        .join(BPF_TARGET)
-        .join("release/static-egress-ebpf");
-    ensure!(
-        obj.is_file(),
-        "the kernel build did not produce {}",
-        obj.display()
-    );
+    let obj = kernel_object("static-egress-ebpf");
+    for built in [&obj, &test_counter_object()] {
+        ensure!(
+            built.is_file(),
+            "the kernel build did not produce {}",
+            built.display()
+        );
+    }
     Ok(obj)
+}
+
+fn kernel_object(name: &str) -> PathBuf {
+    target_dir().join(BPF_TARGET).join("release").join(name)
+}
+
+pub fn test_counter_object() -> PathBuf {
+    kernel_object(TEST_COUNTER)
 }
 
 /// Builds the agent (embedding `ebpf_obj`) and the netlab tools.

@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 
-use crate::build::{self, EBPF_OBJ_ENV};
+use crate::build::{self, EBPF_OBJ_ENV, TEST_COUNTER_OBJ_ENV};
 use crate::setup;
 use crate::util::{cargo, run_cmd};
 
@@ -41,7 +41,8 @@ pub fn run(options: &Options) -> Result<()> {
     test.arg("test")
         .env(EBPF_OBJ_ENV, &artifacts.ebpf_obj)
         .env("STATIC_EGRESS_BIN", &artifacts.agent)
-        .env("SE_PROBE_BIN", &artifacts.probe);
+        .env("SE_PROBE_BIN", &artifacts.probe)
+        .env(TEST_COUNTER_OBJ_ENV, build::test_counter_object());
     if options.release {
         test.arg("--release");
     }

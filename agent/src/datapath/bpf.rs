@@ -287,11 +287,14 @@ impl Bpf {
         path: &Path,
     ) -> Result<PinnedLink, DatapathError> {
         let prog = program(&mut self.ebpf, hook)?;
+        // First in the chain: marking must happen before another program can redirect the
+        // packet past the routing that reads the mark, and a program after ours still sees
+        // every packet we do not drop or redirect (ours return TCX_NEXT).
         let id = prog
             .attach_with_options(
                 ifname,
                 hook.attach_type(),
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
+                TcAttachOptions::TcxOrder(LinkOrder::first()),
             )
             .map_err(|e| DatapathError::Attach {
                 interface: ifname.to_owned(),

@@ -1,0 +1,108 @@
+//! The agent shares the kernel hooks it uses: a program attached after ours on a pod interface
+//! or on the uplink, as a TCX link or as a legacy tc filter, still sees every packet that ours
+//! neither drops nor redirects.
+
+use std::net::Ipv4Addr;
+
+use anyhow::{Result, ensure};
+use netlab::counter::{Counted, TcCounter, TcHook, TcMode};
+use netlab::fixture::{
+    EGRESS_IP, GATEWAY, api_pod, expect_source, gateway, has_address, start_agents,
+};
+use netlab::objects::match_labels;
+use netlab::{Cluster, LabPod, PodSpec};
+
+const PINGS: u64 = 20;
+
+fn ping(cluster: &Cluster, pod: &LabPod) -> Result<()> {
+    let ext = cluster.ext_ip().to_string();
+    let count = PINGS.to_string();
+    // Every request must be answered: then the counters below must show each one exactly.
+    pod.exec(["ping", "-q", "-c", &count, "-i", "0.02", "-W", "2", &ext])?;
+    Ok(())
+}
+
+#[test]
+fn programs_after_ours_see_every_packet_we_neither_drop_nor_redirect() -> Result<()> {
+    // Two gateways held by different nodes serve pods of node1: its uplink program then
+    // redirects every marked packet to the holder of the pod's egress IP.
+    let second_ip = Ipv4Addr::new(10, 99, 0, 201);
+    let mut cluster = Cluster::builder()
+        .nodes(3)
+        .with_node("node2", |n| n.label("egress", "true").label("site", "a"))
+        .with_node("node3", |n| n.label("egress", "true").label("site", "b"))
+        .probe_bin(env!("CARGO_BIN_EXE_se-probe"))
+        .build()?;
+    cluster.update_objects(|o| {
+        o.namespace("payments")
+            .labels
+            .insert("team".into(), "payments".into());
+        o.set_gateway(gateway(GATEWAY, EGRESS_IP).node_selector(match_labels([("site", "a")])));
+        o.set_gateway(
+            gateway("partner-api", second_ip)
+                .node_selector(match_labels([("site", "b")]))
+                .pod_selector(Some(match_labels([("app", "partner")]))),
+        );
+    })?;
+    let first = api_pod(&mut cluster, "api-1", "node1")?;
+    let second =
+        cluster.add_pod(PodSpec::new("payments", "partner-1", "node1").label("app", "partner"))?;
+    let _agents = start_agents(&cluster, &[])?;
+    expect_source(&cluster, &first, EGRESS_IP)?;
+    expect_source(&cluster, &second, second_ip)?;
+    ensure!(
+        has_address(&cluster, "node2", EGRESS_IP)? && has_address(&cluster, "node3", second_ip)?
+    );
+
+    let node1 = cluster.node("node1")?;
+    let sources = [first.ip, second.ip];
+    let mut counters = Vec::new();
+    for mode in [TcMode::Tcx, TcMode::Legacy] {
+        for pod in [&first, &second] {
+            let counter =
+                TcCounter::attach(node1, &pod.host_veth, TcHook::Ingress, mode, &sources)?;
+            counters.push((
+                format!("{mode:?} ingress of {}", pod.host_veth),
+                counter,
+                Some(pod.ip),
+            ));
+        }
+        let counter = TcCounter::attach(node1, &node1.uplink, TcHook::Egress, mode, &sources)?;
+        counters.push((
+            format!("{mode:?} egress of {}", node1.uplink),
+            counter,
+            None,
+        ));
+    }
+
+    for pod in [&first, &second] {
+        ping(&cluster, pod)?;
+    }
+    for (place, counter, only) in &counters {
+        for pod in [&first, &second] {
+            let seen = counter.read(pod.ip)?;
+            let want = match only {
+                // A pod interface carries only its own pod's packets, each marked by ours.
+                Some(ip) if *ip == pod.ip => Counted {
+                    packets: PINGS,
+                    marked: PINGS,
+                },
+                Some(_) => Counted::default(),
+                // On the uplink, ours took the bit off before handing the packet to the holder.
+                None => Counted {
+                    packets: PINGS,
+                    marked: 0,
+                },
+            };
+            ensure!(
+                seen == want,
+                "{place}: {}'s echo requests counted {seen:?}, wanted {want:?}",
+                pod.name
+            );
+        }
+    }
+    // Still leaving with their egress IPs, with the counters in place.
+    expect_source(&cluster, &first, EGRESS_IP)?;
+    expect_source(&cluster, &second, second_ip)?;
+    Ok(())
+}
