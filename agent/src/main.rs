@@ -78,11 +78,11 @@ struct AgentArgs {
     /// The fwmark bit selected packets carry (one bit, e.g. 0x2000); other bits are untouched.
     #[arg(long, default_value = "0x2000", value_parser = parse_mark_bit)]
     fwmark: u32,
-    /// Routing table for marked packets.
-    #[arg(long, default_value_t = 1490)]
+    /// Routing table for marked packets; ours alone (not 0, 253, 254 or 255).
+    #[arg(long, default_value = "1490", value_parser = datapath::check_route_table)]
     route_table: u32,
-    /// Priority of our `ip rule`.
-    #[arg(long, default_value_t = 1490)]
+    /// Priority of our `ip rule` (not 0, 32766 or 32767); other rules there are left alone.
+    #[arg(long, default_value = "1490", value_parser = datapath::check_rule_priority)]
     rule_priority: u32,
 }
 

@@ -89,6 +89,28 @@ fn a_fwmark_with_more_than_one_bit_is_refused() {
 }
 
 #[test]
+fn reserved_tables_and_rule_priorities_are_refused() {
+    for (flag, value, says) in [
+        ("--route-table", "254", "routing table 254 is reserved"),
+        ("--route-table", "0", "routing table 0 is reserved"),
+        ("--rule-priority", "32766", "rule priority 32766 is taken"),
+        ("--rule-priority", "0", "rule priority 0 is taken"),
+    ] {
+        let out = static_egress(&[
+            "agent",
+            "--node",
+            "n",
+            "--from-file",
+            &example(),
+            flag,
+            value,
+        ]);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}");
+        assert!(stderr(&out).contains(says), "{}", stderr(&out));
+    }
+}
+
+#[test]
 fn the_agent_refuses_a_directory_that_is_not_a_bpffs() {
     let dir = std::env::temp_dir().join(format!("static-egress-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");

@@ -110,3 +110,24 @@ pub fn status(cluster: &Cluster, node: &str) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(cluster.node(node)?.status_path())?;
     Ok(serde_json::from_str(&text)?)
 }
+
+/// Stops `agent` (SIGTERM), starts a new one on its node with `args` and waits until it has
+/// applied the objects itself (its predecessor's status does not count).
+pub fn restart_agent(
+    cluster: &Cluster,
+    agent: &mut AgentHandle,
+    args: &[&str],
+) -> Result<AgentHandle> {
+    agent.stop()?;
+    let node = agent.node().to_owned();
+    let status = cluster.node(&node)?.status_path();
+    match std::fs::remove_file(&status) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing {}", status.display()));
+        }
+        _ => {}
+    }
+    let again = cluster.start_agent(&node, args)?;
+    cluster.wait_applied(&node, APPLY)?;
+    Ok(again)
+}

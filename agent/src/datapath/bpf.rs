@@ -72,6 +72,7 @@ pub struct Bpf {
     gateways: HashMap<MapData, u32, GatewayEntry>,
     egress: HashMap<MapData, u32, EgressEntry>,
     counters: PerCpuHashMap<MapData, u32, Counters>,
+    config: Array<MapData, Config>,
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
@@ -87,8 +88,9 @@ fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
 }
 
 impl Bpf {
-    /// Loads the programs, creating or reusing the pinned maps, and sets the fwmark bit.
-    pub fn load(bpffs: &Path, mark: u32) -> Result<Self, DatapathError> {
+    /// Loads the programs, creating or reusing the pinned maps (the mark bit in `SE_CONFIG`
+    /// stays as an earlier agent left it until [`Bpf::set_mark`]).
+    pub fn load(bpffs: &Path) -> Result<Self, DatapathError> {
         check_bpffs(bpffs)?;
         if OBJECT.is_empty() {
             return Err(DatapathError::NoKernelObject);
@@ -114,11 +116,8 @@ impl Bpf {
                     source: Box::new(e),
                 })?;
         }
-        let mut config: Array<MapData, Config> = take(&mut ebpf, names::CONFIG)?;
-        config
-            .set(0, Config { mark }, 0)
-            .map_err(map_err(names::CONFIG))?;
         Ok(Self {
+            config: take(&mut ebpf, names::CONFIG)?,
             pods: take(&mut ebpf, names::PODS)?,
             dests: take(&mut ebpf, names::DESTS)?,
             gateways: take(&mut ebpf, names::GATEWAYS)?,
@@ -128,6 +127,16 @@ impl Bpf {
             links_dir,
             links: BTreeMap::new(),
         })
+    }
+
+    /// The fwmark bit the programs set on selected packets.
+    pub fn set_mark(&mut self, mark: u32) -> Result<(), DatapathError> {
+        if self.config.get(&0, 0).ok().map(|c| c.mark) != Some(mark) {
+            self.config
+                .set(0, Config { mark }, 0)
+                .map_err(map_err(names::CONFIG))?;
+        }
+        Ok(())
     }
 
     /// Brings the maps to `want`. Entries a pod entry points at are written before the pod

@@ -3,6 +3,7 @@
 
 mod arp;
 pub mod bpf;
+mod config;
 mod netlink;
 pub mod nft;
 mod state;
@@ -19,8 +20,9 @@ use static_egress_common::{
 use crate::model::FailurePolicy;
 use crate::plan::NodePlan;
 pub use bpf::{Bpf, Hook, MapContents};
+pub use config::{ConfigError, DatapathConfig, check_route_table, check_rule_priority};
 use netlink::Netlink;
-pub use state::State;
+pub use state::{RuleSpec, State};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -88,17 +90,6 @@ pub enum DatapathError {
     },
 }
 
-/// Host-level settings of the data path.
-#[derive(Clone, Debug)]
-pub struct DatapathConfig {
-    pub bpffs: PathBuf,
-    pub state_dir: PathBuf,
-    /// One bit: ours.
-    pub fwmark: u32,
-    pub route_table: u32,
-    pub rule_priority: u32,
-}
-
 /// What a successful apply could not do, per object.
 pub type Warnings = Vec<String>;
 
@@ -113,7 +104,7 @@ pub struct Datapath {
 impl Datapath {
     /// Loads (or adopts) the kernel programs; changes nothing else yet.
     pub async fn open(config: DatapathConfig) -> Result<Self, DatapathError> {
-        let bpf = Bpf::load(&config.bpffs, config.fwmark)?;
+        let bpf = Bpf::load(&config.bpffs)?;
         let nl = Netlink::connect()?;
         let state = State::load(&config.state_dir)?.unwrap_or_default();
         Ok(Self {
@@ -134,15 +125,19 @@ impl Datapath {
     pub async fn apply(&mut self, plan: &NodePlan) -> Result<Warnings, DatapathError> {
         let mut warnings = Warnings::new();
         let uplink = self.uplink(plan).await?;
-        let c = self.config.clone();
+        let rule = self.config.rule();
         self.record(|s| {
             s.uplink = Some(uplink.name.clone());
-            s.fwmark = c.fwmark;
-            s.route_table = c.route_table;
-            s.rule_priority = c.rule_priority;
+            s.set_rule(rule);
         })?;
 
-        let script = nft::render(&plan.snat, self.config.fwmark);
+        // Until the rules of earlier settings are gone, packets may still carry their bits.
+        let marks = self
+            .state
+            .retired
+            .iter()
+            .fold(rule.mark, |marks, r| marks | r.mark);
+        let script = nft::render(&plan.snat, marks);
         if self.last_nft.as_deref() != Some(script.as_str()) {
             nft::apply(&script)?;
             self.last_nft = Some(script);
@@ -150,12 +145,13 @@ impl Datapath {
         let held: BTreeSet<Ipv4Addr> = plan.snat.iter().map(|s| s.egress_ip).collect();
         self.hold_addresses(&uplink, &held, &mut warnings).await?;
 
-        let c = &self.config;
         self.nl
-            .sync_rule(c.rule_priority, c.fwmark, c.route_table)
+            .sync_rule(rule.priority, rule.mark, rule.table)
             .await?;
         let via = single_remote_holder(plan);
-        self.nl.sync_table(c.route_table, uplink.index, via).await?;
+        self.nl.sync_table(rule.table, uplink.index, via).await?;
+        // The programs switch to our bit only once its rule and table are in place.
+        self.bpf.set_mark(rule.mark)?;
         let holders: BTreeSet<Ipv4Addr> = plan
             .gateways
             .iter()
@@ -188,6 +184,24 @@ impl Datapath {
             self.nl.forget_neighbour(uplink.index, ip).await?;
             self.record(|s| {
                 s.neighbours.remove(&ip);
+            })?;
+        }
+        let retired: Vec<RuleSpec> = self.state.retired.iter().copied().collect();
+        for old in retired {
+            self.nl
+                .remove_rule(old.priority, old.mark, old.table)
+                .await?;
+            if old.table != rule.table {
+                self.nl.flush_table(old.table).await?;
+            }
+            tracing::info!(
+                priority = old.priority,
+                mark = format_args!("{:#x}", old.mark),
+                table = old.table,
+                "removed the rule and table of earlier settings"
+            );
+            self.record(|s| {
+                s.retired.remove(&old);
             })?;
         }
         let released: Vec<Ipv4Addr> = self.state.addresses.difference(&held).copied().collect();
@@ -383,9 +397,10 @@ pub async fn cleanup(
     let state = State::load(state_dir)?;
     let nl = Netlink::connect()?;
     if let Some(state) = &state {
-        nl.remove_rules(state.rule_priority, state.route_table)
-            .await?;
-        nl.flush_table(state.route_table).await?;
+        for rule in state.rule().iter().chain(&state.retired) {
+            nl.remove_rule(rule.priority, rule.mark, rule.table).await?;
+            nl.flush_table(rule.table).await?;
+        }
         if let Some(uplink) = &state.uplink
             && let Some(index) = nl.interface_index(uplink).await?
         {

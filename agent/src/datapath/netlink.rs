@@ -220,30 +220,40 @@ impl Netlink {
             .collect())
     }
 
-    /// Ensures exactly one rule at `priority`: `fwmark mark/mark lookup table`.
+    /// Our rules at `priority`: exactly `fwmark mark/mark lookup table`. Any other rule at that
+    /// priority belongs to someone else.
+    async fn our_rules(
+        &self,
+        priority: u32,
+        mark: u32,
+        table: u32,
+    ) -> Result<Vec<RuleMessage>, DatapathError> {
+        Ok(self
+            .rules_at(priority)
+            .await?
+            .into_iter()
+            .filter(|rule| is_our_rule(rule, mark, table))
+            .collect())
+    }
+
+    /// Ensures our rule exists once at `priority`, leaving every other rule alone.
     pub async fn sync_rule(
         &self,
         priority: u32,
         mark: u32,
         table: u32,
     ) -> Result<(), DatapathError> {
-        let mut present = false;
-        for rule in self.rules_at(priority).await? {
-            let ours = rule.attributes.contains(&RuleAttribute::FwMark(mark))
-                && rule.attributes.contains(&RuleAttribute::FwMask(mark))
-                && rule_table(&rule) == table;
-            if ours && !present {
-                present = true;
-            } else {
-                self.handle
-                    .rule()
-                    .del(rule)
-                    .execute()
-                    .await
-                    .map_err(nl("delete rule"))?;
-            }
+        let ours = self.our_rules(priority, mark, table).await?;
+        // Duplicates (two agents' races, a crash between add and record) are ours too.
+        for rule in ours.iter().skip(1) {
+            self.handle
+                .rule()
+                .del(rule.clone())
+                .execute()
+                .await
+                .map_err(nl("delete rule"))?;
         }
-        if !present {
+        if ours.is_empty() {
             let mut add = self
                 .handle
                 .rule()
@@ -261,16 +271,17 @@ impl Netlink {
         Ok(())
     }
 
-    /// Removes every rule at `priority` that looks up `table`.
-    pub async fn remove_rules(&self, priority: u32, table: u32) -> Result<(), DatapathError> {
-        for rule in self.rules_at(priority).await? {
-            if rule_table(&rule) == table {
-                self.handle
-                    .rule()
-                    .del(rule)
-                    .execute()
-                    .await
-                    .map_err(nl("delete rule"))?;
+    /// Removes our rule (`fwmark mark/mark lookup table` at `priority`), and nothing else.
+    pub async fn remove_rule(
+        &self,
+        priority: u32,
+        mark: u32,
+        table: u32,
+    ) -> Result<(), DatapathError> {
+        for rule in self.our_rules(priority, mark, table).await? {
+            match self.handle.rule().del(rule).execute().await {
+                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENOENT => {}
+                other => other.map_err(nl("delete rule"))?,
             }
         }
         Ok(())
@@ -370,6 +381,25 @@ fn route_table(route: &RouteMessage) -> u32 {
             _ => None,
         })
         .unwrap_or(u32::from(route.header.table))
+}
+
+fn is_our_rule(rule: &RuleMessage, mark: u32, table: u32) -> bool {
+    rule.header.action == RuleAction::ToTable
+        && rule.attributes.contains(&RuleAttribute::FwMark(mark))
+        && rule.attributes.contains(&RuleAttribute::FwMask(mark))
+        && rule_table(rule) == table
+        // A selector beyond the mark (from, to, iif...) makes it somebody else's rule.
+        && rule.header.src_len == 0
+        && rule.header.dst_len == 0
+        && !rule.attributes.iter().any(|a| {
+            matches!(
+                a,
+                RuleAttribute::Iifname(_)
+                    | RuleAttribute::Oifname(_)
+                    | RuleAttribute::Source(_)
+                    | RuleAttribute::Destination(_)
+            )
+        })
 }
 
 fn rule_table(rule: &RuleMessage) -> u32 {

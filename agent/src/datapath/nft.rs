@@ -16,7 +16,9 @@ pub const TABLE: &str = "static_egress";
 /// binding made for a connection is the one that stays.
 const PRIORITY: &str = "srcnat - 10";
 
-pub fn render(snat: &[SnatPlan], mark: u32) -> String {
+/// Our table for `snat`; `marks` are the fwmark bits that mean "selected" (ours, and while
+/// settings change, the previous one).
+pub fn render(snat: &[SnatPlan], marks: u32) -> String {
     let mut s = String::new();
     // Adding first makes the delete valid when the table is absent; all three lines are one
     // transaction, so the kernel never runs without the table.
@@ -58,7 +60,7 @@ pub fn render(snat: &[SnatPlan], mark: u32) -> String {
     }
     let _ = writeln!(
         s,
-        "    meta mark & {mark:#x} == {mark:#x} snat ip to ip saddr comment \"keep source of marked pod traffic\"\n  }}\n}}"
+        "    meta mark & {marks:#x} != 0 snat ip to ip saddr comment \"keep source of marked pod traffic\"\n  }}\n}}"
     );
     s
 }
@@ -143,6 +145,6 @@ mod tests {
         assert!(text.contains("set pods_0 { type ipv4_addr; elements = { 10.244.1.2 }; }"));
         assert!(text.contains("set excl_0 { type ipv4_addr; flags interval; auto-merge; }"));
         assert!(text.contains("snat ip to 10.99.0.200 comment \"corp-fw\""));
-        assert!(text.contains("meta mark & 0x2000 == 0x2000 snat ip to ip saddr"));
+        assert!(text.contains("meta mark & 0x2000 != 0 snat ip to ip saddr"));
     }
 }

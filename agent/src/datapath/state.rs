@@ -16,14 +16,50 @@ const FILE: &str = "state.json";
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
     pub uplink: Option<String>,
+    /// Our rule, `fwmark` / `route_table` / `rule_priority` as last configured; 0 before the
+    /// first apply.
     pub fwmark: u32,
     pub route_table: u32,
     pub rule_priority: u32,
+    /// Rules of earlier settings (another `--fwmark`, `--route-table` or `--rule-priority`), kept
+    /// until the current one is in place and they are removed with their tables.
+    #[serde(default)]
+    pub retired: BTreeSet<RuleSpec>,
     /// Egress IPs we added to the uplink.
     pub addresses: BTreeSet<Ipv4Addr>,
     /// Holders' node IPs we keep resolved on the uplink.
     #[serde(default)]
     pub neighbours: BTreeSet<Ipv4Addr>,
+}
+
+/// One `ip rule fwmark MARK/MARK lookup TABLE` at PRIORITY.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RuleSpec {
+    pub priority: u32,
+    pub mark: u32,
+    pub table: u32,
+}
+
+impl State {
+    /// The rule this state says is ours now, if an apply has recorded one.
+    pub fn rule(&self) -> Option<RuleSpec> {
+        (self.route_table != 0).then_some(RuleSpec {
+            priority: self.rule_priority,
+            mark: self.fwmark,
+            table: self.route_table,
+        })
+    }
+
+    /// Makes `rule` the current one; the previous one, if different, is retired.
+    pub fn set_rule(&mut self, rule: RuleSpec) {
+        if let Some(previous) = self.rule().filter(|p| *p != rule) {
+            self.retired.insert(previous);
+        }
+        self.retired.remove(&rule);
+        self.fwmark = rule.mark;
+        self.route_table = rule.table;
+        self.rule_priority = rule.priority;
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DatapathError + '_ {
@@ -68,5 +104,37 @@ impl State {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_rule_retires_the_previous_one_until_it_comes_back() {
+        let rule = |priority, mark, table| RuleSpec {
+            priority,
+            mark,
+            table,
+        };
+        let mut state = State::default();
+        assert_eq!(state.rule(), None);
+        state.set_rule(rule(1490, 0x2000, 1490));
+        assert!(state.retired.is_empty(), "nothing was there before");
+        state.set_rule(rule(1490, 0x2000, 1490));
+        assert!(state.retired.is_empty());
+        state.set_rule(rule(1500, 0x10000, 1500));
+        assert_eq!(state.rule(), Some(rule(1500, 0x10000, 1500)));
+        assert_eq!(
+            state.retired.iter().copied().collect::<Vec<_>>(),
+            [rule(1490, 0x2000, 1490)]
+        );
+        // Back to the old settings before the move finished: nothing of ours to remove.
+        state.set_rule(rule(1490, 0x2000, 1490));
+        assert_eq!(
+            state.retired.iter().copied().collect::<Vec<_>>(),
+            [rule(1500, 0x10000, 1500)]
+        );
     }
 }
