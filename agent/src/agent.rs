@@ -11,14 +11,11 @@ use ipnet::Ipv4Net;
 use serde::Serialize;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::datapath::{Datapath, DatapathConfig, DatapathError};
+use crate::datapath::{Check, Datapath, DatapathConfig, DatapathError};
 use crate::plan::{self, NodePlan, PlanConfig};
 use crate::report::Reporter;
 use crate::source::{FileSource, FileWatcher, Loaded, SourceError};
 
-/// A full reconcile without a change repairs drift (a re-created pod interface, a deleted
-/// rule); it costs a route lookup per local pod, so it is not frequent.
-const RESYNC: Duration = Duration::from_secs(30);
 /// Counters in the status file are refreshed this often; a failed apply is retried as often.
 const REFRESH: Duration = Duration::from_secs(5);
 
@@ -28,6 +25,10 @@ pub struct AgentOptions {
     pub from_file: Option<PathBuf>,
     pub cluster_cidrs: Vec<Ipv4Net>,
     pub datapath: DatapathConfig,
+    /// How often everything of ours is compared with the kernel and repaired (a deleted
+    /// table or rule, a detached program, a re-created pod interface). It costs a route
+    /// lookup per local pod and a listing of our nftables table.
+    pub resync: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -154,7 +155,8 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
     };
     let mut terminate = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
-    let mut resync = tokio::time::interval_at(tokio::time::Instant::now() + RESYNC, RESYNC);
+    let mut resync =
+        tokio::time::interval_at(tokio::time::Instant::now() + options.resync, options.resync);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut refresh = tokio::time::interval_at(tokio::time::Instant::now() + REFRESH, REFRESH);
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -171,20 +173,28 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
         warnings: Vec::new(),
     };
     agent.report_problems(&loaded);
+    // The first apply compares everything: an earlier agent's data path may have drifted
+    // while none ran.
     agent
-        .reconcile(&mut datapath, &loaded, &config, reporter.as_mut())
+        .reconcile(
+            &mut datapath,
+            &loaded,
+            &config,
+            reporter.as_mut(),
+            Check::Everything,
+        )
         .await?;
     loop {
         tokio::select! {
             next = objects.next() => {
                 loaded = next.ok_or(AgentError::SourceClosed)?;
                 agent.report_problems(&loaded);
-                agent.reconcile(&mut datapath, &loaded, &config, reporter.as_mut()).await?;
+                agent.reconcile(&mut datapath, &loaded, &config, reporter.as_mut(), Check::Changes).await?;
             }
-            _ = resync.tick() => agent.reconcile(&mut datapath, &loaded, &config, reporter.as_mut()).await?,
+            _ = resync.tick() => agent.reconcile(&mut datapath, &loaded, &config, reporter.as_mut(), Check::Everything).await?,
             _ = refresh.tick() => {
                 if agent.failed {
-                    agent.reconcile(&mut datapath, &loaded, &config, reporter.as_mut()).await?;
+                    agent.reconcile(&mut datapath, &loaded, &config, reporter.as_mut(), Check::Everything).await?;
                 } else {
                     agent.write_status(&datapath)?;
                 }
@@ -229,12 +239,13 @@ impl Agent {
         loaded: &Loaded,
         config: &PlanConfig,
         reporter: Option<&mut Reporter>,
+        check: Check,
     ) -> Result<(), AgentError> {
         let plan = plan::plan(&loaded.snapshot, &self.node, config);
         if self.planned.as_ref() != Some(&plan) {
             log_changes(self.planned.as_ref(), &plan);
         }
-        match datapath.apply(&plan).await {
+        match datapath.apply(&plan, check).await {
             Ok(warnings) => {
                 report_new(&mut self.warnings, warnings, |m| tracing::warn!("{m}"));
                 self.applied = Some((plan.clone(), loaded.digest));

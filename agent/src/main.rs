@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use ipnet::Ipv4Net;
@@ -38,17 +39,29 @@ enum Command {
 struct HealthArgs {
     #[arg(long, default_value = "/var/lib/static-egress")]
     state_dir: PathBuf,
-    /// How old the status file may be, in seconds (`60` or `60s`).
-    #[arg(long, default_value = "60s", value_parser = parse_seconds)]
-    max_age: std::time::Duration,
+    /// How old the status file may be (`60`, `60s` or `500ms`).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    max_age: Duration,
 }
 
-fn parse_seconds(s: &str) -> Result<std::time::Duration, String> {
-    s.strip_suffix('s')
-        .unwrap_or(s)
-        .parse()
-        .map(std::time::Duration::from_secs)
-        .map_err(|e| format!("{s:?} is not a number of seconds: {e}"))
+/// Seconds (`30`, `30s`) or milliseconds (`500ms`).
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    match s.strip_suffix("ms") {
+        Some(ms) => ms.parse().map(Duration::from_millis),
+        None => s
+            .strip_suffix('s')
+            .unwrap_or(s)
+            .parse()
+            .map(Duration::from_secs),
+    }
+    .map_err(|e| format!("{s:?} is not a duration such as 30s or 500ms: {e}"))
+}
+
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        Duration::ZERO => Err("the interval must be longer than 0".into()),
+        d => Ok(d),
+    }
 }
 
 #[derive(Args)]
@@ -81,6 +94,9 @@ struct AgentArgs {
     /// Routing table for marked packets; ours alone (not 0, 253, 254 or 255).
     #[arg(long, default_value = "1490", value_parser = datapath::check_route_table)]
     route_table: u32,
+    /// How often everything of ours is compared with the kernel and repaired (`30s`, `500ms`).
+    #[arg(long, default_value = "30s", value_parser = parse_interval)]
+    resync_interval: Duration,
     /// Priority of our `ip rule` (not 0, 32766 or 32767); other rules there are left alone.
     #[arg(long, default_value = "1490", value_parser = datapath::check_rule_priority)]
     rule_priority: u32,
@@ -140,6 +156,7 @@ fn main() -> ExitCode {
             node: args.common.node,
             from_file: args.from_file,
             cluster_cidrs: args.common.cluster_cidrs,
+            resync: args.resync_interval,
             datapath: DatapathConfig {
                 bpffs: args.bpffs,
                 state_dir: args.state_dir,
@@ -203,6 +220,15 @@ mod tests {
         assert!(parse_mark_bit("0x3000").is_err());
         assert!(parse_mark_bit("0").is_err());
         assert!(parse_mark_bit("zz").is_err());
+    }
+
+    #[test]
+    fn durations_in_seconds_or_milliseconds() {
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("1m").is_err());
+        assert!(parse_interval("0s").is_err());
     }
 
     #[test]

@@ -587,6 +587,17 @@ impl Cluster {
         Ok(())
     }
 
+    /// Re-creates a pod's namespace and veth with the same address, as a runtime does when it
+    /// restarts a pod's sandbox: the node side of the veth comes back with a new index.
+    pub fn rewire_pod(&self, namespace: &str, name: &str) -> Result<()> {
+        let pod = self.pod(namespace, name)?;
+        let node = self.node(&pod.node)?;
+        kill_namespace_processes(&pod.netns)?;
+        ip_in(&node.netns, &format!("link del {}", pod.host_veth))?;
+        ip(["netns", "del", &pod.netns])?;
+        self.wire_pod(pod, node)
+    }
+
     /// Asks the external probe server, from inside the pod, which source address it sees.
     pub fn ask(&self, pod: &LabPod) -> Result<Ipv4Addr> {
         self.ask_timeout(pod, ASK_TIMEOUT)

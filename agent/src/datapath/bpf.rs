@@ -260,6 +260,37 @@ impl Bpf {
         Ok(())
     }
 
+    /// Forgets the links of `hook` on `interfaces` (index -> name) whose interface no longer
+    /// runs our program, because someone detached the link: the next [`Bpf::sync_links`]
+    /// attaches them again. Returns the names of those interfaces.
+    pub fn forget_detached(
+        &mut self,
+        hook: Hook,
+        interfaces: &BTreeMap<u32, String>,
+    ) -> Result<Vec<String>, DatapathError> {
+        let ours = program(&mut self.ebpf, hook)?
+            .info()
+            .map_err(|e| DatapathError::Program {
+                program: hook.program(),
+                source: Box::new(e),
+            })?
+            .id();
+        let mut lost = Vec::new();
+        for (index, name) in interfaces {
+            if !self.links.contains_key(&(hook, *index)) {
+                continue;
+            }
+            // An interface that went away meanwhile is not attached either.
+            let attached = SchedClassifier::query_tcx(name, hook.attach_type())
+                .is_ok_and(|(_, programs)| programs.iter().any(|p| p.id() == ours));
+            if !attached {
+                self.links.remove(&(hook, *index));
+                lost.push(name.clone());
+            }
+        }
+        Ok(lost)
+    }
+
     fn adopt(&mut self, hook: Hook, path: &Path) -> Result<Option<PinnedLink>, DatapathError> {
         let pinned = match PinnedLink::from_pin(path) {
             Ok(p) => p,

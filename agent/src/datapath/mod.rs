@@ -93,12 +93,27 @@ pub enum DatapathError {
 /// What a successful apply could not do, per object.
 pub type Warnings = Vec<String>;
 
+/// How much of the kernel an apply compares with the plan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Check {
+    /// What the plan changed, plus what is cheap to read back (rule, routes, addresses).
+    Changes,
+    /// Everything, to repair drift: also our nftables table and every TCX link.
+    Everything,
+}
+
+/// Our nftables table as last sent, and as the kernel listed it right after.
+struct NftApplied {
+    script: String,
+    listing: Option<String>,
+}
+
 pub struct Datapath {
     config: DatapathConfig,
     bpf: Bpf,
     nl: Netlink,
     state: State,
-    last_nft: Option<String>,
+    nft: Option<NftApplied>,
 }
 
 impl Datapath {
@@ -112,7 +127,7 @@ impl Datapath {
             bpf,
             nl,
             state,
-            last_nft: None,
+            nft: None,
         })
     }
 
@@ -122,7 +137,13 @@ impl Datapath {
 
     /// Brings the node to `plan`. Steps run in the order that keeps selected traffic from
     /// leaving with the node's address: NAT and addresses first, marking last; removals after.
-    pub async fn apply(&mut self, plan: &NodePlan) -> Result<Warnings, DatapathError> {
+    /// Drift found on the way (something of ours changed behind our back) is repaired and
+    /// reported among the warnings.
+    pub async fn apply(
+        &mut self,
+        plan: &NodePlan,
+        check: Check,
+    ) -> Result<Warnings, DatapathError> {
         let mut warnings = Warnings::new();
         let uplink = self.uplink(plan).await?;
         let rule = self.config.rule();
@@ -138,10 +159,7 @@ impl Datapath {
             .iter()
             .fold(rule.mark, |marks, r| marks | r.mark);
         let script = nft::render(&plan.snat, marks);
-        if self.last_nft.as_deref() != Some(script.as_str()) {
-            nft::apply(&script)?;
-            self.last_nft = Some(script);
-        }
+        self.sync_nft(script, check, &mut warnings)?;
         let held: BTreeSet<Ipv4Addr> = plan.snat.iter().map(|s| s.egress_ip).collect();
         self.hold_addresses(&uplink, &held, &mut warnings).await?;
 
@@ -171,6 +189,18 @@ impl Datapath {
         // The uplink program first: a packet marked before it is in place would leave through
         // the router with the pod's address instead of going to the holder.
         let uplink_only = BTreeMap::from([(uplink.index, uplink.name.clone())]);
+        if check == Check::Everything {
+            for (hook, interfaces) in [
+                (Hook::UplinkEgress, &uplink_only),
+                (Hook::PodIngress, &pod_ifaces),
+            ] {
+                for name in self.bpf.forget_detached(hook, interfaces)? {
+                    warnings.push(format!(
+                        "our program was detached from {name}; attaching it again"
+                    ));
+                }
+            }
+        }
         self.bpf.sync_links(Hook::UplinkEgress, &uplink_only)?;
         self.bpf.sync_links(Hook::PodIngress, &pod_ifaces)?;
 
@@ -213,6 +243,33 @@ impl Datapath {
             })?;
         }
         Ok(warnings)
+    }
+
+    /// Replaces our table when the script changed or, when checking everything, when the
+    /// kernel's copy is no longer what it was right after we sent it.
+    fn sync_nft(
+        &mut self,
+        script: String,
+        check: Check,
+        warnings: &mut Warnings,
+    ) -> Result<(), DatapathError> {
+        if let Some(applied) = &self.nft
+            && applied.script == script
+        {
+            if check == Check::Changes || nft::list()? == applied.listing {
+                return Ok(());
+            }
+            warnings.push(format!(
+                "our nftables table {} was changed or removed by someone else; restoring it",
+                nft::TABLE
+            ));
+        }
+        nft::apply(&script)?;
+        self.nft = Some(NftApplied {
+            listing: nft::list()?,
+            script,
+        });
+        Ok(())
     }
 
     /// The interface holding this node's InternalIP.

@@ -112,15 +112,28 @@ pub fn apply(script: &str) -> Result<(), DatapathError> {
     nft(script)
 }
 
+/// Our table as the kernel has it now (`nft list table`); `None` when there is none. Comparing
+/// two listings tells whether someone changed the table in between.
+pub fn list() -> Result<Option<String>, DatapathError> {
+    let out = Command::new("nft")
+        .args(["list", "table", "ip", TABLE])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(DatapathError::NftSpawn)?;
+    if out.status.success() {
+        return Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()));
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    if err.contains("No such file or directory") {
+        Ok(None)
+    } else {
+        Err(DatapathError::Nft(err.trim().to_owned()))
+    }
+}
+
 /// Deletes our table if it exists; returns whether there was one.
 pub fn remove() -> Result<bool, DatapathError> {
-    let exists = Command::new("nft")
-        .args(["list", "table", "ip", TABLE])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map_err(DatapathError::NftSpawn)?
-        .success();
+    let exists = list()?.is_some();
     if exists {
         nft(&format!("delete table ip {TABLE}\n"))?;
     }
