@@ -246,13 +246,17 @@ impl Agent {
             log_changes(self.planned.as_ref(), &plan);
         }
         match datapath.apply(&plan, check).await {
-            Ok(warnings) => {
-                report_new(&mut self.warnings, warnings, |m| tracing::warn!("{m}"));
+            Ok(applied) => {
+                report_new(&mut self.warnings, applied.warnings, |m| {
+                    tracing::warn!("{m}")
+                });
                 self.applied = Some((plan.clone(), loaded.digest));
                 self.failed = false;
                 self.write_status(datapath)?;
                 if let Some(reporter) = reporter {
-                    reporter.publish(&loaded.snapshot, &plan).await;
+                    reporter
+                        .publish(&loaded.snapshot, &plan, &applied.refused)
+                        .await;
                 }
             }
             Err(e) => {

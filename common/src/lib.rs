@@ -16,7 +16,8 @@ pub mod names {
     pub const PROG_UPLINK_EGRESS: &str = "se_uplink_egress";
 }
 
-/// Capacities of the maps; the agent refuses plans that do not fit.
+/// Capacities of the maps; the planner leaves out, in name order, the gateways that do not fit
+/// (and the local pods beyond `PODS`).
 pub mod capacity {
     pub const PODS: u32 = 65_536;
     pub const DESTS: u32 = 65_536;

@@ -744,12 +744,27 @@ impl Cluster {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
+        self.start_agent_with_env(node, extra_args, &[])
+    }
+
+    /// Like [`start_agent`](Self::start_agent), with extra environment variables (say a
+    /// `PATH` that puts a stand-in for a tool first).
+    pub fn start_agent_with_env<I, S>(
+        &self,
+        node: &str,
+        extra_args: I,
+        env: &[(&str, &OsStr)],
+    ) -> Result<AgentHandle>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
         let mut args = vec![
             OsString::from("--from-file"),
             self.objects_path.clone().into(),
         ];
         args.extend(extra_args.into_iter().map(|a| a.as_ref().to_owned()));
-        self.spawn_agent(node, &args, None)
+        self.spawn_agent(node, &args, env)
     }
 
     /// Starts the agent for `node` in cluster mode: objects come from the API server that
@@ -759,14 +774,14 @@ impl Cluster {
         node: &str,
         kubeconfig: &Path,
     ) -> Result<AgentHandle> {
-        self.spawn_agent(node, &[], Some(kubeconfig))
+        self.spawn_agent(node, &[], &[("KUBECONFIG", kubeconfig.as_os_str())])
     }
 
     fn spawn_agent(
         &self,
         node: &str,
         args: &[OsString],
-        kubeconfig: Option<&Path>,
+        env: &[(&str, &OsStr)],
     ) -> Result<AgentHandle> {
         let node = self.node(node)?;
         let bin = self.agent_bin()?;
@@ -780,10 +795,8 @@ impl Cluster {
             .arg(&node.state_dir)
             .arg("--bpffs")
             .arg(&node.bpffs)
-            .args(args);
-        if let Some(kubeconfig) = kubeconfig {
-            cmd.env("KUBECONFIG", kubeconfig);
-        }
+            .args(args)
+            .envs(env.iter().copied());
         let what = format!("agent on {}", node.name);
         Ok(AgentHandle {
             process: Background::spawn(cmd, &log, what)?,

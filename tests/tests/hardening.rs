@@ -2,13 +2,18 @@
 //! nothing else, repairs drift of what it owns, keeps serving the gateways it can when one
 //! cannot be programmed, and translates only traffic that came from the cluster.
 
+use std::ffi::OsString;
+use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
+use ipnet::Ipv4Net;
 use netlab::fixture::{
-    EGRESS_IP, api_pod, expect_source, has_address, restart_agent, start_agents, three_nodes,
+    EGRESS_IP, GATEWAY, api_pod, change, expect_source, gateway, has_address, restart_agent,
+    start_agents, three_nodes, wait_all_applied,
 };
-use netlab::{Cluster, LabNode, LabPod, expect_all_from, wait_until};
+use netlab::objects::match_labels;
+use netlab::{Cluster, LabNode, LabPod, PodSpec, expect_all_from, wait_until};
 
 fn cluster() -> Result<Cluster> {
     three_nodes(env!("CARGO_BIN_EXE_se-probe").as_ref())
@@ -195,5 +200,173 @@ fn drift_of_what_is_ours_is_repaired_at_the_next_resync() -> Result<()> {
     repaired(&cluster, &pod, "the pod's interface re-created", || {
         cluster.ask(&pod).is_ok_and(|ip| ip == EGRESS_IP)
     })?;
+    Ok(())
+}
+
+/// A stand-in for `nft` first on the agents' PATH: it refuses every script that mentions
+/// `poison`, and hands everything else to the real one.
+fn refusing_nft(cluster: &Cluster, poison: &str) -> Result<OsString> {
+    let dir = cluster.dir().join("refusing-nft");
+    std::fs::create_dir_all(&dir)?;
+    let real = ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).is_file())
+        .context("nft is not installed")?;
+    let script = format!(
+        "#!/bin/sh\n\
+         # Refuses any ruleset that mentions {poison}, as nftables would refuse a bad one.\n\
+         case \"$*\" in *-f*) input=$(cat);; *) exec {real} \"$@\";; esac\n\
+         case \"$input\" in *{poison}*) echo 'Error: refused by the test' >&2; exit 1;; esac\n\
+         printf '%s\\n' \"$input\" | exec {real} \"$@\"\n"
+    );
+    let path = dir.join("nft");
+    std::fs::write(&path, script)?;
+    std::process::Command::new("chmod")
+        .arg("+x")
+        .arg(&path)
+        .status()?;
+    let mut search = OsString::from(dir.as_os_str());
+    search.push(":");
+    search.push(std::env::var_os("PATH").unwrap_or_default());
+    Ok(search)
+}
+
+/// `count` /32 prefixes, every other address of 100.64.0.0/10 so that none merge.
+fn scattered(count: u32) -> Vec<Ipv4Net> {
+    (0..count)
+        .filter_map(|i| Ipv4Net::new(Ipv4Addr::from(0x6440_0000 + 2 * i), 32).ok())
+        .collect()
+}
+
+#[test]
+fn a_gateway_that_cannot_be_programmed_leaves_the_others_working() -> Result<()> {
+    let partner_ip = Ipv4Addr::new(10, 99, 0, 201);
+    let mut cluster = Cluster::builder()
+        .nodes(3)
+        .with_node("node2", |n| n.label("egress", "true").label("site", "a"))
+        .with_node("node3", |n| n.label("egress", "true").label("site", "b"))
+        .probe_bin(env!("CARGO_BIN_EXE_se-probe"))
+        .build()?;
+    // A name as long as Kubernetes allows: four labels of 60 characters.
+    let long_name = ["partner", "b", "c", "d"]
+        .map(|label| format!("{label:-<60}"))
+        .join(".");
+    cluster.update_objects(|o| {
+        o.namespace("payments")
+            .labels
+            .insert("team".into(), "payments".into());
+        o.set_gateway(gateway(GATEWAY, EGRESS_IP).node_selector(match_labels([("site", "a")])));
+        o.set_gateway(
+            gateway(&long_name, partner_ip)
+                .node_selector(match_labels([("site", "b")]))
+                .pod_selector(Some(match_labels([("app", "partner")]))),
+        );
+    })?;
+    let api = api_pod(&mut cluster, "api-1", "node1")?;
+    let partner =
+        cluster.add_pod(PodSpec::new("payments", "partner-1", "node1").label("app", "partner"))?;
+    cluster.write_objects()?;
+    let path = refusing_nft(&cluster, "198.18.0.0/15")?;
+    let agents = ["node1", "node2", "node3"]
+        .into_iter()
+        .map(|node| {
+            cluster.start_agent_with_env(node, std::iter::empty::<&str>(), &[("PATH", &path)])
+        })
+        .collect::<Result<Vec<_>>>()?;
+    wait_all_applied(&cluster)?;
+    expect_source(&cluster, &api, EGRESS_IP)?;
+    expect_source(&cluster, &partner, partner_ip).context("a gateway with a 243-character name")?;
+
+    // A gateway with more destinations than the kernel map holds is left out, and everything
+    // else keeps working through the change: every answer counts.
+    let probe = cluster.start_loop(&api, Duration::from_millis(20), 100)?;
+    change(&mut cluster, |o| {
+        let mut huge = gateway("huge", Ipv4Addr::new(10, 99, 0, 202));
+        huge.destination_cidrs = Some(scattered(65_537));
+        o.set_gateway(huge);
+    })?;
+    expect_source(&cluster, &partner, partner_ip)?;
+    let answers = probe.wait(Duration::from_secs(60))?;
+    ensure!(answers.len() == 100, "the probe ended early: {answers:?}");
+    expect_all_from(&answers, EGRESS_IP)?;
+    for agent in &agents {
+        let log = agent.log()?;
+        ensure!(
+            log.contains("gateway huge left out: it needs 65537 destination entries"),
+            "{} does not say why huge is left out:\n{log}",
+            agent.node()
+        );
+    }
+
+    // nftables refuses the long-named gateway's new version on its holder: the holder keeps
+    // its last accepted SNAT, and the other gateway is not disturbed.
+    let probe = cluster.start_loop(&api, Duration::from_millis(20), 50)?;
+    change(&mut cluster, |o| {
+        if let Ok(g) = o.gateway_mut(&long_name) {
+            g.destination_cidrs = Some(vec![
+                Ipv4Net::new(Ipv4Addr::UNSPECIFIED, 0).unwrap_or_default(),
+                Ipv4Net::new(Ipv4Addr::new(198, 18, 0, 0), 15).unwrap_or_default(),
+            ]);
+        }
+    })?;
+    let answers = probe.wait(Duration::from_secs(60))?;
+    expect_all_from(&answers, EGRESS_IP)?;
+    for _ in 0..5 {
+        ensure!(
+            cluster.ask(&partner)? == partner_ip,
+            "the refused gateway lost its last accepted SNAT"
+        );
+    }
+    let log = agents[2].log()?;
+    ensure!(
+        log.contains("nftables refused the SNAT for 10.99.0.201")
+            && log.contains("keeping its last accepted SNAT"),
+        "node3 does not say what it refused:\n{log}"
+    );
+    Ok(())
+}
+
+#[test]
+fn egress_ips_that_belong_to_others_are_never_taken() -> Result<()> {
+    let mut cluster = cluster()?;
+    let api = api_pod(&mut cluster, "api-1", "node1")?;
+    let plain1 = cluster.add_pod(PodSpec::new("payments", "batch-1", "node1"))?;
+    let plain3 = cluster.add_pod(PodSpec::new("payments", "batch-3", "node3"))?;
+    let router = cluster.router_ip();
+    let node3_ip = cluster.node("node3")?.ip;
+    cluster.update_objects(|o| {
+        // node2, first eligible by name, would hold both.
+        for (name, ip) in [("node3-ip", node3_ip), ("router-ip", router)] {
+            o.set_gateway(gateway(name, ip).pod_selector(Some(match_labels([("app", "nothing")]))));
+        }
+    })?;
+    let agents = start_agents(&cluster, &[])?;
+    expect_source(&cluster, &api, EGRESS_IP)?;
+
+    for ip in [router, node3_ip] {
+        for node in ["node2", "node3"] {
+            ensure!(
+                !has_address(&cluster, node, ip)? || (node == "node3" && ip == node3_ip),
+                "{node} took {ip}"
+            );
+        }
+    }
+    // The segment still works: the router and node3 answer for their own addresses.
+    ensure!(cluster.ask(&plain1)? == cluster.node("node1")?.ip);
+    ensure!(cluster.ask(&plain3)? == node3_ip);
+    let node2_log = agents[1].log()?;
+    ensure!(
+        node2_log.contains(&format!(
+            "egress IP {router} is a next hop of this node's routes (its gateway); this node \
+             does not take it"
+        )),
+        "node2 does not say why it refuses the router's address:\n{node2_log}"
+    );
+    ensure!(
+        node2_log.contains(&format!(
+            "gateway node3-ip left out: egress IP {node3_ip} is the InternalIP of node node3"
+        )),
+        "node2 does not say why node3-ip is left out:\n{node2_log}"
+    );
     Ok(())
 }

@@ -18,7 +18,7 @@ use static_egress_common::{
 };
 
 use crate::model::FailurePolicy;
-use crate::plan::NodePlan;
+use crate::plan::{NodePlan, SnatPlan};
 pub use bpf::{Bpf, Hook, MapContents};
 pub use config::{ConfigError, DatapathConfig, check_route_table, check_rule_priority};
 use netlink::Netlink;
@@ -102,10 +102,24 @@ pub enum Check {
     Everything,
 }
 
-/// Our nftables table as last sent, and as the kernel listed it right after.
+/// Our nftables table: what the plan asked for, what went in, and how the kernel listed it
+/// right after.
 struct NftApplied {
-    script: String,
+    /// The script of the plan's SNAT, whether or not nftables took all of it.
+    wanted: String,
+    /// The SNAT in the kernel: the plan's, or with refused gateways' rules replaced by their
+    /// last accepted version or left out.
+    in_force: Vec<SnatPlan>,
     listing: Option<String>,
+}
+
+/// What an apply did beyond the plan.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// Per object, what could not be done, and drift that was repaired.
+    pub warnings: Warnings,
+    /// Gateways whose SNAT nftables refused on this node, with why and what stands instead.
+    pub refused: BTreeMap<String, String>,
 }
 
 pub struct Datapath {
@@ -139,12 +153,8 @@ impl Datapath {
     /// leaving with the node's address: NAT and addresses first, marking last; removals after.
     /// Drift found on the way (something of ours changed behind our back) is repaired and
     /// reported among the warnings.
-    pub async fn apply(
-        &mut self,
-        plan: &NodePlan,
-        check: Check,
-    ) -> Result<Warnings, DatapathError> {
-        let mut warnings = Warnings::new();
+    pub async fn apply(&mut self, plan: &NodePlan, check: Check) -> Result<Applied, DatapathError> {
+        let mut applied = Applied::default();
         let uplink = self.uplink(plan).await?;
         let rule = self.config.rule();
         self.record(|s| {
@@ -158,10 +168,12 @@ impl Datapath {
             .retired
             .iter()
             .fold(rule.mark, |marks, r| marks | r.mark);
-        let script = nft::render(&plan.snat, marks);
-        self.sync_nft(script, check, &mut warnings)?;
-        let held: BTreeSet<Ipv4Addr> = plan.snat.iter().map(|s| s.egress_ip).collect();
-        self.hold_addresses(&uplink, &held, &mut warnings).await?;
+        let snat = self.not_taken_from_others(&plan.snat, &mut applied).await?;
+        let in_force = self.sync_nft(&snat, marks, check, &mut applied)?;
+        let warnings = &mut applied.warnings;
+        // An address without its SNAT would only attract traffic this node cannot translate.
+        let held: BTreeSet<Ipv4Addr> = in_force.iter().map(|s| s.egress_ip).collect();
+        self.hold_addresses(&uplink, &held, warnings).await?;
 
         self.nl
             .sync_rule(rule.priority, rule.mark, rule.table)
@@ -185,7 +197,7 @@ impl Datapath {
         }
 
         self.bpf.sync_maps(&map_contents(plan, via))?;
-        let pod_ifaces = self.pod_interfaces(plan, &uplink, &mut warnings).await;
+        let pod_ifaces = self.pod_interfaces(plan, &uplink, warnings).await;
         // The uplink program first: a packet marked before it is in place would leave through
         // the router with the pod's address instead of going to the holder.
         let uplink_only = BTreeMap::from([(uplink.index, uplink.name.clone())]);
@@ -242,34 +254,99 @@ impl Datapath {
                 s.addresses.remove(&ip);
             })?;
         }
-        Ok(warnings)
+        Ok(applied)
     }
 
-    /// Replaces our table when the script changed or, when checking everything, when the
-    /// kernel's copy is no longer what it was right after we sent it.
+    /// `snat` without the egress IPs this node must not take: an address it already has that
+    /// is not ours, or the next hop of one of its routes (its default gateway, say). Holding
+    /// one would answer ARP for another host and cut the node, or the segment, off from it.
+    async fn not_taken_from_others(
+        &self,
+        snat: &[SnatPlan],
+        applied: &mut Applied,
+    ) -> Result<Vec<SnatPlan>, DatapathError> {
+        if snat.is_empty() {
+            return Ok(Vec::new());
+        }
+        let addresses: BTreeSet<Ipv4Addr> = self.nl.all_addresses().await?.into_iter().collect();
+        let next_hops: BTreeSet<Ipv4Addr> = self.nl.main_gateways().await?.into_iter().collect();
+        let mut kept = Vec::with_capacity(snat.len());
+        for rule in snat {
+            let ip = rule.egress_ip;
+            let why = if next_hops.contains(&ip) {
+                "a next hop of this node's routes (its gateway)"
+            } else if addresses.contains(&ip) && !self.state.addresses.contains(&ip) {
+                "already an address of this node, not one the agent added"
+            } else {
+                kept.push(rule.clone());
+                continue;
+            };
+            let message = format!("egress IP {ip} is {why}; this node does not take it");
+            applied
+                .warnings
+                .push(format!("EgressGateway {}: {message}", rule.gateway));
+            applied.refused.insert(rule.gateway.clone(), message);
+        }
+        Ok(kept)
+    }
+
+    /// Replaces our table when the plan's SNAT changed or, when checking everything, when the
+    /// kernel's copy is no longer what it was right after we sent it. When nftables refuses
+    /// the table, each gateway's rules are checked alone: a refused gateway keeps the rules
+    /// nftables last accepted for it on this node (or has none), and the others go in.
+    /// Returns the SNAT in force.
     fn sync_nft(
         &mut self,
-        script: String,
+        snat: &[SnatPlan],
+        marks: u32,
         check: Check,
-        warnings: &mut Warnings,
-    ) -> Result<(), DatapathError> {
-        if let Some(applied) = &self.nft
-            && applied.script == script
+        applied: &mut Applied,
+    ) -> Result<Vec<SnatPlan>, DatapathError> {
+        let wanted = nft::render(snat, marks);
+        let previous = self.nft.take();
+        if let Some(before) = &previous
+            && before.wanted == wanted
         {
-            if check == Check::Changes || nft::list()? == applied.listing {
-                return Ok(());
+            if check == Check::Changes || nft::list()? == before.listing {
+                let in_force = before.in_force.clone();
+                self.nft = previous;
+                return Ok(in_force);
             }
-            warnings.push(format!(
+            applied.warnings.push(format!(
                 "our nftables table {} was changed or removed by someone else; restoring it",
                 nft::TABLE
             ));
         }
-        nft::apply(&script)?;
+        let in_force = match nft::apply(&wanted) {
+            Ok(()) => snat.to_vec(),
+            Err(whole) => {
+                let last = previous.as_ref().map_or(&[][..], |p| p.in_force.as_slice());
+                let mut refused = BTreeMap::new();
+                let in_force = without_refused(snat, marks, last, &mut refused);
+                if refused.is_empty() {
+                    // Not one gateway's doing: keep the last good table whole.
+                    self.nft = previous;
+                    return Err(whole);
+                }
+                for (gateway, why) in refused {
+                    applied
+                        .warnings
+                        .push(format!("EgressGateway {gateway}: {why}"));
+                    applied.refused.insert(gateway, why);
+                }
+                if let Err(error) = nft::apply(&nft::render(&in_force, marks)) {
+                    self.nft = previous;
+                    return Err(error);
+                }
+                in_force
+            }
+        };
         self.nft = Some(NftApplied {
+            wanted,
             listing: nft::list()?,
-            script,
+            in_force: in_force.clone(),
         });
-        Ok(())
+        Ok(in_force)
     }
 
     /// The interface holding this node's InternalIP.
@@ -358,6 +435,39 @@ impl Datapath {
         }
         found
     }
+}
+
+/// `snat` with each gateway whose rules nftables refuses on their own replaced by its rules in
+/// `last` (what the kernel had), or left out; `refused` says which, why, and what stands.
+fn without_refused(
+    snat: &[SnatPlan],
+    marks: u32,
+    last: &[SnatPlan],
+    refused: &mut BTreeMap<String, String>,
+) -> Vec<SnatPlan> {
+    let mut in_force = Vec::with_capacity(snat.len());
+    for rule in snat {
+        let Err(error) = nft::check(&nft::render(std::slice::from_ref(rule), marks)) else {
+            in_force.push(rule.clone());
+            continue;
+        };
+        let kept = last
+            .iter()
+            .find(|l| l.gateway == rule.gateway && l.egress_ip == rule.egress_ip);
+        let outcome = match kept {
+            Some(_) => "keeping its last accepted SNAT",
+            None => "it has no SNAT on this node",
+        };
+        refused.insert(
+            rule.gateway.clone(),
+            format!(
+                "nftables refused the SNAT for {} ({error}); {outcome}",
+                rule.egress_ip
+            ),
+        );
+        in_force.extend(kept.cloned());
+    }
+    in_force
 }
 
 fn wire(ip: Ipv4Addr) -> u32 {

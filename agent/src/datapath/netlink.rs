@@ -287,6 +287,42 @@ impl Netlink {
         Ok(())
     }
 
+    /// Every IPv4 address on every interface of this namespace.
+    pub async fn all_addresses(&self) -> Result<Vec<Ipv4Addr>, DatapathError> {
+        let addrs: Vec<AddressMessage> = self
+            .handle
+            .address()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("get addresses"))?;
+        Ok(addrs
+            .iter()
+            .filter_map(|a| {
+                a.attributes.iter().find_map(|attr| match attr {
+                    AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
+                    _ => None,
+                })
+            })
+            .collect())
+    }
+
+    /// The next hops of the main table's routes (the node's default gateway among them).
+    pub async fn main_gateways(&self) -> Result<Vec<Ipv4Addr>, DatapathError> {
+        Ok(self
+            .table_routes(MAIN_TABLE)
+            .await?
+            .iter()
+            .filter_map(|r| {
+                r.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Gateway(RouteAddress::Inet(ip)) => Some(*ip),
+                    _ => None,
+                })
+            })
+            .collect())
+    }
+
     /// Addresses on `index`, only `ip` when given.
     async fn addresses(
         &self,

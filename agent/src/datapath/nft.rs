@@ -79,14 +79,21 @@ fn set(s: &mut String, name: &str, interval: bool, elements: impl Iterator<Item 
     let _ = writeln!(s, " }}");
 }
 
+/// nftables refuses comments over 128 characters; a Kubernetes name may have 253. The comment
+/// only helps a human reading the ruleset, so a long name is cut rather than refused.
+const COMMENT_MAX: usize = 128;
+
 fn comment(name: &str) -> String {
     name.chars()
         .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+        .take(COMMENT_MAX)
         .collect()
 }
 
-fn nft(script: &str) -> Result<(), DatapathError> {
+/// Sends `script` to `nft -f -` with `flags` before it.
+fn nft(flags: &[&str], script: &str) -> Result<(), DatapathError> {
     let mut child = Command::new("nft")
+        .args(flags)
         .args(["-f", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -109,7 +116,12 @@ fn nft(script: &str) -> Result<(), DatapathError> {
 }
 
 pub fn apply(script: &str) -> Result<(), DatapathError> {
-    nft(script)
+    nft(&[], script)
+}
+
+/// Whether nftables would accept `script`, without changing anything (`nft --check`).
+pub fn check(script: &str) -> Result<(), DatapathError> {
+    nft(&["--check"], script)
 }
 
 /// Our table as the kernel has it now (`nft list table`); `None` when there is none. Comparing
@@ -135,7 +147,7 @@ pub fn list() -> Result<Option<String>, DatapathError> {
 pub fn remove() -> Result<bool, DatapathError> {
     let exists = list()?.is_some();
     if exists {
-        nft(&format!("delete table ip {TABLE}\n"))?;
+        nft(&[], &format!("delete table ip {TABLE}\n"))?;
     }
     Ok(exists)
 }
@@ -159,5 +171,12 @@ mod tests {
         assert!(text.contains("set excl_0 { type ipv4_addr; flags interval; auto-merge; }"));
         assert!(text.contains("snat ip to 10.99.0.200 comment \"corp-fw\""));
         assert!(text.contains("meta mark & 0x2000 != 0 snat ip to ip saddr"));
+    }
+
+    #[test]
+    fn comments_fit_what_nftables_accepts() {
+        let long = "a-very-long-gateway-name.".repeat(10);
+        assert_eq!(comment(&long).len(), COMMENT_MAX);
+        assert_eq!(comment("corp-fw \"; flush ruleset"), "corp-fwflushruleset");
     }
 }

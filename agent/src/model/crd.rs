@@ -61,7 +61,17 @@ pub struct EgressGatewaySpec {
     /// The fixed source addresses (IPv4). The first is held by the first eligible node by
     /// name, the second by the second, and so on; each pod uses one of them.
     #[serde(default, rename = "egressIPs")]
-    #[schemars(length(min = 1), inner(pattern(IPV4_PATTERN)), transform = without_default)]
+    #[schemars(
+        length(min = 1, max = 4096),
+        inner(pattern(IPV4_PATTERN), length(max = 15)),
+        transform = without_default,
+        // What the API server can check alone; addresses of nodes, pods and Services, and the
+        // nodes' gateways, are refused by the agents (they need the cluster's objects).
+        extend("x-kubernetes-validations" = [{
+            "rule": "self.all(a, !isIP(a) || ip(a).isGlobalUnicast())",
+            "message": "egress IPs must be unicast: not 0.0.0.0, 127.0.0.0/8 (loopback), 169.254.0.0/16 (link-local, cloud metadata), 224.0.0.0/4 (multicast) or 255.255.255.255"
+        }])
+    )]
     pub egress_ips: Vec<String>,
     /// Nodes allowed to hold the egress IPs; absent or empty: every Ready node.
     pub node_selector: Option<LabelSelector>,

@@ -2,7 +2,8 @@
 //! model's validated types. One bad object never spoils the others: each is reported with its
 //! position and, when readable, its identity, so a source can keep its last good version.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -165,6 +166,8 @@ pub enum FieldProblem {
     NotIp(String),
     #[error("{0} is not a unicast address")]
     NotUnicast(Ipv4Addr),
+    #[error("{ip} is in {range}, which never leaves a node: it cannot be an egress IP")]
+    Reserved { ip: Ipv4Addr, range: &'static str },
     #[error("{ip} is already listed as spec.egressIPs[{first}]")]
     DuplicateIp { ip: Ipv4Addr, first: usize },
     #[error("{0:?} is not an IPv4 CIDR")]
@@ -549,24 +552,41 @@ fn validate_gateway(name: &str, spec: &EgressGatewaySpec) -> Result<Gateway, Vec
         ));
     }
     let mut egress_ips: Vec<Ipv4Addr> = Vec::new();
+    let mut first_index: HashMap<Ipv4Addr, usize> = HashMap::new();
     for (i, text) in spec.egress_ips.iter().enumerate() {
         let at = format!("spec.egressIPs[{i}]");
         match text.parse::<Ipv4Addr>() {
             Err(_) => problems.push(field(at, FieldProblem::NotIpv4(text.clone()))),
-            Ok(ip)
-                if ip.is_unspecified()
-                    || ip.is_loopback()
-                    || ip.is_multicast()
-                    || ip.is_broadcast() =>
-            {
+            Ok(ip) if ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast() => {
                 problems.push(field(at, FieldProblem::NotUnicast(ip)));
             }
-            Ok(ip) => match spec.egress_ips[..i]
-                .iter()
-                .position(|earlier| earlier.parse() == Ok(ip))
-            {
-                Some(first) => problems.push(field(at, FieldProblem::DuplicateIp { ip, first })),
-                None => egress_ips.push(ip),
+            Ok(ip) if ip.is_loopback() => problems.push(field(
+                at,
+                FieldProblem::Reserved {
+                    ip,
+                    range: "127.0.0.0/8 (loopback)",
+                },
+            )),
+            // 169.254.0.0/16 holds the clouds' metadata and DNS services.
+            Ok(ip) if ip.is_link_local() => problems.push(field(
+                at,
+                FieldProblem::Reserved {
+                    ip,
+                    range: "169.254.0.0/16 (link-local, where clouds serve metadata)",
+                },
+            )),
+            Ok(ip) => match first_index.entry(ip) {
+                Entry::Occupied(first) => problems.push(field(
+                    at,
+                    FieldProblem::DuplicateIp {
+                        ip,
+                        first: *first.get(),
+                    },
+                )),
+                Entry::Vacant(slot) => {
+                    slot.insert(i);
+                    egress_ips.push(ip);
+                }
             },
         }
     }
@@ -636,6 +656,7 @@ fn validate_gateway(name: &str, spec: &EgressGatewaySpec) -> Result<Gateway, Vec
 /// Parses a CIDR list, dropping repeats (harmless) and reporting everything else.
 fn cidrs(path: &str, list: &[String], problems: &mut Vec<Invalid>) -> Vec<Ipv4Net> {
     let mut out = Vec::new();
+    let mut seen = HashSet::with_capacity(list.len());
     for (i, text) in list.iter().enumerate() {
         let at = format!("{path}[{i}]");
         match text.parse::<Ipv4Net>() {
@@ -647,8 +668,11 @@ fn cidrs(path: &str, list: &[String], problems: &mut Vec<Invalid>) -> Vec<Ipv4Ne
                     suggested: net.trunc(),
                 },
             )),
-            Ok(net) if out.contains(&net) => {}
-            Ok(net) => out.push(net),
+            Ok(net) => {
+                if seen.insert(net) {
+                    out.push(net);
+                }
+            }
         }
     }
     out
@@ -1110,6 +1134,14 @@ status: {holders: []}
             (
                 format!("  egressIPs: [224.0.0.1]\n{base}"),
                 "document 1: EgressGateway corp-fw: spec.egressIPs[0]: 224.0.0.1 is not a unicast address",
+            ),
+            (
+                format!("  egressIPs: [169.254.169.254]\n{base}"),
+                "document 1: EgressGateway corp-fw: spec.egressIPs[0]: 169.254.169.254 is in 169.254.0.0/16 (link-local, where clouds serve metadata), which never leaves a node: it cannot be an egress IP",
+            ),
+            (
+                format!("  egressIPs: [127.0.0.2]\n{base}"),
+                "document 1: EgressGateway corp-fw: spec.egressIPs[0]: 127.0.0.2 is in 127.0.0.0/8 (loopback), which never leaves a node: it cannot be an egress IP",
             ),
             (
                 format!("  egressIPs: []\n{base}"),

@@ -4,7 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use super::compute::{Chooser, resolve_conflicts};
+use ipnet::Ipv4Net;
+
+use super::compute::{Chooser, accept_gateways};
 use super::{RejectReason, Rejection};
 use crate::model::Snapshot;
 
@@ -21,9 +23,10 @@ pub struct GatewayUsage {
 
 /// The usage of every gateway of `snapshot`, by name, including those the planner leaves out
 /// (they select nothing). Annotations naming no gateway are nobody's: the planner logs them.
-pub fn gateway_usage(snapshot: &Snapshot) -> BTreeMap<String, GatewayUsage> {
-    let (accepted, problems) = resolve_conflicts(snapshot);
-    let mut chooser = Chooser::new(snapshot, &accepted, &problems);
+/// `cluster` are the ranges that never go through a gateway ([`super::NodePlan::cluster_cidrs`]).
+pub fn gateway_usage(snapshot: &Snapshot, cluster: &[Ipv4Net]) -> BTreeMap<String, GatewayUsage> {
+    let accepted = accept_gateways(snapshot, cluster);
+    let mut chooser = Chooser::new(snapshot, &accepted.gateways, &accepted.problems);
     let mut usage: BTreeMap<String, GatewayUsage> = snapshot
         .gateways
         .keys()
@@ -171,7 +174,7 @@ mod tests {
             .unwrap()
             .host_network = true;
 
-        let usage = gateway_usage(&snapshot);
+        let usage = gateway_usage(&snapshot, &[]);
         assert_eq!(usage["a"].selected_pods, 3);
         assert_eq!(usage["b"].selected_pods, 1);
         assert!(usage.values().all(|u| u.refused.is_empty()));
@@ -191,7 +194,7 @@ mod tests {
         pod(&mut snapshot, "pay", "api-1", Some("nope"));
         pod(&mut snapshot, "web", "web-3", Some("b"));
 
-        let usage = gateway_usage(&snapshot);
+        let usage = gateway_usage(&snapshot, &[]);
         assert_eq!(
             usage["a"].refused,
             vec![

@@ -7,9 +7,11 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
+use static_egress_common::capacity;
+
 use super::{
-    DestEntry, EgressPlan, GatewayPlan, Holder, NodePlan, PlanConfig, PlanProblem, PodPlan, Reason,
-    RejectReason, Rejection, SnatPlan,
+    Budget, DestEntry, EgressPlan, GatewayPlan, Holder, NodePlan, PlanConfig, PlanProblem, PodPlan,
+    Reason, RejectReason, Rejection, SnatPlan,
 };
 use crate::model::{Gateway, NamespaceInfo, PodInfo, Snapshot};
 
@@ -44,19 +46,11 @@ where
 /// Decides what `node` must program. Pure and deterministic: same input, same plan.
 pub fn plan(snapshot: &Snapshot, node: &str, config: &PlanConfig) -> NodePlan {
     let cluster_cidrs = cluster_ranges(snapshot, config);
-    let (accepted, problems) = resolve_conflicts(snapshot);
-    let ids = gateway_ids(accepted.iter().map(|g| g.name.as_str()));
-    let gateways: Vec<GatewayPlan> = accepted
-        .iter()
-        .map(|g| {
-            gateway_plan(
-                snapshot,
-                g,
-                ids.get(&g.name).copied().unwrap_or(0),
-                &cluster_cidrs,
-            )
-        })
-        .collect();
+    let Accepted {
+        gateways: accepted,
+        plans: gateways,
+        problems,
+    } = accept_gateways(snapshot, &cluster_cidrs);
 
     let held: Vec<(usize, usize)> = gateways
         .iter()
@@ -139,6 +133,14 @@ pub fn plan(snapshot: &Snapshot, node: &str, config: &PlanConfig) -> NodePlan {
         }
     }
     pods.sort_by(|a, b| (a.ip, &a.namespace, &a.name).cmp(&(b.ip, &b.namespace, &b.name)));
+    // More than a node can run, but the map is fixed: the lowest addresses keep their place.
+    let no_room = pods.split_off(pods.len().min(capacity::PODS as usize));
+    rejected.extend(no_room.into_iter().map(|pod| Rejection {
+        namespace: pod.namespace,
+        pod: Some(pod.name),
+        gateway: pod.gateway,
+        why: RejectReason::PodMapFull,
+    }));
     rejected.sort_by(|a, b| {
         (&a.namespace, &a.pod, &a.gateway).cmp(&(&b.namespace, &b.pod, &b.gateway))
     });
@@ -173,11 +175,82 @@ pub fn plan(snapshot: &Snapshot, node: &str, config: &PlanConfig) -> NodePlan {
 }
 
 impl PlanProblem {
-    fn gateway(&self) -> &str {
+    /// The gateway left out.
+    pub fn gateway(&self) -> &str {
         match self {
-            Self::EgressIpConflict { gateway, .. } => gateway,
+            Self::EgressIpConflict { gateway, .. }
+            | Self::EgressIpInCluster { gateway, .. }
+            | Self::OverCapacity { gateway, .. } => gateway,
         }
     }
+}
+
+/// The gateways the planner programs, in name order, with their plans, and why the others are
+/// left out. Every node decides the same from the same snapshot.
+pub(super) struct Accepted<'a> {
+    pub(super) gateways: Vec<&'a Gateway>,
+    pub(super) plans: Vec<GatewayPlan>,
+    pub(super) problems: Vec<PlanProblem>,
+}
+
+/// Leaves out, in name order, the gateways that reuse an egress IP of an earlier one, then those
+/// that no longer fit the kernel maps after the earlier ones: a gateway is programmed whole or
+/// not at all, and never at the expense of one before it.
+pub(super) fn accept_gateways<'a>(snapshot: &'a Snapshot, cluster: &[Ipv4Net]) -> Accepted<'a> {
+    let mut problems = Vec::new();
+    let safe: Vec<&Gateway> = snapshot
+        .gateways
+        .values()
+        .filter(|g| match in_cluster(snapshot, cluster, g) {
+            Some(problem) => {
+                problems.push(problem);
+                false
+            }
+            None => true,
+        })
+        .collect();
+    let (candidates, conflicts) = resolve_conflicts(safe);
+    problems.extend(conflicts);
+    let ids = gateway_ids(candidates.iter().map(|g| g.name.as_str()));
+    let mut free = [
+        (Budget::Gateways, capacity::GATEWAYS as usize),
+        (Budget::EgressIps, capacity::EGRESS as usize),
+        (Budget::Destinations, capacity::DESTS as usize),
+    ];
+    let mut accepted = Accepted {
+        gateways: Vec::with_capacity(candidates.len()),
+        plans: Vec::with_capacity(candidates.len()),
+        problems: Vec::new(),
+    };
+    for gateway in candidates {
+        let plan = gateway_plan(
+            snapshot,
+            gateway,
+            ids.get(&gateway.name).copied().unwrap_or(0),
+            cluster,
+        );
+        let needs = |budget| match budget {
+            Budget::Gateways => 1,
+            Budget::EgressIps => plan.egress.len(),
+            Budget::Destinations => plan.dest_entries.len(),
+        };
+        if let Some(&(budget, left)) = free.iter().find(|(b, left)| needs(*b) > *left) {
+            problems.push(PlanProblem::OverCapacity {
+                gateway: gateway.name.clone(),
+                budget,
+                needed: needs(budget),
+                free: left,
+            });
+            continue;
+        }
+        for (budget, left) in &mut free {
+            *left -= needs(*budget);
+        }
+        accepted.gateways.push(gateway);
+        accepted.plans.push(plan);
+    }
+    accepted.problems = problems;
+    accepted
 }
 
 fn cluster_ranges(snapshot: &Snapshot, config: &PlanConfig) -> Vec<Ipv4Net> {
@@ -196,13 +269,40 @@ fn cluster_ranges(snapshot: &Snapshot, config: &PlanConfig) -> Vec<Ipv4Net> {
     ranges
 }
 
+/// An egress IP inside the cluster would take a node's address, or a pod's, or a Service's:
+/// the holder would answer ARP for it and break that traffic. The first such IP, as a problem.
+fn in_cluster(snapshot: &Snapshot, cluster: &[Ipv4Net], gateway: &Gateway) -> Option<PlanProblem> {
+    gateway.egress_ips.iter().find_map(|&ip| {
+        let why = snapshot
+            .nodes
+            .values()
+            .find_map(|node| {
+                if node.internal_ip == Some(ip) {
+                    Some(format!("the InternalIP of node {}", node.name))
+                } else {
+                    let cidr = node.pod_cidrs.iter().find(|c| c.contains(&ip))?;
+                    Some(format!("in node {}'s pod CIDR {cidr}", node.name))
+                }
+            })
+            .or_else(|| {
+                let range = cluster.iter().find(|r| r.contains(&ip))?;
+                Some(format!("in the cluster range {range}"))
+            })?;
+        Some(PlanProblem::EgressIpInCluster {
+            gateway: gateway.name.clone(),
+            ip,
+            why,
+        })
+    })
+}
+
 /// Gateways by name; a gateway reusing an egress IP of an earlier one is dropped whole,
 /// because half a gateway would route its pods to an address another gateway SNATs.
-pub(super) fn resolve_conflicts(snapshot: &Snapshot) -> (Vec<&Gateway>, Vec<PlanProblem>) {
+fn resolve_conflicts(gateways: Vec<&Gateway>) -> (Vec<&Gateway>, Vec<PlanProblem>) {
     let mut owner: HashMap<Ipv4Addr, &str> = HashMap::new();
     let mut accepted = Vec::new();
     let mut problems = Vec::new();
-    for gateway in snapshot.gateways.values() {
+    for gateway in gateways {
         let conflict = gateway
             .egress_ips
             .iter()
@@ -270,16 +370,18 @@ fn gateway_plan(
 
 /// LPM entries in which exclusions always win: CIDRs are nested or disjoint, so a destination
 /// inside an exclusion is simply left out, and an exclusion only needs an entry where it
-/// carves a hole in an included destination.
+/// carves a hole in an included destination. Both lists are aggregated first (a destination
+/// inside another adds nothing, and neighbouring node addresses merge), which keeps the map
+/// small and each containment test a binary search.
 fn dest_entries(destinations: &[Ipv4Net], excluded: &[Ipv4Net]) -> Vec<DestEntry> {
-    let included: Vec<Ipv4Net> = destinations
-        .iter()
-        .filter(|d| !excluded.iter().any(|e| e.contains(*d)))
-        .copied()
+    let excluded = Ipv4Net::aggregate(&excluded.to_vec());
+    let included: Vec<Ipv4Net> = Ipv4Net::aggregate(&destinations.to_vec())
+        .into_iter()
+        .filter(|d| !covered(&excluded, d))
         .collect();
     let holes = excluded
         .iter()
-        .filter(|e| included.iter().any(|d| d.contains(*e)))
+        .filter(|e| covered(&included, e))
         .map(|&cidr| DestEntry {
             cidr,
             via_gateway: false,
@@ -293,8 +395,14 @@ fn dest_entries(destinations: &[Ipv4Net], excluded: &[Ipv4Net]) -> Vec<DestEntry
         .chain(holes)
         .collect();
     entries.sort_unstable_by_key(|e| e.cidr);
-    entries.dedup_by_key(|e| e.cidr);
     entries
+}
+
+/// Whether a network of `disjoint` (sorted, as [`Ipv4Net::aggregate`] returns them) contains
+/// `net`: only the last one starting at or before `net` can.
+fn covered(disjoint: &[Ipv4Net], net: &Ipv4Net) -> bool {
+    let after = disjoint.partition_point(|n| n.network() <= net.network());
+    after > 0 && disjoint[after - 1].contains(net)
 }
 
 /// Per-namespace decisions, made once for all the namespace's pods.

@@ -5,7 +5,9 @@ use std::fmt::{self, Display, Formatter};
 
 use ipnet::Ipv4Net;
 
-use super::{NodePlan, PlanProblem, Reason, RejectReason, Rejection};
+use static_egress_common::capacity;
+
+use super::{Budget, NodePlan, PlanProblem, Reason, RejectReason, Rejection};
 use crate::model::FailurePolicy;
 
 impl Display for NodePlan {
@@ -155,6 +157,11 @@ impl Display for Rejection {
                 self.namespace
             ),
             RejectReason::GatewayDropped => write!(f, "the gateway is left out (see problems)"),
+            RejectReason::PodMapFull => write!(
+                f,
+                "this node's pod map is full ({} pods); the pod's traffic is not marked",
+                static_egress_common::capacity::PODS
+            ),
         }
     }
 }
@@ -170,6 +177,31 @@ impl Display for PlanProblem {
                 f,
                 "gateway {gateway} left out: egress IP {ip} already belongs to gateway {kept_by}"
             ),
+            Self::EgressIpInCluster { gateway, ip, why } => write!(
+                f,
+                "gateway {gateway} left out: egress IP {ip} is {why}; holding it would take \
+                 that address from the cluster"
+            ),
+            Self::OverCapacity {
+                gateway,
+                budget,
+                needed,
+                free,
+            } => {
+                let (what, capacity) = match budget {
+                    Budget::Gateways => ("gateway entries", capacity::GATEWAYS),
+                    Budget::EgressIps => ("egress IP entries", capacity::EGRESS),
+                    Budget::Destinations => (
+                        "destination entries (destinationCIDRs plus the exclusions inside them)",
+                        capacity::DESTS,
+                    ),
+                };
+                write!(
+                    f,
+                    "gateway {gateway} left out: it needs {needed} {what}, and the gateways \
+                     before it by name leave {free} of the kernel map's {capacity} free"
+                )
+            }
         }
     }
 }

@@ -53,6 +53,31 @@ pub enum PlanProblem {
         ip: Ipv4Addr,
         kept_by: String,
     },
+    /// An egress IP of `gateway` is a node's address or lies in a pod CIDR or a cluster range;
+    /// `gateway` is left out entirely.
+    EgressIpInCluster {
+        gateway: String,
+        ip: Ipv4Addr,
+        /// "the InternalIP of node n1", "in node n1's pod CIDR 10.244.1.0/24", ...
+        why: String,
+    },
+    /// `gateway` needs more entries of a kernel map than the gateways before it by name left
+    /// free; it is left out entirely.
+    OverCapacity {
+        gateway: String,
+        budget: Budget,
+        needed: usize,
+        free: usize,
+    },
+}
+
+/// What the kernel maps hold for all gateways together (`static_egress_common::capacity`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Budget {
+    Gateways,
+    EgressIps,
+    /// Entries of the destination map: destinations plus the exclusions inside them.
+    Destinations,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -126,6 +151,8 @@ pub enum RejectReason {
     NamespaceNotAdmitted,
     /// The gateway exists but was left out of the plan (see [`NodePlan::problems`]).
     GatewayDropped,
+    /// This node already marks as many pods as its kernel map holds.
+    PodMapFull,
 }
 
 /// SNAT on the holder of one egress IP.

@@ -217,14 +217,13 @@ fn default_destination_excludes_the_cluster() {
         .iter()
         .map(|e| (e.cidr.to_string(), e.via_gateway))
         .collect();
+    // Neighbouring node addresses and pod CIDRs merge into fewer entries.
     let expected: Vec<(String, bool)> = [
         ("0.0.0.0/0", true),
         ("10.0.0.1/32", false),
-        ("10.0.0.2/32", false),
-        ("10.0.0.3/32", false),
+        ("10.0.0.2/31", false),
         ("10.244.1.0/24", false),
-        ("10.244.2.0/24", false),
-        ("10.244.3.0/24", false),
+        ("10.244.2.0/23", false),
     ]
     .iter()
     .map(|(c, v)| ((*c).to_owned(), *v))
@@ -262,10 +261,10 @@ fn exclusions_always_win_over_nested_destinations() {
         .map(|e| (e.cidr.to_string(), e.via_gateway))
         .collect();
     let expected: Vec<(String, bool)> = [
-        // 10.1.2.0/24 lies in the exclusion 10.1.0.0/16: left out.
+        // 10.1.2.0/24 lies in the exclusion 10.1.0.0/16: left out; 10.2.0.0/16 adds nothing
+        // to 10.0.0.0/8.
         ("10.0.0.0/8", true),
         ("10.1.0.0/16", false),
-        ("10.2.0.0/16", true),
         ("10.96.0.0/12", false),
         // 192.168.1.0/24 lies in 192.168.0.0/16: left out, and so is that exclusion, which no
         // included destination contains; same for 172.16.0.0/12.
@@ -732,6 +731,128 @@ fn egress_ip_conflict_drops_the_later_gateway() {
     assert_eq!(
         plan.problems[0].to_string(),
         "gateway b left out: egress IP 192.0.2.1 already belongs to gateway a"
+    );
+}
+
+/// `count` /32 destinations, every other address of 100.64.0.0/10 so that none merge.
+fn scattered(count: u32) -> Vec<Ipv4Net> {
+    (0..count)
+        .map(|i| Ipv4Net::new(Ipv4Addr::from(0x6440_0000 + 2 * i), 32).unwrap())
+        .collect()
+}
+
+#[test]
+fn gateways_that_no_longer_fit_the_maps_are_left_out_in_name_order() {
+    use static_egress_common::capacity;
+    let mut a = gateway("a", &["192.0.2.1"]);
+    // With the 0/0 default gone, the cluster's ranges are no holes: exactly `count` entries.
+    a.destinations = scattered(capacity::DESTS - 10);
+    let mut b = gateway("b", &["192.0.2.2"]);
+    b.destinations = scattered(11);
+    b.pod_selector = Some(selector("{}"));
+    let mut c = gateway("c", &["192.0.2.3"]);
+    c.destinations = scattered(10);
+    let world =
+        cluster()
+            .gateway(a)
+            .gateway(b)
+            .gateway(c)
+            .pod("shop/p", "n1", "10.244.1.10", &[], None);
+    let plan = world.plan("n1");
+    let names: Vec<&str> = plan.gateways.iter().map(|g| g.name.as_str()).collect();
+    assert_eq!(names, ["a", "c"], "b does not fit after a; c still does");
+    assert_eq!(
+        plan.problems,
+        [PlanProblem::OverCapacity {
+            gateway: "b".into(),
+            budget: Budget::Destinations,
+            needed: 11,
+            free: 10,
+        }]
+    );
+    assert!(
+        plan.problems[0]
+            .to_string()
+            .starts_with("gateway b left out: it needs 11 destination entries"),
+        "{}",
+        plan.problems[0]
+    );
+    assert_eq!(plan.pods, [], "b's selector no longer applies");
+
+    // Egress IPs: the map holds capacity::EGRESS addresses for all gateways together.
+    let many: Vec<String> = (0..capacity::EGRESS)
+        .map(|i| Ipv4Addr::from(0xc633_0000 + i).to_string())
+        .collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    let world = cluster()
+        .gateway(gateway("a", &many))
+        .gateway(gateway("b", &["192.0.2.2"]));
+    let plan = world.plan("n1");
+    assert_eq!(plan.gateways.len(), 1);
+    assert!(matches!(
+        plan.problems.as_slice(),
+        [PlanProblem::OverCapacity {
+            budget: Budget::EgressIps,
+            needed: 1,
+            free: 0,
+            ..
+        }]
+    ));
+}
+
+#[test]
+fn pods_beyond_the_pod_map_are_rejected_highest_addresses_first() {
+    use static_egress_common::capacity;
+    let mut g = gateway("g", &["192.0.2.1"]);
+    g.pod_selector = Some(selector("{}"));
+    let mut world = cluster().gateway(g);
+    for i in 0..=capacity::PODS {
+        let pod_ip = Ipv4Addr::from(0x0af0_0000 + i).to_string();
+        world = world.pod(&format!("shop/p{i}"), "n1", &pod_ip, &[], None);
+    }
+    let plan = world.plan("n1");
+    assert_eq!(plan.pods.len(), capacity::PODS as usize);
+    let last = Ipv4Addr::from(0x0af0_0000 + capacity::PODS);
+    assert!(plan.pods.iter().all(|p| p.ip < last));
+    assert_eq!(
+        plan.rejected,
+        [Rejection {
+            namespace: "shop".into(),
+            pod: Some(format!("p{}", capacity::PODS)),
+            gateway: "g".into(),
+            why: RejectReason::PodMapFull,
+        }]
+    );
+}
+
+#[test]
+fn egress_ips_inside_the_cluster_are_refused() {
+    let world = cluster()
+        .gateway(gateway("node-ip", &["192.0.2.1", "10.0.0.2"]))
+        .gateway(gateway("pod-ip", &["10.244.3.7"]))
+        .gateway(gateway("service", &["10.96.0.10"]))
+        // Its first IP was claimed by node-ip, which is left out: no conflict.
+        .gateway(gateway("z-fine", &["192.0.2.1"]));
+    let plan = plan(
+        &world.0,
+        "n1",
+        &PlanConfig {
+            cluster_cidrs: nets(&["10.96.0.0/12"]),
+        },
+    );
+    let names: Vec<&str> = plan.gateways.iter().map(|g| g.name.as_str()).collect();
+    assert_eq!(names, ["z-fine"]);
+    let problems: Vec<String> = plan.problems.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        problems,
+        [
+            "gateway node-ip left out: egress IP 10.0.0.2 is the InternalIP of node n2; holding \
+             it would take that address from the cluster",
+            "gateway pod-ip left out: egress IP 10.244.3.7 is in node n3's pod CIDR \
+             10.244.3.0/24; holding it would take that address from the cluster",
+            "gateway service left out: egress IP 10.96.0.10 is in the cluster range \
+             10.96.0.0/12; holding it would take that address from the cluster",
+        ]
     );
 }
 

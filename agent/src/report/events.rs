@@ -31,6 +31,7 @@ pub(super) enum Refusal {
     NotAdmitted,
     UnknownGateway,
     LeftOut,
+    PodMapFull,
 }
 
 impl Refusal {
@@ -39,6 +40,7 @@ impl Refusal {
             Self::NotAdmitted => "GatewayNotAdmitted",
             Self::UnknownGateway => "UnknownGateway",
             Self::LeftOut => "GatewayLeftOut",
+            Self::PodMapFull => "PodMapFull",
         }
     }
 }
@@ -58,6 +60,7 @@ pub(super) fn pod_warnings(plan: &NodePlan) -> Vec<PodWarning> {
                     RejectReason::NamespaceNotAdmitted => Refusal::NotAdmitted,
                     RejectReason::UnknownGateway => Refusal::UnknownGateway,
                     RejectReason::GatewayDropped => Refusal::LeftOut,
+                    RejectReason::PodMapFull => Refusal::PodMapFull,
                 },
             })
         })
@@ -78,9 +81,15 @@ impl PodWarning {
                 "{GATEWAY_ANNOTATION} names gateway {}, which does not exist",
                 self.gateway
             ),
+            Refusal::PodMapFull => format!(
+                "this node already marks as many pods as its kernel map holds ({}): the pod's \
+                 traffic does not use gateway {}",
+                static_egress_common::capacity::PODS,
+                self.gateway
+            ),
             Refusal::LeftOut => format!(
-                "{GATEWAY_ANNOTATION} names gateway {}, which is left out for an egress IP \
-                 conflict (see its Conflicts condition)",
+                "{GATEWAY_ANNOTATION} names gateway {}, which is left out (see its Ready \
+                 condition)",
                 self.gateway
             ),
         };
@@ -108,13 +117,25 @@ pub(super) fn holder_changed(
         Some(from) => format!("{ip} moved from {from} to {node}"),
         None => format!("{ip} is now held by {node} (it had no holder)"),
     };
+    on_gateway(node, gateway, "Normal", "HolderChanged", &message, now)
+}
+
+/// An event on an `EgressGateway`, from `node`.
+pub(super) fn on_gateway(
+    node: &str,
+    gateway: &str,
+    type_: &str,
+    reason: &str,
+    message: &str,
+    now: Timestamp,
+) -> Event {
     let reference = ObjectReference {
         api_version: Some(EgressGateway::api_version(&()).into_owned()),
         kind: Some(EgressGateway::kind(&()).into_owned()),
         name: Some(gateway.to_owned()),
         ..ObjectReference::default()
     };
-    event(node, reference, "Normal", "HolderChanged", message, now)
+    event(node, reference, type_, reason, message.to_owned(), now)
 }
 
 /// A core event the way client-go's recorder makes one (no `eventTime`, so the API server

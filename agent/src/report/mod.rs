@@ -82,6 +82,8 @@ pub struct Reporter {
     holders: BTreeMap<(String, Ipv4Addr), Option<String>>,
     /// Warnings on local pods already published that still hold.
     warned: BTreeSet<PodWarning>,
+    /// Warnings on gateways already published that still hold: (gateway, reason, message).
+    gateways_warned: BTreeSet<(String, &'static str, String)>,
 }
 
 impl Reporter {
@@ -93,28 +95,40 @@ impl Reporter {
             written: BTreeMap::new(),
             holders: BTreeMap::new(),
             warned: BTreeSet::new(),
+            gateways_warned: BTreeSet::new(),
         }
     }
 
-    /// Reports on `plan`, this node's plan of `snapshot`, once it is applied.
-    pub async fn publish(&mut self, snapshot: &Snapshot, plan: &NodePlan) -> Published {
+    /// Reports on `plan`, this node's plan of `snapshot`, once it is applied; `refused` are
+    /// the gateways whose SNAT nftables refused on this node, with why.
+    pub async fn publish(
+        &mut self,
+        snapshot: &Snapshot,
+        plan: &NodePlan,
+        refused: &BTreeMap<String, String>,
+    ) -> Published {
         let now = Timestamp::now();
         let mut published = Published::default();
-        self.publish_statuses(snapshot, plan, now, &mut published)
+        let writes = self
+            .publish_statuses(snapshot, plan, now, &mut published)
             .await;
         self.warn_pods(plan, now, &mut published).await;
+        self.warn_gateways(plan, &writes, refused, now, &mut published)
+            .await;
         self.announce_holders(plan, now, &mut published).await;
         published
     }
 
+    /// Writes the statuses this node writes; returns the names of those gateways.
     async fn publish_statuses(
         &mut self,
         snapshot: &Snapshot,
         plan: &NodePlan,
         now: Timestamp,
         published: &mut Published,
-    ) {
+    ) -> BTreeSet<String> {
         let mut conditions = BTreeMap::new();
+        let mut writes_for = BTreeSet::new();
         for desired in status::desired(snapshot, plan) {
             let gateway = desired.gateway.clone();
             let writes = desired.writer.as_deref() == Some(self.node.as_str());
@@ -125,6 +139,7 @@ impl Reporter {
                 self.written.remove(&gateway);
                 continue;
             }
+            writes_for.insert(gateway.clone());
             match self.write_status(&gateway, status).await {
                 Ok(true) => published.statuses += 1,
                 Ok(false) => {}
@@ -134,6 +149,45 @@ impl Reporter {
         self.written
             .retain(|gateway, _| conditions.contains_key(gateway));
         self.conditions = conditions;
+        writes_for
+    }
+
+    /// A Warning event on a gateway when it is left out of every plan (sent by the node that
+    /// writes its status, the one node sure to say it once) or when this node could not
+    /// program its SNAT; once per situation while it lasts.
+    async fn warn_gateways(
+        &mut self,
+        plan: &NodePlan,
+        writes: &BTreeSet<String>,
+        refused: &BTreeMap<String, String>,
+        now: Timestamp,
+        published: &mut Published,
+    ) {
+        let left_out = plan
+            .problems
+            .iter()
+            .filter(|p| writes.contains(p.gateway()))
+            .map(|p| (p.gateway().to_owned(), "GatewayLeftOut", p.to_string()));
+        let not_programmed = refused
+            .iter()
+            .map(|(g, why)| (g.clone(), "SNATRefused", format!("on {}: {why}", self.node)));
+        let now_warned: BTreeSet<(String, &'static str, String)> =
+            left_out.chain(not_programmed).collect();
+        self.gateways_warned.retain(|w| now_warned.contains(w));
+        for warning in now_warned {
+            if self.gateways_warned.contains(&warning) {
+                continue;
+            }
+            let (gateway, reason, message) = &warning;
+            let event = events::on_gateway(&self.node, gateway, "Warning", reason, message, now);
+            match self.create_event(event).await {
+                Ok(()) => {
+                    published.events += 1;
+                    self.gateways_warned.insert(warning);
+                }
+                Err(error) => published.failed(&error),
+            }
+        }
     }
 
     async fn warn_pods(&mut self, plan: &NodePlan, now: Timestamp, published: &mut Published) {

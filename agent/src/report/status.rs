@@ -81,7 +81,7 @@ impl Desired {
 /// The status of every gateway in `snapshot`, by name; `plan` is this node's plan of the same
 /// snapshot (holders and conflicts are the same in every node's plan).
 pub(super) fn desired(snapshot: &Snapshot, plan: &NodePlan) -> Vec<Desired> {
-    let mut usage = gateway_usage(snapshot);
+    let mut usage = gateway_usage(snapshot, &plan.cluster_cidrs);
     // A node that some gateway's nodeSelector matches watches every pod (see `source::kube`),
     // so its counts are cluster-wide; any other node only knows its own pods.
     let sees_every_pod = |node: &&NodeInfo| {
@@ -142,6 +142,20 @@ fn involves(problem: &PlanProblem, gateway: &str) -> bool {
             kept_by,
             ..
         } => left_out == gateway || kept_by == gateway,
+        PlanProblem::OverCapacity {
+            gateway: left_out, ..
+        }
+        | PlanProblem::EgressIpInCluster {
+            gateway: left_out, ..
+        } => left_out == gateway,
+    }
+}
+
+fn reason(problem: &PlanProblem) -> &'static str {
+    match problem {
+        PlanProblem::EgressIpConflict { .. } => "EgressIPConflict",
+        PlanProblem::OverCapacity { .. } => "OverCapacity",
+        PlanProblem::EgressIpInCluster { .. } => "EgressIPInCluster",
     }
 }
 
@@ -152,7 +166,8 @@ fn ready(holders: &[EgressIpHolder], left_out: bool, problems: &[&PlanProblem]) 
         .map(|h| h.ip.as_str())
         .collect();
     let (status, reason, message) = if left_out {
-        (false, "EgressIPConflict", join(problems))
+        let reason = problems.first().map_or("LeftOut", |p| reason(p));
+        (false, reason, join(problems))
     } else if unheld.is_empty() {
         let held: Vec<String> = holders
             .iter()
@@ -175,6 +190,12 @@ fn ready(holders: &[EgressIpHolder], left_out: bool, problems: &[&PlanProblem]) 
 }
 
 fn conflicts(problems: &[&PlanProblem], refused: usize) -> Verdict {
+    let problems: Vec<&PlanProblem> = problems
+        .iter()
+        .copied()
+        .filter(|p| matches!(p, PlanProblem::EgressIpConflict { .. }))
+        .collect();
+    let problems = problems.as_slice();
     let refused_note =
         format!("{refused} annotation(s) naming this gateway refused, see rejectedPods");
     let (status, reason, message) = match (problems.is_empty(), refused) {
@@ -219,7 +240,8 @@ fn rejected_pods(usage: &GatewayUsage) -> Vec<String> {
 fn rejected_pod(rejection: &Rejection) -> String {
     let why = match rejection.why {
         RejectReason::NamespaceNotAdmitted => "namespace not admitted by namespaceSelector",
-        RejectReason::GatewayDropped => "gateway left out for an egress IP conflict",
+        RejectReason::GatewayDropped => "gateway left out, see its Ready condition",
+        RejectReason::PodMapFull => "its node's pod map is full",
         RejectReason::UnknownGateway => "no such gateway",
     };
     match &rejection.pod {

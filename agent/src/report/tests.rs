@@ -194,7 +194,11 @@ fn pod(snapshot: &mut Snapshot, path: &str, node: &str, annotation: Option<&str>
 async fn publish(reporter: &mut Reporter, snapshot: &Snapshot) -> Published {
     let node = reporter.node.clone();
     reporter
-        .publish(snapshot, &plan(snapshot, &node, &PlanConfig::default()))
+        .publish(
+            snapshot,
+            &plan(snapshot, &node, &PlanConfig::default()),
+            &BTreeMap::new(),
+        )
         .await
 }
 
@@ -519,7 +523,7 @@ async fn publish_can_run_on_any_worker_thread() {
     let (mut reporter, _server) = reporter("node1");
     let snapshot = lab();
     let plan = plan(&snapshot, "node1", &PlanConfig::default());
-    send(&reporter.publish(&snapshot, &plan));
+    send(&reporter.publish(&snapshot, &plan, &BTreeMap::new()));
 }
 
 #[tokio::test]
@@ -533,8 +537,8 @@ async fn egress_ip_conflict_shows_on_both_gateways() {
 
     publish(&mut reporter, &snapshot).await;
     let seen = server.take();
-    let [kept, left_out] = &seen[..] else {
-        panic!("expected two status patches, got {seen:#?}");
+    let [kept, left_out, event] = &seen[..] else {
+        panic!("expected two status patches and an event, got {seen:#?}");
     };
     let conflict = "gateway dup left out: egress IP 10.99.0.200 already belongs to gateway corp-fw";
     assert_eq!(kept.body["metadata"]["name"], "corp-fw");
@@ -560,4 +564,49 @@ async fn egress_ip_conflict_shows_on_both_gateways() {
     );
     assert_eq!(condition(status, "Conflicts")["message"], conflict);
     assert_eq!(status["selectedPods"], 0);
+
+    // The writer of dup's status also says it on dup, once.
+    assert_eq!(event.body["involvedObject"]["name"], "dup");
+    assert_eq!(
+        (
+            &event.body["type"],
+            &event.body["reason"],
+            &event.body["message"]
+        ),
+        (
+            &json!("Warning"),
+            &json!("GatewayLeftOut"),
+            &json!(conflict)
+        )
+    );
+    publish(&mut reporter, &snapshot).await;
+    assert!(server.take().is_empty(), "said twice");
+}
+
+#[tokio::test]
+async fn a_gateway_nftables_refused_here_is_warned_about_once() {
+    let snapshot = lab();
+    let (mut reporter, mut server) = reporter("node2");
+    let plan = plan(&snapshot, "node2", &PlanConfig::default());
+    let refused = BTreeMap::from([(
+        "corp-fw".to_owned(),
+        "nftables refused the SNAT for 10.99.0.200 (no); it has no SNAT on this node".to_owned(),
+    )]);
+    reporter.publish(&snapshot, &plan, &refused).await;
+    let events: Vec<Seen> = server
+        .take()
+        .into_iter()
+        .filter(|s| s.method == "POST")
+        .collect();
+    let [event] = &events[..] else {
+        panic!("expected one event, got {events:#?}");
+    };
+    assert_eq!(event.body["involvedObject"]["name"], "corp-fw");
+    assert_eq!(event.body["reason"], "SNATRefused");
+    assert_eq!(
+        event.body["message"],
+        "on node2: nftables refused the SNAT for 10.99.0.200 (no); it has no SNAT on this node"
+    );
+    reporter.publish(&snapshot, &plan, &refused).await;
+    assert!(server.take().is_empty(), "said twice");
 }
