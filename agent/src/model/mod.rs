@@ -11,9 +11,9 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 
 pub use crd::{EgressGateway, EgressGatewaySpec, EgressGatewayStatus, EgressIpHolder};
+pub(crate) use objects::convert;
 pub use objects::{
-    API_VERSION, Documents, FieldProblem, GatewayError, Invalid, ObjectError, ObjectKey,
-    ParsedObject, SyntaxError, gateway_from_object, parse_documents,
+    API_VERSION, FieldProblem, GatewayError, Invalid, ObjectKey, ParsedObject, gateway_from_object,
 };
 pub use selector::{Selector, SelectorError};
 

@@ -130,17 +130,11 @@ impl TryFrom<&LabelSelector> for Selector {
 #[expect(clippy::unwrap_used, reason = "tests fail loudly")]
 mod tests {
     use super::*;
+    use crate::testing::labels;
 
     fn selector(yaml: &str) -> Result<Selector, SelectorError> {
-        let raw: LabelSelector = serde_yaml::from_str(yaml).unwrap();
+        let raw: LabelSelector = serde_saphyr::from_str(yaml).unwrap();
         Selector::try_from(&raw)
-    }
-
-    fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
     }
 
     #[test]

@@ -6,9 +6,8 @@ use ipnet::Ipv4Net;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use super::*;
-use crate::model::{
-    FailurePolicy, Gateway, Labels, NamespaceInfo, NodeInfo, PodInfo, Selector, Snapshot,
-};
+use crate::model::{FailurePolicy, Gateway, NamespaceInfo, NodeInfo, PodInfo, Selector, Snapshot};
+use crate::testing::labels;
 
 fn ip(text: &str) -> Ipv4Addr {
     text.parse().unwrap()
@@ -22,15 +21,8 @@ fn nets(list: &[&str]) -> Vec<Ipv4Net> {
     list.iter().map(|n| net(n)).collect()
 }
 
-fn labels(pairs: &[(&str, &str)]) -> Labels {
-    pairs
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect()
-}
-
 fn selector(yaml: &str) -> Selector {
-    Selector::try_from(&serde_yaml::from_str::<LabelSelector>(yaml).unwrap()).unwrap()
+    Selector::try_from(&serde_saphyr::from_str::<LabelSelector>(yaml).unwrap()).unwrap()
 }
 
 fn gateway(name: &str, egress: &[&str]) -> Gateway {

@@ -12,8 +12,9 @@ use tokio::sync::mpsc;
 use tower_test::mock;
 
 use super::*;
-use crate::model::{FailurePolicy, Gateway, Labels, NamespaceInfo, NodeInfo, PodInfo, Selector};
+use crate::model::{FailurePolicy, Gateway, NamespaceInfo, NodeInfo, PodInfo, Selector};
 use crate::plan::{PlanConfig, plan};
+use crate::testing::labels;
 
 /// One request as the API server saw it.
 #[derive(Debug)]
@@ -96,13 +97,6 @@ fn answer(seen: &Seen) -> Value {
         object["metadata"]["name"] = json!("generated.18c3a7f1e2d4b5a6");
     }
     object
-}
-
-fn labels(pairs: &[(&str, &str)]) -> Labels {
-    pairs
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect()
 }
 
 fn selector(pairs: &[(&str, &str)]) -> Selector {

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
@@ -11,8 +12,40 @@ use notify::event::{AccessKind, AccessMode, MetadataKind, ModifyKind};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
+use super::documents::{ObjectError, parse_documents};
 use super::{Problem, SourceError, fnv1a_64};
-use crate::model::{ObjectError, ObjectKey, ParsedObject, Snapshot, parse_documents};
+use crate::model::{ObjectKey, ParsedObject, Snapshot};
+
+/// The largest objects file the agent reads: several times a 100,000-pod cluster's objects.
+pub const MAX_FILE_BYTES: u64 = 256 << 20;
+
+/// The file's bytes, refusing a file larger than [`MAX_FILE_BYTES`] without reading it all.
+fn read_capped(path: &Path) -> Result<Vec<u8>, SourceError> {
+    let read_error = |source| SourceError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(read_error)?;
+    let too_large = |size| SourceError::TooLarge {
+        path: path.to_owned(),
+        size,
+        max: MAX_FILE_BYTES,
+    };
+    let size = file.metadata().map_err(read_error)?.len();
+    if size > MAX_FILE_BYTES {
+        return Err(too_large(size));
+    }
+    let mut bytes = Vec::new();
+    // One byte more than allowed tells a file at the limit from one beyond it, even if it
+    // grows while being read.
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_error)?;
+    match bytes.len() as u64 {
+        read if read > MAX_FILE_BYTES => Err(too_large(read)),
+        _ => Ok(bytes),
+    }
+}
 
 /// Result of one (re)load.
 #[derive(Clone, Debug, PartialEq)]
@@ -39,10 +72,7 @@ impl FileSource {
     /// First load: without a readable, parseable file there is nothing to fall back on.
     pub fn open(path: impl Into<PathBuf>) -> Result<(Self, Loaded), SourceError> {
         let path = path.into();
-        let bytes = std::fs::read(&path).map_err(|source| SourceError::Read {
-            path: path.clone(),
-            source,
-        })?;
+        let bytes = read_capped(&path)?;
         let text = std::str::from_utf8(&bytes).map_err(|source| SourceError::NotText {
             path: path.clone(),
             source,
@@ -72,12 +102,9 @@ impl FileSource {
             object: None,
             message: format!("{message}; keeping the last good snapshot"),
         };
-        let bytes = match std::fs::read(&self.path) {
+        let bytes = match read_capped(&self.path) {
             Ok(bytes) => bytes,
-            Err(e) => {
-                let problem = whole(format!("cannot read {}: {e}", self.path.display()));
-                return self.loaded(vec![problem]);
-            }
+            Err(e) => return self.loaded(vec![whole(e.to_string())]),
         };
         self.digest = fnv1a_64(&bytes);
         let problem = match std::str::from_utf8(&bytes) {
@@ -284,6 +311,32 @@ mod tests {
             )),
             "{message}"
         );
+    }
+
+    #[test]
+    fn a_file_too_large_is_refused_at_start_and_kept_out_later() {
+        let dir = TempDir::new();
+        std::fs::write(dir.file(), NS).unwrap();
+        let (mut source, _) = FileSource::open(dir.file()).unwrap();
+        // Sparse: the size is what counts, and nothing is read.
+        let huge = std::fs::File::options()
+            .write(true)
+            .open(dir.file())
+            .unwrap();
+        huge.set_len(MAX_FILE_BYTES + 1).unwrap();
+        let loaded = source.reload();
+        assert!(loaded.snapshot.namespaces.contains_key("shop"));
+        assert_eq!(
+            messages(&loaded),
+            [format!(
+                "objects file {} has {} bytes, more than the {MAX_FILE_BYTES} the agent reads; \
+                 keeping the last good snapshot",
+                dir.file().display(),
+                MAX_FILE_BYTES + 1
+            )]
+        );
+        let err = FileSource::open(dir.file()).unwrap_err();
+        assert!(matches!(err, SourceError::TooLarge { .. }), "{err}");
     }
 
     #[test]

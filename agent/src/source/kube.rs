@@ -523,7 +523,7 @@ mod tests {
     use tower_test::mock::{Handle, SendResponse};
 
     use super::*;
-    use crate::model::Labels;
+    use crate::testing::labels;
 
     /// Generous: the re-list after `410 Gone` waits for kube's backoff (0.8 to 1.6 s).
     const WITHIN: Duration = Duration::from_secs(10);
@@ -715,13 +715,6 @@ mod tests {
                 "podSelector": {"matchLabels": {"app": "api"}}
             }),
         )
-    }
-
-    fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
     }
 
     fn node_info(n: u8, node_labels: &[(&str, &str)]) -> NodeInfo {

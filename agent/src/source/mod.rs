@@ -1,5 +1,7 @@
-//! Where snapshots come from. Today a file of Kubernetes objects, watched for changes.
+//! Where snapshots come from: a file of Kubernetes objects (read as a stream of documents)
+//! watched for changes, or the cluster's API server.
 
+pub mod documents;
 mod file;
 pub mod kube;
 
@@ -7,7 +9,8 @@ use std::fmt;
 use std::io;
 use std::path::PathBuf;
 
-use crate::model::{ObjectKey, SyntaxError};
+use crate::model::ObjectKey;
+use documents::StreamError;
 
 pub use file::{FileSource, FileWatcher, Loaded, watch};
 
@@ -37,7 +40,12 @@ pub enum SourceError {
         source: std::str::Utf8Error,
     },
     #[error("objects file {} cannot be parsed: {source}", path.display())]
-    Syntax { path: PathBuf, source: SyntaxError },
+    Syntax { path: PathBuf, source: StreamError },
+    #[error(
+        "objects file {} has {size} bytes, more than the {max} the agent reads",
+        path.display()
+    )]
+    TooLarge { path: PathBuf, size: u64, max: u64 },
     #[error("cannot watch objects file {}: {source}", path.display())]
     Watch {
         path: PathBuf,
