@@ -50,6 +50,7 @@ mod cluster;
 mod cmd;
 mod digest;
 pub mod fixture;
+pub mod kubeapi;
 mod names;
 pub mod objects;
 mod process;
