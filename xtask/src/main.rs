@@ -2,6 +2,7 @@
 
 mod bench;
 mod build;
+mod kube;
 mod lab;
 mod setup;
 mod test;

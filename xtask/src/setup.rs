@@ -52,6 +52,7 @@ pub fn run(options: &Options) -> Result<()> {
     rust_src(options.verbose)?;
     bpf_linker(options.verbose)?;
     kube_tools(options.verbose)?;
+    crate::kube::binaries(options.verbose)?;
     Ok(())
 }
 

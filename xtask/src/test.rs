@@ -1,6 +1,7 @@
 //! `cargo xtask test`: formatting, lints, build, then every test with the freshly built agent.
 
 use anyhow::{Context, Result};
+use netlab::kubeapi::{KUBE_BIN_DIR_ENV, KubeBuild};
 
 use crate::build::{self, EBPF_OBJ_ENV};
 use crate::setup;
@@ -41,7 +42,8 @@ pub fn run(options: &Options) -> Result<()> {
     test.arg("test")
         .env(EBPF_OBJ_ENV, &artifacts.ebpf_obj)
         .env("STATIC_EGRESS_BIN", &artifacts.agent)
-        .env("SE_PROBE_BIN", &artifacts.probe);
+        .env("SE_PROBE_BIN", &artifacts.probe)
+        .env(KUBE_BIN_DIR_ENV, KubeBuild::pinned()?.dir);
     if options.release {
         test.arg("--release");
     }
