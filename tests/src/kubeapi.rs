@@ -819,11 +819,8 @@ mod tests {
         let root = Path::new("/cache");
         let build = KubeBuild::from_module(GO_MOD, "sum", root).expect("valid");
         assert_eq!(build.kubernetes, "v1.37.2");
-        assert!(
-            build.dir.starts_with("/cache/v1.37.2-etcd-v3.7.0-"),
-            "{}",
-            build.dir.display()
-        );
+        let dir = build.dir.to_string_lossy();
+        assert!(dir.starts_with("/cache/v1.37.2-etcd-v3.7.0-"), "{dir}");
         let other_sum = KubeBuild::from_module(GO_MOD, "sum2", root).expect("valid");
         assert_ne!(build.dir, other_sum.dir);
         let other_mod = KubeBuild::from_module(&GO_MOD.replace("v3.7.0", "v3.7.1"), "sum", root)
