@@ -51,6 +51,7 @@ mod cmd;
 pub mod counter;
 mod digest;
 pub mod fixture;
+pub mod kubeapi;
 mod names;
 pub mod objects;
 mod process;

@@ -44,7 +44,10 @@ pub fn run(options: &Options) -> Result<()> {
         return Ok(());
     }
     netlab::require_root().context("the lab builds network namespaces")?;
-    setup::run(&setup::Options { verbose: false })?;
+    setup::run(&setup::Options {
+        verbose: false,
+        no_kube: true,
+    })?;
     let artifacts = build::run(&build::Options {
         release: options.release,
     })?;

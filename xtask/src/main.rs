@@ -2,6 +2,7 @@
 
 mod bench;
 mod build;
+mod kube;
 mod lab;
 mod setup;
 mod test;
@@ -18,7 +19,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what building and testing need (Debian packages, rust-src, bpf-linker).
+    /// Install what building and testing need (Debian packages, rust-src, bpf-linker,
+    /// kube-apiserver and etcd).
     Setup(setup::Options),
     /// Build the kernel programs, then the agent and the test tools.
     Build(build::Options),

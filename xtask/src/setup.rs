@@ -44,6 +44,10 @@ pub struct Options {
     /// Say what is checked, also when nothing needs doing.
     #[arg(long)]
     pub verbose: bool,
+    /// Leave out kube-apiserver and etcd (only the cluster-mode tests need them, and their
+    /// first build takes minutes): what `cargo xtask lab` and `bench` do.
+    #[arg(long)]
+    pub no_kube: bool,
 }
 
 pub fn run(options: &Options) -> Result<()> {
@@ -52,6 +56,9 @@ pub fn run(options: &Options) -> Result<()> {
     rust_src(options.verbose)?;
     bpf_linker(options.verbose)?;
     kube_tools(options.verbose)?;
+    if !options.no_kube {
+        crate::kube::binaries(options.verbose)?;
+    }
     Ok(())
 }
 

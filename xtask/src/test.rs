@@ -1,6 +1,7 @@
 //! `cargo xtask test`: formatting, lints, build, then every test with the freshly built agent.
 
 use anyhow::{Context, Result};
+use netlab::kubeapi::{KUBE_BIN_DIR_ENV, KubeBuild};
 
 use crate::build::{self, EBPF_OBJ_ENV, TEST_COUNTER_OBJ_ENV};
 use crate::setup;
@@ -18,7 +19,10 @@ pub struct Options {
 
 pub fn run(options: &Options) -> Result<()> {
     netlab::require_root().context("the tests build network namespaces")?;
-    setup::run(&setup::Options { verbose: false })?;
+    setup::run(&setup::Options {
+        verbose: false,
+        no_kube: false,
+    })?;
 
     eprintln!("xtask: checking formatting");
     run_cmd(cargo(None).args(["fmt", "--all", "--check"]))?;
@@ -42,7 +46,8 @@ pub fn run(options: &Options) -> Result<()> {
         .env(EBPF_OBJ_ENV, &artifacts.ebpf_obj)
         .env("STATIC_EGRESS_BIN", &artifacts.agent)
         .env("SE_PROBE_BIN", &artifacts.probe)
-        .env(TEST_COUNTER_OBJ_ENV, build::test_counter_object());
+        .env(TEST_COUNTER_OBJ_ENV, build::test_counter_object())
+        .env(KUBE_BIN_DIR_ENV, KubeBuild::pinned()?.dir);
     if options.release {
         test.arg("--release");
     }

@@ -132,7 +132,10 @@ pub struct Results {
 
 pub fn run(options: &Options) -> Result<()> {
     netlab::require_root().context("the bench builds network namespaces")?;
-    setup::run(&setup::Options { verbose: false })?;
+    setup::run(&setup::Options {
+        verbose: false,
+        no_kube: true,
+    })?;
     let (agent, probe) = if options.no_build {
         let dir = target_dir().join("release");
         (dir.join("static-egress"), dir.join("se-probe"))
