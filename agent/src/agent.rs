@@ -1,23 +1,32 @@
-//! The loop that wires source, planner and data path: load, plan, apply, and again on every
-//! change of the objects (from the file or the cluster) and now and then to repair drift such
-//! as a re-created pod interface. Errors are logged and the last applied data path stays.
+//! The loop that wires sources, planner, data path and reports: load, plan, apply, report, and
+//! again on every change of the objects (from the file or the cluster) and now and then to
+//! repair drift. Errors are logged and the last applied data path stays; nothing here waits
+//! on the API server.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use ipnet::Ipv4Net;
-use serde::Serialize;
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
 
 use crate::datapath::{Check, Datapath, DatapathConfig, DatapathError};
 use crate::plan::{self, NodePlan, PlanConfig};
-use crate::report::Reporter;
+use crate::report::node_status::{self, AppliedPlan, NodeStatus, NodeStatusError};
+use crate::report::{Report, Reporter};
+use crate::source::kube::{ClusterSource, WatchHealth};
 use crate::source::{FileSource, FileWatcher, Loaded, SourceError};
 
-/// Counters in the status file are refreshed this often; a failed apply is retried as often.
+/// The status file is rewritten this often, ready or not; a failed apply is retried as often.
 const REFRESH: Duration = Duration::from_secs(5);
+/// A watch may fail this long (an API server restarting) before the agent stops saying it is
+/// ready: its view may be missing changes by then.
+const WATCH_GRACE: Duration = Duration::from_secs(30);
+/// Between attempts to reach the API server at start.
+const CONNECT_RETRY: Duration = Duration::from_secs(2);
 
 pub struct AgentOptions {
     pub node: String,
@@ -37,26 +46,14 @@ pub enum AgentError {
     Source(#[from] SourceError),
     #[error(transparent)]
     Datapath(#[from] DatapathError),
-    #[error("connecting to the Kubernetes API: {0}")]
+    #[error("Kubernetes client configuration: {0}")]
     Kube(#[from] kube::Error),
     #[error("the cluster source stopped")]
     SourceClosed,
     #[error("installing signal handlers: {0}")]
     Signal(#[source] std::io::Error),
-    #[error(
-        "status file {path} is {age:?} old (more than {max_age:?}): the agent is not reconciling"
-    )]
-    Stale {
-        path: PathBuf,
-        age: Duration,
-        max_age: Duration,
-    },
-    #[error("status file {path}: {source}")]
-    Status {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Status(#[from] NodeStatusError),
 }
 
 impl AgentError {
@@ -79,22 +76,9 @@ pub fn print_plan(node: &str, file: &Path, cluster_cidrs: Vec<Ipv4Net>) -> Resul
     Ok(())
 }
 
-/// The `health` subcommand: the agent rewrites its status at least every `REFRESH`, so an old
-/// file means a stuck or dead agent.
-pub fn health(state_dir: &Path, max_age: Duration) -> Result<(), AgentError> {
-    let path = state_dir.join("status.json");
-    let err = |source| AgentError::Status {
-        path: path.clone(),
-        source,
-    };
-    let modified = std::fs::metadata(&path)
-        .and_then(|m| m.modified())
-        .map_err(err)?;
-    let age = modified.elapsed().unwrap_or_default();
-    if age > max_age {
-        return Err(AgentError::Stale { path, age, max_age });
-    }
-    println!("ok: status written {}s ago", age.as_secs());
+/// The `health` subcommand; see [`node_status::check`].
+pub fn health(state_dir: &Path, max_age: Duration, ready: bool) -> Result<(), AgentError> {
+    println!("{}", node_status::check(state_dir, max_age, ready)?);
     Ok(())
 }
 
@@ -105,9 +89,7 @@ enum Objects {
         changes: tokio::sync::mpsc::Receiver<()>,
         _watcher: FileWatcher,
     },
-    Cluster {
-        updates: tokio::sync::mpsc::Receiver<Loaded>,
-    },
+    Cluster(ClusterSource),
 }
 
 impl Objects {
@@ -120,91 +102,149 @@ impl Objects {
                 changes.recv().await?;
                 Some(source.reload())
             }
-            Objects::Cluster { updates } => updates.recv().await,
+            Objects::Cluster(cluster) => cluster.updates.recv().await,
+        }
+    }
+
+    fn watch_health(&self) -> Option<WatchHealth> {
+        match self {
+            Objects::File { .. } => None,
+            Objects::Cluster(cluster) => Some(cluster.health.borrow().clone()),
+        }
+    }
+}
+
+struct Signals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Self, AgentError> {
+        Ok(Self {
+            terminate: signal(SignalKind::terminate()).map_err(AgentError::Signal)?,
+            interrupt: signal(SignalKind::interrupt()).map_err(AgentError::Signal)?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
         }
     }
 }
 
 pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
     let mut datapath = Datapath::open(options.datapath.clone()).await?;
-    let (mut objects, mut loaded, mut reporter) = match &options.from_file {
+    let mut signals = Signals::new()?;
+    let mut agent = Agent {
+        node: options.node.clone(),
+        state_dir: options.datapath.state_dir.clone(),
+        config: PlanConfig {
+            cluster_cidrs: options.cluster_cidrs.clone(),
+        },
+        loaded: None,
+        planned: None,
+        applied: None,
+        failure: None,
+        problems: Vec::new(),
+        warnings: Vec::new(),
+        reports: None,
+    };
+    let mut objects = match &options.from_file {
         Some(path) => {
             let (source, loaded) = FileSource::open(path)?;
             let (watcher, changes) = crate::source::watch(path)?;
             tracing::info!(node = %options.node, file = %path.display(), "agent started");
-            (
-                Objects::File {
-                    source,
-                    changes,
-                    _watcher: watcher,
-                },
-                loaded,
-                None,
-            )
+            agent.loaded = Some(loaded);
+            Objects::File {
+                source,
+                changes,
+                _watcher: watcher,
+            }
         }
         None => {
             let client = kube::Client::try_default().await?;
-            let mut updates =
-                crate::source::kube::start(client.clone(), options.node.clone()).await?;
+            let Some(cluster) = connect(&client, &mut agent, &datapath, &mut signals).await? else {
+                stopped();
+                return Ok(());
+            };
             tracing::info!(node = %options.node, "agent started; waiting for the cluster's objects");
-            // The first view arrives once every watch has listed: nothing half-synced is applied.
-            let loaded = updates.recv().await.ok_or(AgentError::SourceClosed)?;
-            let reporter = Reporter::new(client, options.node.clone());
-            (Objects::Cluster { updates }, loaded, Some(reporter))
+            agent.reports = Some(crate::report::spawn(Reporter::new(
+                client,
+                options.node.clone(),
+            )));
+            Objects::Cluster(cluster)
         }
     };
-    let mut terminate = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
     let mut resync =
         tokio::time::interval_at(tokio::time::Instant::now() + options.resync, options.resync);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut refresh = tokio::time::interval_at(tokio::time::Instant::now() + REFRESH, REFRESH);
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let config = PlanConfig {
-        cluster_cidrs: options.cluster_cidrs.clone(),
-    };
-    let mut agent = Agent {
-        node: options.node.clone(),
-        state_dir: options.datapath.state_dir.clone(),
-        planned: None,
-        applied: None,
-        failed: false,
-        problems: Vec::new(),
-        warnings: Vec::new(),
-    };
-    agent.report_problems(&loaded);
+
     // The first apply compares everything: an earlier agent's data path may have drifted
     // while none ran.
     agent
-        .reconcile(
-            &mut datapath,
-            &loaded,
-            &config,
-            reporter.as_mut(),
-            Check::Everything,
-        )
+        .reconcile(&mut datapath, &objects, Check::Everything)
         .await?;
     loop {
         tokio::select! {
             next = objects.next() => {
-                loaded = next.ok_or(AgentError::SourceClosed)?;
-                agent.report_problems(&loaded);
-                agent.reconcile(&mut datapath, &loaded, &config, reporter.as_mut(), Check::Changes).await?;
+                agent.loaded = Some(next.ok_or(AgentError::SourceClosed)?);
+                agent.reconcile(&mut datapath, &objects, Check::Changes).await?;
             }
-            _ = resync.tick() => agent.reconcile(&mut datapath, &loaded, &config, reporter.as_mut(), Check::Everything).await?,
+            _ = resync.tick() => agent.reconcile(&mut datapath, &objects, Check::Everything).await?,
             _ = refresh.tick() => {
-                if agent.failed {
-                    agent.reconcile(&mut datapath, &loaded, &config, reporter.as_mut(), Check::Everything).await?;
+                if agent.failure.is_some() {
+                    agent.reconcile(&mut datapath, &objects, Check::Everything).await?;
                 } else {
-                    agent.write_status(&datapath)?;
+                    agent.write_status(&datapath, &objects)?;
                 }
             }
-            _ = terminate.recv() => break,
-            _ = interrupt.recv() => break,
+            () = signals.recv() => break,
         }
     }
-    tracing::info!("exiting; the data path stays in place (`static-egress cleanup` removes it)");
+    stopped();
     Ok(())
+}
+
+fn stopped() {
+    tracing::info!("exiting; the data path stays in place (`static-egress cleanup` removes it)");
+}
+
+/// Starts the cluster source, retrying while the API server cannot be reached or does not
+/// serve our resource yet: the pinned data path keeps working meanwhile and the status file
+/// says why the agent is not ready (a crash loop would say less and help nothing). `None`
+/// when told to stop first.
+async fn connect(
+    client: &kube::Client,
+    agent: &mut Agent,
+    datapath: &Datapath,
+    signals: &mut Signals,
+) -> Result<Option<ClusterSource>, AgentError> {
+    loop {
+        match crate::source::kube::start(client.clone(), agent.node.clone()).await {
+            Ok(cluster) => return Ok(Some(cluster)),
+            Err(error) => {
+                tracing::warn!(%error, "cannot start watching the cluster; retrying");
+                agent.failure = Some(error.to_string());
+                NodeStatus::new(
+                    &agent.node,
+                    None,
+                    &datapath.counters(),
+                    &[],
+                    vec![format!("cannot start watching the cluster: {error}")],
+                )
+                .write(&agent.state_dir)?;
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(CONNECT_RETRY) => {}
+            () = signals.recv() => return Ok(None),
+        }
+    }
 }
 
 /// Reports what it has not reported yet: an editor's save may deliver the same file twice,
@@ -219,29 +259,33 @@ fn report_new(seen: &mut Vec<String>, now: Vec<String>, report: impl Fn(&str)) {
 struct Agent {
     node: String,
     state_dir: PathBuf,
+    config: PlanConfig,
+    /// The latest view of the objects; `None` until the cluster's first complete one.
+    loaded: Option<Loaded>,
     planned: Option<NodePlan>,
-    /// The last plan applied successfully and the digest of the file it came from.
-    applied: Option<(NodePlan, u64)>,
-    failed: bool,
+    /// The last plan applied successfully, the digest of its objects and when.
+    applied: Option<(NodePlan, u64, SystemTime)>,
+    /// Why the last apply (or start) failed; cleared by a successful apply.
+    failure: Option<String>,
     problems: Vec<String>,
     warnings: Vec<String>,
+    /// Where applied plans go to be reported to the cluster, off this loop.
+    reports: Option<watch::Sender<Option<Arc<Report>>>>,
 }
 
 impl Agent {
-    fn report_problems(&mut self, loaded: &Loaded) {
-        let now = loaded.problems.iter().map(ToString::to_string).collect();
-        report_new(&mut self.problems, now, |m| tracing::warn!("{m}"));
-    }
-
     async fn reconcile(
         &mut self,
         datapath: &mut Datapath,
-        loaded: &Loaded,
-        config: &PlanConfig,
-        reporter: Option<&mut Reporter>,
+        objects: &Objects,
         check: Check,
     ) -> Result<(), AgentError> {
-        let plan = plan::plan(&loaded.snapshot, &self.node, config);
+        let Some(loaded) = &self.loaded else {
+            return self.write_status(datapath, objects);
+        };
+        let now = loaded.problems.iter().map(ToString::to_string).collect();
+        report_new(&mut self.problems, now, |m| tracing::warn!("{m}"));
+        let plan = plan::plan(&loaded.snapshot, &self.node, &self.config);
         if self.planned.as_ref() != Some(&plan) {
             log_changes(self.planned.as_ref(), &plan);
         }
@@ -250,32 +294,62 @@ impl Agent {
                 report_new(&mut self.warnings, applied.warnings, |m| {
                     tracing::warn!("{m}")
                 });
-                self.applied = Some((plan.clone(), loaded.digest));
-                self.failed = false;
-                self.write_status(datapath)?;
-                if let Some(reporter) = reporter {
-                    reporter
-                        .publish(&loaded.snapshot, &plan, &applied.refused)
-                        .await;
+                if let Some(reports) = &self.reports {
+                    // Replaces a report not yet sent: only the latest state matters.
+                    reports.send_replace(Some(Arc::new(Report {
+                        snapshot: Arc::clone(&loaded.snapshot),
+                        plan: plan.clone(),
+                        refused: applied.refused,
+                    })));
                 }
+                self.applied = Some((plan.clone(), loaded.digest, SystemTime::now()));
+                self.failure = None;
             }
             Err(e) => {
                 tracing::error!("applying the plan failed, the previous data path stays: {e}");
-                self.failed = true;
+                self.failure = Some(format!("the last apply failed: {e}"));
             }
         }
         self.planned = Some(plan);
-        Ok(())
+        self.write_status(datapath, objects)
     }
 
-    fn write_status(&self, datapath: &Datapath) -> Result<(), AgentError> {
-        match &self.applied {
-            Some((plan, digest)) => write_status(
-                &self.state_dir,
-                &Status::new(plan, *digest, datapath, &self.warnings),
-            ),
-            None => Ok(()),
+    /// Why the agent is not ready; empty when it is.
+    fn not_ready(&self, objects: &Objects) -> Vec<String> {
+        let mut reasons = Vec::new();
+        if self.loaded.is_none() {
+            reasons.push("waiting for the first complete view of the cluster".to_owned());
         }
+        reasons.extend(self.failure.clone());
+        let now = SystemTime::now();
+        for (watched, failing) in objects.watch_health().unwrap_or_default().failing {
+            let failed_for = now.duration_since(failing.since).unwrap_or_default();
+            if failed_for > WATCH_GRACE {
+                reasons.push(format!(
+                    "the watch of {watched} has failed for {}s: {}",
+                    failed_for.as_secs(),
+                    failing.error
+                ));
+            }
+        }
+        reasons
+    }
+
+    fn write_status(&self, datapath: &Datapath, objects: &Objects) -> Result<(), AgentError> {
+        let applied = self.applied.as_ref().map(|(plan, digest, at)| AppliedPlan {
+            plan,
+            digest: *digest,
+            at: *at,
+        });
+        NodeStatus::new(
+            &self.node,
+            applied,
+            &datapath.counters(),
+            &self.warnings,
+            self.not_ready(objects),
+        )
+        .write(&self.state_dir)?;
+        Ok(())
     }
 }
 
@@ -319,88 +393,4 @@ fn log_changes(old: Option<&NodePlan>, new: &NodePlan) {
     for p in new.problems.iter().filter(|p| !old_problems.contains(p)) {
         tracing::warn!("{p}");
     }
-}
-
-#[derive(Serialize)]
-struct Status {
-    node: String,
-    /// FNV-1a 64 of the objects file applied, as 16 hex digits.
-    applied_digest: String,
-    applied_at_unix_ms: u128,
-    gateways: Vec<GatewayStatus>,
-    pods: Vec<PodStatus>,
-    warnings: Vec<String>,
-}
-
-#[derive(Serialize)]
-struct GatewayStatus {
-    name: String,
-    egress: Vec<(Ipv4Addr, Option<String>)>,
-    packets: u64,
-    bytes: u64,
-    dropped: u64,
-}
-
-#[derive(Serialize)]
-struct PodStatus {
-    pod: String,
-    ip: Ipv4Addr,
-    gateway: String,
-    egress_ip: Ipv4Addr,
-}
-
-impl Status {
-    fn new(plan: &NodePlan, digest: u64, datapath: &Datapath, warnings: &[String]) -> Self {
-        let counters = datapath.counters();
-        Status {
-            node: plan.node.clone(),
-            applied_digest: format!("{digest:016x}"),
-            applied_at_unix_ms: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_millis())
-                .unwrap_or_default(),
-            gateways: plan
-                .gateways
-                .iter()
-                .map(|g| {
-                    let c = counters.get(&g.id).copied().unwrap_or_default();
-                    GatewayStatus {
-                        name: g.name.clone(),
-                        egress: g
-                            .egress
-                            .iter()
-                            .map(|e| (e.ip, e.holder.as_ref().map(|h| h.node.clone())))
-                            .collect(),
-                        packets: c.packets,
-                        bytes: c.bytes,
-                        dropped: c.dropped,
-                    }
-                })
-                .collect(),
-            pods: plan
-                .pods
-                .iter()
-                .map(|p| PodStatus {
-                    pod: format!("{}/{}", p.namespace, p.name),
-                    ip: p.ip,
-                    gateway: p.gateway.clone(),
-                    egress_ip: p.egress_ip,
-                })
-                .collect(),
-            warnings: warnings.to_vec(),
-        }
-    }
-}
-
-fn write_status(dir: &Path, status: &Status) -> Result<(), AgentError> {
-    let path = dir.join("status.json");
-    let tmp = dir.join("status.json.tmp");
-    let err = |source| AgentError::Status {
-        path: path.clone(),
-        source,
-    };
-    std::fs::create_dir_all(dir).map_err(err)?;
-    let bytes = serde_json::to_vec_pretty(status).map_err(|e| err(std::io::Error::other(e)))?;
-    std::fs::write(&tmp, bytes).map_err(err)?;
-    std::fs::rename(&tmp, &path).map_err(err)
 }

@@ -29,7 +29,7 @@ enum Command {
     Plan(PlanArgs),
     /// Remove everything the agent created on this host.
     Cleanup(CleanupArgs),
-    /// Exit 0 when the agent has written its status recently (for liveness/readiness probes).
+    /// Exit 0 when the agent is alive (`--ready`: and ready), for the DaemonSet's probes.
     Health(HealthArgs),
     /// Print the EgressGateway CustomResourceDefinition (YAML) for `kubectl apply -f -`.
     Crd,
@@ -39,6 +39,10 @@ enum Command {
 struct HealthArgs {
     #[arg(long, default_value = "/var/lib/static-egress")]
     state_dir: PathBuf,
+    /// Also require the agent to be ready: its objects current (watches live), its last apply
+    /// successful (the readiness probe); without it, only that the agent is alive.
+    #[arg(long)]
+    ready: bool,
     /// How old the status file may be (`60`, `60s` or `500ms`).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     max_age: Duration,
@@ -170,7 +174,7 @@ fn main() -> ExitCode {
             &args.from_file,
             args.common.cluster_cidrs,
         ),
-        Command::Health(args) => agent::health(&args.state_dir, args.max_age),
+        Command::Health(args) => agent::health(&args.state_dir, args.max_age, args.ready),
         Command::Crd => return print_crd(),
         Command::Cleanup(args) => runtime.block_on(async {
             let removed = datapath::cleanup(&args.state_dir, args.bpffs.as_deref()).await?;

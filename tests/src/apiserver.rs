@@ -54,6 +54,8 @@ struct Store {
     next_connection: u64,
     status_patches: Vec<(String, Value)>,
     events: Vec<Value>,
+    /// How long status patches and events wait before they are answered: a slow API server.
+    write_delay: Duration,
 }
 
 struct Shared {
@@ -228,6 +230,12 @@ impl ApiServer {
         Ok(())
     }
 
+    /// Makes every write (status patch, event) wait `delay` before it is answered, as an
+    /// overloaded API server would.
+    pub fn delay_writes(&self, delay: Duration) {
+        lock(&self.shared).write_delay = delay;
+    }
+
     /// Request lines seen so far ("GET /api/v1/pods?...").
     pub fn requests(&self) -> Vec<String> {
         lock(&self.shared).requests.clone()
@@ -396,6 +404,10 @@ fn serve(shared: &Shared, stream: &TcpStream) -> Result<()> {
             .is_some_and(|w| w == "true" || w == "1")
         {
             return watch(shared, &request, out);
+        }
+        if request.method != "GET" {
+            let delay = lock(shared).write_delay;
+            thread::sleep(delay);
         }
         let (code, body) = respond(shared, &request);
         let body = body.to_string();

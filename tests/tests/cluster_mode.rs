@@ -2,11 +2,11 @@
 //! the list/watch protocol (resource versions, watch events, bookmarks, 410 Gone), not from a
 //! file. Each test asserts the source address the external server saw.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
 use netlab::apiserver::{ApiServer, default_addr, wait_for_request};
-use netlab::fixture::{APPLY, EGRESS_IP, GATEWAY, expect_source, three_nodes};
+use netlab::fixture::{APPLY, EGRESS_IP, GATEWAY, expect_source, has_address, three_nodes};
 use netlab::objects::GATEWAY_ANNOTATION;
 use netlab::{AgentHandle, Cluster, LabPod, PodSpec, expect_all_from, wait_until};
 
@@ -102,5 +102,151 @@ fn exercise(
     let answers = probe.wait(Duration::from_secs(60))?;
     expect_all_from(&answers, EGRESS_IP)?;
     ensure!(cluster.ask(api_pod)? == EGRESS_IP);
+    Ok(())
+}
+
+/// The test API endpoint in the router's namespace, serving the lab's objects, and a
+/// kubeconfig for it.
+fn with_api(cluster: &Cluster) -> Result<(ApiServer, std::path::PathBuf)> {
+    let api = ApiServer::start(cluster.router_netns(), default_addr(cluster.router_ip()))?;
+    sync(&api, cluster)?;
+    let kubeconfig = api.kubeconfig(cluster.dir())?;
+    Ok((api, kubeconfig))
+}
+
+fn start_all(cluster: &Cluster, kubeconfig: &std::path::Path) -> Result<Vec<AgentHandle>> {
+    let names: Vec<String> = cluster.nodes().iter().map(|n| n.name.clone()).collect();
+    names
+        .iter()
+        .map(|n| cluster.start_agent_with_kubeconfig(n, kubeconfig))
+        .collect()
+}
+
+/// `static-egress health [--ready]` for `node`: its stdout, or its stderr as the error.
+fn health(cluster: &Cluster, node: &str, ready: bool) -> Result<String> {
+    let node = cluster.node(node)?;
+    let bin = cluster.agent_bin()?;
+    let mut args = vec![
+        bin.display().to_string(),
+        "health".into(),
+        "--state-dir".into(),
+        node.state_dir.display().to_string(),
+    ];
+    if ready {
+        args.push("--ready".into());
+    }
+    let out = netlab::exec_output(&node.netns, &args)?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        anyhow::bail!("{}", String::from_utf8_lossy(&out.stderr).trim())
+    }
+}
+
+#[test]
+fn agents_are_current_within_two_seconds_of_the_api_server_coming_back() -> Result<()> {
+    let mut cluster = three_nodes(env!("CARGO_BIN_EXE_se-probe").as_ref())?;
+    let pod = cluster.add_pod(PodSpec::new("payments", "api-1", "node1").label("app", "api"))?;
+    let (mut api, kubeconfig) = with_api(&cluster)?;
+    let _agents = start_all(&cluster, &kubeconfig)?;
+    expect_source(&cluster, &pod, EGRESS_IP)?;
+    ensure!(has_address(&cluster, "node2", EGRESS_IP)?);
+
+    // Five seconds without an API server, then one that has forgotten every version the
+    // agents knew (as after an etcd compaction): their watches get 410 Gone and list again.
+    api.stop();
+    std::thread::sleep(Duration::from_secs(5));
+    cluster.objects_mut().node_mut("node2")?.ready = false;
+    api.restart(true)?;
+    let back = Instant::now();
+    sync(&api, &cluster)?;
+    wait_until(APPLY, || {
+        has_address(&cluster, "node3", EGRESS_IP).unwrap_or(false)
+            && !has_address(&cluster, "node2", EGRESS_IP).unwrap_or(true)
+    })?;
+    let took = back.elapsed();
+    eprintln!("API server back to the egress IP moved: {took:?}");
+    ensure!(
+        took < Duration::from_secs(2),
+        "the agents took {took:?} to catch up with the API server"
+    );
+    expect_source(&cluster, &pod, EGRESS_IP)?;
+    Ok(())
+}
+
+#[test]
+fn an_unreachable_api_server_at_start_keeps_the_data_path_and_reports_not_ready() -> Result<()> {
+    let mut cluster = three_nodes(env!("CARGO_BIN_EXE_se-probe").as_ref())?;
+    let pod = cluster.add_pod(PodSpec::new("payments", "api-1", "node1").label("app", "api"))?;
+    let (mut api, kubeconfig) = with_api(&cluster)?;
+    let mut agents = start_all(&cluster, &kubeconfig)?;
+    expect_source(&cluster, &pod, EGRESS_IP)?;
+    wait_until(APPLY, || health(&cluster, "node1", true).is_ok())?;
+
+    // Restarted while the API server is down: the agents wait and keep the pinned data path.
+    api.stop();
+    for agent in &mut agents {
+        agent.stop()?;
+    }
+    let probe = cluster.start_loop(&pod, Duration::from_millis(20), 150)?;
+    let mut waiting = start_all(&cluster, &kubeconfig)?;
+    std::thread::sleep(Duration::from_secs(4));
+    for agent in &mut waiting {
+        ensure!(
+            agent.is_running(),
+            "the agent on {} exited without an API server:\n{}",
+            agent.node(),
+            agent.log()?
+        );
+    }
+    ensure!(health(&cluster, "node1", false).is_ok(), "not even live");
+    let not_ready = health(&cluster, "node1", true).err().map(|e| e.to_string());
+    ensure!(
+        not_ready
+            .as_deref()
+            .is_some_and(|e| e.contains("cannot start watching the cluster")),
+        "readiness should fail and say why: {not_ready:?}"
+    );
+
+    api.restart(false)?;
+    wait_until(APPLY, || health(&cluster, "node1", true).is_ok())
+        .context("the agent did not become ready once the API server answered")?;
+    let answers = probe.wait(Duration::from_secs(60))?;
+    ensure!(answers.len() == 150, "the probe ended early: {answers:?}");
+    expect_all_from(&answers, EGRESS_IP)?;
+    Ok(())
+}
+
+#[test]
+fn a_slow_api_server_never_delays_the_data_path() -> Result<()> {
+    let mut cluster = three_nodes(env!("CARGO_BIN_EXE_se-probe").as_ref())?;
+    // On node2, which holds the egress IP and so writes the gateway's status: every change
+    // of its selected pods is a status write.
+    let shop = cluster.add_pod(PodSpec::new("payments", "shop", "node2"))?;
+    let node2 = cluster.node("node2")?.ip;
+    let (api, kubeconfig) = with_api(&cluster)?;
+    let _agents = start_all(&cluster, &kubeconfig)?;
+    expect_source(&cluster, &shop, node2)?;
+
+    // Every status write and event now hangs for 20 s; changes keep reaching the data path.
+    api.delay_writes(Duration::from_secs(20));
+    for (annotate, want) in [(true, EGRESS_IP), (false, node2), (true, EGRESS_IP)] {
+        let annotations = &mut cluster
+            .objects_mut()
+            .pod_mut("payments", "shop")?
+            .annotations;
+        if annotate {
+            annotations.insert(GATEWAY_ANNOTATION.into(), GATEWAY.into());
+        } else {
+            annotations.remove(GATEWAY_ANNOTATION);
+        }
+        sync(&api, &cluster)?;
+        let took = expect_source(&cluster, &shop, want)?;
+        ensure!(
+            took < Duration::from_secs(3),
+            "a change took {took:?} to reach the data path while the API server was slow"
+        );
+    }
+    api.delay_writes(Duration::ZERO);
     Ok(())
 }

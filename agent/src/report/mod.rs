@@ -1,15 +1,20 @@
-//! Tells the cluster what the agents decided: each `EgressGateway`'s status (written by one
-//! node per gateway, through server-side apply) and events on refused pods and on holder
-//! changes. Nothing here is fatal: the data path matters more than what we say about it, so
-//! failures are logged and retried on the next publish.
+//! What the agent tells: the node's own status file ([`node_status`]), and the cluster each
+//! `EgressGateway`'s status (written by one node per gateway, through server-side apply) and
+//! events on refused pods and gateways and on holder changes. Nothing here is fatal: the data
+//! path matters more than what we say about it, so failures are logged and retried on the next
+//! publish. The cluster is told from a task of its own ([`spawn`]), with a timeout on every
+//! call, so a slow API server never delays the data path.
 
 mod events;
+pub mod node_status;
 mod status;
 #[cfg(test)]
 mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -17,10 +22,15 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Client, Resource};
 use serde_json::{Map, Value};
+use tokio::sync::watch;
 
 use crate::model::{EgressGateway, EgressGatewayStatus, Snapshot};
 use crate::plan::NodePlan;
 use events::PodWarning;
+
+/// How long one write to the API server may take before it counts as failed (and is tried
+/// again on the next publish).
+const API_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Field manager of every status write: all nodes use the same one, so the node that takes
 /// over a gateway's status replaces what the previous writer set instead of merging with it.
@@ -47,6 +57,43 @@ enum ReportError {
         #[source]
         source: kube::Error,
     },
+    #[error("{what}: the API server did not answer within {API_TIMEOUT:?}")]
+    Timeout { what: String },
+}
+
+/// One applied plan, what it was planned from, and the gateways this node could not program.
+pub struct Report {
+    pub snapshot: Arc<Snapshot>,
+    pub plan: NodePlan,
+    pub refused: BTreeMap<String, String>,
+}
+
+/// Runs `reporter` on a task of its own and returns where to send it the latest [`Report`]:
+/// a report not yet published when the next one comes is replaced by it (only the latest
+/// state is worth saying), so a slow API server costs the agent nothing.
+pub fn spawn(mut reporter: Reporter) -> watch::Sender<Option<Arc<Report>>> {
+    let (tx, mut rx) = watch::channel::<Option<Arc<Report>>>(None);
+    tokio::spawn(async move {
+        while rx.changed().await.is_ok() {
+            let latest = rx.borrow_and_update().clone();
+            if let Some(report) = latest {
+                reporter
+                    .publish(&report.snapshot, &report.plan, &report.refused)
+                    .await;
+            }
+        }
+    });
+    tx
+}
+
+/// `call` unless it takes longer than [`API_TIMEOUT`].
+async fn within<T>(
+    what: impl FnOnce() -> String,
+    call: impl Future<Output = Result<T, ReportError>>,
+) -> Result<T, ReportError> {
+    tokio::time::timeout(API_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|_| Err(ReportError::Timeout { what: what() }))
 }
 
 /// What one [`Reporter::publish`] sent.
@@ -269,17 +316,22 @@ impl Reporter {
         metadata.insert("name".to_owned(), gateway.into());
         body.insert("metadata".to_owned(), metadata.into());
         body.insert("status".to_owned(), encoded);
-        Api::<EgressGateway>::all(self.client.clone())
-            .patch_status(
-                gateway,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(Value::Object(body)),
-            )
-            .await
-            .map_err(|source| ReportError::Status {
-                gateway: gateway.to_owned(),
-                source,
-            })?;
+        let api = Api::<EgressGateway>::all(self.client.clone());
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        let patch = Patch::Apply(Value::Object(body));
+        let write = async {
+            api.patch_status(gateway, &params, &patch)
+                .await
+                .map_err(|source| ReportError::Status {
+                    gateway: gateway.to_owned(),
+                    source,
+                })
+        };
+        within(
+            || format!("writing the status of EgressGateway {gateway}"),
+            write,
+        )
+        .await?;
         tracing::info!(gateway, "EgressGateway status written");
         self.written.insert(gateway.to_owned(), status);
         Ok(true)
@@ -288,14 +340,17 @@ impl Reporter {
     async fn create_event(&self, event: Event) -> Result<(), ReportError> {
         let namespace = event.metadata.namespace.clone().unwrap_or_default();
         let reason = event.reason.clone().unwrap_or_default();
-        Api::<Event>::namespaced(self.client.clone(), &namespace)
-            .create(&PostParams::default(), &event)
-            .await
-            .map_err(|source| ReportError::Event {
-                namespace: namespace.clone(),
-                reason: reason.clone(),
-                source,
-            })?;
+        let api = Api::<Event>::namespaced(self.client.clone(), &namespace);
+        let create = async {
+            api.create(&PostParams::default(), &event)
+                .await
+                .map_err(|source| ReportError::Event {
+                    namespace: namespace.clone(),
+                    reason: reason.clone(),
+                    source,
+                })
+        };
+        within(|| format!("creating event {reason}"), create).await?;
         tracing::debug!(namespace, reason, "event created");
         Ok(())
     }

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
@@ -50,7 +51,8 @@ fn read_capped(path: &Path) -> Result<Vec<u8>, SourceError> {
 /// Result of one (re)load.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Loaded {
-    pub snapshot: Snapshot,
+    /// Shared with whoever reports on it, without a copy.
+    pub snapshot: Arc<Snapshot>,
     /// What was skipped or kept from before, and why.
     pub problems: Vec<Problem>,
     /// FNV-1a 64 of the bytes this load read, even when they were rejected as a whole (so a
@@ -149,7 +151,7 @@ impl FileSource {
 
     fn loaded(&self, problems: Vec<Problem>) -> Loaded {
         Loaded {
-            snapshot: self.last_good.values().cloned().collect(),
+            snapshot: Arc::new(self.last_good.values().cloned().collect()),
             problems,
             digest: self.digest,
         }

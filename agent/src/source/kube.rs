@@ -25,8 +25,10 @@
 //! (including the cluster-wide pod watch when it starts), so the planner never sees a cluster
 //! without, say, its gateways. A re-list (after `410 Gone` or a restarted watch) is buffered and
 //! swapped in when complete, deleting what it no longer lists; until then that kind keeps its
-//! previous view. Watch errors are logged and retried with kube's default backoff; the data path
-//! stays as last programmed meanwhile.
+//! previous view. Watch errors are logged and retried at once, then after at most a second (see
+//! [`Retry`]), so an agent is current again within a second or two of the API server answering
+//! after a restart; the data path stays as last programmed meanwhile, and [`WatchHealth`] says
+//! which watches fail, since when, for the agent's readiness.
 //!
 //! Like the file source, an object that turns invalid keeps its last valid version and a new
 //! invalid one is skipped; both are reported in [`Loaded::problems`] for as long as they last.
@@ -36,15 +38,16 @@
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use futures_util::stream::{BoxStream, StreamExt as _, TryStreamExt as _};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::api::{Api, ApiResource, DynamicObject, ListParams};
-use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, Resource, ResourceExt as _};
 use serde::de::DeserializeOwned;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch as latest};
 
 use super::{Loaded, Problem, SourceError, fnv1a_64};
 use crate::model::objects;
@@ -62,7 +65,7 @@ use crate::model::{
 /// agent without access, is a deployment error worth one clear line; later API errors are
 /// logged and retried, and the receiver simply waits. The watches stop when the receiver is
 /// dropped.
-pub async fn start(client: Client, node: String) -> Result<mpsc::Receiver<Loaded>, SourceError> {
+pub async fn start(client: Client, node: String) -> Result<ClusterSource, SourceError> {
     let gateways = Api::<DynamicObject>::all_with(client.clone(), &gateway_resource());
     gateways
         .list(&ListParams::default().limit(1))
@@ -71,9 +74,94 @@ pub async fn start(client: Client, node: String) -> Result<mpsc::Receiver<Loaded
             ::kube::Error::Api(status) if status.is_not_found() => SourceError::CrdMissing,
             error => SourceError::Cluster(error),
         })?;
-    let (tx, rx) = mpsc::channel(1);
-    tokio::spawn(run(client, node, tx));
-    Ok(rx)
+    let (tx, updates) = mpsc::channel(1);
+    let (health_tx, health) = latest::channel(WatchHealth::default());
+    tokio::spawn(run(client, node, tx, health_tx));
+    Ok(ClusterSource { updates, health })
+}
+
+/// The views of a started cluster source, and how its watches fare.
+#[derive(Debug)]
+pub struct ClusterSource {
+    pub updates: mpsc::Receiver<Loaded>,
+    pub health: latest::Receiver<WatchHealth>,
+}
+
+/// The watches that fail now: by what they watch, since when and the last error.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WatchHealth {
+    pub failing: BTreeMap<&'static str, Failing>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failing {
+    pub since: SystemTime,
+    pub error: String,
+}
+
+/// How long the API server may keep a watch open, and how long a watch may stay silent before
+/// the client gives up on it: a server that hangs without closing the connection is noticed
+/// within this time. API servers send bookmarks more often than this.
+const WATCH_TIMEOUT_SECONDS: u32 = 60;
+
+/// How watches retry after an error: after 100 ms, then doubling up to half a second, plus up
+/// to half as much again so that a thousand agents do not retry in step; reset by every event
+/// that arrives. A `410 Gone` lists again at once. kube's default grows to 30 s during an
+/// outage and waits again after a 410, which left agents more than ten seconds behind an API
+/// server that had long come back.
+#[derive(Clone, Debug)]
+pub struct Retry {
+    next: Duration,
+    /// Spreads the agents' retries; from the node's name, so it needs no randomness.
+    spread: u64,
+}
+
+impl Retry {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_millis(500);
+
+    pub fn new(node: &str) -> Self {
+        Self {
+            next: Self::FIRST,
+            spread: fnv1a_64(node.as_bytes()),
+        }
+    }
+}
+
+impl Retry {
+    /// How long to wait after the next error.
+    fn after_error(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        self.spread = self
+            .spread
+            .wrapping_mul(0x0000_0100_0000_01b3)
+            .rotate_left(17);
+        base + base.mul_f64((self.spread % 512) as f64 / 1024.0)
+    }
+
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
+/// `stream` with [`Retry`] applied: the error is handed on after the wait, so the watch is
+/// polled again (and reconnects) only then.
+fn retrying<T: Send + 'static>(
+    stream: BoxStream<'static, Result<T, watcher::Error>>,
+    retry: Retry,
+) -> BoxStream<'static, Result<T, watcher::Error>> {
+    futures_util::stream::unfold((stream, retry), |(mut stream, mut retry)| async move {
+        let item = stream.next().await?;
+        match &item {
+            Ok(_) => retry.reset(),
+            // The watcher lists again on its next poll: the sooner the better.
+            Err(watcher::Error::WatchError(status)) if status.code == 410 => {}
+            Err(_) => tokio::time::sleep(retry.after_error()).await,
+        }
+        Some((item, (stream, retry)))
+    })
+    .boxed()
 }
 
 fn gateway_resource() -> ApiResource {
@@ -82,18 +170,26 @@ fn gateway_resource() -> ApiResource {
 
 type Watch<T> = BoxStream<'static, Result<Event<Item<T>>, watcher::Error>>;
 
-async fn run(client: Client, node: String, tx: mpsc::Sender<Loaded>) {
-    // kube's defaults: consistent lists (served from the API server's watch cache since
-    // Kubernetes 1.31, so 1,000 agents starting at once do not each read etcd) in pages of 500,
-    // which bounds what one response holds before it is converted.
-    let config = watcher::Config::default;
-    let mut namespaces = watch(Api::all(client.clone()), config(), namespace_item);
-    let mut nodes = watch(Api::all(client.clone()), config(), node_item);
+async fn run(
+    client: Client,
+    node: String,
+    tx: mpsc::Sender<Loaded>,
+    health: latest::Sender<WatchHealth>,
+) {
+    // kube's defaults but the timeout: consistent lists (served from the API server's watch
+    // cache since Kubernetes 1.31, so 1,000 agents starting at once do not each read etcd) in
+    // pages of 500, which bounds what one response holds before it is converted.
+    let config = || watcher::Config::default().timeout(WATCH_TIMEOUT_SECONDS);
+    let first_retry = Retry::new(&node);
+    let retry = || first_retry.clone();
+    let mut namespaces = watch(Api::all(client.clone()), config(), retry(), namespace_item);
+    let mut nodes = watch(Api::all(client.clone()), config(), retry(), node_item);
     let gateway_api = Api::<DynamicObject>::all_with(client.clone(), &gateway_resource());
-    let mut gateways = watch(gateway_api, config(), gateway_item);
+    let mut gateways = watch(gateway_api, config(), retry(), gateway_item);
     let local = config().fields(&format!("spec.nodeName={node}"));
-    let mut local_pods = watch(Api::all(client.clone()), local, pod_item);
+    let mut local_pods = watch(Api::all(client.clone()), local, retry(), pod_item);
     let mut cluster_pods: Option<Watch<PodInfo>> = None;
+    let health = &health;
 
     let mut view = View::new(node);
     let mut dirty = false;
@@ -104,13 +200,19 @@ async fn run(client: Client, node: String, tx: mpsc::Sender<Loaded>) {
         tokio::select! {
             biased;
             () = tx.closed() => break,
-            Some(event) = namespaces.next() => dirty |= handle(&mut view.namespaces, event),
-            Some(event) = nodes.next() => dirty |= handle(&mut view.nodes, event),
-            Some(event) = gateways.next() => dirty |= handle(&mut view.gateways, event),
-            Some(event) = local_pods.next() => dirty |= handle(&mut view.local_pods, event),
+            Some(event) = namespaces.next() => {
+                dirty |= handle(&mut view.namespaces, event, "namespaces", health);
+            }
+            Some(event) = nodes.next() => dirty |= handle(&mut view.nodes, event, "nodes", health),
+            Some(event) = gateways.next() => {
+                dirty |= handle(&mut view.gateways, event, "egressgateways", health);
+            }
+            Some(event) = local_pods.next() => {
+                dirty |= handle(&mut view.local_pods, event, "pods of this node", health);
+            }
             Some(event) = next_event(&mut cluster_pods) => {
                 if let Some(store) = &mut view.cluster_pods {
-                    dirty |= handle(store, event);
+                    dirty |= handle(store, event, "pods of every node", health);
                 }
             }
             permit = tx.reserve(), if dirty && view.synced() => {
@@ -135,7 +237,7 @@ async fn run(client: Client, node: String, tx: mpsc::Sender<Loaded>) {
         match (view.may_hold_egress_ip(), cluster_pods.is_some()) {
             (true, false) => {
                 tracing::info!("this node may hold an egress IP: watching the pods of every node");
-                cluster_pods = Some(watch(Api::all(client.clone()), config(), pod_item));
+                cluster_pods = Some(watch(Api::all(client.clone()), config(), retry(), pod_item));
                 view.cluster_pods = Some(Store::default());
             }
             (false, true) => {
@@ -144,6 +246,7 @@ async fn run(client: Client, node: String, tx: mpsc::Sender<Loaded>) {
                 );
                 cluster_pods = None;
                 view.cluster_pods = None;
+                health.send_if_modified(|h| h.failing.remove("pods of every node").is_some());
                 dirty = true;
             }
             _ => {}
@@ -153,13 +256,17 @@ async fn run(client: Client, node: String, tx: mpsc::Sender<Loaded>) {
 }
 
 /// A watch whose objects are converted as they arrive, so only the model's types are kept.
-fn watch<K, T>(api: Api<K>, config: watcher::Config, convert: fn(K) -> Item<T>) -> Watch<T>
+fn watch<K, T>(
+    api: Api<K>,
+    config: watcher::Config,
+    retry: Retry,
+    convert: fn(K) -> Item<T>,
+) -> Watch<T>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
     T: Send + 'static,
 {
-    watcher::watcher(api, config)
-        .default_backoff()
+    let events = watcher::watcher(api, config)
         .map_ok(move |event| match event {
             Event::Apply(object) => Event::Apply(convert(object)),
             Event::Delete(object) => Event::Delete(convert(object)),
@@ -167,7 +274,8 @@ where
             Event::InitApply(object) => Event::InitApply(convert(object)),
             Event::InitDone => Event::InitDone,
         })
-        .boxed()
+        .boxed();
+    retrying(events, retry)
 }
 
 /// The cluster-wide pod watch's next event; never, while it is not running.
@@ -180,15 +288,30 @@ async fn next_event<T>(
     }
 }
 
-fn handle<T: Model>(store: &mut Store<T>, event: Result<Event<Item<T>>, watcher::Error>) -> bool {
+fn handle<T: Model>(
+    store: &mut Store<T>,
+    event: Result<Event<Item<T>>, watcher::Error>,
+    watched: &'static str,
+    health: &latest::Sender<WatchHealth>,
+) -> bool {
     match event {
-        Ok(event) => store.handle(event),
+        Ok(event) => {
+            health.send_if_modified(|h| h.failing.remove(watched).is_some());
+            store.handle(event)
+        }
         Err(error) => {
             tracing::warn!(
-                kind = T::KIND,
+                watch = watched,
                 %error,
-                "watching the API server failed; retrying with backoff, the last view stays"
+                "watching the API server failed; retrying, the last view stays"
             );
+            health.send_modify(|h| {
+                let failing = h.failing.entry(watched).or_insert_with(|| Failing {
+                    since: SystemTime::now(),
+                    error: String::new(),
+                });
+                failing.error = error.to_string();
+            });
             false
         }
     }
@@ -496,12 +619,12 @@ impl View {
             self.gateways.digest,
         ];
         Loaded {
-            snapshot: Snapshot {
+            snapshot: Arc::new(Snapshot {
                 namespaces: self.namespaces.values(),
                 nodes: self.nodes.values(),
                 pods: pods.values(),
                 gateways: self.gateways.values(),
-            },
+            }),
             problems,
             digest: fnv1a_64(&digests.map(u64::to_le_bytes).concat()),
         }
@@ -887,7 +1010,7 @@ mod tests {
     async fn started() -> (mpsc::Receiver<Loaded>, Fake) {
         let (client, fake) = fake_api();
         fake.reply(Route::Probe, list(Route::Probe, "40", vec![corp_fw()]));
-        let rx = start(client, "node1".to_owned()).await.unwrap();
+        let rx = start(client, "node1".to_owned()).await.unwrap().updates;
         (rx, fake)
     }
 
@@ -1242,6 +1365,22 @@ mod tests {
                 .starts_with("cannot list EgressGateways from the Kubernetes API: "),
             "{error}"
         );
+    }
+
+    #[test]
+    fn retries_come_fast_and_spread_and_start_over_after_success() {
+        let mut retry = Retry::new("node1");
+        let waits: Vec<Duration> = (0..6).map(|_| retry.after_error()).collect();
+        let bounds = [100, 200, 400, 500, 500, 500].map(Duration::from_millis);
+        for (wait, base) in waits.iter().zip(bounds) {
+            assert!(*wait >= base && *wait < base * 3 / 2, "{waits:?}");
+        }
+        retry.reset();
+        assert!(retry.after_error() < Duration::from_millis(150));
+        // Another node waits differently.
+        let mut other = Retry::new("node2");
+        let theirs: Vec<Duration> = (0..6).map(|_| other.after_error()).collect();
+        assert_ne!(waits, theirs);
     }
 
     #[tokio::test]
