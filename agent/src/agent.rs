@@ -148,6 +148,7 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
         planned: None,
         applied: None,
         failure: None,
+        again_soon: false,
         problems: Vec::new(),
         warnings: Vec::new(),
         reports: None,
@@ -197,7 +198,7 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
             }
             _ = resync.tick() => agent.reconcile(&mut datapath, &objects, Check::Everything).await?,
             _ = refresh.tick() => {
-                if agent.failure.is_some() {
+                if agent.failure.is_some() || agent.again_soon {
                     agent.reconcile(&mut datapath, &objects, Check::Everything).await?;
                 } else {
                     agent.write_status(&datapath, &objects)?;
@@ -267,6 +268,8 @@ struct Agent {
     applied: Option<(NodePlan, u64, SystemTime)>,
     /// Why the last apply (or start) failed; cleared by a successful apply.
     failure: Option<String>,
+    /// The last apply succeeded but left something to settle: apply again at the next refresh.
+    again_soon: bool,
     problems: Vec<String>,
     warnings: Vec<String>,
     /// Where applied plans go to be reported to the cluster, off this loop.
@@ -304,6 +307,7 @@ impl Agent {
                 }
                 self.applied = Some((plan.clone(), loaded.digest, SystemTime::now()));
                 self.failure = None;
+                self.again_soon = applied.incomplete;
             }
             Err(e) => {
                 tracing::error!("applying the plan failed, the previous data path stays: {e}");

@@ -587,6 +587,30 @@ impl Cluster {
         Ok(())
     }
 
+    /// A host that is not a node, on the nodes' segment: namespace `<prefix>-<name>`, address
+    /// `ip` on its `eth0`, default route via the router. Returns its namespace. Removed with
+    /// the lab.
+    pub fn add_segment_host(&self, name: &str, ip: Ipv4Addr) -> Result<String> {
+        check_dns_label("host name", name)?;
+        let netns = format!("{}-{name}", self.prefix);
+        let port = format!("h-{name}");
+        crate::names::check_ifname(&port)?;
+        add_netns(&netns, self.settings.ipv6)?;
+        ip_in(
+            &self.router_netns,
+            &format!("link add {port} type veth peer name eth0 netns {netns}"),
+        )?;
+        ip_in(
+            &self.router_netns,
+            &format!("link set {port} master {} up", self.settings.router_bridge),
+        )?;
+        let len = self.settings.node_subnet.prefix_len();
+        ip_in(&netns, &format!("addr add {ip}/{len} dev eth0"))?;
+        ip_in(&netns, "link set eth0 up")?;
+        ip_in(&netns, &format!("route add default via {}", self.router_ip))?;
+        Ok(netns)
+    }
+
     /// Re-creates a pod's namespace and veth with the same address, as a runtime does when it
     /// restarts a pod's sandbox: the node side of the veth comes back with a new index.
     pub fn rewire_pod(&self, namespace: &str, name: &str) -> Result<()> {

@@ -370,3 +370,96 @@ fn egress_ips_that_belong_to_others_are_never_taken() -> Result<()> {
     );
     Ok(())
 }
+
+/// Echo requests `ext` has received from `source` so far (an nftables counter of the test's
+/// own, in ext's namespace).
+fn echo_requests_from(cluster: &Cluster, source: Ipv4Addr) -> Result<u64> {
+    let listing = netlab::exec(
+        cluster.ext_netns(),
+        ["nft", "list", "chain", "ip", "seen", "input"],
+    )?;
+    let marker = format!("ip saddr {source} icmp type echo-request counter packets ");
+    let line = listing
+        .lines()
+        .find(|l| l.contains(&marker))
+        .with_context(|| format!("no counter for {source}:\n{listing}"))?;
+    let count = line
+        .split(&marker)
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .context("odd counter line")?;
+    Ok(count.parse()?)
+}
+
+#[test]
+fn the_holder_translates_only_traffic_from_cluster_nodes() -> Result<()> {
+    let mut cluster = cluster()?;
+    let api = api_pod(&mut cluster, "api-1", "node1")?;
+    let _agents = start_agents(&cluster, &[])?;
+    expect_source(&cluster, &api, EGRESS_IP)?;
+    netlab::exec(
+        cluster.ext_netns(),
+        [
+            "nft",
+            &format!(
+                "add table ip seen; add chain ip seen input {{ type filter hook input priority 0; }}; \
+                 add rule ip seen input ip saddr {EGRESS_IP} icmp type echo-request counter"
+            ),
+        ],
+    )?;
+
+    // A host on the nodes' segment sends as api-1, through the holder.
+    let node2 = cluster.node("node2")?.ip;
+    let spoofer = cluster.add_segment_host("spoofer", Ipv4Addr::new(10, 99, 0, 66))?;
+    let ext = cluster.ext_ip().to_string();
+    netlab::exec(
+        &spoofer,
+        [
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/32", api.ip),
+            "dev",
+            "eth0",
+        ],
+    )?;
+    netlab::exec(
+        &spoofer,
+        [
+            "ip",
+            "route",
+            "add",
+            &format!("{ext}/32"),
+            "via",
+            &node2.to_string(),
+            "src",
+            &api.ip.to_string(),
+        ],
+    )?;
+    let _unanswered = netlab::exec_output(
+        &spoofer,
+        ["ping", "-q", "-c", "10", "-i", "0.05", "-W", "1", &ext],
+    )?;
+    ensure!(
+        echo_requests_from(&cluster, EGRESS_IP)? == 0,
+        "the spoofer's packets left with the egress IP"
+    );
+    let dropped = cluster.node("node2")?.exec([
+        "nft",
+        "list",
+        "chain",
+        "ip",
+        "static_egress",
+        "prerouting",
+    ])?;
+    ensure!(
+        dropped.contains("counter packets 10 "),
+        "the holder did not count the spoofed packets it dropped:\n{dropped}"
+    );
+
+    // The real pod still leaves with it.
+    api.exec(["ping", "-q", "-c", "10", "-i", "0.05", "-W", "1", &ext])?;
+    ensure!(echo_requests_from(&cluster, EGRESS_IP)? == 10);
+    expect_source(&cluster, &api, EGRESS_IP)?;
+    Ok(())
+}

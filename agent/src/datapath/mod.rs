@@ -120,7 +120,13 @@ pub struct Applied {
     pub warnings: Warnings,
     /// Gateways whose SNAT nftables refused on this node, with why and what stands instead.
     pub refused: BTreeMap<String, String>,
+    /// Something is still settling (a sender's link-layer address): apply again soon.
+    pub incomplete: bool,
 }
+
+/// How long an apply waits for the senders' link-layer addresses, and how often it looks.
+const RESOLVE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+const RESOLVE_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
 pub struct Datapath {
     config: DatapathConfig,
@@ -169,7 +175,14 @@ impl Datapath {
             .iter()
             .fold(rule.mark, |marks, r| marks | r.mark);
         let snat = self.not_taken_from_others(&plan.snat, &mut applied).await?;
-        let in_force = self.sync_nft(&snat, marks, check, &mut applied)?;
+        let macs = self
+            .sender_macs(&uplink, &plan.senders, &mut applied)
+            .await?;
+        let senders = nft::Senders {
+            uplink: &uplink.name,
+            macs: &macs,
+        };
+        let in_force = self.sync_nft(&snat, marks, senders, check, &mut applied)?;
         let warnings = &mut applied.warnings;
         // An address without its SNAT would only attract traffic this node cannot translate.
         let held: BTreeSet<Ipv4Addr> = in_force.iter().map(|s| s.egress_ip).collect();
@@ -219,7 +232,8 @@ impl Datapath {
         let unused: Vec<Ipv4Addr> = self
             .state
             .neighbours
-            .difference(&holders)
+            .iter()
+            .filter(|ip| !holders.contains(ip) && plan.senders.binary_search(ip).is_err())
             .copied()
             .collect();
         for ip in unused {
@@ -290,6 +304,49 @@ impl Datapath {
         Ok(kept)
     }
 
+    /// The link-layer addresses of the nodes that send this node packets to translate, as the
+    /// uplink's neighbour table has them. A sender without one yet gets a managed entry (the
+    /// kernel resolves it and keeps it resolved) and a short wait; if it is still unknown,
+    /// its pods' packets are dropped here until the next apply, which comes soon.
+    async fn sender_macs(
+        &mut self,
+        uplink: &netlink::Interface,
+        senders: &[Ipv4Addr],
+        applied: &mut Applied,
+    ) -> Result<Vec<[u8; 6]>, DatapathError> {
+        let mut known = self.nl.neighbour_macs(uplink.index, senders).await?;
+        let missing: Vec<Ipv4Addr> = senders
+            .iter()
+            .filter(|ip| !known.contains_key(ip))
+            .copied()
+            .collect();
+        if !missing.is_empty() {
+            for ip in &missing {
+                self.record(|s| {
+                    s.neighbours.insert(*ip);
+                })?;
+                self.nl.keep_resolved(uplink.index, *ip).await?;
+            }
+            let deadline = tokio::time::Instant::now() + RESOLVE_WAIT;
+            while known.len() < senders.len() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(RESOLVE_POLL).await;
+                known = self.nl.neighbour_macs(uplink.index, senders).await?;
+            }
+            for ip in senders.iter().filter(|ip| !known.contains_key(ip)) {
+                applied.warnings.push(format!(
+                    "node {ip} does not answer ARP on {}: packets of its pods are not \
+                     translated here until it does",
+                    uplink.name
+                ));
+                applied.incomplete = true;
+            }
+        }
+        let mut macs: Vec<[u8; 6]> = known.into_values().collect();
+        macs.sort_unstable();
+        macs.dedup();
+        Ok(macs)
+    }
+
     /// Replaces our table when the plan's SNAT changed or, when checking everything, when the
     /// kernel's copy is no longer what it was right after we sent it. When nftables refuses
     /// the table, each gateway's rules are checked alone: a refused gateway keeps the rules
@@ -299,10 +356,11 @@ impl Datapath {
         &mut self,
         snat: &[SnatPlan],
         marks: u32,
+        senders: nft::Senders<'_>,
         check: Check,
         applied: &mut Applied,
     ) -> Result<Vec<SnatPlan>, DatapathError> {
-        let wanted = nft::render(snat, marks);
+        let wanted = nft::render(snat, marks, senders);
         let previous = self.nft.take();
         if let Some(before) = &previous
             && before.wanted == wanted
@@ -322,7 +380,7 @@ impl Datapath {
             Err(whole) => {
                 let last = previous.as_ref().map_or(&[][..], |p| p.in_force.as_slice());
                 let mut refused = BTreeMap::new();
-                let in_force = without_refused(snat, marks, last, &mut refused);
+                let in_force = without_refused(snat, marks, senders, last, &mut refused);
                 if refused.is_empty() {
                     // Not one gateway's doing: keep the last good table whole.
                     self.nft = previous;
@@ -334,7 +392,7 @@ impl Datapath {
                         .push(format!("EgressGateway {gateway}: {why}"));
                     applied.refused.insert(gateway, why);
                 }
-                if let Err(error) = nft::apply(&nft::render(&in_force, marks)) {
+                if let Err(error) = nft::apply(&nft::render(&in_force, marks, senders)) {
                     self.nft = previous;
                     return Err(error);
                 }
@@ -442,12 +500,14 @@ impl Datapath {
 fn without_refused(
     snat: &[SnatPlan],
     marks: u32,
+    senders: nft::Senders<'_>,
     last: &[SnatPlan],
     refused: &mut BTreeMap<String, String>,
 ) -> Vec<SnatPlan> {
     let mut in_force = Vec::with_capacity(snat.len());
     for rule in snat {
-        let Err(error) = nft::check(&nft::render(std::slice::from_ref(rule), marks)) else {
+        let Err(error) = nft::check(&nft::render(std::slice::from_ref(rule), marks, senders))
+        else {
             in_force.push(rule.clone());
             continue;
         };

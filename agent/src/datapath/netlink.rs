@@ -1,6 +1,7 @@
 //! Routes, rules and addresses through rtnetlink: the uplink, the pod interfaces (found by
 //! asking the kernel for the route to each pod), our rule and table, and the egress IPs.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 
 use futures_util::TryStreamExt as _;
@@ -8,7 +9,9 @@ use rtnetlink::packet_route::{
     AddressFamily,
     address::{AddressAttribute, AddressMessage},
     link::LinkAttribute,
-    neighbour::{NeighbourAttribute, NeighbourExtFlags, NeighbourState},
+    neighbour::{
+        NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourMessage, NeighbourState,
+    },
     route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope, RouteType},
     rule::{RuleAction, RuleAttribute, RuleMessage},
 };
@@ -395,8 +398,49 @@ impl Netlink {
         add.replace().execute().await.map_err(nl("add neighbour"))
     }
 
+    /// The link-layer addresses of `ips` that the neighbour table of `index` knows now (an
+    /// entry being resolved, or failed, has none).
+    pub async fn neighbour_macs(
+        &self,
+        index: u32,
+        ips: &[Ipv4Addr],
+    ) -> Result<BTreeMap<Ipv4Addr, [u8; 6]>, DatapathError> {
+        let entries: Vec<NeighbourMessage> = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Inet)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("dump neighbours"))?;
+        Ok(entries
+            .into_iter()
+            .filter(|n| n.header.ifindex == index)
+            .filter(|n| {
+                !matches!(
+                    n.header.state,
+                    NeighbourState::Incomplete | NeighbourState::Failed | NeighbourState::None
+                )
+            })
+            .filter_map(|n| {
+                let mut ip = None;
+                let mut mac = None;
+                for attr in n.attributes {
+                    match attr {
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => ip = Some(a),
+                        NeighbourAttribute::LinkLayerAddress(bytes) => mac = bytes.try_into().ok(),
+                        _ => {}
+                    }
+                }
+                Some((ip?, mac?))
+            })
+            .filter(|(ip, _)| ips.contains(ip))
+            .collect())
+    }
+
     pub async fn forget_neighbour(&self, index: u32, ip: Ipv4Addr) -> Result<(), DatapathError> {
-        let mut msg = rtnetlink::packet_route::neighbour::NeighbourMessage::default();
+        let mut msg = NeighbourMessage::default();
         msg.header.family = AddressFamily::Inet;
         msg.header.ifindex = index;
         msg.attributes

@@ -16,9 +16,19 @@ pub const TABLE: &str = "static_egress";
 /// binding made for a connection is the one that stays.
 const PRIORITY: &str = "srcnat - 10";
 
+/// Where the packets this node translates may come from: local pods, or the uplink with one of
+/// these link-layer source addresses (the other nodes whose pods use this node's egress IPs).
+/// A host on the segment that sends with a selected pod's address is not a node: its packets
+/// are dropped instead of leaving with the trusted egress IP.
+#[derive(Clone, Copy, Debug)]
+pub struct Senders<'a> {
+    pub uplink: &'a str,
+    pub macs: &'a [[u8; 6]],
+}
+
 /// Our table for `snat`; `marks` are the fwmark bits that mean "selected" (ours, and while
 /// settings change, the previous one).
-pub fn render(snat: &[SnatPlan], marks: u32) -> String {
+pub fn render(snat: &[SnatPlan], marks: u32, senders: Senders<'_>) -> String {
     let mut s = String::new();
     // Adding first makes the delete valid when the table is absent; all three lines are one
     // transaction, so the kernel never runs without the table.
@@ -46,6 +56,33 @@ pub fn render(snat: &[SnatPlan], marks: u32) -> String {
             rule.excluded.iter().map(ToString::to_string),
         );
     }
+    if !snat.is_empty() {
+        let macs: Vec<String> = senders
+            .macs
+            .iter()
+            .map(|m| {
+                m.iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(":")
+            })
+            .collect();
+        set_of(&mut s, "senders", "ether_addr", "", macs.into_iter());
+        // At `raw`, before connection tracking: a dropped packet leaves no state behind.
+        let _ = writeln!(
+            s,
+            "  chain prerouting {{\n    type filter hook prerouting priority raw; policy accept;"
+        );
+        for (i, rule) in snat.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "    iifname \"{}\" ip saddr @pods_{i} ip daddr @dst_{i} ip daddr != @excl_{i} ether saddr != @senders counter drop comment \"{}\"",
+                senders.uplink,
+                comment(&rule.gateway)
+            );
+        }
+        let _ = writeln!(s, "  }}");
+    }
     let _ = writeln!(
         s,
         "  chain postrouting {{\n    type nat hook postrouting priority {PRIORITY}; policy accept;"
@@ -71,8 +108,18 @@ fn set(s: &mut String, name: &str, interval: bool, elements: impl Iterator<Item 
     } else {
         ""
     };
+    set_of(s, name, "ipv4_addr", flags, elements);
+}
+
+fn set_of(
+    s: &mut String,
+    name: &str,
+    type_: &str,
+    flags: &str,
+    elements: impl Iterator<Item = String>,
+) {
     let elements: Vec<String> = elements.collect();
-    let _ = write!(s, "  set {name} {{ type ipv4_addr;{flags}");
+    let _ = write!(s, "  set {name} {{ type {type_};{flags}");
     if !elements.is_empty() {
         let _ = write!(s, " elements = {{ {} }};", elements.join(", "));
     }
@@ -124,11 +171,11 @@ pub fn check(script: &str) -> Result<(), DatapathError> {
     nft(&["--check"], script)
 }
 
-/// Our table as the kernel has it now (`nft list table`); `None` when there is none. Comparing
-/// two listings tells whether someone changed the table in between.
+/// Our table as the kernel has it now (`nft list table`), without counter values; `None` when
+/// there is none. Comparing two listings tells whether someone changed the table in between.
 pub fn list() -> Result<Option<String>, DatapathError> {
     let out = Command::new("nft")
-        .args(["list", "table", "ip", TABLE])
+        .args(["--stateless", "list", "table", "ip", TABLE])
         .stdin(Stdio::null())
         .output()
         .map_err(DatapathError::NftSpawn)?;
@@ -165,12 +212,24 @@ mod tests {
             destinations: vec!["0.0.0.0/0".parse().expect("net")],
             excluded: vec![],
         };
-        let text = render(&[plan], 0x2000);
+        let senders = Senders {
+            uplink: "eth0",
+            macs: &[[0x02, 0, 0, 0, 0, 0x0b]],
+        };
+        let text = render(&[plan], 0x2000, senders);
         assert!(text.starts_with("add table ip static_egress\ndelete table ip static_egress\n"));
         assert!(text.contains("set pods_0 { type ipv4_addr; elements = { 10.244.1.2 }; }"));
         assert!(text.contains("set excl_0 { type ipv4_addr; flags interval; auto-merge; }"));
         assert!(text.contains("snat ip to 10.99.0.200 comment \"corp-fw\""));
         assert!(text.contains("meta mark & 0x2000 != 0 snat ip to ip saddr"));
+        assert!(
+            text.contains("set senders { type ether_addr; elements = { 02:00:00:00:00:0b }; }")
+        );
+        assert!(text.contains(
+            "iifname \"eth0\" ip saddr @pods_0 ip daddr @dst_0 ip daddr != @excl_0 ether saddr != @senders counter drop"
+        ));
+        // A node that translates nothing drops nothing.
+        assert!(!render(&[], 0x2000, senders).contains("prerouting"));
     }
 
     #[test]

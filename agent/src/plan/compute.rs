@@ -73,6 +73,7 @@ pub fn plan(snapshot: &Snapshot, node: &str, config: &PlanConfig) -> NodePlan {
     let mut rejected = Vec::new();
     let mut rejected_namespaces = HashSet::new();
     let mut snat_pods: HashMap<Ipv4Addr, Vec<Ipv4Addr>> = HashMap::new();
+    let mut senders = BTreeSet::new();
     for pod in snapshot.pods.values() {
         let local = pod.node.as_deref() == Some(node);
         if !local && held.is_empty() {
@@ -114,6 +115,15 @@ pub fn plan(snapshot: &Snapshot, node: &str, config: &PlanConfig) -> NodePlan {
         };
         if held_ips.contains(&egress_ip) {
             snat_pods.entry(egress_ip).or_default().push(ip);
+            if !local
+                && let Some(sender) = pod
+                    .node
+                    .as_ref()
+                    .and_then(|n| snapshot.nodes.get(n))
+                    .and_then(|n| n.internal_ip)
+            {
+                senders.insert(sender);
+            }
         }
         if local {
             pods.push(PodPlan {
@@ -169,6 +179,7 @@ pub fn plan(snapshot: &Snapshot, node: &str, config: &PlanConfig) -> NodePlan {
         pods,
         rejected,
         snat,
+        senders: senders.into_iter().collect(),
         cluster_cidrs,
         problems,
     }

@@ -93,6 +93,13 @@ impl Display for NodePlan {
             writeln!(f, "    destinations: {}", list(&snat.destinations))?;
             writeln!(f, "    excluded: {}", self.excluded(&snat.excluded))?;
         }
+        if !self.snat.is_empty() {
+            writeln!(
+                f,
+                "  translated only from local pods and from nodes {}",
+                list(&self.senders)
+            )?;
+        }
 
         writeln!(f, "cluster ranges: {}", list(&self.cluster_cidrs))?;
 

@@ -37,6 +37,9 @@ pub struct NodePlan {
     pub rejected: Vec<Rejection>,
     /// Egress IPs this node holds: address on the uplink plus SNAT.
     pub snat: Vec<SnatPlan>,
+    /// InternalIPs of the other nodes whose pods this node SNATs, sorted: only packets from
+    /// them (or from local pods) are translated.
+    pub senders: Vec<Ipv4Addr>,
     /// Ranges that never go through a gateway: node pod CIDRs, node IPs, `--cluster-cidr`.
     pub cluster_cidrs: Vec<Ipv4Net>,
     /// Inconsistencies between gateways that the planner resolved by leaving something out.

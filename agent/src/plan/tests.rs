@@ -679,10 +679,14 @@ fn holder_snats_for_pods_on_every_node() {
     );
     assert!(holder.snat[0].excluded.contains(&net("192.168.0.0/16")));
     assert!(holder.snat[0].excluded.contains(&net("10.244.2.0/24")));
+    // Packets to translate come from the nodes of those pods (n3 is not Ready, but its pod
+    // runs), never from n2's db or from another namespace.
+    assert_eq!(holder.senders, [ip("10.0.0.2"), ip("10.0.0.3")]);
 
     let other = world.plan("n2");
     assert_eq!(pod_names(&other), ["shop/b"]);
     assert_eq!(other.snat, []);
+    assert!(other.senders.is_empty());
     assert_eq!(
         other.gateways, holder.gateways,
         "every node knows every gateway"
@@ -912,6 +916,7 @@ snat on this node:
   192.0.2.200 (corp-fw) for 2 pod(s): 10.244.1.6, 10.244.2.5
     destinations: 0.0.0.0/0
     excluded: 192.168.0.0/16 + cluster ranges
+  translated only from local pods and from nodes 10.0.0.2
 cluster ranges: 10.0.0.1/32, 10.0.0.2/32, 10.96.0.0/12, 10.244.1.0/24, 10.244.2.0/24
 ";
     assert_eq!(plan.to_string(), expected);
