@@ -234,7 +234,7 @@ async fn connect(
                 NodeStatus::new(
                     &agent.node,
                     None,
-                    &datapath.counters(),
+                    (&datapath.counters(), datapath.guard()),
                     &[],
                     vec![format!("cannot start watching the cluster: {error}")],
                 )
@@ -348,7 +348,7 @@ impl Agent {
         NodeStatus::new(
             &self.node,
             applied,
-            &datapath.counters(),
+            (&datapath.counters(), datapath.guard()),
             &self.warnings,
             self.not_ready(objects),
         )

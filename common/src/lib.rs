@@ -12,7 +12,10 @@ pub mod names {
     pub const EGRESS: &str = "SE_EGRESS";
     pub const COUNTERS: &str = "SE_COUNTERS";
     pub const CONFIG: &str = "SE_CONFIG";
+    pub const RANGES: &str = "SE_RANGES";
+    pub const GUARD: &str = "SE_GUARD";
     pub const PROG_POD_INGRESS: &str = "se_pod_ingress";
+    pub const PROG_UPLINK_INGRESS: &str = "se_uplink_ingress";
     pub const PROG_UPLINK_EGRESS: &str = "se_uplink_egress";
 }
 
@@ -23,6 +26,27 @@ pub mod capacity {
     pub const DESTS: u32 = 65_536;
     pub const GATEWAYS: u32 = 4_096;
     pub const EGRESS: u32 = 4_096;
+    /// Cluster ranges: every node's pod CIDRs and address, and `--cluster-cidr`s.
+    pub const RANGES: u32 = 65_536;
+}
+
+/// `SE_RANGES` value bit: the range is inside the cluster (pod CIDRs, node addresses,
+/// `--cluster-cidr`s). Keyed by an LPM key over the IPv4 address alone.
+pub const RANGE_CLUSTER: u8 = 1;
+/// `SE_RANGES` value bit: another node's pod CIDR. A packet from there to outside the cluster
+/// that arrives on the uplink is another node's pod's, on its way to an egress IP held here.
+pub const RANGE_REMOTE_PODS: u8 = 2;
+
+/// The single, per-CPU value of `SE_GUARD`: what the uplink programs did to keep selected
+/// traffic from leaving with any address but its pod's own or an egress IP held here.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Guard {
+    /// Packets of other nodes' pods to outside the cluster, marked on arrival.
+    pub transit: u64,
+    /// Marked packets about to leave with another source (a masquerade that got to them
+    /// first, a missing SNAT): dropped.
+    pub dropped: u64,
 }
 
 /// Value of `SE_PODS`, keyed by a local pod's IPv4 address.
@@ -102,4 +126,5 @@ mod user {
     unsafe impl aya::Pod for EgressEntry {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for Guard {}
 }

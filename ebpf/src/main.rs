@@ -7,7 +7,13 @@
 //! by another node is handed to that node's MAC address (the routing table cannot tell
 //! gateways apart, the program can).
 //!
-//! Both share their hook with other programs (a CNI's, a bandwidth manager's, a probe's, and
+//! `se_uplink_ingress` runs at tc ingress of the uplink: a packet of another node's pod on its
+//! way out of the cluster (to an egress IP held here) gets our bit too. Then one rule holds at
+//! the uplink's egress, whatever nftables does or no longer does: a packet with our bit leaves
+//! only with its pod's own address (to its holder) or an egress IP held here; with any other
+//! source (a CNI's masquerade got to it because our SNAT is missing) it is dropped.
+//!
+//! All share their hook with other programs (a CNI's, a bandwidth manager's, a probe's, and
 //! legacy tc filters after the TCX chain): every packet they neither drop nor redirect goes on
 //! to the next program with `TCX_NEXT`, never `TCX_PASS`, which would end the chain.
 #![no_std]
@@ -17,12 +23,13 @@ use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_redir_neigh},
     helpers::generated::bpf_redirect_neigh,
     macros::{classifier, map},
-    maps::{Array, HashMap, LpmTrie, PerCpuHashMap, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
     programs::TcContext,
 };
 use static_egress_common::{
     Config, Counters, DEST_GATEWAY_BITS, DEST_VIA_GATEWAY, DestKey, EGRESS_LOCAL, EGRESS_ROUTED,
-    EgressEntry, GATEWAY_FAIL_CLOSED, GatewayEntry, PodEntry, capacity,
+    EgressEntry, GATEWAY_FAIL_CLOSED, GatewayEntry, Guard, PodEntry, RANGE_CLUSTER,
+    RANGE_REMOTE_PODS, capacity,
 };
 
 #[map(name = "SE_PODS")]
@@ -37,6 +44,10 @@ static SE_EGRESS: HashMap<u32, EgressEntry> = HashMap::pinned(capacity::EGRESS, 
 static SE_COUNTERS: PerCpuHashMap<u32, Counters> = PerCpuHashMap::pinned(capacity::GATEWAYS, 0);
 #[map(name = "SE_CONFIG")]
 static SE_CONFIG: Array<Config> = Array::pinned(1, 0);
+#[map(name = "SE_RANGES")]
+static SE_RANGES: LpmTrie<u32, u8> = LpmTrie::pinned(capacity::RANGES, 0);
+#[map(name = "SE_GUARD")]
+static SE_GUARD: PerCpuArray<Guard> = PerCpuArray::pinned(1, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP_WIRE: u16 = 0x0800_u16.to_be();
@@ -49,6 +60,12 @@ const TCX_NEXT: i32 = TC_ACT_UNSPEC;
 #[classifier]
 pub fn se_pod_ingress(ctx: TcContext) -> i32 {
     pod_ingress(&ctx).unwrap_or(TCX_NEXT)
+}
+
+#[classifier]
+pub fn se_uplink_ingress(ctx: TcContext) -> i32 {
+    uplink_ingress(&ctx);
+    TCX_NEXT
 }
 
 #[classifier]
@@ -102,6 +119,30 @@ fn pod_ingress(ctx: &TcContext) -> Option<i32> {
     None
 }
 
+/// Marks a packet from another node's pod to outside the cluster: it is here to leave with an
+/// egress IP, and the guard in [`uplink_egress`] must see it if it would leave otherwise.
+fn uplink_ingress(ctx: &TcContext) -> Option<()> {
+    let (src, dst) = ipv4_addrs(ctx)?;
+    if *SE_RANGES.get(&Key::new(32, src))? & RANGE_REMOTE_PODS == 0 {
+        return None;
+    }
+    if SE_RANGES
+        .get(&Key::new(32, dst))
+        .is_some_and(|r| *r & RANGE_CLUSTER != 0)
+    {
+        return None;
+    }
+    let mark_bit = SE_CONFIG.get(0)?.mark;
+    // SAFETY: `skb` is the live context pointer; other bits of the mark belong to others.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    ctx.set_mark(mark | mark_bit);
+    if let Some(guard) = SE_GUARD.get_ptr_mut(0) {
+        // SAFETY: per-CPU value, only this CPU writes it while we run.
+        unsafe { (*guard).transit += 1 };
+    }
+    None
+}
+
 fn uplink_egress(ctx: &TcContext) -> Option<i32> {
     let mark_bit = SE_CONFIG.get(0)?.mark;
     // SAFETY: `skb` is the live context pointer.
@@ -111,7 +152,19 @@ fn uplink_egress(ctx: &TcContext) -> Option<i32> {
     }
     let (src, _) = ipv4_addrs(ctx)?;
     // SAFETY: entries are plain integers written whole by the agent.
-    let pod = unsafe { SE_PODS.get(&src) }?;
+    let Some(pod) = (unsafe { SE_PODS.get(&src) }) else {
+        // Not a local pod's own address: only an egress IP held here may take it out.
+        // SAFETY: as above.
+        let held = unsafe { SE_EGRESS.get(&src) }.is_some_and(|e| e.flags & EGRESS_LOCAL != 0);
+        if held {
+            return None;
+        }
+        if let Some(guard) = SE_GUARD.get_ptr_mut(0) {
+            // SAFETY: per-CPU value, only this CPU writes it while we run.
+            unsafe { (*guard).dropped += 1 };
+        }
+        return Some(TC_ACT_SHOT);
+    };
     // SAFETY: as above.
     let egress = unsafe { SE_EGRESS.get(&pod.egress_ip) }?;
     if egress.holder == 0 || egress.flags & (EGRESS_LOCAL | EGRESS_ROUTED) != 0 {

@@ -66,7 +66,7 @@ pub use builder::{ClusterBuilder, NodeSpec, PodStyle};
 pub use cluster::{Cluster, Kept, LabNode, LabPod, PodSpec};
 pub use cmd::{exec, exec_output};
 pub use digest::digest;
-pub use process::{AgentHandle, Answer, ProbeLoop, expect_all_from};
+pub use process::{AgentHandle, Answer, ProbeLoop, expect_all_from, expect_none_leaked};
 pub use snapshot::NodeSnapshot;
 pub use teardown::teardown_prefix;
 

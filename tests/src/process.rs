@@ -212,6 +212,22 @@ pub fn expect_all_from(answers: &[Answer], want: Ipv4Addr) -> anyhow::Result<()>
     Ok(())
 }
 
+/// Fails, listing them, if any connection left with another address than `want`; failed
+/// connections are fine (dropped traffic is not a leak). Returns how many left with `want`.
+pub fn expect_none_leaked(answers: &[Answer], want: Ipv4Addr) -> anyhow::Result<usize> {
+    let leaked: Vec<&Answer> = answers
+        .iter()
+        .filter(|a| a.source().is_some_and(|ip| ip != want))
+        .collect();
+    anyhow::ensure!(
+        leaked.is_empty(),
+        "{} of {} connections left with another address than {want}: {leaked:?}",
+        leaked.len(),
+        answers.len()
+    );
+    Ok(answers.iter().filter(|a| a.source() == Some(want)).count())
+}
+
 /// `se-probe loop` running in a pod: a pod that keeps opening connections.
 #[derive(Debug)]
 pub struct ProbeLoop {

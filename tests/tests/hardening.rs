@@ -10,10 +10,10 @@ use anyhow::{Context as _, Result, ensure};
 use ipnet::Ipv4Net;
 use netlab::fixture::{
     EGRESS_IP, GATEWAY, api_pod, change, expect_source, gateway, has_address, restart_agent,
-    start_agents, three_nodes, wait_all_applied,
+    start_agents, status, three_nodes, wait_all_applied,
 };
 use netlab::objects::match_labels;
-use netlab::{Cluster, LabNode, LabPod, PodSpec, expect_all_from, wait_until};
+use netlab::{Cluster, LabNode, LabPod, PodSpec, expect_all_from, expect_none_leaked, wait_until};
 
 fn cluster() -> Result<Cluster> {
     three_nodes(env!("CARGO_BIN_EXE_se-probe").as_ref())
@@ -461,5 +461,53 @@ fn the_holder_translates_only_traffic_from_cluster_nodes() -> Result<()> {
     api.exec(["ping", "-q", "-c", "10", "-i", "0.05", "-W", "1", &ext])?;
     ensure!(echo_requests_from(&cluster, EGRESS_IP)? == 10);
     expect_source(&cluster, &api, EGRESS_IP)?;
+    Ok(())
+}
+
+#[test]
+fn selected_traffic_never_leaves_with_a_node_address_even_without_our_nft_table() -> Result<()> {
+    let mut cluster = cluster()?;
+    let on_origin = api_pod(&mut cluster, "api-1", "node1")?;
+    let on_holder = api_pod(&mut cluster, "api-2", "node2")?;
+    // No repair during the test: the kernel programs alone must hold the line.
+    let mut agents = start_agents(&cluster, &["--resync-interval", "300s"])?;
+    expect_source(&cluster, &on_origin, EGRESS_IP)?;
+    expect_source(&cluster, &on_holder, EGRESS_IP)?;
+
+    let loops = [
+        cluster.start_loop(&on_origin, Duration::from_millis(20), 120)?,
+        cluster.start_loop(&on_holder, Duration::from_millis(20), 120)?,
+    ];
+    std::thread::sleep(Duration::from_millis(300));
+    // The holder loses its SNAT: node1's pod's packets and its own pod's would be
+    // masqueraded to node2's address.
+    cluster
+        .node("node2")?
+        .exec(["nft", "delete", "table", "ip", "static_egress"])?;
+    // Long enough for connections that time out (2 s) to be tried again.
+    std::thread::sleep(Duration::from_millis(2500));
+    // The origin loses its identity SNAT too: its pod's packets would leave masqueraded to
+    // node1's address before reaching the holder.
+    cluster
+        .node("node1")?
+        .exec(["nft", "delete", "table", "ip", "static_egress"])?;
+    std::thread::sleep(Duration::from_millis(2500));
+    for (node, agent) in [("node1", 0), ("node2", 1)] {
+        let again = restart_agent(&cluster, &mut agents[agent], &[])?;
+        agents[agent] = again;
+        ensure!(nft_table(cluster.node(node)?).contains("static_egress"));
+    }
+    for probe in loops {
+        let answers = probe.wait(Duration::from_secs(60))?;
+        ensure!(answers.len() == 120, "the probe ended early: {answers:?}");
+        let good = expect_none_leaked(&answers, EGRESS_IP)?;
+        ensure!(good > 0, "no connection succeeded: {answers:?}");
+    }
+    for node in ["node1", "node2"] {
+        let dropped = status(&cluster, node)?["guard"]["dropped"]
+            .as_u64()
+            .unwrap_or(0);
+        ensure!(dropped > 0, "{node} counted no dropped packet");
+    }
     Ok(())
 }

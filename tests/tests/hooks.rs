@@ -1,6 +1,6 @@
 //! The agent shares the kernel hooks it uses: a program attached after ours on a pod interface
-//! or on the uplink, as a TCX link or as a legacy tc filter, still sees every packet that ours
-//! neither drops nor redirects.
+//! or on the uplink (both ways), as a TCX link or as a legacy tc filter, still sees every packet
+//! that ours neither drops nor redirects.
 
 use std::net::Ipv4Addr;
 
@@ -75,8 +75,27 @@ fn programs_after_ours_see_every_packet_we_neither_drop_nor_redirect() -> Result
         ));
     }
 
+    // On the holder, ours marks what other nodes' pods send out through it, then hands it on.
+    let node2 = cluster.node("node2")?;
+    let mut on_holder = Vec::new();
+    for mode in [TcMode::Tcx, TcMode::Legacy] {
+        let counter = TcCounter::attach(node2, &node2.uplink, TcHook::Ingress, mode, &[first.ip])?;
+        on_holder.push((
+            format!("{mode:?} ingress of node2's {}", node2.uplink),
+            counter,
+        ));
+    }
+
     for pod in [&first, &second] {
         ping(&cluster, pod)?;
+    }
+    for (place, counter) in &on_holder {
+        let seen = counter.read(first.ip)?;
+        let want = Counted {
+            packets: PINGS,
+            marked: PINGS,
+        };
+        ensure!(seen == want, "{place}: counted {seen:?}, wanted {want:?}");
     }
     for (place, counter, only) in &counters {
         for pod in [&first, &second] {

@@ -7,12 +7,16 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuHashMap, PerCpuValues, lpm_trie::Key};
+use aya::maps::{
+    Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, lpm_trie::Key,
+};
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
-use static_egress_common::{Config, Counters, DestKey, EgressEntry, GatewayEntry, PodEntry, names};
+use static_egress_common::{
+    Config, Counters, DestKey, EgressEntry, GatewayEntry, Guard, PodEntry, names,
+};
 
 use super::DatapathError;
 
@@ -28,30 +32,37 @@ pub struct MapContents {
     pub dests: BTreeMap<(u32, DestKey), u8>,
     pub gateways: BTreeMap<u32, GatewayEntry>,
     pub egress: BTreeMap<u32, EgressEntry>,
+    /// (prefix length, address) -> `RANGE_*` bits.
+    pub ranges: BTreeMap<(u32, u32), u8>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Hook {
     PodIngress,
+    UplinkIngress,
     UplinkEgress,
 }
 
 impl Hook {
+    const ALL: [Hook; 3] = [Hook::PodIngress, Hook::UplinkIngress, Hook::UplinkEgress];
+
     fn prefix(self) -> &'static str {
         match self {
             Hook::PodIngress => "ingress-",
+            Hook::UplinkIngress => "uplink-ingress-",
             Hook::UplinkEgress => "egress-",
         }
     }
     fn program(self) -> &'static str {
         match self {
             Hook::PodIngress => names::PROG_POD_INGRESS,
+            Hook::UplinkIngress => names::PROG_UPLINK_INGRESS,
             Hook::UplinkEgress => names::PROG_UPLINK_EGRESS,
         }
     }
     fn attach_type(self) -> TcAttachType {
         match self {
-            Hook::PodIngress => TcAttachType::Ingress,
+            Hook::PodIngress | Hook::UplinkIngress => TcAttachType::Ingress,
             Hook::UplinkEgress => TcAttachType::Egress,
         }
     }
@@ -73,6 +84,8 @@ pub struct Bpf {
     egress: HashMap<MapData, u32, EgressEntry>,
     counters: PerCpuHashMap<MapData, u32, Counters>,
     config: Array<MapData, Config>,
+    ranges: LpmTrie<MapData, u32, u8>,
+    guard: PerCpuArray<MapData, Guard>,
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
@@ -108,7 +121,7 @@ impl Bpf {
             .default_map_pin_directory(&maps_dir)
             .load(OBJECT)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
-        for hook in [Hook::PodIngress, Hook::UplinkEgress] {
+        for hook in Hook::ALL {
             program(&mut ebpf, hook)?
                 .load()
                 .map_err(|e| DatapathError::Program {
@@ -118,6 +131,8 @@ impl Bpf {
         }
         Ok(Self {
             config: take(&mut ebpf, names::CONFIG)?,
+            ranges: take(&mut ebpf, names::RANGES)?,
+            guard: take(&mut ebpf, names::GUARD)?,
             pods: take(&mut ebpf, names::PODS)?,
             dests: take(&mut ebpf, names::DESTS)?,
             gateways: take(&mut ebpf, names::GATEWAYS)?,
@@ -178,6 +193,23 @@ impl Bpf {
                     .insert(&k, verdict, 0)
                     .map_err(map_err(names::DESTS))?;
             }
+        }
+        for (&(len, addr), bits) in &want.ranges {
+            let k = Key::new(len, addr);
+            if self.ranges.get(&k, 0).ok() != Some(*bits) {
+                self.ranges
+                    .insert(&k, bits, 0)
+                    .map_err(map_err(names::RANGES))?;
+            }
+        }
+        let stale: Vec<Key<u32>> = self
+            .ranges
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !want.ranges.contains_key(&(k.prefix_len(), k.data())))
+            .collect();
+        for key in stale {
+            self.ranges.remove(&key).map_err(map_err(names::RANGES))?;
         }
         for (ip, entry) in &want.pods {
             if self.pods.get(ip, 0).ok().as_ref() != Some(entry) {
@@ -380,6 +412,16 @@ impl Bpf {
 
     fn pinned_indices(&self, hook: Hook) -> Result<BTreeSet<u32>, DatapathError> {
         pinned_link_indices(&self.links_dir, hook)
+    }
+
+    /// Sum over CPUs of what the uplink programs did to guard selected traffic.
+    pub fn guard(&self) -> Guard {
+        self.guard.get(&0, 0).map_or(Guard::default(), |per_cpu| {
+            per_cpu.iter().fold(Guard::default(), |acc, g| Guard {
+                transit: acc.transit + g.transit,
+                dropped: acc.dropped + g.dropped,
+            })
+        })
     }
 
     /// Sum over CPUs of each gateway's counters.

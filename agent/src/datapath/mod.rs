@@ -14,7 +14,8 @@ use std::path::PathBuf;
 
 use static_egress_common::{
     DEST_EXCLUDED, DEST_GATEWAY_BITS, DEST_VIA_GATEWAY, DestKey, EGRESS_LOCAL, EGRESS_ROUTED,
-    EgressEntry, GATEWAY_FAIL_CLOSED, GatewayEntry, PodEntry,
+    EgressEntry, GATEWAY_FAIL_CLOSED, GatewayEntry, Guard, PodEntry, RANGE_CLUSTER,
+    RANGE_REMOTE_PODS,
 };
 
 use crate::model::FailurePolicy;
@@ -155,6 +156,10 @@ impl Datapath {
         self.bpf.counters()
     }
 
+    pub fn guard(&self) -> Guard {
+        self.bpf.guard()
+    }
+
     /// Brings the node to `plan`. Steps run in the order that keeps selected traffic from
     /// leaving with the node's address: NAT and addresses first, marking last; removals after.
     /// Drift found on the way (something of ours changed behind our back) is repaired and
@@ -217,6 +222,7 @@ impl Datapath {
         if check == Check::Everything {
             for (hook, interfaces) in [
                 (Hook::UplinkEgress, &uplink_only),
+                (Hook::UplinkIngress, &uplink_only),
                 (Hook::PodIngress, &pod_ifaces),
             ] {
                 for name in self.bpf.forget_detached(hook, interfaces)? {
@@ -227,6 +233,7 @@ impl Datapath {
             }
         }
         self.bpf.sync_links(Hook::UplinkEgress, &uplink_only)?;
+        self.bpf.sync_links(Hook::UplinkIngress, &uplink_only)?;
         self.bpf.sync_links(Hook::PodIngress, &pod_ifaces)?;
 
         let unused: Vec<Ipv4Addr> = self
@@ -536,8 +543,13 @@ fn wire(ip: Ipv4Addr) -> u32 {
 
 /// The node that holds the egress IPs of every local selected pod, when there is exactly one
 /// and it is not this node: our table can then route to it directly, and the uplink program
-/// leaves those packets alone (one pass through the egress path instead of two).
+/// leaves those packets alone (one pass through the egress path instead of two). Not while
+/// this node holds an egress IP itself: other nodes' pods' packets, marked on arrival, must
+/// find the way out in our table.
 pub fn single_remote_holder(plan: &NodePlan) -> Option<Ipv4Addr> {
+    if !plan.snat.is_empty() {
+        return None;
+    }
     let holder_of: BTreeMap<Ipv4Addr, &crate::plan::Holder> = plan
         .gateways
         .iter()
@@ -601,6 +613,15 @@ pub fn map_contents(plan: &NodePlan, routed: Option<Ipv4Addr>) -> MapContents {
                 verdict,
             );
         }
+    }
+    for cidr in &plan.cluster_cidrs {
+        let bits = if plan.remote_pod_cidrs.binary_search(cidr).is_ok() {
+            RANGE_CLUSTER | RANGE_REMOTE_PODS
+        } else {
+            RANGE_CLUSTER
+        };
+        maps.ranges
+            .insert((u32::from(cidr.prefix_len()), wire(cidr.network())), bits);
     }
     for pod in &plan.pods {
         maps.pods.insert(

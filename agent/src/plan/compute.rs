@@ -180,6 +180,7 @@ pub fn plan(snapshot: &Snapshot, node: &str, config: &PlanConfig) -> NodePlan {
         rejected,
         snat,
         senders: senders.into_iter().collect(),
+        remote_pod_cidrs: remote_pod_cidrs(snapshot, node),
         cluster_cidrs,
         problems,
     }
@@ -262,6 +263,18 @@ pub(super) fn accept_gateways<'a>(snapshot: &'a Snapshot, cluster: &[Ipv4Net]) -
     }
     accepted.problems = problems;
     accepted
+}
+
+fn remote_pod_cidrs(snapshot: &Snapshot, node: &str) -> Vec<Ipv4Net> {
+    let mut cidrs: Vec<Ipv4Net> = snapshot
+        .nodes
+        .values()
+        .filter(|n| n.name != node)
+        .flat_map(|n| n.pod_cidrs.iter().copied())
+        .collect();
+    cidrs.sort_unstable();
+    cidrs.dedup();
+    cidrs
 }
 
 fn cluster_ranges(snapshot: &Snapshot, config: &PlanConfig) -> Vec<Ipv4Net> {

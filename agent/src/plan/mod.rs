@@ -42,6 +42,9 @@ pub struct NodePlan {
     pub senders: Vec<Ipv4Addr>,
     /// Ranges that never go through a gateway: node pod CIDRs, node IPs, `--cluster-cidr`.
     pub cluster_cidrs: Vec<Ipv4Net>,
+    /// The other nodes' pod CIDRs, sorted: their packets to outside the cluster that reach this
+    /// node are on their way to an egress IP it holds (or should, during a handover).
+    pub remote_pod_cidrs: Vec<Ipv4Net>,
     /// Inconsistencies between gateways that the planner resolved by leaving something out.
     pub problems: Vec<PlanProblem>,
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use static_egress_common::Counters;
+use static_egress_common::{Counters, Guard};
 
 use crate::plan::NodePlan;
 
@@ -54,7 +54,18 @@ pub struct NodeStatus {
     pub written_at_unix_ms: u128,
     pub gateways: Vec<GatewayStatus>,
     pub pods: Vec<PodStatus>,
+    /// What the uplink programs did to keep selected traffic from leaving with another
+    /// address than its pod's or an egress IP held here.
+    pub guard: GuardStatus,
     pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct GuardStatus {
+    /// Packets of other nodes' pods marked on their way out through this node.
+    pub transit: u64,
+    /// Marked packets dropped because they would have left with another address.
+    pub dropped: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -92,7 +103,7 @@ impl NodeStatus {
     pub fn new(
         node: &str,
         applied: Option<AppliedPlan<'_>>,
-        counters: &std::collections::BTreeMap<u32, Counters>,
+        (counters, guard): (&std::collections::BTreeMap<u32, Counters>, Guard),
         warnings: &[String],
         not_ready: Vec<String>,
     ) -> Self {
@@ -134,6 +145,10 @@ impl NodeStatus {
             written_at_unix_ms: unix_ms(SystemTime::now()),
             gateways,
             pods,
+            guard: GuardStatus {
+                transit: guard.transit,
+                dropped: guard.dropped,
+            },
             warnings: warnings.to_vec(),
         }
     }
