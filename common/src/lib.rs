@@ -4,6 +4,11 @@
 //! (`u32::from_ne_bytes(ip.octets())`), so the kernel side compares them without byte swaps.
 #![no_std]
 
+/// The version of the maps' layouts: bumped whenever one changes, it names their pin directory
+/// (`maps-v<N>`), so an upgraded agent creates maps of the new layout beside the old ones and
+/// swaps programs over without a gap.
+pub const MAPS_LAYOUT: u32 = 2;
+
 /// Names of the pinned maps and programs; the agent and the kernel objects agree on them.
 pub mod names {
     pub const PODS: &str = "SE_PODS";
@@ -92,11 +97,16 @@ pub struct EgressEntry {
     /// Node IP of the holder; 0 when no node holds the address.
     pub holder: u32,
     pub flags: u32,
+    /// The holder's link-layer address on the uplink, when known (all zero otherwise): with
+    /// `EGRESS_ROUTED`, a packet on its way to any other is not on its way to the holder.
+    pub holder_mac: [u8; 6],
+    pub _reserved: [u8; 2],
 }
 
 /// `EgressEntry::flags`: this node holds the address, packets leave straight from the uplink.
 pub const EGRESS_LOCAL: u32 = 1;
-/// `EgressEntry::flags`: our routing table already sends packets to this holder.
+/// `EgressEntry::flags`: our routing table already sends packets to this holder (checked
+/// against `holder_mac`: with our rule gone, they would go elsewhere).
 pub const EGRESS_ROUTED: u32 = 2;
 
 /// Per-CPU value of `SE_COUNTERS`, keyed by gateway id.

@@ -167,7 +167,12 @@ fn uplink_egress(ctx: &TcContext) -> Option<i32> {
     };
     // SAFETY: as above.
     let egress = unsafe { SE_EGRESS.get(&pod.egress_ip) }?;
-    if egress.holder == 0 || egress.flags & (EGRESS_LOCAL | EGRESS_ROUTED) != 0 {
+    if egress.holder == 0 || egress.flags & EGRESS_LOCAL != 0 {
+        return None;
+    }
+    // Routed to the holder already: unless routing did not do its part (our rule or table
+    // gone), in which case the redirect below takes the packet there anyway.
+    if egress.flags & EGRESS_ROUTED != 0 && ctx.load::<[u8; 6]>(0).ok()? == egress.holder_mac {
         return None;
     }
     // The redirected packet passes this hook again; without the bit it goes out unchanged.

@@ -136,7 +136,11 @@ fn ifindex(node: &LabNode, interface: &str) -> Result<String> {
 fn drift_of_what_is_ours_is_repaired_at_the_next_resync() -> Result<()> {
     let mut cluster = cluster()?;
     let pod = api_pod(&mut cluster, "api-1", "node1")?;
+    // Pins of an earlier version's maps: replaced, then removed.
+    let old_maps = cluster.node("node1")?.bpffs.join("static-egress/maps");
+    std::fs::create_dir_all(&old_maps)?;
     let _agents = start_agents(&cluster, &["--resync-interval", "1s"])?;
+    ensure!(!old_maps.exists(), "the maps of an earlier layout stayed");
     expect_source(&cluster, &pod, EGRESS_IP)?;
     let node1 = cluster.node("node1")?;
     let node2 = cluster.node("node2")?;
@@ -465,7 +469,7 @@ fn the_holder_translates_only_traffic_from_cluster_nodes() -> Result<()> {
 }
 
 #[test]
-fn selected_traffic_never_leaves_with_a_node_address_even_without_our_nft_table() -> Result<()> {
+fn selected_traffic_never_leaves_with_another_address_without_our_rule_or_table() -> Result<()> {
     let mut cluster = cluster()?;
     let on_origin = api_pod(&mut cluster, "api-1", "node1")?;
     let on_holder = api_pod(&mut cluster, "api-2", "node2")?;
@@ -475,10 +479,17 @@ fn selected_traffic_never_leaves_with_a_node_address_even_without_our_nft_table(
     expect_source(&cluster, &on_holder, EGRESS_IP)?;
 
     let loops = [
-        cluster.start_loop(&on_origin, Duration::from_millis(20), 120)?,
-        cluster.start_loop(&on_holder, Duration::from_millis(20), 120)?,
+        cluster.start_loop(&on_origin, Duration::from_millis(20), 200)?,
+        cluster.start_loop(&on_holder, Duration::from_millis(20), 200)?,
     ];
     std::thread::sleep(Duration::from_millis(300));
+    // The origin loses its rule: its table no longer takes its pod's packets to the holder,
+    // and the main table would send them, with the pod's address, to the router.
+    cluster
+        .node("node1")?
+        .exec(["ip", "rule", "del", "priority", "1490"])?;
+    std::thread::sleep(Duration::from_millis(1500));
+    expect_source(&cluster, &on_origin, EGRESS_IP).context("without the rule")?;
     // The holder loses its SNAT: node1's pod's packets and its own pod's would be
     // masqueraded to node2's address.
     cluster
@@ -499,7 +510,7 @@ fn selected_traffic_never_leaves_with_a_node_address_even_without_our_nft_table(
     }
     for probe in loops {
         let answers = probe.wait(Duration::from_secs(60))?;
-        ensure!(answers.len() == 120, "the probe ended early: {answers:?}");
+        ensure!(answers.len() == 200, "the probe ended early: {answers:?}");
         let good = expect_none_leaked(&answers, EGRESS_IP)?;
         ensure!(good > 0, "no connection succeeded: {answers:?}");
     }

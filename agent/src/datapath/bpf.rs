@@ -15,7 +15,7 @@ use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use static_egress_common::{
-    Config, Counters, DestKey, EgressEntry, GatewayEntry, Guard, PodEntry, names,
+    Config, Counters, DestKey, EgressEntry, GatewayEntry, Guard, MAPS_LAYOUT, PodEntry, names,
 };
 
 use super::DatapathError;
@@ -109,7 +109,7 @@ impl Bpf {
             return Err(DatapathError::NoKernelObject);
         }
         let root = pin_root(bpffs);
-        let maps_dir = root.join("maps");
+        let maps_dir = root.join(format!("maps-v{MAPS_LAYOUT}"));
         let links_dir = root.join("links");
         for dir in [&maps_dir, &links_dir] {
             fs::create_dir_all(dir).map_err(|source| DatapathError::Io {
@@ -412,6 +412,30 @@ impl Bpf {
 
     fn pinned_indices(&self, hook: Hook) -> Result<BTreeSet<u32>, DatapathError> {
         pinned_link_indices(&self.links_dir, hook)
+    }
+
+    /// Removes the pins of maps of earlier layouts (`maps`, `maps-v<N>`): once every link runs
+    /// the programs loaded with the current maps, nothing uses them any more.
+    pub fn forget_old_maps(&self) -> Result<(), DatapathError> {
+        let Some(root) = self.links_dir.parent() else {
+            return Ok(());
+        };
+        let current = format!("maps-v{MAPS_LAYOUT}");
+        let entries = fs::read_dir(root).map_err(|source| DatapathError::Io {
+            path: root.to_owned(),
+            source,
+        })?;
+        for entry in entries.filter_map(Result::ok) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if (name == "maps" || name.starts_with("maps-v")) && name != current {
+                tracing::info!(pins = %entry.path().display(), "removing maps of an earlier layout");
+                fs::remove_dir_all(entry.path()).map_err(|source| DatapathError::Io {
+                    path: entry.path(),
+                    source,
+                })?;
+            }
+        }
+        Ok(())
     }
 
     /// Sum over CPUs of what the uplink programs did to guard selected traffic.

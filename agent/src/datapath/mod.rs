@@ -214,7 +214,11 @@ impl Datapath {
             self.nl.keep_resolved(uplink.index, *ip).await?;
         }
 
-        self.bpf.sync_maps(&map_contents(plan, via))?;
+        let holder_macs = self
+            .nl
+            .neighbour_macs(uplink.index, &holders.iter().copied().collect::<Vec<_>>())
+            .await?;
+        self.bpf.sync_maps(&map_contents(plan, via, &holder_macs))?;
         let pod_ifaces = self.pod_interfaces(plan, &uplink, warnings).await;
         // The uplink program first: a packet marked before it is in place would leave through
         // the router with the pod's address instead of going to the holder.
@@ -235,6 +239,7 @@ impl Datapath {
         self.bpf.sync_links(Hook::UplinkEgress, &uplink_only)?;
         self.bpf.sync_links(Hook::UplinkIngress, &uplink_only)?;
         self.bpf.sync_links(Hook::PodIngress, &pod_ifaces)?;
+        self.bpf.forget_old_maps()?;
 
         let unused: Vec<Ipv4Addr> = self
             .state
@@ -570,8 +575,13 @@ pub fn single_remote_holder(plan: &NodePlan) -> Option<Ipv4Addr> {
     }
 }
 
-/// The BPF map contents a plan asks for; `routed` is the holder our table routes to.
-pub fn map_contents(plan: &NodePlan, routed: Option<Ipv4Addr>) -> MapContents {
+/// The BPF map contents a plan asks for; `routed` is the holder our table routes to, `macs`
+/// the holders' link-layer addresses known now.
+pub fn map_contents(
+    plan: &NodePlan,
+    routed: Option<Ipv4Addr>,
+    macs: &BTreeMap<Ipv4Addr, [u8; 6]>,
+) -> MapContents {
     let mut maps = MapContents::default();
     for gw in &plan.gateways {
         let flags = match gw.failure_policy {
@@ -590,10 +600,14 @@ pub fn map_contents(plan: &NodePlan, routed: Option<Ipv4Addr>) -> MapContents {
                     } else {
                         0
                     },
+                    holder_mac: macs.get(&h.node_ip).copied().unwrap_or_default(),
+                    _reserved: [0; 2],
                 },
                 None => EgressEntry {
                     holder: 0,
                     flags: 0,
+                    holder_mac: [0; 6],
+                    _reserved: [0; 2],
                 },
             };
             maps.egress.insert(wire(e.ip), entry);
@@ -725,7 +739,7 @@ mod tests {
     fn routes_to_the_holder_only_when_every_local_pod_uses_that_one_remote_node() {
         let one = plan(["node2", "node3"], &["10.99.0.200", "10.99.0.200"]);
         assert_eq!(single_remote_holder(&one), Some(ip("10.99.0.12")));
-        let routed = map_contents(&one, single_remote_holder(&one));
+        let routed = map_contents(&one, single_remote_holder(&one), &BTreeMap::new());
         assert_eq!(routed.egress[&wire(ip("10.99.0.200"))].flags, EGRESS_ROUTED);
         assert_eq!(routed.egress[&wire(ip("10.99.0.201"))].flags, 0);
 
@@ -735,7 +749,7 @@ mod tests {
         let local = plan(["node2", "node1"], &["10.99.0.200", "10.99.0.201"]);
         assert_eq!(single_remote_holder(&local), None);
         assert_eq!(
-            map_contents(&local, None).egress[&wire(ip("10.99.0.201"))].flags,
+            map_contents(&local, None, &BTreeMap::new()).egress[&wire(ip("10.99.0.201"))].flags,
             EGRESS_LOCAL
         );
         assert_eq!(single_remote_holder(&plan(["node2", "node3"], &[])), None);
