@@ -797,8 +797,10 @@ impl Cluster {
         &self,
         node: &str,
         kubeconfig: &Path,
+        extra_args: &[&str],
     ) -> Result<AgentHandle> {
-        self.spawn_agent(node, &[], &[("KUBECONFIG", kubeconfig.as_os_str())])
+        let args: Vec<OsString> = extra_args.iter().map(OsString::from).collect();
+        self.spawn_agent(node, &args, &[("KUBECONFIG", kubeconfig.as_os_str())])
     }
 
     fn spawn_agent(

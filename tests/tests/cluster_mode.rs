@@ -27,7 +27,7 @@ fn objects_from_the_api_drive_the_data_path_and_survive_an_api_restart() -> Resu
     let names: Vec<String> = cluster.nodes().iter().map(|n| n.name.clone()).collect();
     let agents = names
         .iter()
-        .map(|n| cluster.start_agent_with_kubeconfig(n, &kubeconfig))
+        .map(|n| cluster.start_agent_with_kubeconfig(n, &kubeconfig, &[]))
         .collect::<Result<Vec<AgentHandle>>>()?;
     let result = exercise(&mut cluster, &mut api, &api_pod, &shop);
     if result.is_err() {
@@ -118,7 +118,7 @@ fn start_all(cluster: &Cluster, kubeconfig: &std::path::Path) -> Result<Vec<Agen
     let names: Vec<String> = cluster.nodes().iter().map(|n| n.name.clone()).collect();
     names
         .iter()
-        .map(|n| cluster.start_agent_with_kubeconfig(n, kubeconfig))
+        .map(|n| cluster.start_agent_with_kubeconfig(n, kubeconfig, &[]))
         .collect()
 }
 
