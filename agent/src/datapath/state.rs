@@ -5,11 +5,12 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::io;
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use super::DatapathError;
+use crate::fsutil::write_atomically;
 
 const FILE: &str = "state.json";
 
@@ -81,17 +82,16 @@ impl State {
         }
     }
 
-    /// Written through a temporary file so a crash never leaves half a record.
+    /// Written through a temporary file, flushed to disk with its directory, so that neither a
+    /// crash nor a power loss leaves half a record (or none).
     pub fn save(&self, dir: &Path) -> Result<(), DatapathError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         let path = dir.join(FILE);
-        let tmp: PathBuf = dir.join(format!("{FILE}.tmp"));
         let bytes = serde_json::to_vec_pretty(self).map_err(|source| DatapathError::State {
             path: path.clone(),
             source,
         })?;
-        fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
-        fs::rename(&tmp, &path).map_err(io_err(&path))
+        write_atomically(&path, &bytes).map_err(io_err(&path))
     }
 
     /// Removes the record and the agent's status file beside it.
