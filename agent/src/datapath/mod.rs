@@ -66,6 +66,8 @@ pub enum DatapathError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Lock(#[from] crate::fsutil::LockError),
     #[error("opening a netlink socket: {0}")]
     NetlinkSocket(#[source] std::io::Error),
     #[error("netlink {what}: {source}")]
@@ -128,11 +130,14 @@ pub struct Datapath {
     nl: Netlink,
     state: State,
     nft: Option<NftApplied>,
+    /// The state dir is ours while the data path is: one agent per node and state dir.
+    _lock: crate::fsutil::DirLock,
 }
 
 impl Datapath {
     /// Loads (or adopts) the kernel programs; changes nothing else yet.
     pub async fn open(config: DatapathConfig) -> Result<Self, DatapathError> {
+        let lock = crate::fsutil::DirLock::acquire(&config.state_dir)?;
         let bpf = Bpf::load(&config.bpffs)?;
         let nl = Netlink::connect()?;
         let state = State::load(&config.state_dir)?.unwrap_or_default();
@@ -142,6 +147,7 @@ impl Datapath {
             nl,
             state,
             nft: None,
+            _lock: lock,
         })
     }
 
