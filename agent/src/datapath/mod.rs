@@ -6,6 +6,7 @@ pub mod bpf;
 mod config;
 mod netlink;
 pub mod nft;
+mod ours;
 mod state;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -68,6 +69,17 @@ pub enum DatapathError {
     },
     #[error(transparent)]
     Lock(#[from] crate::fsutil::LockError),
+    #[error(
+        "our rule fwmark {mark:#x}/{mark:#x} lookup {table} at priority {priority} stays: the \
+         kernel would delete the rule `{theirs}` listed before it instead; move or remove that \
+         rule, then run cleanup again"
+    )]
+    RuleInTheWay {
+        priority: u32,
+        mark: u32,
+        table: u32,
+        theirs: String,
+    },
     #[error("opening a netlink socket: {0}")]
     NetlinkSocket(#[source] std::io::Error),
     #[error("netlink {what}: {source}")]
@@ -140,7 +152,7 @@ impl Datapath {
         let lock = crate::fsutil::DirLock::acquire(&config.state_dir)?;
         let bpf = Bpf::load(&config.bpffs)?;
         let nl = Netlink::connect()?;
-        let state = State::load(&config.state_dir)?.unwrap_or_default();
+        let state = ours::starting_record(&config)?;
         Ok(Self {
             config,
             bpf,
@@ -560,38 +572,17 @@ pub fn map_contents(plan: &NodePlan, routed: Option<Ipv4Addr>) -> MapContents {
     maps
 }
 
-/// Removes everything an agent recorded in `state_dir` (and our pins under `bpffs`).
-/// Returns whether anything was there.
+/// Removes everything an agent recorded in `state_dir`, our nftables table and our pins under
+/// `bpffs` (which detaches our programs). Without a readable record (none, or a corrupt one,
+/// which is set aside), it removes what is ours by name instead: also the rule and table of
+/// `by_name` (the agent's flags). Refuses while an agent (or another cleanup) holds the state
+/// dir. Returns whether anything was there.
 pub async fn cleanup(
     state_dir: &std::path::Path,
-    bpffs: Option<&std::path::Path>,
+    bpffs: &std::path::Path,
+    by_name: RuleSpec,
 ) -> Result<bool, DatapathError> {
-    let mut removed = false;
-    let state = State::load(state_dir)?;
-    let nl = Netlink::connect()?;
-    if let Some(state) = &state {
-        for rule in state.rule().iter().chain(&state.retired) {
-            nl.remove_rule(rule.priority, rule.mark, rule.table).await?;
-            nl.flush_table(rule.table).await?;
-        }
-        if let Some(uplink) = &state.uplink
-            && let Some(index) = nl.interface_index(uplink).await?
-        {
-            for ip in &state.addresses {
-                nl.remove_address(index, *ip).await?;
-            }
-            for ip in &state.neighbours {
-                nl.forget_neighbour(index, *ip).await?;
-            }
-        }
-        removed = true;
-    }
-    removed |= nft::remove()?;
-    if let Some(bpffs) = bpffs {
-        removed |= bpf::remove_pins(bpffs)?;
-    }
-    State::remove(state_dir)?;
-    Ok(removed)
+    ours::cleanup(state_dir, bpffs, by_name).await
 }
 
 #[cfg(test)]
