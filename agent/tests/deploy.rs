@@ -369,11 +369,7 @@ fn agent_gets_only_the_privileges_it_uses() {
     assert_eq!(capabilities.drop, Some(vec!["ALL".to_owned()]));
     assert_eq!(
         capabilities.add,
-        Some(
-            ["NET_ADMIN", "NET_RAW", "BPF", "PERFMON"]
-                .map(str::to_owned)
-                .to_vec()
-        )
+        Some(["NET_ADMIN", "NET_RAW", "BPF"].map(str::to_owned).to_vec())
     );
     let node_name = container
         .env
