@@ -382,3 +382,60 @@ fn agent_gets_only_the_privileges_it_uses() {
     let args = container.args.clone().unwrap_or_default();
     assert_eq!(args[..3], ["agent", "--node", "$(NODE_NAME)"]);
 }
+
+/// A Kubernetes memory quantity (`512Mi`, `1Gi`, `300M`, plain bytes) in bytes.
+fn quantity_bytes(quantity: &str) -> u64 {
+    let units = [
+        ("Ki", 1 << 10),
+        ("Mi", 1 << 20),
+        ("Gi", 1 << 30),
+        ("k", 1_000),
+        ("M", 1_000_000),
+        ("G", 1_000_000_000),
+    ];
+    let (number, factor) = units
+        .iter()
+        .find_map(|(suffix, factor)| Some((quantity.strip_suffix(suffix)?, *factor)))
+        .unwrap_or((quantity, 1));
+    number.parse::<u64>().expect("a whole quantity") * factor
+}
+
+/// The largest agent VmRSS the README reports at its largest documented scale (the 100,000-pod
+/// row of the benchmarks), in bytes.
+fn documented_peak_rss() -> u64 {
+    let readme = fs::read_to_string(repo().join("README.md")).expect("read README.md");
+    let row = readme
+        .lines()
+        .find(|l| l.contains("agent VmRSS idle with 100000 pods"))
+        .expect("the README's 100,000-pod memory row");
+    let mibs: Vec<f64> = row
+        .split(" MiB")
+        .filter_map(|part| part.rsplit(' ').next()?.parse().ok())
+        .collect();
+    assert!(!mibs.is_empty(), "no MiB figure in {row:?}");
+    let peak = mibs.into_iter().fold(0.0, f64::max);
+    (peak * f64::from(1 << 20)) as u64
+}
+
+/// The kubelet kills a container at its memory limit: the limit must hold the agent at the
+/// scale the README documents, with room for bursts (half as much again).
+#[test]
+fn agent_memory_limit_fits_the_documented_scale() {
+    let documents = yaml_documents(&rendered());
+    let daemonset: DaemonSet =
+        serde_json::from_value(find(&documents, "DaemonSet").clone()).expect("DaemonSet");
+    let pod = daemonset.spec.template.spec.expect("pod template");
+    let limit = pod.containers[0]
+        .resources
+        .as_ref()
+        .and_then(|r| r.limits.as_ref()?.get("memory"))
+        .map(|q| quantity_bytes(&q.0))
+        .expect("a memory limit");
+    let peak = documented_peak_rss();
+    assert!(
+        limit >= peak + peak / 2,
+        "memory limit {limit} B is below 1.5 x the {peak} B the README measured at 100,000 pods"
+    );
+    assert_eq!(quantity_bytes("256Mi"), 256 << 20);
+    assert_eq!(quantity_bytes("1G"), 1_000_000_000);
+}
