@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod datapath;
+pub mod fsutil;
 pub mod model;
 pub mod plan;
 pub mod report;

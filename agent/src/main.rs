@@ -115,12 +115,27 @@ struct PlanArgs {
     from_file: PathBuf,
 }
 
+/// Without a readable record in the state dir, `cleanup` removes what is ours by name: give it
+/// the agent's `--bpffs`, `--fwmark`, `--route-table` and `--rule-priority` if they were not the
+/// defaults.
 #[derive(Args)]
 struct CleanupArgs {
+    /// The agent's state dir (its record of what it created, and its lock).
     #[arg(long, default_value = "/var/lib/static-egress")]
     state_dir: PathBuf,
-    #[arg(long)]
-    bpffs: Option<PathBuf>,
+    /// The agent's bpffs: our pins under `<DIR>/static-egress` are removed, which detaches our
+    /// programs.
+    #[arg(long, default_value = "/sys/fs/bpf")]
+    bpffs: PathBuf,
+    /// The agent's fwmark bit (used only without a readable record).
+    #[arg(long, default_value = "0x2000", value_parser = parse_mark_bit)]
+    fwmark: u32,
+    /// The agent's routing table, flushed (used only without a readable record).
+    #[arg(long, default_value = "1490", value_parser = datapath::check_route_table)]
+    route_table: u32,
+    /// The agent's rule priority (used only without a readable record).
+    #[arg(long, default_value = "1490", value_parser = datapath::check_rule_priority)]
+    rule_priority: u32,
 }
 
 fn parse_mark_bit(s: &str) -> Result<u32, String> {
@@ -177,7 +192,12 @@ fn main() -> ExitCode {
         Command::Health(args) => agent::health(&args.state_dir, args.max_age, args.ready),
         Command::Crd => return print_crd(),
         Command::Cleanup(args) => runtime.block_on(async {
-            let removed = datapath::cleanup(&args.state_dir, args.bpffs.as_deref()).await?;
+            let by_name = datapath::RuleSpec {
+                priority: args.rule_priority,
+                mark: args.fwmark,
+                table: args.route_table,
+            };
+            let removed = datapath::cleanup(&args.state_dir, &args.bpffs, by_name).await?;
             println!(
                 "{}",
                 if removed {
@@ -233,6 +253,30 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert!(parse_duration("1m").is_err());
         assert!(parse_interval("0s").is_err());
+    }
+
+    #[test]
+    fn cleanup_defaults_to_the_agents_settings() {
+        let Ok(Cli {
+            command: Command::Cleanup(args),
+        }) = Cli::try_parse_from(["static-egress", "cleanup"])
+        else {
+            panic!("cleanup parses without flags");
+        };
+        assert_eq!(args.state_dir, PathBuf::from("/var/lib/static-egress"));
+        assert_eq!(args.bpffs, PathBuf::from("/sys/fs/bpf"));
+        assert_eq!(
+            (args.fwmark, args.route_table, args.rule_priority),
+            (0x2000, 1490, 1490)
+        );
+        for flags in [
+            ["--fwmark", "0x3000"],
+            ["--route-table", "254"],
+            ["--rule-priority", "32766"],
+        ] {
+            let argv = ["static-egress", "cleanup"].into_iter().chain(flags);
+            assert!(Cli::try_parse_from(argv).is_err(), "{flags:?}");
+        }
     }
 
     #[test]

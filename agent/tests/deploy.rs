@@ -369,11 +369,7 @@ fn agent_gets_only_the_privileges_it_uses() {
     assert_eq!(capabilities.drop, Some(vec!["ALL".to_owned()]));
     assert_eq!(
         capabilities.add,
-        Some(
-            ["NET_ADMIN", "NET_RAW", "BPF", "PERFMON"]
-                .map(str::to_owned)
-                .to_vec()
-        )
+        Some(["NET_ADMIN", "NET_RAW", "BPF"].map(str::to_owned).to_vec())
     );
     let node_name = container
         .env
@@ -385,4 +381,194 @@ fn agent_gets_only_the_privileges_it_uses() {
     assert_eq!(node_name, Some("spec.nodeName"));
     let args = container.args.clone().unwrap_or_default();
     assert_eq!(args[..3], ["agent", "--node", "$(NODE_NAME)"]);
+}
+
+/// A Kubernetes memory quantity (`512Mi`, `1Gi`, `300M`, plain bytes) in bytes.
+fn quantity_bytes(quantity: &str) -> u64 {
+    let units = [
+        ("Ki", 1 << 10),
+        ("Mi", 1 << 20),
+        ("Gi", 1 << 30),
+        ("k", 1_000),
+        ("M", 1_000_000),
+        ("G", 1_000_000_000),
+    ];
+    let (number, factor) = units
+        .iter()
+        .find_map(|(suffix, factor)| Some((quantity.strip_suffix(suffix)?, *factor)))
+        .unwrap_or((quantity, 1));
+    number.parse::<u64>().expect("a whole quantity") * factor
+}
+
+/// The largest agent VmRSS the README reports at its largest documented scale (the 100,000-pod
+/// row of the benchmarks), in bytes.
+fn documented_peak_rss() -> u64 {
+    let readme = fs::read_to_string(repo().join("README.md")).expect("read README.md");
+    let row = readme
+        .lines()
+        .find(|l| l.contains("agent VmRSS idle with 100000 pods"))
+        .expect("the README's 100,000-pod memory row");
+    let mibs: Vec<f64> = row
+        .split(" MiB")
+        .filter_map(|part| part.rsplit(' ').next()?.parse().ok())
+        .collect();
+    assert!(!mibs.is_empty(), "no MiB figure in {row:?}");
+    let peak = mibs.into_iter().fold(0.0, f64::max);
+    (peak * f64::from(1 << 20)) as u64
+}
+
+/// The kubelet kills a container at its memory limit: the limit must hold the agent at the
+/// scale the README documents, with room for bursts (half as much again).
+#[test]
+fn agent_memory_limit_fits_the_documented_scale() {
+    let documents = yaml_documents(&rendered());
+    let daemonset: DaemonSet =
+        serde_json::from_value(find(&documents, "DaemonSet").clone()).expect("DaemonSet");
+    let pod = daemonset.spec.template.spec.expect("pod template");
+    let limit = pod.containers[0]
+        .resources
+        .as_ref()
+        .and_then(|r| r.limits.as_ref()?.get("memory"))
+        .map(|q| quantity_bytes(&q.0))
+        .expect("a memory limit");
+    let peak = documented_peak_rss();
+    assert!(
+        limit >= peak + peak / 2,
+        "memory limit {limit} B is below 1.5 x the {peak} B the README measured at 100,000 pods"
+    );
+    assert_eq!(quantity_bytes("256Mi"), 256 << 20);
+    assert_eq!(quantity_bytes("1G"), 1_000_000_000);
+}
+
+fn rendered_uninstall() -> String {
+    let out = run("kubectl", &["kustomize", "deploy/uninstall"], None);
+    assert!(
+        out.status.success(),
+        "kubectl kustomize deploy/uninstall failed: {}",
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// `deploy/uninstall` renders, passes the Kubernetes schemas, and runs `static-egress cleanup`
+/// on the agent's nodes with the agent's image and host paths, once per node, with no more
+/// privilege than cleanup needs (the end-to-end test in tests/tests/state.rs runs exactly its
+/// arguments with exactly its capabilities).
+#[test]
+fn uninstall_runs_cleanup_on_every_agent_node() {
+    let uninstall_yaml = rendered_uninstall();
+    let render = std::env::temp_dir().join(format!(
+        "static-egress-uninstall-{}.yaml",
+        std::process::id()
+    ));
+    fs::write(&render, &uninstall_yaml).expect("write the rendered manifests");
+    let dir = deploy().join("uninstall");
+    let mut args = vec!["--strict".to_owned()];
+    for file in ["namespace.yaml", "daemonset.yaml", "kustomization.yaml"] {
+        args.push(dir.join(file).display().to_string());
+    }
+    args.push(render.display().to_string());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run("kubernetes-validate", &args, None);
+    let _ = fs::remove_file(&render);
+    let report = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{report}");
+    for line in report.lines().filter(|l| l.starts_with("WARN")) {
+        assert!(
+            line.contains("kind Kustomization with api version kustomize.config.k8s.io/v1beta1"),
+            "unexpected warning: {line}\n{report}"
+        );
+    }
+    let passed = report
+        .lines()
+        .filter(|l| l.contains(" passed for resource "))
+        .count();
+    // The Namespace and the DaemonSet, as files and rendered.
+    assert_eq!(passed, 4, "{report}");
+
+    let documents = yaml_documents(&uninstall_yaml);
+    let kinds: Vec<(&str, &str)> = documents
+        .iter()
+        .map(|d| {
+            (
+                d["kind"].as_str().unwrap_or_default(),
+                d["metadata"]["name"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("Namespace", "static-egress-uninstall"),
+            ("DaemonSet", "static-egress-uninstall")
+        ]
+    );
+    let uninstall: DaemonSet =
+        serde_json::from_value(find(&documents, "DaemonSet").clone()).expect("DaemonSet");
+    let agent: DaemonSet =
+        serde_json::from_value(find(&yaml_documents(&rendered()), "DaemonSet").clone())
+            .expect("the agent's DaemonSet");
+    let pod = uninstall.spec.template.spec.expect("pod");
+    let agent_pod = agent.spec.template.spec.expect("pod");
+
+    // The same nodes, the node's own network, and no API access.
+    assert_eq!(pod.node_selector, agent_pod.node_selector);
+    assert_eq!(pod.tolerations, agent_pod.tolerations);
+    assert_eq!(pod.host_network, Some(true));
+    assert_eq!(pod.automount_service_account_token, Some(false));
+    // The agent's host paths.
+    let host_paths = |volumes: &Option<Vec<k8s_openapi::api::core::v1::Volume>>| {
+        volumes
+            .iter()
+            .flatten()
+            .map(|v| {
+                let host = v.host_path.as_ref().expect("hostPath volumes only");
+                (v.name.clone(), host.path.clone())
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(host_paths(&pod.volumes), host_paths(&agent_pod.volumes));
+
+    let [cleanup] = pod.init_containers.as_deref().unwrap_or_default() else {
+        panic!("one init container expected");
+    };
+    let agent_container = &agent_pod.containers[0];
+    assert_eq!(cleanup.image, agent_container.image);
+    let cleanup_args = cleanup.args.clone().unwrap_or_default();
+    assert_eq!(
+        cleanup_args,
+        [
+            "cleanup",
+            "--state-dir",
+            "/var/lib/static-egress",
+            "--bpffs",
+            "/sys/fs/bpf"
+        ]
+    );
+    let mounts = |c: &k8s_openapi::api::core::v1::Container| {
+        c.volume_mounts
+            .iter()
+            .flatten()
+            .map(|m| (m.name.clone(), m.mount_path.clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(mounts(cleanup), mounts(agent_container));
+    let security = cleanup.security_context.clone().expect("securityContext");
+    assert_ne!(security.privileged, Some(true));
+    assert_eq!(security.allow_privilege_escalation, Some(false));
+    let capabilities = security.capabilities.expect("capabilities");
+    assert_eq!(capabilities.drop, Some(vec!["ALL".to_owned()]));
+    assert_eq!(capabilities.add, Some(vec!["NET_ADMIN".to_owned()]));
+
+    // Ready only after cleanup succeeded, so `rollout status` waits for every node.
+    let [done] = pod.containers.as_slice() else {
+        panic!("one container expected");
+    };
+    assert_eq!(done.image, agent_container.image);
+    assert!(done.readiness_probe.is_none() && done.liveness_probe.is_none());
+    let done_caps = done
+        .security_context
+        .as_ref()
+        .and_then(|s| s.capabilities.clone());
+    assert_eq!(done_caps.and_then(|c| c.add), None);
 }

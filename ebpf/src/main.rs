@@ -19,6 +19,8 @@
 #![no_std]
 #![no_main]
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_redir_neigh},
     helpers::generated::bpf_redirect_neigh,
@@ -54,6 +56,8 @@ const ETH_P_IP_WIRE: u16 = 0x0800_u16.to_be();
 const IP_SRC_OFF: usize = ETH_HLEN + 12;
 const IP_DST_OFF: usize = ETH_HLEN + 16;
 const AF_INET: u32 = 2;
+// `uplink_egress` writes a `bpf_redir_neigh` as five words.
+const _: () = assert!(size_of::<bpf_redir_neigh>() == 20);
 /// `TC_ACT_UNSPEC` is what TCX calls `TCX_NEXT`: the next program (or legacy tc) decides.
 const TCX_NEXT: i32 = TC_ACT_UNSPEC;
 
@@ -177,15 +181,30 @@ fn uplink_egress(ctx: &TcContext) -> Option<i32> {
     }
     // The redirected packet passes this hook again; without the bit it goes out unchanged.
     ctx.set_mark(mark & !mark_bit);
-    // Zeroed whole: the verifier refuses to pass uninitialised stack bytes (the unused IPv6
-    // part of the union) to a helper unless the loader has CAP_PERFMON.
-    // SAFETY: bpf_redir_neigh is plain integers, for which all-zero is valid.
-    let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
-    nh.nh_family = AF_INET;
-    nh.__bindgen_anon_1.ipv4_nh = egress.holder;
-    // SAFETY: `nh` lives across the call and its size is passed along.
-    let verdict =
-        unsafe { bpf_redirect_neigh(ifindex, &mut nh, size_of::<bpf_redir_neigh>() as i32, 0) };
+    // Every byte written, one word at a time. The verifier refuses to pass uninitialised
+    // stack bytes (the unused IPv6 part of the union) to a helper, and `mem::zeroed()` became
+    // a byte loop over the stack at a variable offset, which it refuses too; both are allowed
+    // only to loaders with CAP_PERFMON, which the DaemonSet does not give.
+    let mut nh = MaybeUninit::<bpf_redir_neigh>::uninit();
+    let words = nh.as_mut_ptr().cast::<u32>();
+    // SAFETY: bpf_redir_neigh is five u32 words (the family, then a 16-byte union whose first
+    // word is the IPv4 next hop), each written once within the value.
+    unsafe {
+        words.write_volatile(AF_INET);
+        words.add(1).write_volatile(egress.holder);
+        words.add(2).write_volatile(0);
+        words.add(3).write_volatile(0);
+        words.add(4).write_volatile(0);
+    }
+    // SAFETY: `nh` is initialised, lives across the call and its size is passed along.
+    let verdict = unsafe {
+        bpf_redirect_neigh(
+            ifindex,
+            nh.as_mut_ptr(),
+            size_of::<bpf_redir_neigh>() as i32,
+            0,
+        )
+    };
     Some(verdict as i32)
 }
 

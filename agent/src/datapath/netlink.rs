@@ -17,7 +17,8 @@ use rtnetlink::packet_route::{
 };
 use rtnetlink::{Handle, IpVersion};
 
-use super::DatapathError;
+use super::rule::{self, Next, Removal};
+use super::{DatapathError, RuleSpec};
 
 const MAIN_TABLE: u32 = RouteHeader::RT_TABLE_MAIN as u32;
 
@@ -223,71 +224,56 @@ impl Netlink {
             .collect())
     }
 
-    /// Our rules at `priority`: exactly `fwmark mark/mark lookup table`. Any other rule at that
-    /// priority belongs to someone else.
-    async fn our_rules(
-        &self,
-        priority: u32,
-        mark: u32,
-        table: u32,
-    ) -> Result<Vec<RuleMessage>, DatapathError> {
-        Ok(self
-            .rules_at(priority)
-            .await?
-            .into_iter()
-            .filter(|rule| is_our_rule(rule, mark, table))
-            .collect())
-    }
-
-    /// Ensures our rule exists once at `priority`, leaving every other rule alone.
-    pub async fn sync_rule(
-        &self,
-        priority: u32,
-        mark: u32,
-        table: u32,
-    ) -> Result<(), DatapathError> {
-        let ours = self.our_rules(priority, mark, table).await?;
-        // Duplicates (two agents' races, a crash between add and record) are ours too.
-        for rule in ours.iter().skip(1) {
-            self.handle
-                .rule()
-                .del(rule.clone())
-                .execute()
-                .await
-                .map_err(nl("delete rule"))?;
+    /// Ensures our rule exists at `spec`'s priority, leaving every other rule alone; extra
+    /// copies of ours (two agents' races, a crash between add and record) are removed.
+    pub async fn sync_rule(&self, spec: RuleSpec) -> Result<(), DatapathError> {
+        let rules = self.rules_at(spec.priority).await?;
+        let copies = rules.iter().filter(|r| rule::is_ours(r, spec)).count();
+        if copies > 1 {
+            // Down to none, which the delete of an extra copy cannot tell apart from one, then
+            // added again below.
+            self.remove_rule(spec).await?;
         }
-        if ours.is_empty() {
+        if copies != 1 {
             let mut add = self
                 .handle
                 .rule()
                 .add()
                 .v4()
-                .priority(priority)
-                .fw_mark(mark)
-                .table_id(table)
-                .action(RuleAction::ToTable);
+                .priority(spec.priority)
+                .fw_mark(spec.mark)
+                .table_id(spec.table)
+                .action(RuleAction::ToTable)
+                // Not exclusive: the kernel would take someone else's rule with our mark and
+                // table plus a selector of theirs for ours, and refuse the add.
+                .replace();
             add.message_mut()
                 .attributes
-                .push(RuleAttribute::FwMask(mark));
+                .push(RuleAttribute::FwMask(spec.mark));
             add.execute().await.map_err(nl("add rule"))?;
         }
         Ok(())
     }
 
-    /// Removes our rule (`fwmark mark/mark lookup table` at `priority`), and nothing else.
-    pub async fn remove_rule(
-        &self,
-        priority: u32,
-        mark: u32,
-        table: u32,
-    ) -> Result<(), DatapathError> {
-        for rule in self.our_rules(priority, mark, table).await? {
-            match self.handle.rule().del(rule).execute().await {
-                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENOENT => {}
-                other => other.map_err(nl("delete rule"))?,
+    /// Removes our rule (every copy), and nothing else: when a delete would hit someone
+    /// else's rule first, ours stays and the answer says whose rule is in the way.
+    pub async fn remove_rule(&self, spec: RuleSpec) -> Result<Removal, DatapathError> {
+        let mut removed = 0;
+        loop {
+            let rules = self.rules_at(spec.priority).await?;
+            match rule::next_deletion(&rules, spec) {
+                Next::Nothing => return Ok(Removal::Removed(removed)),
+                Next::Theirs(theirs) => return Ok(Removal::Blocked(rule::describe(theirs))),
+                Next::Ours(ours) => {
+                    match self.handle.rule().del(ours.clone()).execute().await {
+                        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENOENT => {
+                        }
+                        other => other.map_err(nl("delete rule"))?,
+                    }
+                    removed += 1;
+                }
             }
         }
-        Ok(())
     }
 
     /// Every IPv4 address on every interface of this namespace.
@@ -461,35 +447,6 @@ fn route_table(route: &RouteMessage) -> u32 {
             _ => None,
         })
         .unwrap_or(u32::from(route.header.table))
-}
-
-fn is_our_rule(rule: &RuleMessage, mark: u32, table: u32) -> bool {
-    rule.header.action == RuleAction::ToTable
-        && rule.attributes.contains(&RuleAttribute::FwMark(mark))
-        && rule.attributes.contains(&RuleAttribute::FwMask(mark))
-        && rule_table(rule) == table
-        // A selector beyond the mark (from, to, iif...) makes it somebody else's rule.
-        && rule.header.src_len == 0
-        && rule.header.dst_len == 0
-        && !rule.attributes.iter().any(|a| {
-            matches!(
-                a,
-                RuleAttribute::Iifname(_)
-                    | RuleAttribute::Oifname(_)
-                    | RuleAttribute::Source(_)
-                    | RuleAttribute::Destination(_)
-            )
-        })
-}
-
-fn rule_table(rule: &RuleMessage) -> u32 {
-    rule.attributes
-        .iter()
-        .find_map(|a| match a {
-            RuleAttribute::Table(t) => Some(*t),
-            _ => None,
-        })
-        .unwrap_or(u32::from(rule.header.table))
 }
 
 fn route_oif(route: &RouteMessage) -> Option<u32> {

@@ -6,10 +6,12 @@ use std::fs;
 use std::io;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
 use super::DatapathError;
+use crate::fsutil::write_atomically;
 
 const FILE: &str = "state.json";
 
@@ -30,6 +32,19 @@ pub struct State {
     /// Holders' node IPs we keep resolved on the uplink.
     #[serde(default)]
     pub neighbours: BTreeSet<Ipv4Addr>,
+}
+
+/// What the state directory holds.
+#[derive(Debug)]
+pub enum Record {
+    Found(State),
+    /// No agent ran here, or `cleanup` removed the record.
+    Missing,
+    /// The file was not a record; it was renamed to `moved_to`.
+    Corrupt {
+        error: String,
+        moved_to: PathBuf,
+    },
 }
 
 /// One `ip rule fwmark MARK/MARK lookup TABLE` at PRIORITY.
@@ -81,22 +96,51 @@ impl State {
         }
     }
 
-    /// Written through a temporary file so a crash never leaves half a record.
+    /// Reads the record like [`State::load`], but a file that is not a record (cut short,
+    /// edited by hand, from an incompatible version) is moved aside to
+    /// `state.json.corrupt-<unix seconds>` instead of stopping the caller.
+    pub fn load_or_set_aside(dir: &Path) -> Result<Record, DatapathError> {
+        match Self::load(dir) {
+            Ok(Some(state)) => Ok(Record::Found(state)),
+            Ok(None) => Ok(Record::Missing),
+            Err(DatapathError::State { path, source }) => {
+                let seconds = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or_default();
+                let mut aside = dir.join(format!("{FILE}.corrupt-{seconds}"));
+                for n in 1.. {
+                    if !aside.exists() {
+                        break;
+                    }
+                    aside = dir.join(format!("{FILE}.corrupt-{seconds}.{n}"));
+                }
+                fs::rename(&path, &aside).map_err(io_err(&path))?;
+                Ok(Record::Corrupt {
+                    error: source.to_string(),
+                    moved_to: aside,
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Written through a temporary file, flushed to disk with its directory, so that neither a
+    /// crash nor a power loss leaves half a record (or none).
     pub fn save(&self, dir: &Path) -> Result<(), DatapathError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         let path = dir.join(FILE);
-        let tmp: PathBuf = dir.join(format!("{FILE}.tmp"));
         let bytes = serde_json::to_vec_pretty(self).map_err(|source| DatapathError::State {
             path: path.clone(),
             source,
         })?;
-        fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
-        fs::rename(&tmp, &path).map_err(io_err(&path))
+        write_atomically(&path, &bytes).map_err(io_err(&path))
     }
 
-    /// Removes the record and the agent's status file beside it.
+    /// Removes the record and the agent's status file beside it (and what a write cut short
+    /// may have left of either).
     pub fn remove(dir: &Path) -> Result<(), DatapathError> {
-        for name in [FILE, "status.json"] {
+        for name in [FILE, "status.json", "state.json.tmp", "status.json.tmp"] {
             let path = dir.join(name);
             match fs::remove_file(&path) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err(&path)(e)),
@@ -136,5 +180,52 @@ mod tests {
             state.retired.iter().copied().collect::<Vec<_>>(),
             [rule(1500, 0x10000, 1500)]
         );
+    }
+
+    #[test]
+    fn a_corrupt_record_is_set_aside_and_a_missing_one_is_missing() {
+        let dir = std::env::temp_dir().join(format!("static-egress-state-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("create");
+        assert!(matches!(
+            State::load_or_set_aside(&dir),
+            Ok(Record::Missing)
+        ));
+
+        let state = State {
+            uplink: Some("eth0".into()),
+            addresses: BTreeSet::from([Ipv4Addr::new(10, 99, 0, 200)]),
+            ..State::default()
+        };
+        state.save(&dir).expect("save");
+        assert!(matches!(State::load_or_set_aside(&dir), Ok(Record::Found(s)) if s == state));
+
+        for (i, garbage) in [&b"{\"uplink\": \"eth"[..], b"", b"[]"].iter().enumerate() {
+            fs::write(dir.join(FILE), garbage).expect("write garbage");
+            let Ok(Record::Corrupt { error, moved_to }) = State::load_or_set_aside(&dir) else {
+                panic!("{garbage:?} should be a corrupt record");
+            };
+            assert!(!error.is_empty());
+            assert!(!dir.join(FILE).exists(), "the corrupt file is moved away");
+            assert_eq!(fs::read(&moved_to).expect("kept aside"), *garbage);
+            let name = moved_to
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            assert!(name.starts_with("state.json.corrupt-"), "{name}");
+            let aside = fs::read_dir(&dir)
+                .expect("list")
+                .filter(|e| {
+                    e.as_ref()
+                        .is_ok_and(|e| e.file_name().to_string_lossy().contains("corrupt"))
+                })
+                .count();
+            assert_eq!(aside, i + 1, "an earlier copy set aside is kept");
+            assert!(matches!(
+                State::load_or_set_aside(&dir),
+                Ok(Record::Missing)
+            ));
+        }
+        let _ = fs::remove_dir_all(&dir);
     }
 }

@@ -153,18 +153,17 @@ impl NodeStatus {
         }
     }
 
-    /// Written through a temporary file and a rename: a reader sees the old or the new one.
+    /// Written durably through a temporary file and a rename: a reader, or the node after a
+    /// crash, sees the old or the new one, whole.
     pub fn write(&self, dir: &Path) -> Result<(), NodeStatusError> {
         let path = dir.join(FILE);
-        let tmp = dir.join(format!("{FILE}.tmp"));
         let err = |source| NodeStatusError::Io {
             path: path.clone(),
             source,
         };
         std::fs::create_dir_all(dir).map_err(err)?;
         let bytes = serde_json::to_vec_pretty(self).map_err(|e| err(std::io::Error::other(e)))?;
-        std::fs::write(&tmp, bytes).map_err(err)?;
-        std::fs::rename(&tmp, &path).map_err(err)
+        crate::fsutil::write_atomically(&path, &bytes).map_err(err)
     }
 }
 
