@@ -280,7 +280,10 @@ fn in_cluster(snapshot: &Snapshot, cluster: &[Ipv4Net], gateway: &Gateway) -> Op
                 if node.internal_ip == Some(ip) {
                     Some(format!("the InternalIP of node {}", node.name))
                 } else {
-                    let cidr = node.pod_cidrs.iter().find(|c| c.contains(&ip))?;
+                    // The narrowest, whatever the order the Node lists its pod CIDRs in.
+                    let cidr = (node.pod_cidrs.iter())
+                        .filter(|c| c.contains(&ip))
+                        .max_by_key(|c| c.prefix_len())?;
                     Some(format!("in node {}'s pod CIDR {cidr}", node.name))
                 }
             })
