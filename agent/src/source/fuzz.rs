@@ -4,7 +4,8 @@
 //! (bit flips, truncation, duplicated and deleted spans, YAML syntax, anchors and aliases, huge
 //! numbers, deep nesting, fields of the wrong type), and [`parse_documents`] must neither panic
 //! nor take long, and must keep its promises: each object once, errors naming documents that
-//! exist, output in proportion to the input.
+//! exist, output in proportion to the input. And the same objects read the same in every
+//! format the README names.
 //!
 //! The budget is [`CASES`] cases per property and [`SECONDS`] of wall-clock per property,
 //! whichever ends first (a loaded machine runs fewer cases, never longer). For a longer run:
@@ -20,6 +21,7 @@ use proptest::test_runner::TestCaseError;
 use serde_json::Value;
 
 use super::documents::{Documents, StreamError, parse_documents};
+use crate::model::{Invalid, ObjectKey, ParsedObject};
 use crate::testing::{GATEWAY, NAMESPACE, NODE, POD};
 
 /// Cases per property, unless `SE_FUZZ_CASES` says otherwise.
@@ -362,9 +364,11 @@ fn check(text: &str) -> Result<(), TestCaseError> {
     match parsed {
         Err(error) => {
             prop_assert!((1..=max).contains(&error.document()), "{error} of {max}");
-            if let StreamError::TooManyObjects { .. } = error {
-                prop_assert!(false, "a small file cannot hold a million objects: {error}");
-            }
+            let too_many = matches!(error, StreamError::TooManyObjects { .. });
+            prop_assert!(
+                !too_many,
+                "a small file cannot hold a million objects: {error}"
+            );
         }
         Ok(Documents { objects, errors }) => {
             let mut keys = HashSet::new();
@@ -381,7 +385,7 @@ fn check(text: &str) -> Result<(), TestCaseError> {
                     "{error} after document {previous}"
                 );
                 previous = error.document;
-                if let crate::model::Invalid::Duplicate { first } = error.problem {
+                if let Invalid::Duplicate { first } = error.problem {
                     prop_assert!((1..=error.document).contains(&first), "{error}");
                 }
                 // Display never panics, and names the document.
@@ -464,6 +468,40 @@ fn set_somewhere(value: &mut Value, picks: &[usize], new: Value) {
     }
 }
 
+/// `kubectl get -o json` output turned into YAML flow style, keys unquoted: valid YAML that
+/// starts like JSON.
+fn flow_yaml(json: &str) -> String {
+    json.lines()
+        .map(|line| {
+            let indent = line.len() - line.trim_start().len();
+            let rest = &line[indent..];
+            match rest.strip_prefix('"').and_then(|r| r.split_once("\": ")) {
+                Some((key, value)) => format!("{}{key}: {value}\n", &line[..indent]),
+                None => format!("{line}\n"),
+            }
+        })
+        .collect()
+}
+
+/// What a parse says about the objects, whatever the format and the document numbers: the
+/// objects, and each error's object and whether it is a duplicate.
+type Outcome = (Vec<ParsedObject>, Vec<(Option<ObjectKey>, bool)>);
+
+fn outcome(text: &str) -> Result<Outcome, String> {
+    let docs = parse_documents(text).map_err(|e| format!("{e}\n{text}"))?;
+    let errors = docs
+        .errors
+        .iter()
+        .map(|e| {
+            (
+                e.object.clone(),
+                matches!(e.problem, Invalid::Duplicate { .. }),
+            )
+        })
+        .collect();
+    Ok((docs.objects, errors))
+}
+
 proptest! {
     #![proptest_config(config())]
 
@@ -508,5 +546,47 @@ proptest! {
             serde_saphyr::to_string(&value).map_err(|e| TestCaseError::fail(e.to_string()))?
         };
         check(&text)?;
+    }
+}
+
+proptest! {
+    // Six parses of up to five whole objects a case: fewer cases.
+    #![proptest_config(ProptestConfig { cases: config().cases / 8, ..config() })]
+
+    /// The same objects read the same in every format the README names: a YAML stream, JSON
+    /// values one after another, a JSON array, a JSON `List` indented with tabs, YAML flow
+    /// style, and a YAML `List`.
+    #[test]
+    fn every_format_reads_the_same(picks in vec(0..4usize, 0..5)) {
+        static STARTED: OnceLock<Instant> = OnceLock::new();
+        if spent(&STARTED) {
+            return Ok(());
+        }
+        let yaml: Vec<&str> = picks.iter().map(|&i| [NAMESPACE, NODE, POD, GATEWAY][i]).collect();
+        let json: Vec<String> = yaml.iter().map(|y| json(y)).collect();
+        let flow: Vec<String> = json.iter().map(|j| flow_yaml(j)).collect();
+        let compact: Vec<String> = json
+            .iter()
+            .map(|j| serde_json::from_str::<Value>(j).map(|v| v.to_string()))
+            .collect::<Result<_, _>>()
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let renderings = [
+            yaml.iter().map(|y| format!("---\n{y}")).collect::<String>(),
+            json.join("\n"),
+            format!("[{}]", json.join(",\n")),
+            format!(
+                "{{\n\t\"apiVersion\": \"v1\",\n\t\"kind\": \"List\",\n\t\"items\": [\n\t{}\n\t]\n}}",
+                json.join(",\n").replace('\n', "\n\t")
+            ),
+            flow.join("---\n"),
+            format!("apiVersion: v1\nkind: List\nitems:\n{}",
+                compact.iter().map(|c| format!("- {c}\n")).collect::<String>()),
+        ];
+        let expected = outcome(&renderings[0]).map_err(TestCaseError::fail)?;
+        prop_assert_eq!(expected.0.len(), picks.iter().collect::<HashSet<_>>().len());
+        for text in &renderings[1..] {
+            let got = outcome(text).map_err(TestCaseError::fail)?;
+            prop_assert_eq!(&got, &expected, "{}", text);
+        }
     }
 }
