@@ -304,7 +304,10 @@ fn in_cluster(snapshot: &Snapshot, cluster: &[Ipv4Net], gateway: &Gateway) -> Op
                 if node.internal_ip == Some(ip) {
                     Some(format!("the InternalIP of node {}", node.name))
                 } else {
-                    let cidr = node.pod_cidrs.iter().find(|c| c.contains(&ip))?;
+                    // The narrowest, whatever the order the Node lists its pod CIDRs in.
+                    let cidr = (node.pod_cidrs.iter())
+                        .filter(|c| c.contains(&ip))
+                        .max_by_key(|c| c.prefix_len())?;
                     Some(format!("in node {}'s pod CIDR {cidr}", node.name))
                 }
             })
@@ -397,7 +400,7 @@ fn gateway_plan(
 /// carves a hole in an included destination. Both lists are aggregated first (a destination
 /// inside another adds nothing, and neighbouring node addresses merge), which keeps the map
 /// small and each containment test a binary search.
-fn dest_entries(destinations: &[Ipv4Net], excluded: &[Ipv4Net]) -> Vec<DestEntry> {
+pub(super) fn dest_entries(destinations: &[Ipv4Net], excluded: &[Ipv4Net]) -> Vec<DestEntry> {
     let excluded = Ipv4Net::aggregate(&excluded.to_vec());
     let included: Vec<Ipv4Net> = Ipv4Net::aggregate(&destinations.to_vec())
         .into_iter()
@@ -424,7 +427,7 @@ fn dest_entries(destinations: &[Ipv4Net], excluded: &[Ipv4Net]) -> Vec<DestEntry
 
 /// Whether a network of `disjoint` (sorted, as [`Ipv4Net::aggregate`] returns them) contains
 /// `net`: only the last one starting at or before `net` can.
-fn covered(disjoint: &[Ipv4Net], net: &Ipv4Net) -> bool {
+pub(super) fn covered(disjoint: &[Ipv4Net], net: &Ipv4Net) -> bool {
     let after = disjoint.partition_point(|n| n.network() <= net.network());
     after > 0 && disjoint[after - 1].contains(net)
 }

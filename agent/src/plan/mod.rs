@@ -5,6 +5,8 @@ mod cluster;
 mod compute;
 mod display;
 #[cfg(test)]
+mod props;
+#[cfg(test)]
 mod tests;
 
 use std::net::Ipv4Addr;

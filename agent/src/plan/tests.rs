@@ -853,6 +853,28 @@ fn egress_ips_inside_the_cluster_are_refused() {
 }
 
 #[test]
+fn the_reason_names_the_narrowest_pod_cidr_whatever_their_order() {
+    for order in [
+        ["10.244.0.0/16", "10.244.3.0/24"],
+        ["10.244.3.0/24", "10.244.0.0/16"],
+    ] {
+        let world = cluster()
+            .edit_node("n3", |n| n.pod_cidrs = nets(&order))
+            .gateway(gateway("pod-ip", &["10.244.3.7"]));
+        let plan = world.plan("n1");
+        assert_eq!(
+            plan.problems,
+            [PlanProblem::EgressIpInCluster {
+                gateway: "pod-ip".to_owned(),
+                ip: ip("10.244.3.7"),
+                why: "in node n3's pod CIDR 10.244.3.0/24".to_owned(),
+            }],
+            "{order:?}"
+        );
+    }
+}
+
+#[test]
 fn missing_node_object() {
     let plan = cluster().plan("n9");
     assert_eq!(plan.node, "n9");

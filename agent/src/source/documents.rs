@@ -83,6 +83,22 @@ pub fn parse_documents(text: &str) -> Result<Documents, StreamError> {
 }
 
 fn parse_at_most(text: &str, max_objects: usize) -> Result<Documents, StreamError> {
+    // A YAML parser may refuse some valid JSON (tabs as indentation): JSON gets its own. But
+    // YAML's flow style starts like JSON too (`{apiVersion: v1, ...}`): when the JSON reading
+    // fails, the text is read as YAML, and the JSON error stands if that fails as well.
+    let json = text.trim_start().starts_with(['{', '[']);
+    match parse_stream(documents(text, json), max_objects) {
+        Err(error @ StreamError::Syntax { .. }) if json => {
+            parse_stream(documents(text, false), max_objects).map_err(|_| error)
+        }
+        parsed => parsed,
+    }
+}
+
+fn parse_stream<'a>(
+    documents: impl Iterator<Item = Result<Value, String>> + 'a,
+    max_objects: usize,
+) -> Result<Documents, StreamError> {
     let mut parser = Parser {
         max_objects,
         ..Parser::default()
@@ -90,7 +106,7 @@ fn parse_at_most(text: &str, max_objects: usize) -> Result<Documents, StreamErro
     // One document at a time: holding every document's tree at once would cost several times
     // the objects themselves on a large file. A broken document anywhere still rejects the
     // whole file, since the partial result is dropped.
-    for (index, value) in documents(text).enumerate() {
+    for (index, value) in documents.enumerate() {
         let document = index + 1;
         let value = value.map_err(|message| StreamError::Syntax { document, message })?;
         match value {
@@ -117,9 +133,8 @@ fn parse_at_most(text: &str, max_objects: usize) -> Result<Documents, StreamErro
     Ok(parser.out)
 }
 
-fn documents(text: &str) -> Box<dyn Iterator<Item = Result<Value, String>> + '_> {
-    // A YAML parser may refuse some valid JSON (tabs as indentation): JSON gets its own.
-    if text.trim_start().starts_with(['{', '[']) {
+fn documents(text: &str, json: bool) -> Box<dyn Iterator<Item = Result<Value, String>> + '_> {
+    if json {
         return Box::new(
             serde_json::Deserializer::from_str(text)
                 .into_iter::<Value>()
@@ -400,13 +415,36 @@ items: []
             ]
         );
 
-        let err = parse_documents("{\"kind\": \"Pod\",}").unwrap_err();
+        // Broken as JSON and as YAML (a trailing comma alone is valid YAML flow style).
+        let err = parse_documents("{\"kind\": \"Pod\",,}").unwrap_err();
         assert_eq!(err.document(), 1);
         assert!(
             err.to_string()
                 .starts_with("document 1: YAML/JSON syntax error: "),
             "{err}"
         );
+    }
+
+    #[test]
+    fn yaml_flow_style_is_not_mistaken_for_json() {
+        let namespace = |name: &str| {
+            format!(
+                "{{apiVersion: v1, kind: Namespace, metadata: {{name: {name}, labels: {{team: x}}}}}}"
+            )
+        };
+        let stream = format!("{}\n---\n{}\n", namespace("a"), namespace("b"));
+        let keys = |docs: Documents| -> Vec<String> {
+            docs.objects.iter().map(|o| o.key().to_string()).collect()
+        };
+        assert_eq!(keys(parse(&stream)), ["Namespace a", "Namespace b"]);
+        assert_eq!(
+            keys(parse(&format!("[{}]", namespace("a")))),
+            ["Namespace a"]
+        );
+        // Broken either way: the error is JSON's, since the text looks like JSON.
+        let err = parse_documents("{\"kind\": [\"Pod\"}").unwrap_err();
+        assert_eq!(err.document(), 1);
+        assert!(err.to_string().contains("at line 1 column"), "{err}");
     }
 
     #[test]

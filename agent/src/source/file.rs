@@ -536,4 +536,177 @@ mod tests {
             "{err}"
         );
     }
+
+    /// One document of a generated file: a copy of one of a few objects, valid (with a
+    /// version) or not, or something that names no object.
+    #[derive(Clone, Debug)]
+    enum Doc {
+        Object { key: usize, version: Option<u8> },
+        Junk(usize),
+    }
+
+    /// The objects, by index: each has a valid form per version and an invalid one that still
+    /// names it. The version shows as label `v` (the egress IP's last byte for the gateway).
+    const KEYS: [&str; 5] = [
+        "Namespace a",
+        "Namespace b",
+        "Pod a/p",
+        "Node n1",
+        "EgressGateway g",
+    ];
+
+    fn document(doc: &Doc) -> String {
+        let (key, version) = match doc {
+            Doc::Object { key, version } => (key, version),
+            Doc::Junk(j) => {
+                let junk = [
+                    "{apiVersion: v1, kind: Service, metadata: {name: s, namespace: a}}",
+                    "42",
+                    "{apiVersion: v1, kind: Pod, metadata: {namespace: a}}",
+                ];
+                return junk[j % junk.len()].to_owned();
+            }
+        };
+        let v = version.map(|v| v.to_string());
+        let labels = |v: &Option<String>| match v {
+            Some(v) => format!("{{v: '{v}'}}"),
+            None => "[not, a, map]".to_owned(),
+        };
+        match key {
+            0 | 1 => format!(
+                "{{apiVersion: v1, kind: Namespace, metadata: {{name: {}, labels: {}}}}}",
+                ["a", "b"][*key],
+                labels(&v)
+            ),
+            2 => format!(
+                "{{apiVersion: v1, kind: Pod, metadata: {{name: p, namespace: a, labels: {}}}, \
+                 status: {{phase: Running, podIP: 10.0.0.1}}}}",
+                labels(&v)
+            ),
+            3 => format!(
+                "{{apiVersion: v1, kind: Node, metadata: {{name: n1, labels: {{v: '{}'}}}}, \
+                 spec: {{podCIDR: {}}}}}",
+                v.clone().unwrap_or_default(),
+                if v.is_some() {
+                    "10.244.0.0/24"
+                } else {
+                    "10.244.0.1/24"
+                }
+            ),
+            _ => format!(
+                "{{apiVersion: static-egress.io/v1alpha1, kind: EgressGateway, \
+                 metadata: {{name: g}}, spec: {{egressIPs: [192.0.2.{}]{}}}}}",
+                version.map_or(9, |v| v + 1),
+                if v.is_some() {
+                    ", namespaceSelector: {}"
+                } else {
+                    ""
+                }
+            ),
+        }
+    }
+
+    /// What the snapshot holds, as in [`KEYS`] order: each object's version.
+    fn versions(snapshot: &Snapshot) -> BTreeMap<&'static str, String> {
+        let label = |labels: &crate::model::Labels| labels.get("v").cloned().unwrap_or_default();
+        let mut out = BTreeMap::new();
+        for (i, name) in ["a", "b"].into_iter().enumerate() {
+            if let Some(ns) = snapshot.namespaces.get(name) {
+                out.insert(KEYS[i], label(&ns.labels));
+            }
+        }
+        if let Some(pod) = snapshot.pods.get(&("a".to_owned(), "p".to_owned())) {
+            out.insert(KEYS[2], label(&pod.labels));
+        }
+        if let Some(node) = snapshot.nodes.get("n1") {
+            out.insert(KEYS[3], label(&node.labels));
+        }
+        if let Some(gateway) = snapshot.gateways.get("g") {
+            out.insert(KEYS[4], (gateway.egress_ips[0].octets()[3] - 1).to_string());
+        }
+        out
+    }
+
+    fn arb_file() -> impl proptest::strategy::Strategy<Value = (Vec<Doc>, bool, bool)> {
+        use proptest::prelude::*;
+        let doc = prop_oneof![
+            6 => (0..KEYS.len(), proptest::option::weighted(0.7, 0u8..3))
+                .prop_map(|(key, version)| Doc::Object { key, version }),
+            1 => (0usize..3).prop_map(Doc::Junk),
+        ];
+        (
+            proptest::collection::vec(doc, 0..10),
+            proptest::bool::weighted(0.15),
+            any::<bool>(),
+        )
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(64))]
+
+        /// Over a sequence of reloads, each object is its first copy in the file when that copy
+        /// is valid; otherwise its last valid version, if it had one at the previous load; and
+        /// absent when the file no longer lists it. A file that does not parse as a whole
+        /// changes nothing. Every unusable document is reported once.
+        #[test]
+        fn reloads_keep_the_last_valid_version_of_each_object(
+            files in proptest::collection::vec(arb_file(), 1..6),
+        ) {
+            let dir = TempDir::new();
+            std::fs::write(dir.file(), "").unwrap();
+            let (mut source, _) = FileSource::open(dir.file()).unwrap();
+            let mut model: BTreeMap<&'static str, String> = BTreeMap::new();
+            for (docs, broken, as_list) in files {
+                let texts: Vec<String> = docs.iter().map(document).collect();
+                let mut text = if as_list {
+                    let items: String = texts.iter().map(|t| format!("- {t}\n")).collect();
+                    format!("apiVersion: v1\nkind: List\nitems:\n{items}")
+                } else {
+                    texts.iter().map(|t| format!("---\n{t}\n")).collect()
+                };
+                if broken {
+                    text.push_str("---\nkind: [\n");
+                }
+                dir.replace(&text);
+                let loaded = source.reload();
+                proptest::prop_assert_eq!(loaded.digest, fnv1a_64(text.as_bytes()));
+
+                if broken {
+                    proptest::prop_assert_eq!(loaded.problems.len(), 1);
+                } else {
+                    let mut next = BTreeMap::new();
+                    let mut decided = std::collections::HashSet::new();
+                    for doc in &docs {
+                        if let Doc::Object { key, version } = doc
+                            && decided.insert(*key)
+                        {
+                            match (version, model.get(KEYS[*key])) {
+                                (Some(v), _) => {
+                                    next.insert(KEYS[*key], v.to_string());
+                                }
+                                (None, Some(previous)) => {
+                                    next.insert(KEYS[*key], previous.clone());
+                                }
+                                (None, None) => {}
+                            }
+                        }
+                    }
+                    model = next;
+                    // Every document but the first valid copy of each object is reported.
+                    let used = docs
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, d)| match d {
+                            Doc::Object { key, version: Some(_) } => !docs[..*i]
+                                .iter()
+                                .any(|e| matches!(e, Doc::Object { key: k, .. } if k == key)),
+                            _ => false,
+                        })
+                        .count();
+                    proptest::prop_assert_eq!(loaded.problems.len(), docs.len() - used);
+                }
+                proptest::prop_assert_eq!(versions(&loaded.snapshot), model.clone(), "{}", text);
+            }
+        }
+    }
 }

@@ -3,6 +3,8 @@
 
 pub mod documents;
 mod file;
+#[cfg(test)]
+mod fuzz;
 pub mod kube;
 
 use std::fmt;
