@@ -14,10 +14,13 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
 use crate::datapath::{Check, Datapath, DatapathConfig, DatapathError};
-use crate::plan::{self, NodePlan, PlanConfig};
+pub use crate::membership::FailoverOptions;
+use crate::membership::Membership;
+use crate::plan::{self, Health, NodePlan, PlanConfig};
 use crate::report::node_status::{self, AppliedPlan, NodeStatus, NodeStatusError};
 use crate::report::{Report, Reporter};
 use crate::source::kube::{ClusterSource, WatchHealth};
+use crate::source::probes::Asks;
 use crate::source::{FileSource, FileWatcher, Loaded, SourceError};
 
 /// The status file is rewritten this often, ready or not; a failed apply is retried as often.
@@ -38,6 +41,7 @@ pub struct AgentOptions {
     /// table or rule, a detached program, a re-created pod interface). It costs a route
     /// lookup per local pod and a listing of our nftables table.
     pub resync: Duration,
+    pub failover: FailoverOptions,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +58,8 @@ pub enum AgentError {
     Signal(#[source] std::io::Error),
     #[error(transparent)]
     Status(#[from] NodeStatusError),
+    #[error("opening the probe socket: {0}")]
+    Probes(#[source] std::io::Error),
 }
 
 impl AgentError {
@@ -71,7 +77,14 @@ pub fn print_plan(node: &str, file: &Path, cluster_cidrs: Vec<Ipv4Net>) -> Resul
     }
     print!(
         "{}",
-        plan::plan(&loaded.snapshot, node, &PlanConfig { cluster_cidrs })
+        plan::plan(
+            &loaded.snapshot,
+            node,
+            &PlanConfig {
+                cluster_cidrs,
+                health: Health::default(),
+            }
+        )
     );
     Ok(())
 }
@@ -138,12 +151,18 @@ impl Signals {
 pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
     let mut datapath = Datapath::open(options.datapath.clone()).await?;
     let mut signals = Signals::new()?;
+    let failover = options.failover.clone();
+    let (asks, probe_asks) = watch::channel(Asks::default());
+    let mut liveness = crate::source::probes::start(failover.probes.clone(), probe_asks)
+        .map_err(AgentError::Probes)?;
     let mut agent = Agent {
         node: options.node.clone(),
         state_dir: options.datapath.state_dir.clone(),
         config: PlanConfig {
             cluster_cidrs: options.cluster_cidrs.clone(),
+            health: Health::default(),
         },
+        membership: Membership::new(failover.clone(), asks),
         loaded: None,
         planned: None,
         applied: None,
@@ -184,9 +203,13 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut refresh = tokio::time::interval_at(tokio::time::Instant::now() + REFRESH, REFRESH);
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Every probe interval: the node's own standing is as fresh as its peers'.
+    let mut renew = tokio::time::interval(failover.probes.interval);
+    renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     // The first apply compares everything: an earlier agent's data path may have drifted
-    // while none ran.
+    // while none ran. It waits for the probes to settle (see `Membership::settled`).
+    agent.membership.renew(&mut datapath)?;
     agent
         .reconcile(&mut datapath, &objects, Check::Everything)
         .await?;
@@ -195,6 +218,20 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
             next = objects.next() => {
                 agent.loaded = Some(next.ok_or(AgentError::SourceClosed)?);
                 agent.reconcile(&mut datapath, &objects, Check::Changes).await?;
+            }
+            changed = liveness.changed() => {
+                if changed.is_err() {
+                    return Err(AgentError::SourceClosed);
+                }
+                let now = liveness.borrow_and_update().clone();
+                if agent.membership.heard(now) {
+                    agent.reconcile(&mut datapath, &objects, Check::Changes).await?;
+                }
+            }
+            _ = renew.tick() => {
+                if agent.membership.renew(&mut datapath)? {
+                    agent.reconcile(&mut datapath, &objects, Check::Changes).await?;
+                }
             }
             _ = resync.tick() => agent.reconcile(&mut datapath, &objects, Check::Everything).await?,
             _ = refresh.tick() => {
@@ -206,6 +243,11 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
             }
             () = signals.recv() => break,
         }
+    }
+    if failover.drain_on_stop {
+        agent.drain(&mut datapath, &objects).await?;
+    } else {
+        agent.membership.stop(&mut datapath)?;
     }
     stopped();
     Ok(())
@@ -261,6 +303,7 @@ struct Agent {
     node: String,
     state_dir: PathBuf,
     config: PlanConfig,
+    membership: Membership,
     /// The latest view of the objects; `None` until the cluster's first complete one.
     loaded: Option<Loaded>,
     planned: Option<NodePlan>,
@@ -286,8 +329,16 @@ impl Agent {
         let Some(loaded) = &self.loaded else {
             return self.write_status(datapath, objects);
         };
+        self.membership
+            .set_peers(plan::peers(&loaded.snapshot, &self.node));
+        if !self.membership.settled() {
+            // Nothing is applied before the probes have had their chance: a starting node
+            // would take its peers' egress IPs, or send to a node whose agent never ran.
+            return self.write_status(datapath, objects);
+        }
         let now = loaded.problems.iter().map(ToString::to_string).collect();
         report_new(&mut self.problems, now, |m| tracing::warn!("{m}"));
+        self.config.health = self.membership.health(&self.node);
         let plan = plan::plan(&loaded.snapshot, &self.node, &self.config);
         if self.planned.as_ref() != Some(&plan) {
             log_changes(self.planned.as_ref(), &plan);
@@ -306,6 +357,7 @@ impl Agent {
                     })));
                 }
                 self.applied = Some((plan.clone(), loaded.digest, SystemTime::now()));
+                self.membership.applied(datapath)?;
                 self.failure = None;
                 self.again_soon = applied.incomplete;
             }
@@ -318,11 +370,26 @@ impl Agent {
         self.write_status(datapath, objects)
     }
 
+    /// Hands this node's egress IPs over: the kernel answers probes as draining at once, so
+    /// the other nodes take them; this node serves on until they have, then lets go.
+    async fn drain(
+        &mut self,
+        datapath: &mut Datapath,
+        objects: &Objects,
+    ) -> Result<(), AgentError> {
+        tracing::info!("draining: handing the egress IPs of this node over");
+        self.membership.drain(datapath)?;
+        tokio::time::sleep(self.membership.options.handover()).await;
+        self.reconcile(datapath, objects, Check::Changes).await
+    }
+
     /// Why the agent is not ready; empty when it is.
     fn not_ready(&self, objects: &Objects) -> Vec<String> {
         let mut reasons = Vec::new();
         if self.loaded.is_none() {
             reasons.push("waiting for the first complete view of the cluster".to_owned());
+        } else if !self.membership.settled() {
+            reasons.push("waiting for the first answers to probes".to_owned());
         }
         reasons.extend(self.failure.clone());
         let now = SystemTime::now();

@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod datapath;
 pub mod fsutil;
+pub mod membership;
 pub mod model;
 pub mod plan;
 pub mod report;

@@ -7,9 +7,10 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use ipnet::Ipv4Net;
 use kube::CustomResourceExt as _;
-use static_egress::agent::{self, AgentOptions};
+use static_egress::agent::{self, AgentOptions, FailoverOptions};
 use static_egress::datapath::{self, DatapathConfig};
 use static_egress::model::EgressGateway;
+use static_egress::source::probes::ProbeConfig;
 
 #[derive(Parser)]
 #[command(
@@ -98,6 +99,28 @@ struct AgentArgs {
     /// Routing table for marked packets; ours alone (not 0, 253, 254 or 255).
     #[arg(long, default_value = "1490", value_parser = datapath::check_route_table)]
     route_table: u32,
+    /// UDP port on which nodes probe each other (answered by our kernel program).
+    #[arg(long, default_value_t = 7947)]
+    probe_port: u16,
+    /// How often each node probes the nodes that may hold egress IPs.
+    #[arg(long, default_value = "50ms", value_parser = parse_interval)]
+    probe_interval: Duration,
+    /// Unanswered probes after which a node counts as down (with the interval: detection time).
+    /// At least 2: a node counts itself cut off one interval earlier than the others count it
+    /// out, so that it has stopped serving when they take over.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(2..))]
+    probe_misses: u32,
+    /// How long a node that came back must serve before it takes egress IPs again.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    rejoin_after: Duration,
+    /// How long the kernel lets this node serve its egress IPs after the agent last renewed
+    /// its lease: an agent away longer (killed, stuck, frozen) is fenced, and others take over.
+    #[arg(long, default_value = "10s", value_parser = parse_interval)]
+    lease: Duration,
+    /// On SIGTERM, hand this node's egress IPs to others before stopping, instead of leaving
+    /// the data path in place for a restart.
+    #[arg(long)]
+    drain_on_stop: bool,
     /// How often everything of ours is compared with the kernel and repaired (`30s`, `500ms`).
     #[arg(long, default_value = "30s", value_parser = parse_interval)]
     resync_interval: Duration,
@@ -176,12 +199,23 @@ fn main() -> ExitCode {
             from_file: args.from_file,
             cluster_cidrs: args.common.cluster_cidrs,
             resync: args.resync_interval,
+            failover: FailoverOptions {
+                probes: ProbeConfig {
+                    port: args.probe_port,
+                    interval: args.probe_interval,
+                    misses: args.probe_misses,
+                    rejoin: args.rejoin_after,
+                },
+                lease: args.lease,
+                drain_on_stop: args.drain_on_stop,
+            },
             datapath: DatapathConfig {
                 bpffs: args.bpffs,
                 state_dir: args.state_dir,
                 fwmark: args.fwmark,
                 route_table: args.route_table,
                 rule_priority: args.rule_priority,
+                probe_port: args.probe_port,
             },
         })),
         Command::Plan(args) => agent::print_plan(

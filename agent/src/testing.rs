@@ -468,6 +468,7 @@ pub fn arb_cluster() -> impl Strategy<Value = Cluster> {
                         name: format!("n{i}"),
                         labels,
                         ready,
+                        unschedulable: false,
                         internal_ip,
                         pod_cidrs,
                     })
@@ -523,6 +524,7 @@ impl Cluster {
     pub fn config(&self) -> PlanConfig {
         PlanConfig {
             cluster_cidrs: self.cluster_cidrs.clone(),
+            ..PlanConfig::default()
         }
     }
 

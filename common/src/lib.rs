@@ -7,7 +7,7 @@
 /// The version of the maps' layouts: bumped whenever one changes, it names their pin directory
 /// (`maps-v<N>`), so an upgraded agent creates maps of the new layout beside the old ones and
 /// swaps programs over without a gap.
-pub const MAPS_LAYOUT: u32 = 2;
+pub const MAPS_LAYOUT: u32 = 3;
 
 /// Names of the pinned maps and programs; the agent and the kernel objects agree on them.
 pub mod names {
@@ -19,6 +19,9 @@ pub mod names {
     pub const CONFIG: &str = "SE_CONFIG";
     pub const RANGES: &str = "SE_RANGES";
     pub const GUARD: &str = "SE_GUARD";
+    pub const LEASE: &str = "SE_LEASE";
+    pub const HEARD: &str = "SE_HEARD";
+    pub const PROBERS: &str = "SE_PROBERS";
     pub const PROG_POD_INGRESS: &str = "se_pod_ingress";
     pub const PROG_UPLINK_INGRESS: &str = "se_uplink_ingress";
     pub const PROG_UPLINK_EGRESS: &str = "se_uplink_egress";
@@ -33,6 +36,8 @@ pub mod capacity {
     pub const EGRESS: u32 = 4_096;
     /// Cluster ranges: every node's pod CIDRs and address, and `--cluster-cidr`s.
     pub const RANGES: u32 = 65_536;
+    /// Nodes that probed this one, with when they last did (least recently used first out).
+    pub const PROBERS: u32 = 16_384;
 }
 
 /// `SE_RANGES` value bit: the range is inside the cluster (pod CIDRs, node addresses,
@@ -52,6 +57,10 @@ pub struct Guard {
     /// Marked packets about to leave with another source (a masquerade that got to them
     /// first, a missing SNAT): dropped.
     pub dropped: u64,
+    /// Packets (and ARP answers) of an egress IP held here, dropped because the lease ran out.
+    pub fenced: u64,
+    /// Probes answered.
+    pub probes: u64,
 }
 
 /// Value of `SE_PODS`, keyed by a local pod's IPv4 address.
@@ -124,6 +133,101 @@ pub struct Counters {
 pub struct Config {
     /// The fwmark bit that sends a packet to our routing table (exactly one bit set).
     pub mark: u32,
+    /// This node's InternalIP: probes to it are answered by the uplink's ingress program.
+    pub node_ip: u32,
+    /// The UDP port of probes, in network byte order; 0 turns answering off.
+    pub probe_port: u16,
+    pub _reserved: u16,
+}
+
+/// The single entry of `SE_LEASE`, written by the agent alone: until when this node may serve
+/// its egress IPs. A node whose agent stops (killed, stuck, frozen) stops serving at
+/// `expires_ns` on its own, and its probe answers say so, so another node takes over with no
+/// two holders.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lease {
+    /// `CLOCK_MONOTONIC` (`bpf_ktime_get_ns`) nanoseconds, as every time here.
+    pub expires_ns: u64,
+    /// Since when the lease has run without a break: probe answers carry for how long the
+    /// node has served (from this or the end of its last cut-off, whichever is later), so that
+    /// every node, the node itself included, counts a node that came back only after the
+    /// rejoin time.
+    pub since_ns: u64,
+    /// Longer than this without a probe, and without an answer to its own probes, and the node
+    /// was cut off from the nodes that probe it, who count it out: it stops serving until
+    /// probes come again. 0 turns this off (no node, or a single one, probes this node: a lone
+    /// peer's death looks the same; or no other node could take over).
+    pub silence_ns: u64,
+    /// A probe saying this node was counted out counts only if its sender has probed without
+    /// a gap (none longer than `steady_ns`) for at least `isolated_ns`, long enough to count a
+    /// node out from what it heard (this node's answers got lost), or this node heard no probe
+    /// at all for longer than `isolated_ns` (it was the one cut off). A node that comes back
+    /// from its own isolation says its peers were lost until it hears them again; that stale
+    /// view is ignored.
+    pub steady_ns: u64,
+    pub isolated_ns: u64,
+    /// `Heard::cut_offs` as of the agent's last plan: while the kernel counts more, the node
+    /// was counted out by a peer since, and does not serve until its agent has planned with it.
+    pub cut_offs_seen: u32,
+    pub flags: u32,
+}
+
+/// `Lease::flags`: the node is handing its egress IPs over; it answers probes as draining,
+/// and serves on until the lease runs out.
+pub const LEASE_DRAINING: u32 = 1;
+
+/// The single entry of `SE_HEARD`, written by the kernel alone (the program answering probes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Heard {
+    /// When the last probe came in.
+    pub last_request_ns: u64,
+    /// When a peer last said it had counted this node out (`probe::LOST`).
+    pub cut_off_ns: u64,
+    /// How many probes said so.
+    pub cut_offs: u32,
+    pub _reserved: u32,
+    /// When the last answer to this node's own probes came in.
+    pub last_reply_ns: u64,
+}
+
+/// A value of `SE_PROBERS` (key: the prober's address, network byte order), written by the
+/// kernel: when that node last probed this one, and since when it has probed without a gap.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Prober {
+    pub last_ns: u64,
+    pub steady_since_ns: u64,
+}
+
+/// A probe between nodes: a UDP datagram of this payload to the node's InternalIP and the
+/// probe port, answered by the node's uplink program (in the kernel, agent or not).
+pub mod probe {
+    /// `b"SEP1"`, as the first four payload bytes.
+    pub const MAGIC: [u8; 4] = *b"SEP1";
+    pub const LEN: usize = 16;
+    /// Offsets in the payload.
+    pub const KIND: usize = 4;
+    pub const STATE: usize = 5;
+    /// In a request: how the prober counts the node it asks (`HEARD` or `LOST`).
+    pub const VIEW: usize = 6;
+    pub const SEQ: usize = 8;
+    /// In a reply: for how long the node has served without a break, in milliseconds (u32,
+    /// network byte order, saturating).
+    pub const UPTIME: usize = 12;
+    pub const REQUEST: u8 = 1;
+    pub const REPLY: u8 = 2;
+    /// `STATE` of a reply: the lease has run out (or was never taken): not serving.
+    pub const FENCED: u8 = 0;
+    pub const SERVING: u8 = 1;
+    pub const DRAINING: u8 = 2;
+    /// `VIEW` of a request: the prober hears the node, or has not had its chance yet.
+    pub const HEARD: u8 = 0;
+    /// `VIEW` of a request: the prober heard nothing from the node for the silent time and
+    /// counts it out; the node, hearing that, was cut off and does not serve until its agent
+    /// has planned with it.
+    pub const LOST: u8 = 1;
 }
 
 #[cfg(feature = "user")]
@@ -137,4 +241,7 @@ mod user {
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for Guard {}
+    unsafe impl aya::Pod for Lease {}
+    unsafe impl aya::Pod for Heard {}
+    unsafe impl aya::Pod for Prober {}
 }

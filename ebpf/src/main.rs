@@ -23,15 +23,15 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_redir_neigh},
-    helpers::generated::bpf_redirect_neigh,
+    helpers::generated::{bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh},
     macros::{classifier, map},
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
     programs::TcContext,
 };
 use static_egress_common::{
     Config, Counters, DEST_GATEWAY_BITS, DEST_VIA_GATEWAY, DestKey, EGRESS_LOCAL, EGRESS_ROUTED,
-    EgressEntry, GATEWAY_FAIL_CLOSED, GatewayEntry, Guard, PodEntry, RANGE_CLUSTER,
-    RANGE_REMOTE_PODS, capacity,
+    EgressEntry, GATEWAY_FAIL_CLOSED, GatewayEntry, Guard, Heard, LEASE_DRAINING, Lease, PodEntry,
+    Prober, RANGE_CLUSTER, RANGE_REMOTE_PODS, capacity, probe,
 };
 
 #[map(name = "SE_PODS")]
@@ -50,9 +50,24 @@ static SE_CONFIG: Array<Config> = Array::pinned(1, 0);
 static SE_RANGES: LpmTrie<u32, u8> = LpmTrie::pinned(capacity::RANGES, 0);
 #[map(name = "SE_GUARD")]
 static SE_GUARD: PerCpuArray<Guard> = PerCpuArray::pinned(1, 0);
+#[map(name = "SE_LEASE")]
+static SE_LEASE: Array<Lease> = Array::pinned(1, 0);
+#[map(name = "SE_HEARD")]
+static SE_HEARD: Array<Heard> = Array::pinned(1, 0);
+/// Who probed this node (IPv4 address, network order) and when last: the agent turns the
+/// silence fence on only once two nodes or more probe this one.
+#[map(name = "SE_PROBERS")]
+static SE_PROBERS: LruHashMap<u32, Prober> = LruHashMap::pinned(capacity::PROBERS, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP_WIRE: u16 = 0x0800_u16.to_be();
+const ETH_P_ARP_WIRE: u16 = 0x0806_u16.to_be();
+/// The sender's protocol address in an Ethernet/IPv4 ARP packet.
+const ARP_SPA_OFF: usize = ETH_HLEN + 14;
+const IPPROTO_UDP: u8 = 17;
+/// The UDP header and payload of a packet without IP options.
+const UDP_OFF: usize = ETH_HLEN + 20;
+const PAYLOAD_OFF: usize = UDP_OFF + 8;
 const IP_SRC_OFF: usize = ETH_HLEN + 12;
 const IP_DST_OFF: usize = ETH_HLEN + 16;
 const AF_INET: u32 = 2;
@@ -68,6 +83,9 @@ pub fn se_pod_ingress(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn se_uplink_ingress(ctx: TcContext) -> i32 {
+    if let Some(verdict) = answer_probe(&ctx) {
+        return verdict;
+    }
     uplink_ingress(&ctx);
     TCX_NEXT
 }
@@ -123,6 +141,152 @@ fn pod_ingress(ctx: &TcContext) -> Option<i32> {
     None
 }
 
+/// Whether this node may serve its egress IPs: its lease runs, no peer counted it out since its
+/// agent last planned, probes did not stop coming (it is not cut off right now), and it is not
+/// draining (then it serves, but says so).
+fn lease_state() -> u8 {
+    let (Some(lease), Some(heard)) = (SE_LEASE.get(0), SE_HEARD.get(0)) else {
+        return probe::FENCED;
+    };
+    // SAFETY: reads the kernel's monotonic clock.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // Cut off: no probe came, and no answer to this node's own probes either. Probes that
+    // stop while answers still come mean the other agents are away (restarting), not this
+    // node: it serves on.
+    let silent = lease.silence_ns != 0
+        && heard.last_request_ns != 0
+        && now.saturating_sub(heard.last_request_ns) > lease.silence_ns
+        && now.saturating_sub(heard.last_reply_ns) > lease.silence_ns;
+    if now >= lease.expires_ns || heard.cut_offs != lease.cut_offs_seen || silent {
+        probe::FENCED
+    } else if lease.flags & LEASE_DRAINING != 0 {
+        probe::DRAINING
+    } else {
+        probe::SERVING
+    }
+}
+
+/// A probe came in from `from`, which counts this node out when `view` is `probe::LOST`: this
+/// node was cut off while the others took its egress IPs, so it stops serving and starts its
+/// break over before it answers, and every node hears that from this very answer on.
+fn probed(from: u32, view: u8) {
+    // SAFETY: reads the kernel's monotonic clock.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let (steady_ns, isolated_ns) = SE_LEASE
+        .get(0)
+        .map_or((0, 0), |lease| (lease.steady_ns, lease.isolated_ns));
+    // SAFETY: plain integers written whole.
+    let previous = unsafe { SE_PROBERS.get(&from) }.copied();
+    let steady_since_ns = match previous {
+        Some(p) if now.saturating_sub(p.last_ns) <= steady_ns => p.steady_since_ns,
+        _ => now,
+    };
+    let _ = SE_PROBERS.insert(
+        &from,
+        &Prober {
+            last_ns: now,
+            steady_since_ns,
+        },
+        0,
+    );
+    let Some(heard) = SE_HEARD.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: the single entry of an array map, written by this program alone; races between
+    // CPUs only blur the times by the time between two probes, or lose a count of several.
+    unsafe {
+        let last = (*heard).last_request_ns;
+        let isolated = last != 0 && now.saturating_sub(last) > isolated_ns;
+        let steady = now.saturating_sub(steady_since_ns) >= isolated_ns;
+        if view == probe::LOST && (isolated || steady) {
+            (*heard).cut_off_ns = now;
+            (*heard).cut_offs = (*heard).cut_offs.wrapping_add(1);
+        }
+        (*heard).last_request_ns = now;
+    }
+}
+
+fn count(field: fn(&mut Guard) -> &mut u64) {
+    if let Some(guard) = SE_GUARD.get_ptr_mut(0) {
+        // SAFETY: per-CPU value, only this CPU writes it while we run.
+        unsafe { *field(&mut *guard) += 1 };
+    }
+}
+
+/// Answers a probe from another node in place: addresses and ports swapped, the lease's state
+/// written in, sent back out of the interface it came in on. The answer comes from the kernel,
+/// so it says what the data path does: it keeps coming while the agent is away, and says
+/// `FENCED` once the lease has run out, when the data path has stopped serving too.
+fn answer_probe(ctx: &TcContext) -> Option<i32> {
+    let config = SE_CONFIG.get(0)?;
+    if config.probe_port == 0 || ctx.load::<u16>(12).ok()? != ETH_P_IP_WIRE {
+        return None;
+    }
+    // No IP options (version 4, header length 5), UDP, to this node, to the probe port.
+    if ctx.load::<u8>(ETH_HLEN).ok()? != 0x45 || ctx.load::<u8>(ETH_HLEN + 9).ok()? != IPPROTO_UDP {
+        return None;
+    }
+    if ctx.load::<u32>(IP_DST_OFF).ok()? != config.node_ip
+        || ctx.load::<[u8; 4]>(PAYLOAD_OFF).ok()? != probe::MAGIC
+    {
+        return None;
+    }
+    let kind = ctx.load::<u8>(PAYLOAD_OFF + probe::KIND).ok()?;
+    if kind == probe::REPLY && ctx.load::<u16>(UDP_OFF).ok()? == config.probe_port {
+        // An answer to this node's own prober, on its way to the agent: the node can still
+        // reach its peers (see `lease_state`).
+        if let Some(heard) = SE_HEARD.get_ptr_mut(0) {
+            // SAFETY: reads the kernel's monotonic clock; a plain store to the single entry.
+            unsafe { (*heard).last_reply_ns = bpf_ktime_get_ns() };
+        }
+        return None;
+    }
+    if kind != probe::REQUEST || ctx.load::<u16>(UDP_OFF + 2).ok()? != config.probe_port {
+        return None;
+    }
+    probed(
+        ctx.load(IP_SRC_OFF).ok()?,
+        ctx.load(PAYLOAD_OFF + probe::VIEW).ok()?,
+    );
+    let macs: [u8; 12] = ctx.load(0).ok()?;
+    let addrs: [u8; 8] = ctx.load(IP_SRC_OFF).ok()?;
+    let ports: [u8; 4] = ctx.load(UDP_OFF).ok()?;
+    let swapped_macs = [
+        macs[6], macs[7], macs[8], macs[9], macs[10], macs[11], macs[0], macs[1], macs[2], macs[3],
+        macs[4], macs[5],
+    ];
+    // The IP checksum does not change when its two addresses trade places.
+    let swapped_addrs = [
+        addrs[4], addrs[5], addrs[6], addrs[7], addrs[0], addrs[1], addrs[2], addrs[3],
+    ];
+    let swapped_ports = [ports[2], ports[3], ports[0], ports[1]];
+    // No UDP checksum (allowed over IPv4): the payload changes.
+    let answer = [probe::REPLY, lease_state()];
+    let uptime_ms = SE_LEASE.get(0).map_or(0, |lease| {
+        let cut_off = SE_HEARD.get(0).map_or(0, |h| h.cut_off_ns);
+        // SAFETY: reads the kernel's monotonic clock.
+        let now = unsafe { bpf_ktime_get_ns() };
+        let ms = now.saturating_sub(lease.since_ns.max(cut_off)) / 1_000_000;
+        if ms > u64::from(u32::MAX) {
+            u32::MAX
+        } else {
+            ms as u32
+        }
+    });
+    ctx.store(0, &swapped_macs, 0).ok()?;
+    ctx.store(IP_SRC_OFF, &swapped_addrs, 0).ok()?;
+    ctx.store(UDP_OFF, &swapped_ports, 0).ok()?;
+    ctx.store(UDP_OFF + 6, &0u16, 0).ok()?;
+    ctx.store(PAYLOAD_OFF + probe::KIND, &answer, 0).ok()?;
+    ctx.store(PAYLOAD_OFF + probe::UPTIME, &uptime_ms.to_be(), 0)
+        .ok()?;
+    count(|g| &mut g.probes);
+    // SAFETY: `skb` is the live context pointer.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: a plain helper call; the packet goes out of the interface it came in on.
+    Some(unsafe { bpf_redirect(ifindex, 0) } as i32)
+}
+
 /// Marks a packet from another node's pod to outside the cluster: it is here to leave with an
 /// egress IP, and the guard in [`uplink_egress`] must see it if it would leave otherwise.
 fn uplink_ingress(ctx: &TcContext) -> Option<()> {
@@ -140,14 +304,30 @@ fn uplink_ingress(ctx: &TcContext) -> Option<()> {
     // SAFETY: `skb` is the live context pointer; other bits of the mark belong to others.
     let mark = unsafe { (*ctx.skb.skb).mark };
     ctx.set_mark(mark | mark_bit);
-    if let Some(guard) = SE_GUARD.get_ptr_mut(0) {
-        // SAFETY: per-CPU value, only this CPU writes it while we run.
-        unsafe { (*guard).transit += 1 };
-    }
+    count(|g| &mut g.transit);
     None
 }
 
+/// An ARP packet announcing an egress IP held here (an answer, or a gratuitous one), while
+/// the lease does not let this node serve: dropped, so the segment forgets this node for it.
+fn fence_arp(ctx: &TcContext) -> Option<i32> {
+    if ctx.load::<u16>(12).ok()? != ETH_P_ARP_WIRE {
+        return None;
+    }
+    let sender: u32 = ctx.load(ARP_SPA_OFF).ok()?;
+    // SAFETY: entries are plain integers written whole by the agent.
+    let held = unsafe { SE_EGRESS.get(&sender) }.is_some_and(|e| e.flags & EGRESS_LOCAL != 0);
+    if !held || lease_state() == probe::SERVING {
+        return None;
+    }
+    count(|g| &mut g.fenced);
+    Some(TC_ACT_SHOT)
+}
+
 fn uplink_egress(ctx: &TcContext) -> Option<i32> {
+    if let Some(verdict) = fence_arp(ctx) {
+        return Some(verdict);
+    }
     let mark_bit = SE_CONFIG.get(0)?.mark;
     // SAFETY: `skb` is the live context pointer.
     let (mark, ifindex) = unsafe { ((*ctx.skb.skb).mark, (*ctx.skb.skb).ifindex) };
@@ -157,17 +337,19 @@ fn uplink_egress(ctx: &TcContext) -> Option<i32> {
     let (src, _) = ipv4_addrs(ctx)?;
     // SAFETY: entries are plain integers written whole by the agent.
     let Some(pod) = (unsafe { SE_PODS.get(&src) }) else {
-        // Not a local pod's own address: only an egress IP held here may take it out.
+        // Not a local pod's own address: only an egress IP held here may take it out, and
+        // only while the lease lets this node serve.
         // SAFETY: as above.
         let held = unsafe { SE_EGRESS.get(&src) }.is_some_and(|e| e.flags & EGRESS_LOCAL != 0);
-        if held {
-            return None;
+        if !held {
+            count(|g| &mut g.dropped);
+            return Some(TC_ACT_SHOT);
         }
-        if let Some(guard) = SE_GUARD.get_ptr_mut(0) {
-            // SAFETY: per-CPU value, only this CPU writes it while we run.
-            unsafe { (*guard).dropped += 1 };
+        if lease_state() == probe::FENCED {
+            count(|g| &mut g.fenced);
+            return Some(TC_ACT_SHOT);
         }
-        return Some(TC_ACT_SHOT);
+        return None;
     };
     // SAFETY: as above.
     let egress = unsafe { SE_EGRESS.get(&pod.egress_ip) }?;

@@ -10,15 +10,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use ipnet::Ipv4Net;
 
-use crate::POLL_INTERVAL;
 use crate::builder::{ClusterBuilder, NodePlan, Plan, PodStyle, locate_binary, nth_host};
 use crate::cmd::{exec, ip, netns_command, write_sysctls};
 use crate::digest::digest;
 use crate::names::{check_dns_label, check_dns_subdomain, host_veth_name, ipv4_conf_key};
 use crate::objects::{self, Labels, Objects};
-use crate::process::{AgentHandle, Background, ProbeLoop};
+use crate::process::{AgentHandle, Background, ProbeLoop, Stream};
 use crate::snapshot::NodeSnapshot;
 use crate::teardown::{kill_namespace_processes, mount_bpffs, script, teardown};
+use crate::{POLL_INTERVAL, wait_until};
 
 /// The next-hop address routed pods use, answered by the node through proxy ARP (as Calico does).
 const ROUTED_POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
@@ -35,6 +35,8 @@ pub struct LabNode {
     /// Prefix length of the node segment, as configured on the uplink.
     pub prefix_len: u8,
     pub uplink: String,
+    /// The uplink's peer on the router's bridge.
+    pub router_port: String,
     pub pod_cidr: Ipv4Net,
     pub pod_style: PodStyle,
     pub rp_filter: u8,
@@ -164,6 +166,8 @@ pub struct Cluster {
     objects: Objects,
     probe_bin: PathBuf,
     ext_server: Option<Background>,
+    /// `se-probe echo` on ext, for streams; started with the first one.
+    ext_echo: Option<Background>,
     /// Numbers the log files of agents and loops.
     runs: AtomicU32,
     armed: bool,
@@ -224,6 +228,7 @@ impl Cluster {
             objects: Objects::default(),
             probe_bin,
             ext_server: None,
+            ext_echo: None,
             runs: AtomicU32::new(0),
             armed: true,
         };
@@ -366,6 +371,7 @@ impl Cluster {
             ip: plan.ip,
             prefix_len,
             uplink: plan.uplink.clone(),
+            router_port: port,
             pod_cidr: plan.pod_cidr,
             pod_style: plan.pod_style,
             rp_filter: plan.rp_filter,
@@ -434,6 +440,11 @@ impl Cluster {
         &self.router_netns
     }
 
+    /// The router's bridge for the node segment.
+    pub fn router_bridge(&self) -> &str {
+        &self.settings.router_bridge
+    }
+
     pub fn ext_netns(&self) -> &str {
         &self.ext_netns
     }
@@ -471,7 +482,7 @@ impl Cluster {
         Ok(path)
     }
 
-    fn next_run(&self) -> u32 {
+    pub(crate) fn next_run(&self) -> u32 {
         self.runs.fetch_add(1, Ordering::Relaxed) + 1
     }
 
@@ -647,6 +658,17 @@ impl Cluster {
 
     /// Starts `se-probe loop` in the pod: `count` connections, one every `interval`.
     pub fn start_loop(&self, pod: &LabPod, interval: Duration, count: u32) -> Result<ProbeLoop> {
+        self.start_loop_with_timeout(pod, interval, count, ASK_TIMEOUT)
+    }
+
+    /// Like [`start_loop`](Self::start_loop), each connection given `timeout`.
+    pub fn start_loop_with_timeout(
+        &self,
+        pod: &LabPod,
+        interval: Duration,
+        count: u32,
+        timeout: Duration,
+    ) -> Result<ProbeLoop> {
         let out = self.dir.join(format!(
             "loop.{}.{}.{}.out",
             pod.namespace,
@@ -658,9 +680,48 @@ impl Cluster {
             .arg(self.probe_addr().to_string())
             .args(["--interval-ms", &interval.as_millis().to_string()])
             .args(["--count", &count.to_string()])
-            .args(["--timeout-ms", &ASK_TIMEOUT.as_millis().to_string()]);
+            .args(["--timeout-ms", &timeout.as_millis().to_string()]);
         let what = format!("se-probe loop in {}/{}", pod.namespace, pod.name);
         Ok(ProbeLoop {
+            process: Background::spawn(cmd, &out, what)?,
+        })
+    }
+
+    /// Starts `se-probe stream` in the pod: one connection to an echo server on `ext` (started
+    /// with the first stream), kept busy with a message every `interval` for `duration`.
+    pub fn start_stream(
+        &mut self,
+        pod: &LabPod,
+        interval: Duration,
+        duration: Duration,
+    ) -> Result<Stream> {
+        let echo = SocketAddrV4::new(self.ext_ip, self.settings.probe_port + 1);
+        if self.ext_echo.is_none() {
+            let mut cmd = netns_command(&self.ext_netns, [self.probe_bin.as_os_str()]);
+            cmd.args(["echo", "--listen", &echo.to_string()]);
+            let out = self.dir.join("ext-echo.out");
+            let server = Background::spawn(cmd, &out, "se-probe echo in ext".into())?;
+            wait_until(Duration::from_secs(10), || {
+                server
+                    .output()
+                    .is_ok_and(|o| o.lines().any(|l| l == "ready"))
+            })
+            .context("se-probe echo did not get ready")?;
+            self.ext_echo = Some(server);
+        }
+        let out = self.dir.join(format!(
+            "stream.{}.{}.{}.out",
+            pod.namespace,
+            pod.name,
+            self.next_run()
+        ));
+        let mut cmd = netns_command(&pod.netns, [self.probe_bin.as_os_str()]);
+        cmd.arg("stream")
+            .arg(echo.to_string())
+            .args(["--interval-ms", &interval.as_millis().to_string()])
+            .args(["--seconds", &duration.as_secs().to_string()]);
+        let what = format!("se-probe stream in {}/{}", pod.namespace, pod.name);
+        Ok(Stream {
             process: Background::spawn(cmd, &out, what)?,
         })
     }
@@ -720,6 +781,13 @@ impl Cluster {
             if up { "up" } else { "down" },
         ])?;
         Ok(())
+    }
+
+    /// Cuts `node` off the segment, or connects it again, at the router's side of its cable:
+    /// the node keeps its addresses and routes, as when a switch port or cable fails.
+    pub fn cut_off(&self, node: &str, cut: bool) -> Result<()> {
+        let port = self.node(node)?.router_port.clone();
+        self.set_link(&self.router_netns, &port, !cut)
     }
 
     pub fn snapshot(&self, node: &str) -> Result<NodeSnapshot> {

@@ -45,6 +45,7 @@
 //! ```
 
 pub mod apiserver;
+mod arp;
 mod builder;
 mod cluster;
 mod cmd;
@@ -62,11 +63,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 
+pub use arp::{ArpSeen, ArpWatch};
 pub use builder::{ClusterBuilder, NodeSpec, PodStyle};
 pub use cluster::{Cluster, Kept, LabNode, LabPod, PodSpec};
 pub use cmd::{exec, exec_output};
 pub use digest::digest;
-pub use process::{AgentHandle, Answer, ProbeLoop, expect_all_from, expect_none_leaked};
+pub use process::{
+    AgentHandle, Answer, ProbeLoop, Stream, StreamOutcome, expect_all_from, expect_none_leaked,
+};
 pub use snapshot::NodeSnapshot;
 pub use teardown::teardown_prefix;
 

@@ -228,6 +228,47 @@ pub fn expect_none_leaked(answers: &[Answer], want: Ipv4Addr) -> anyhow::Result<
     Ok(answers.iter().filter(|a| a.source() == Some(want)).count())
 }
 
+/// How a `se-probe stream` connection fared.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamOutcome {
+    pub survived: bool,
+    pub echoes: u64,
+    /// The longest time between two echoes.
+    pub longest_silence: Duration,
+    /// Why it broke, when it did.
+    pub error: Option<String>,
+}
+
+/// `se-probe stream` running in a pod: one long-lived connection kept busy.
+#[derive(Debug)]
+pub struct Stream {
+    pub(crate) process: Background,
+}
+
+impl Stream {
+    /// Waits for the stream to end and says how it fared.
+    pub fn wait(mut self, timeout: Duration) -> Result<StreamOutcome> {
+        self.process.wait_exit(timeout)?;
+        let output = self.process.output()?;
+        let line = output.lines().last().unwrap_or_default();
+        let mut fields = line.splitn(4, ' ');
+        let (kind, echoes, silence) = (fields.next(), fields.next(), fields.next());
+        let (Some(kind), Some(Ok(echoes)), Some(Ok(silence))) = (
+            kind,
+            echoes.map(str::parse::<u64>),
+            silence.map(str::parse::<u64>),
+        ) else {
+            anyhow::bail!("odd se-probe stream output: {output:?}");
+        };
+        Ok(StreamOutcome {
+            survived: kind == "survived",
+            echoes,
+            longest_silence: Duration::from_millis(silence),
+            error: fields.next().map(str::to_owned),
+        })
+    }
+}
+
 /// `se-probe loop` running in a pod: a pod that keeps opening connections.
 #[derive(Debug)]
 pub struct ProbeLoop {
@@ -238,6 +279,23 @@ impl ProbeLoop {
     /// Answers of the connections finished so far.
     pub fn answers(&self) -> Result<Vec<Answer>> {
         Ok(parse_answers(&self.process.output()?))
+    }
+
+    /// The answers so far, each with when it came (since the loop started).
+    pub fn timed_answers(&self) -> Result<Vec<(Duration, Answer)>> {
+        Ok(parse_timed_answers(&self.process.output()?))
+    }
+
+    /// Like [`wait`](Self::wait), with when each answer came.
+    pub fn wait_timed(mut self, timeout: Duration) -> Result<Vec<(Duration, Answer)>> {
+        self.process.wait_exit(timeout)?;
+        self.timed_answers()
+    }
+
+    /// Like [`stop`](Self::stop), with when each answer came.
+    pub fn stop_timed(mut self) -> Result<Vec<(Duration, Answer)>> {
+        self.process.kill()?;
+        self.timed_answers()
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -259,6 +317,14 @@ impl ProbeLoop {
 
 /// Complete lines only: the last one may still be being written.
 fn parse_answers(output: &str) -> Vec<Answer> {
+    parse_timed_answers(output)
+        .into_iter()
+        .map(|(_, answer)| answer)
+        .collect()
+}
+
+/// `se-probe loop`'s lines: milliseconds since it started, then the answer.
+fn parse_timed_answers(output: &str) -> Vec<(Duration, Answer)> {
     let complete = match output.rfind('\n') {
         Some(end) => &output[..end],
         None => "",
@@ -266,7 +332,11 @@ fn parse_answers(output: &str) -> Vec<Answer> {
     complete
         .lines()
         .filter(|l| !l.trim().is_empty())
-        .map(|l| Answer::parse(l.trim()))
+        .map(|l| {
+            let (at, rest) = l.trim().split_once(' ').unwrap_or(("0", l.trim()));
+            let at = Duration::from_millis(at.parse().unwrap_or_default());
+            (at, Answer::parse(rest))
+        })
         .collect()
 }
 
@@ -276,16 +346,23 @@ mod tests {
 
     #[test]
     fn loop_output_is_parsed_line_by_line() {
-        let out =
-            "10.99.0.200\nerror: cannot connect to 203.0.113.10:7777: refused\n10.99.0.11\n10.9";
+        let out = "0 10.99.0.200\n20 error: cannot connect to 203.0.113.10:7777: refused\n\
+                   2041 10.99.0.11\n2061 10.9";
         assert_eq!(
-            parse_answers(out),
+            parse_timed_answers(out),
             vec![
-                Answer::From(Ipv4Addr::new(10, 99, 0, 200)),
-                Answer::Failed("cannot connect to 203.0.113.10:7777: refused".into()),
-                Answer::From(Ipv4Addr::new(10, 99, 0, 11)),
+                (Duration::ZERO, Answer::From(Ipv4Addr::new(10, 99, 0, 200))),
+                (
+                    Duration::from_millis(20),
+                    Answer::Failed("cannot connect to 203.0.113.10:7777: refused".into())
+                ),
+                (
+                    Duration::from_millis(2041),
+                    Answer::From(Ipv4Addr::new(10, 99, 0, 11))
+                ),
             ]
         );
+        assert_eq!(parse_answers(out).len(), 3);
         assert!(parse_answers("").is_empty());
     }
 }

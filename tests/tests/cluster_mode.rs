@@ -227,6 +227,11 @@ fn a_slow_api_server_never_delays_the_data_path() -> Result<()> {
     let (api, kubeconfig) = with_api(&cluster)?;
     let _agents = start_all(&cluster, &kubeconfig)?;
     expect_source(&cluster, &shop, node2)?;
+    // Agents plan once their probes have heard each other: changes count from then on.
+    for node in ["node1", "node2", "node3"] {
+        wait_until(APPLY, || health(&cluster, node, true).is_ok())
+            .with_context(|| format!("the agent on {node} did not become ready"))?;
+    }
 
     // Every status write and event now hangs for 20 s; changes keep reaching the data path.
     api.delay_writes(Duration::from_secs(20));

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use aya::maps::{
@@ -15,7 +16,8 @@ use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use static_egress_common::{
-    Config, Counters, DestKey, EgressEntry, GatewayEntry, Guard, MAPS_LAYOUT, PodEntry, names,
+    Config, Counters, DestKey, EgressEntry, GatewayEntry, Guard, Heard, Lease, MAPS_LAYOUT,
+    PodEntry, Prober, names,
 };
 
 use super::DatapathError;
@@ -86,6 +88,10 @@ pub struct Bpf {
     config: Array<MapData, Config>,
     ranges: LpmTrie<MapData, u32, u8>,
     guard: PerCpuArray<MapData, Guard>,
+    lease: Array<MapData, Lease>,
+    heard: Array<MapData, Heard>,
+    // An LRU hash in the kernel: aya reads it as a plain hash map.
+    probers: HashMap<MapData, u32, Prober>,
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
@@ -133,6 +139,9 @@ impl Bpf {
             config: take(&mut ebpf, names::CONFIG)?,
             ranges: take(&mut ebpf, names::RANGES)?,
             guard: take(&mut ebpf, names::GUARD)?,
+            lease: take(&mut ebpf, names::LEASE)?,
+            heard: take(&mut ebpf, names::HEARD)?,
+            probers: take(&mut ebpf, names::PROBERS)?,
             pods: take(&mut ebpf, names::PODS)?,
             dests: take(&mut ebpf, names::DESTS)?,
             gateways: take(&mut ebpf, names::GATEWAYS)?,
@@ -144,14 +153,37 @@ impl Bpf {
         })
     }
 
-    /// The fwmark bit the programs set on selected packets.
-    pub fn set_mark(&mut self, mark: u32) -> Result<(), DatapathError> {
-        if self.config.get(&0, 0).ok().map(|c| c.mark) != Some(mark) {
+    /// What the programs need to know of this node: our fwmark bit, its address and the
+    /// probe port.
+    pub fn set_config(&mut self, config: Config) -> Result<(), DatapathError> {
+        if self.config.get(&0, 0).ok() != Some(config) {
             self.config
-                .set(0, Config { mark }, 0)
+                .set(0, config, 0)
                 .map_err(map_err(names::CONFIG))?;
         }
         Ok(())
+    }
+
+    /// The lease as the programs see it.
+    pub fn lease(&self) -> Lease {
+        self.lease.get(&0, 0).unwrap_or_default()
+    }
+
+    pub fn set_lease(&mut self, lease: Lease) -> Result<(), DatapathError> {
+        self.lease.set(0, lease, 0).map_err(map_err(names::LEASE))
+    }
+
+    /// What the program answering probes saw of them.
+    pub fn heard(&self) -> Heard {
+        self.heard.get(&0, 0).unwrap_or_default()
+    }
+
+    /// The addresses that probed this node, with when they last did.
+    pub fn probers(&self) -> impl Iterator<Item = (Ipv4Addr, u64)> + '_ {
+        self.probers
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(ip, p)| (Ipv4Addr::from(u32::from_be(ip)), p.last_ns))
     }
 
     /// Brings the maps to `want`. Entries a pod entry points at are written before the pod
@@ -443,6 +475,8 @@ impl Bpf {
             per_cpu.iter().fold(Guard::default(), |acc, g| Guard {
                 transit: acc.transit + g.transit,
                 dropped: acc.dropped + g.dropped,
+                fenced: acc.fenced + g.fenced,
+                probes: acc.probes + g.probes,
             })
         })
     }

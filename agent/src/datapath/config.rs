@@ -14,6 +14,8 @@ pub struct DatapathConfig {
     /// Ours alone: the agent keeps exactly its own routes in it.
     pub route_table: u32,
     pub rule_priority: u32,
+    /// The UDP port on which the uplink program answers other nodes' probes.
+    pub probe_port: u16,
 }
 
 impl DatapathConfig {

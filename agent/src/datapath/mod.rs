@@ -4,6 +4,7 @@
 mod arp;
 pub mod bpf;
 mod config;
+mod conntrack;
 mod netlink;
 pub mod nft;
 mod ours;
@@ -15,9 +16,9 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use static_egress_common::{
-    DEST_EXCLUDED, DEST_GATEWAY_BITS, DEST_VIA_GATEWAY, DestKey, EGRESS_LOCAL, EGRESS_ROUTED,
-    EgressEntry, GATEWAY_FAIL_CLOSED, GatewayEntry, Guard, PodEntry, RANGE_CLUSTER,
-    RANGE_REMOTE_PODS,
+    Config, DEST_EXCLUDED, DEST_GATEWAY_BITS, DEST_VIA_GATEWAY, DestKey, EGRESS_LOCAL,
+    EGRESS_ROUTED, EgressEntry, GATEWAY_FAIL_CLOSED, GatewayEntry, Guard, Heard, Lease, PodEntry,
+    RANGE_CLUSTER, RANGE_REMOTE_PODS,
 };
 
 use crate::model::FailurePolicy;
@@ -180,6 +181,28 @@ impl Datapath {
         self.bpf.guard()
     }
 
+    /// The lease the kernel serves by (see [`crate::membership`]).
+    pub fn lease(&self) -> Lease {
+        self.bpf.lease()
+    }
+
+    pub fn set_lease(&mut self, lease: Lease) -> Result<(), DatapathError> {
+        self.bpf.set_lease(lease)
+    }
+
+    /// What the kernel saw of the probes to this node.
+    pub fn heard(&self) -> Heard {
+        self.bpf.heard()
+    }
+
+    /// How many of `nodes` have probed this node.
+    pub fn probed_by(&self, nodes: &BTreeSet<Ipv4Addr>) -> usize {
+        self.bpf
+            .probers()
+            .filter(|(ip, _)| nodes.contains(ip))
+            .count()
+    }
+
     /// Brings the node to `plan`. Steps run in the order that keeps selected traffic from
     /// leaving with the node's address: NAT and addresses first, marking last; removals after.
     /// Drift found on the way (something of ours changed behind our back) is repaired and
@@ -207,17 +230,41 @@ impl Datapath {
             uplink: &uplink.name,
             macs: &macs,
         };
+        // Before the SNAT for an egress IP taken now goes in: from then on its entries are new.
+        let present: BTreeSet<Ipv4Addr> = self
+            .nl
+            .host_addresses(uplink.index)
+            .await?
+            .into_iter()
+            .collect();
+        for ip in snat
+            .iter()
+            .map(|s| s.egress_ip)
+            .filter(|ip| !present.contains(ip))
+        {
+            if let Err(e) = conntrack::forget_translated_to(ip) {
+                applied.warnings.push(format!(
+                    "forgetting connections translated to {ip} before taking it: {e}"
+                ));
+            }
+        }
         let in_force = self.sync_nft(&snat, marks, senders, check, &mut applied)?;
         let warnings = &mut applied.warnings;
         // An address without its SNAT would only attract traffic this node cannot translate.
         let held: BTreeSet<Ipv4Addr> = in_force.iter().map(|s| s.egress_ip).collect();
-        self.hold_addresses(&uplink, &held, warnings).await?;
+        self.hold_addresses(&uplink, &held, &present, warnings)
+            .await?;
 
         self.nl.sync_rule(rule).await?;
         let via = single_remote_holder(plan);
         self.nl.sync_table(rule.table, uplink.index, via).await?;
         // The programs switch to our bit only once its rule and table are in place.
-        self.bpf.set_mark(rule.mark)?;
+        self.bpf.set_config(Config {
+            mark: rule.mark,
+            node_ip: plan.node_ip.map(wire).unwrap_or_default(),
+            probe_port: self.config.probe_port.to_be(),
+            _reserved: 0,
+        })?;
         let holders: BTreeSet<Ipv4Addr> = plan
             .gateways
             .iter()
@@ -468,20 +515,16 @@ impl Datapath {
         Ok(())
     }
 
-    /// Adds the held egress IPs to the uplink (recorded first) and announces new ones.
+    /// Adds the held egress IPs that are not `present` on the uplink (recorded first) and
+    /// announces them.
     async fn hold_addresses(
         &mut self,
         uplink: &netlink::Interface,
         held: &BTreeSet<Ipv4Addr>,
+        present: &BTreeSet<Ipv4Addr>,
         warnings: &mut Warnings,
     ) -> Result<(), DatapathError> {
-        let present: BTreeSet<Ipv4Addr> = self
-            .nl
-            .host_addresses(uplink.index)
-            .await?
-            .into_iter()
-            .collect();
-        for ip in held.difference(&present) {
+        for ip in held.difference(present) {
             self.record(|s| {
                 s.addresses.insert(*ip);
             })?;
@@ -563,6 +606,18 @@ fn without_refused(
         in_force.extend(kept.cloned());
     }
     in_force
+}
+
+/// `CLOCK_MONOTONIC`, the kernel programs' clock (`bpf_ktime_get_ns`), in nanoseconds.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or_default() * 1_000_000_000
+        + u64::try_from(ts.tv_nsec).unwrap_or_default()
 }
 
 fn wire(ip: Ipv4Addr) -> u32 {

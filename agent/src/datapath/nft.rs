@@ -82,6 +82,25 @@ pub fn render(snat: &[SnatPlan], marks: u32, senders: Senders<'_>) -> String {
             );
         }
         let _ = writeln!(s, "  }}");
+        set(
+            &mut s,
+            "held",
+            false,
+            snat.iter()
+                .map(|r| r.egress_ip)
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .map(|ip| ip.to_string()),
+        );
+        // A packet to an egress IP that no connection here expects is the reply to one that
+        // left through the previous holder: answered by this node's stack it would reset
+        // that connection. Dropped before conntrack confirms it, it leaves no state behind,
+        // the peer sends it again, and by then the pod's own next packet has come this way
+        // and made the connection known here (README, "Failover").
+        let _ = writeln!(
+            s,
+            "  chain input {{\n    type filter hook input priority filter; policy accept;\n    ip daddr @held meta l4proto {{ tcp, udp }} ct state new,invalid counter drop comment \"not a connection of this holder\"\n  }}"
+        );
     }
     let _ = writeln!(
         s,
@@ -95,6 +114,15 @@ pub fn render(snat: &[SnatPlan], marks: u32, senders: Senders<'_>) -> String {
             comment(&rule.gateway)
         );
     }
+    // Another node's pod, sent here to leave with an egress IP this node does not (or no
+    // longer, or not yet) hold: the kernel guard would drop it on the way out, but only after
+    // conntrack had recorded the connection as untranslated, and that record would outlive
+    // a takeover and keep the connection from ever being translated here.
+    let _ = writeln!(
+        s,
+        "    iifname \"{}\" meta mark & {marks:#x} != 0 counter drop comment \"not translated here\"",
+        senders.uplink
+    );
     let _ = writeln!(
         s,
         "    meta mark & {marks:#x} != 0 snat ip to ip saddr comment \"keep source of marked pod traffic\"\n  }}\n}}"
@@ -228,8 +256,16 @@ mod tests {
         assert!(text.contains(
             "iifname \"eth0\" ip saddr @pods_0 ip daddr @dst_0 ip daddr != @excl_0 ether saddr != @senders counter drop"
         ));
+        assert!(text.contains("set held { type ipv4_addr; elements = { 10.99.0.200 }; }"));
+        assert!(text.contains(
+            "ip daddr @held meta l4proto { tcp, udp } ct state new,invalid counter drop"
+        ));
         // A node that translates nothing drops nothing.
-        assert!(!render(&[], 0x2000, senders).contains("prerouting"));
+        assert!(text.contains(
+            "iifname \"eth0\" meta mark & 0x2000 != 0 counter drop comment \"not translated here\""
+        ));
+        let none = render(&[], 0x2000, senders);
+        assert!(!none.contains("prerouting") && !none.contains("input"));
     }
 
     #[test]

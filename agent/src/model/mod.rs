@@ -46,6 +46,8 @@ pub struct NodeInfo {
     pub labels: Labels,
     /// `status.conditions[type=Ready].status == "True"`.
     pub ready: bool,
+    /// `spec.unschedulable` (cordoned): a node being drained hands its egress IPs over.
+    pub unschedulable: bool,
     /// First IPv4 `InternalIP` in `status.addresses`.
     pub internal_ip: Option<Ipv4Addr>,
     /// IPv4 entries of `spec.podCIDRs` (or `spec.podCIDR`).

@@ -253,6 +253,7 @@ pub(crate) fn node(key: &ObjectKey, raw: Node) -> Result<NodeInfo, Vec<Invalid>>
         name: key.name.clone(),
         labels: raw.metadata.labels.unwrap_or_default(),
         ready,
+        unschedulable: spec.unschedulable.unwrap_or(false),
         internal_ip,
         pod_cidrs,
     })
@@ -587,6 +588,7 @@ mod tests {
                     ("kubernetes.io/os", "linux"),
                 ]),
                 ready: true,
+                unschedulable: false,
                 internal_ip: Some(Ipv4Addr::new(10, 0, 0, 11)),
                 pod_cidrs: vec!["10.244.1.0/24".parse().unwrap()],
             })]

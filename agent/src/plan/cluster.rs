@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use ipnet::Ipv4Net;
 
 use super::compute::{Chooser, accept_gateways};
+use super::failover::Health;
 use super::{RejectReason, Rejection};
 use crate::model::Snapshot;
 
@@ -25,7 +26,8 @@ pub struct GatewayUsage {
 /// (they select nothing). Annotations naming no gateway are nobody's: the planner logs them.
 /// `cluster` are the ranges that never go through a gateway ([`super::NodePlan::cluster_cidrs`]).
 pub fn gateway_usage(snapshot: &Snapshot, cluster: &[Ipv4Net]) -> BTreeMap<String, GatewayUsage> {
-    let accepted = accept_gateways(snapshot, cluster);
+    // Holders do not matter here: who uses a gateway does not depend on who holds it.
+    let accepted = accept_gateways(snapshot, cluster, &Health::default());
     let mut chooser = Chooser::new(snapshot, &accepted.gateways, &accepted.problems);
     let mut usage: BTreeMap<String, GatewayUsage> = snapshot
         .gateways

@@ -9,9 +9,10 @@ use ipnet::Ipv4Net;
 
 use static_egress_common::capacity;
 
+use super::failover::{self, Health};
 use super::{
-    Budget, DestEntry, EgressPlan, GatewayPlan, Holder, NodePlan, PlanConfig, PlanProblem, PodPlan,
-    Reason, RejectReason, Rejection, SnatPlan,
+    Budget, DestEntry, GatewayPlan, NodePlan, PlanConfig, PlanProblem, PodPlan, Reason,
+    RejectReason, Rejection, SnatPlan,
 };
 use crate::model::{Gateway, NamespaceInfo, PodInfo, Snapshot};
 
@@ -50,7 +51,7 @@ pub fn plan(snapshot: &Snapshot, node: &str, config: &PlanConfig) -> NodePlan {
         gateways: accepted,
         plans: gateways,
         problems,
-    } = accept_gateways(snapshot, &cluster_cidrs);
+    } = accept_gateways(snapshot, &cluster_cidrs, &config.health);
 
     let held: Vec<(usize, usize)> = gateways
         .iter()
@@ -208,7 +209,11 @@ pub(super) struct Accepted<'a> {
 /// Leaves out, in name order, the gateways that reuse an egress IP of an earlier one, then those
 /// that no longer fit the kernel maps after the earlier ones: a gateway is programmed whole or
 /// not at all, and never at the expense of one before it.
-pub(super) fn accept_gateways<'a>(snapshot: &'a Snapshot, cluster: &[Ipv4Net]) -> Accepted<'a> {
+pub(super) fn accept_gateways<'a>(
+    snapshot: &'a Snapshot,
+    cluster: &[Ipv4Net],
+    health: &Health,
+) -> Accepted<'a> {
     let mut problems = Vec::new();
     let safe: Vec<&Gateway> = snapshot
         .gateways
@@ -240,6 +245,7 @@ pub(super) fn accept_gateways<'a>(snapshot: &'a Snapshot, cluster: &[Ipv4Net]) -
             gateway,
             ids.get(&gateway.name).copied().unwrap_or(0),
             cluster,
+            health,
         );
         let needs = |budget| match budget {
             Budget::Gateways => 1,
@@ -355,27 +361,9 @@ fn gateway_plan(
     gateway: &Gateway,
     id: u32,
     cluster: &[Ipv4Net],
+    health: &Health,
 ) -> GatewayPlan {
-    let eligible: Vec<Holder> = snapshot
-        .nodes
-        .values()
-        .filter(|n| n.ready && gateway.node_selector.matches(&n.labels))
-        .filter_map(|n| {
-            Some(Holder {
-                node: n.name.clone(),
-                node_ip: n.internal_ip?,
-            })
-        })
-        .collect();
-    let egress = gateway
-        .egress_ips
-        .iter()
-        .enumerate()
-        .map(|(k, &ip)| EgressPlan {
-            ip,
-            holder: eligible.get(k % eligible.len().max(1)).cloned(),
-        })
-        .collect();
+    let egress = failover::holders(gateway, &failover::eligible(snapshot, gateway, health));
 
     let mut destinations = gateway.destinations.clone();
     destinations.sort_unstable();

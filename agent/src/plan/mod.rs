@@ -4,6 +4,7 @@
 mod cluster;
 mod compute;
 mod display;
+mod failover;
 #[cfg(test)]
 mod props;
 #[cfg(test)]
@@ -17,12 +18,15 @@ use crate::model::FailurePolicy;
 
 pub use cluster::{GatewayUsage, gateway_usage};
 pub use compute::{gateway_ids, plan};
+pub use failover::{Down, Health, Peers, peers};
 
 /// Settings of the agent that shape the plan.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PlanConfig {
     /// Extra in-cluster ranges (`--cluster-cidr`) that never go through a gateway.
     pub cluster_cidrs: Vec<Ipv4Net>,
+    /// What probes say of the nodes that could hold egress IPs (every node serves by default).
+    pub health: Health,
 }
 
 /// What one node must program.

@@ -62,6 +62,7 @@ impl World {
                 name: name.to_owned(),
                 labels: labels(&[("kubernetes.io/hostname", name)]),
                 ready,
+                unschedulable: false,
                 internal_ip: Some(ip(node_ip)),
                 pod_cidrs: nets(&[pod_cidr]),
             },
@@ -180,6 +181,7 @@ fn cluster_ranges_are_collected_sorted_and_deduplicated() {
     });
     let config = PlanConfig {
         cluster_cidrs: nets(&["10.96.0.0/12", "10.244.0.0/16", "10.0.0.1/32"]),
+        ..PlanConfig::default()
     };
     let plan = plan(&world.0, "n1", &config);
     assert_eq!(
@@ -245,6 +247,7 @@ fn exclusions_always_win_over_nested_destinations() {
         "n1",
         &PlanConfig {
             cluster_cidrs: nets(&["10.96.0.0/12"]),
+            ..PlanConfig::default()
         },
     );
     let entries: Vec<(String, bool)> = plan.gateways[0]
@@ -834,6 +837,7 @@ fn egress_ips_inside_the_cluster_are_refused() {
         "n1",
         &PlanConfig {
             cluster_cidrs: nets(&["10.96.0.0/12"]),
+            ..PlanConfig::default()
         },
     );
     let names: Vec<&str> = plan.gateways.iter().map(|g| g.name.as_str()).collect();
@@ -872,6 +876,83 @@ fn the_reason_names_the_narrowest_pod_cidr_whatever_their_order() {
             "{order:?}"
         );
     }
+}
+
+#[test]
+fn probes_move_egress_ips_off_nodes_that_are_down_and_rejoining_nodes_wait() {
+    let mut g = gateway("g", &["192.0.2.1", "192.0.2.2"]);
+    g.node_selector = Selector::everything();
+    let world = cluster().gateway(g);
+    let holders = |health: Health| -> Vec<Option<String>> {
+        plan(
+            &world.0,
+            "n1",
+            &PlanConfig {
+                health,
+                ..PlanConfig::default()
+            },
+        )
+        .gateways[0]
+            .egress
+            .iter()
+            .map(|e| e.holder.as_ref().map(|h| h.node.clone()))
+            .collect()
+    };
+    let some = |n: &str| Some(n.to_owned());
+    // n3 is not Ready: n1 and n2 hold one each.
+    assert_eq!(holders(Health::default()), [some("n1"), some("n2")]);
+    let n2_down = Health {
+        down: [("n2".to_owned(), Down::Silent)].into(),
+        ..Health::default()
+    };
+    assert_eq!(holders(n2_down), [some("n1"), some("n1")]);
+    // Back, but not for long enough: it waits while another can hold.
+    let n2_back = Health {
+        rejoining: ["n2".to_owned()].into(),
+        ..Health::default()
+    };
+    assert_eq!(holders(n2_back), [some("n1"), some("n1")]);
+    // Everyone rejoining (the cluster starting): better those than nobody.
+    let all_back = Health {
+        rejoining: ["n1".to_owned(), "n2".to_owned()].into(),
+        ..Health::default()
+    };
+    assert_eq!(holders(all_back), [some("n1"), some("n2")]);
+    // Back from its own isolation, n1 still hears n2 as silent: it waits for the rejoin
+    // time or for n2's answers rather than take what n2 may hold.
+    let back_alone = Health {
+        down: [("n2".to_owned(), Down::Silent)].into(),
+        rejoining: ["n1".to_owned()].into(),
+    };
+    assert_eq!(holders(back_alone), [None, None]);
+    let all_down = Health {
+        down: [
+            ("n1".to_owned(), Down::Fenced),
+            ("n2".to_owned(), Down::Draining),
+        ]
+        .into(),
+        ..Health::default()
+    };
+    assert_eq!(holders(all_down), [None, None]);
+    let around = peers(&world.0, "n1");
+    assert_eq!(
+        around.targets.into_keys().collect::<Vec<_>>(),
+        ["n2"],
+        "n3 is not Ready"
+    );
+    assert!(around.candidate);
+    assert_eq!(around.addresses.len(), 2, "n3 probes too");
+    // A cordoned node hands its egress IPs over, and is no candidate to probe.
+    let cordoned = world.edit_node("n2", |n| n.unschedulable = true);
+    let plan = cordoned.plan("n1");
+    assert!(
+        plan.gateways[0]
+            .egress
+            .iter()
+            .all(|e| e.holder.as_ref().is_some_and(|h| h.node == "n1"))
+    );
+    assert!(peers(&cordoned.0, "n1").targets.is_empty());
+    assert!(!peers(&cordoned.0, "n2").candidate);
 }
 
 #[test]
@@ -914,6 +995,7 @@ fn display_of_a_small_plan() {
         "n1",
         &PlanConfig {
             cluster_cidrs: nets(&["10.96.0.0/12"]),
+            ..PlanConfig::default()
         },
     );
     assert_eq!(gateway_ids(["corp-fw", "lab"])["corp-fw"], 2_184_389_983);
@@ -980,6 +1062,7 @@ fn plans_a_large_cluster() {
                 name,
                 labels: labels(&[("egress", if n % 10 == 0 { "yes" } else { "no" })]),
                 ready: n % 7 != 0,
+                unschedulable: false,
                 internal_ip: Some(Ipv4Addr::from(0x0a00_0000 + n)),
                 pod_cidrs: vec![Ipv4Net::new(Ipv4Addr::from(0x0af4_0000 + (n << 8)), 24).unwrap()],
             },

@@ -127,6 +127,7 @@ fn lab() -> Snapshot {
                 name: name.to_owned(),
                 labels: node_labels,
                 ready: true,
+                unschedulable: false,
                 internal_ip: Some(ip.into()),
                 pod_cidrs: Vec::new(),
             },

@@ -845,6 +845,7 @@ mod tests {
             name: format!("node{n}"),
             labels: labels(node_labels),
             ready: true,
+            unschedulable: false,
             internal_ip: Some(Ipv4Addr::new(10, 0, 0, n)),
             pod_cidrs: vec![format!("10.244.{n}.0/24").parse().unwrap()],
         }

@@ -1,11 +1,13 @@
-//! Where snapshots come from: a file of Kubernetes objects (read as a stream of documents)
-//! watched for changes, or the cluster's API server.
+//! The agent's inputs: its objects, from a file of Kubernetes objects (read as a stream of
+//! documents) watched for changes or from the cluster's API server, and what probes between
+//! nodes say of the nodes that may hold egress IPs.
 
 pub mod documents;
 mod file;
 #[cfg(test)]
 mod fuzz;
 pub mod kube;
+pub mod probes;
 
 use std::fmt;
 use std::io;

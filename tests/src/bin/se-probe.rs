@@ -1,8 +1,12 @@
 //! A tiny TCP probe for the network-namespace labs.
 //!
 //! `serve` answers every connection with the peer's address, so a client learns which source
-//! address its traffic left the cluster with; `ask` and `loop` are the clients. `echo` and `rr`
-//! measure request/response latency over one persistent connection (`cargo xtask bench`).
+//! address its traffic left the cluster with; `ask` and `loop` are the clients (`loop` prints
+//! each answer after the milliseconds since it started). `echo` and `rr` measure
+//! request/response latency over one persistent connection (`cargo xtask bench`); `stream`
+//! keeps one connection to an echo server busy and says whether it survived and its longest
+//! silence. `arp` broadcasts an ARP request every interval until killed, so that a capture can
+//! count who answers.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -15,8 +19,10 @@ const USAGE: &str = "usage:
   se-probe serve --listen ADDR:PORT [--log FILE]
   se-probe ask ADDR:PORT [--timeout-ms N]
   se-probe loop ADDR:PORT --interval-ms N --count N [--timeout-ms N]
+  se-probe stream ADDR:PORT --interval-ms N --seconds N [--timeout-ms N]
   se-probe echo --listen ADDR:PORT
-  se-probe rr ADDR:PORT --count N [--size BYTES] [--warmup N] [--timeout-ms N]";
+  se-probe rr ADDR:PORT --count N [--size BYTES] [--warmup N] [--timeout-ms N]
+  se-probe arp INTERFACE SENDER_IP TARGET_IP --interval-ms N";
 
 /// `rr` refuses messages larger than this: the point is small transactions, and the echo server
 /// reads into a buffer of this size.
@@ -56,6 +62,22 @@ fn run(args: &[String]) -> Result<ExitCode, Failure> {
             serve(listen, parsed.flags.get("log").map(String::as_str))?;
             Ok(ExitCode::SUCCESS)
         }
+        "arp" => {
+            parsed.only(&["interval-ms"], 3)?;
+            let [interface, sender, target] = &parsed.positional[..] else {
+                return Err(Failure::Usage(
+                    "arp needs INTERFACE SENDER_IP TARGET_IP".into(),
+                ));
+            };
+            let ip = |s: &str| {
+                s.parse::<std::net::Ipv4Addr>()
+                    .map_err(|e| Failure::Usage(format!("{s}: {e}")))
+            };
+            let interval = parsed.millis("interval-ms", 50)?;
+            arp_requests(interface, ip(sender)?, ip(target)?, interval)
+                .map_err(Failure::Runtime)?;
+            Ok(ExitCode::SUCCESS)
+        }
         "ask" => {
             parsed.only(&["timeout-ms"], 1)?;
             let addr = parse_addr(&parsed.positional[0])?;
@@ -71,21 +93,37 @@ fn run(args: &[String]) -> Result<ExitCode, Failure> {
             let count = parsed.number("count", None)?;
             let timeout = parsed.millis("timeout-ms", DEFAULT_TIMEOUT_MS)?;
             let mut all_ok = true;
+            let started = Instant::now();
             for i in 0..count {
                 if i > 0 {
                     // Pacing between connections is the point of this command, not a wait for
                     // some condition.
                     std::thread::sleep(interval);
                 }
+                let at = started.elapsed().as_millis();
                 match ask(addr, timeout) {
-                    Ok(answer) => println!("{answer}"),
+                    Ok(answer) => println!("{at} {answer}"),
                     Err(e) => {
                         all_ok = false;
-                        println!("error: {e}");
+                        println!("{at} error: {e}");
                     }
                 }
             }
             Ok(if all_ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        "stream" => {
+            parsed.only(&["interval-ms", "seconds", "timeout-ms"], 1)?;
+            let addr = parse_addr(&parsed.positional[0])?;
+            let interval = parsed.millis("interval-ms", 10)?;
+            let seconds = parsed.number("seconds", None)?;
+            let timeout = parsed.millis("timeout-ms", 10_000)?;
+            let outcome = stream(addr, interval, Duration::from_secs(seconds), timeout);
+            println!("{outcome}");
+            Ok(if outcome.starts_with("survived") {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
@@ -273,6 +311,49 @@ fn ask(addr: SocketAddr, timeout: Duration) -> Result<String, String> {
     Ok(reply.to_owned())
 }
 
+/// One connection kept busy for `duration`: a numbered message every `interval`, each echoed
+/// back. Says `survived <echoes> <longest silence ms>` or `broken <echoes> <longest silence
+/// ms> <why>`; the silence is the longest time between two echoes (or from the start).
+fn stream(addr: SocketAddr, interval: Duration, duration: Duration, timeout: Duration) -> String {
+    let mut echoes = 0_u64;
+    let mut longest = Duration::ZERO;
+    let broken = |echoes: u64, longest: Duration, why: String| {
+        format!("broken {echoes} {} {why}", longest.as_millis())
+    };
+    let mut conn = match TcpStream::connect_timeout(&addr, timeout) {
+        Ok(conn) => conn,
+        Err(e) => return broken(0, longest, format!("cannot connect: {e}")),
+    };
+    if let Err(e) = conn
+        .set_read_timeout(Some(timeout))
+        .and_then(|()| conn.set_nodelay(true))
+    {
+        return broken(0, longest, format!("cannot set up the connection: {e}"));
+    }
+    let started = Instant::now();
+    let mut last = started;
+    while started.elapsed() < duration {
+        let message = echoes.to_be_bytes();
+        let mut back = [0_u8; 8];
+        if let Err(e) = conn
+            .write_all(&message)
+            .and_then(|()| conn.read_exact(&mut back))
+        {
+            longest = longest.max(last.elapsed());
+            return broken(echoes, longest, e.to_string());
+        }
+        if back != message {
+            return broken(echoes, longest, "the echo does not match".into());
+        }
+        echoes += 1;
+        longest = longest.max(last.elapsed());
+        last = Instant::now();
+        // Pacing is the point of this command.
+        std::thread::sleep(interval);
+    }
+    format!("survived {echoes} {}", longest.as_millis())
+}
+
 fn echo_serve(listen: SocketAddr) -> Result<(), Failure> {
     let listener = TcpListener::bind(listen)
         .map_err(|e| Failure::Runtime(format!("cannot listen on {listen}: {e}")))?;
@@ -371,6 +452,74 @@ fn summarize(rtts: &mut [Duration]) -> String {
         at(0.99),
         mean
     )
+}
+
+/// Broadcasts "who has `target`, tell `sender`" on `interface` every `interval`, forever.
+fn arp_requests(
+    interface: &str,
+    sender: std::net::Ipv4Addr,
+    target: std::net::Ipv4Addr,
+    interval: Duration,
+) -> Result<(), String> {
+    const ETH_P_ARP: u16 = 0x0806;
+    let mac_text = std::fs::read_to_string(format!("/sys/class/net/{interface}/address"))
+        .map_err(|e| format!("reading {interface}'s address: {e}"))?;
+    let mac: Vec<u8> = mac_text
+        .trim()
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{interface}'s address {mac_text:?}: {e}"))?;
+    let name = std::ffi::CString::new(interface).map_err(|e| e.to_string())?;
+    // SAFETY: a valid NUL-terminated name.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if ifindex == 0 {
+        return Err(format!("no interface {interface}"));
+    }
+    // SAFETY: plain syscall; the descriptor is closed when the process ends.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_DGRAM,
+            i32::from(ETH_P_ARP.to_be()),
+        )
+    };
+    if fd < 0 {
+        return Err(format!("packet socket: {}", io::Error::last_os_error()));
+    }
+    // Ethernet, IPv4, 6- and 4-byte addresses, a request.
+    let mut request = vec![0, 1, 8, 0, 6, 4, 0, 1];
+    request.extend_from_slice(&mac);
+    request.extend_from_slice(&sender.octets());
+    request.extend_from_slice(&[0; 6]);
+    request.extend_from_slice(&target.octets());
+    // SAFETY: an all-zero sockaddr_ll is valid; the fields that matter are set below.
+    let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    to.sll_family = libc::AF_PACKET as u16;
+    to.sll_protocol = ETH_P_ARP.to_be();
+    to.sll_ifindex = i32::try_from(ifindex).map_err(|e| e.to_string())?;
+    to.sll_halen = 6;
+    to.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+    loop {
+        // SAFETY: the buffer and address outlive the call and their lengths are given.
+        let sent = unsafe {
+            libc::sendto(
+                fd,
+                request.as_ptr().cast(),
+                request.len(),
+                0,
+                std::ptr::from_ref(&to).cast(),
+                u32::try_from(std::mem::size_of::<libc::sockaddr_ll>()).unwrap_or(u32::MAX),
+            )
+        };
+        if sent < 0 {
+            return Err(format!(
+                "sending an ARP request: {}",
+                io::Error::last_os_error()
+            ));
+        }
+        std::thread::sleep(interval);
+    }
 }
 
 #[cfg(test)]

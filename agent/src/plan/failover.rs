@@ -1,0 +1,144 @@
+//! Holder election, the failover policy: the nodes that may hold a gateway's egress IPs are
+//! those that are Ready, not cordoned, have an InternalIP, match its `nodeSelector` and, as far
+//! as this node's probes tell, serve now; they take the egress IPs in turn, in name order.
+//! Nodes that came back less than the rejoin time ago take part only when no other can and
+//! none is silent, so that a node that flaps does not pull the IPs back and forth. Every node decides alone, from
+//! the same objects and from probes that every node sees alike within an interval or two.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::Ipv4Addr;
+
+use super::{EgressPlan, Holder};
+use crate::model::{Gateway, NodeInfo, Snapshot};
+
+/// What probes say of the nodes that could hold egress IPs, beyond their Node objects. The
+/// default: every node serves.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Health {
+    /// Nodes that cannot hold now, and why.
+    pub down: BTreeMap<String, Down>,
+    /// Nodes that came back less than the rejoin time ago.
+    pub rejoining: BTreeSet<String>,
+}
+
+/// Why a node cannot hold egress IPs now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Down {
+    /// Its probes went unanswered (the node, its uplink or its kernel programs are gone).
+    Silent,
+    /// It answers that it does not serve: its lease ran out (its agent has been away too
+    /// long), or it was cut off and its agent has not planned since.
+    Fenced,
+    /// This node itself: no probe came for the silence time, or a peer counted it out.
+    CutOff,
+    /// It is handing its egress IPs over before it stops.
+    Draining,
+}
+
+impl fmt::Display for Down {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Silent => "its probes went unanswered",
+            Self::Fenced => "it answers that it is fenced",
+            Self::CutOff => "it was cut off from the nodes that probe it",
+            Self::Draining => "it is draining",
+        })
+    }
+}
+
+/// Who a node is among the others.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Peers {
+    /// The nodes to probe: those that may hold egress IPs.
+    pub targets: BTreeMap<String, Ipv4Addr>,
+    /// Every other node's address: those that may probe this one.
+    pub addresses: BTreeSet<Ipv4Addr>,
+    /// This node may hold egress IPs, so others probe it.
+    pub candidate: bool,
+}
+
+/// Whether `node` may hold egress IPs of any gateway as far as its Node object goes.
+fn may_hold(node: &NodeInfo) -> bool {
+    node.ready && !node.unschedulable && node.internal_ip.is_some()
+}
+
+/// The nodes that hold `gateway`'s egress IPs, in the order they take them.
+pub(super) fn eligible(snapshot: &Snapshot, gateway: &Gateway, health: &Health) -> Vec<Holder> {
+    let candidates: Vec<&NodeInfo> = snapshot
+        .nodes
+        .values()
+        .filter(|n| may_hold(n) && gateway.node_selector.matches(&n.labels))
+        .collect();
+    let serving: Vec<&NodeInfo> = candidates
+        .iter()
+        .copied()
+        .filter(|n| !health.down.contains_key(&n.name))
+        .collect();
+    let settled: Vec<&NodeInfo> = serving
+        .iter()
+        .copied()
+        .filter(|n| !health.rejoining.contains(&n.name))
+        .collect();
+    // Nodes that all came back together (a cluster starting) share the egress IPs at once.
+    // Not while a candidate is silent: a node just back from its own isolation still counts
+    // every peer silent, and would take what a settled peer holds.
+    let silent = candidates
+        .iter()
+        .any(|n| health.down.get(&n.name) == Some(&Down::Silent));
+    let chosen = if settled.is_empty() && !silent {
+        serving
+    } else {
+        settled
+    };
+    chosen
+        .into_iter()
+        .filter_map(|n| {
+            Some(Holder {
+                node: n.name.clone(),
+                node_ip: n.internal_ip?,
+            })
+        })
+        .collect()
+}
+
+/// The first egress IP goes to the first eligible node, the second to the second, and so on
+/// round robin; with none eligible, no egress IP has a holder.
+pub(super) fn holders(gateway: &Gateway, eligible: &[Holder]) -> Vec<EgressPlan> {
+    gateway
+        .egress_ips
+        .iter()
+        .enumerate()
+        .map(|(k, &ip)| EgressPlan {
+            ip,
+            holder: eligible.get(k % eligible.len().max(1)).cloned(),
+        })
+        .collect()
+}
+
+/// Whether `node` may hold some gateway's egress IPs by its Node object: every node probes it
+/// (probes then say whether it serves).
+fn candidate(snapshot: &Snapshot, node: &NodeInfo) -> bool {
+    may_hold(node)
+        && snapshot
+            .gateways
+            .values()
+            .any(|g| g.node_selector.matches(&node.labels))
+}
+
+/// The nodes around `node`: the candidates it probes, every other node's address (those that
+/// probe it) and whether it is a candidate itself.
+pub fn peers(snapshot: &Snapshot, node: &str) -> Peers {
+    let others = || snapshot.nodes.values().filter(|n| n.name != node);
+    Peers {
+        targets: others()
+            .filter(|n| candidate(snapshot, n))
+            .filter_map(|n| Some((n.name.clone(), n.internal_ip?)))
+            .collect(),
+        addresses: others().filter_map(|n| n.internal_ip).collect(),
+        candidate: snapshot
+            .nodes
+            .get(node)
+            .is_some_and(|n| candidate(snapshot, n)),
+    }
+}
