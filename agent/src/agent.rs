@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use crate::datapath::{Check, Datapath, DatapathConfig, DatapathError};
 pub use crate::membership::FailoverOptions;
 use crate::membership::Membership;
-use crate::plan::{self, Health, NodePlan, PlanConfig};
+use crate::plan::{self, NodePlan, PlanConfig};
 use crate::report::node_status::{self, AppliedPlan, NodeStatus, NodeStatusError};
 use crate::report::{Report, Reporter};
 use crate::source::kube::{ClusterSource, WatchHealth};
@@ -82,7 +82,7 @@ pub fn print_plan(node: &str, file: &Path, cluster_cidrs: Vec<Ipv4Net>) -> Resul
             node,
             &PlanConfig {
                 cluster_cidrs,
-                health: Health::default(),
+                ..PlanConfig::default()
             }
         )
     );
@@ -160,7 +160,7 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
         state_dir: options.datapath.state_dir.clone(),
         config: PlanConfig {
             cluster_cidrs: options.cluster_cidrs.clone(),
-            health: Health::default(),
+            ..PlanConfig::default()
         },
         membership: Membership::new(failover.clone(), asks),
         loaded: None,
@@ -229,7 +229,7 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
                 }
             }
             _ = renew.tick() => {
-                if agent.membership.renew(&mut datapath)? {
+                if agent.membership.renew(&mut datapath)? || agent.membership.handover_due() {
                     agent.reconcile(&mut datapath, &objects, Check::Changes).await?;
                 }
             }
@@ -339,7 +339,16 @@ impl Agent {
         let now = loaded.problems.iter().map(ToString::to_string).collect();
         report_new(&mut self.problems, now, |m| tracing::warn!("{m}"));
         self.config.health = self.membership.health(&self.node);
-        let plan = plan::plan(&loaded.snapshot, &self.node, &self.config);
+        self.config.not_yet.clear();
+        let mut plan = plan::plan(&loaded.snapshot, &self.node, &self.config);
+        if let Some((applied, ..)) = &self.applied {
+            let moves = plan::handovers(applied, &plan, &self.node, &self.config.health);
+            let mine = plan.held_by(&self.node);
+            self.config.not_yet = self.membership.not_yet(moves, &mine);
+            if !self.config.not_yet.is_empty() {
+                plan = plan::plan(&loaded.snapshot, &self.node, &self.config);
+            }
+        }
         if self.planned.as_ref() != Some(&plan) {
             log_changes(self.planned.as_ref(), &plan);
         }
@@ -353,6 +362,7 @@ impl Agent {
                     reports.send_replace(Some(Arc::new(Report {
                         snapshot: Arc::clone(&loaded.snapshot),
                         plan: plan.clone(),
+                        health: self.config.health.clone(),
                         refused: applied.refused,
                     })));
                 }

@@ -9,6 +9,8 @@
 //!
 //! Every node then hears it as fenced, or silent, and no two nodes serve one egress IP.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use static_egress_common::{Heard, LEASE_DRAINING, Lease};
@@ -48,7 +50,7 @@ enum Own {
     /// Back less than the rejoin time ago.
     Rejoining,
     /// A peer counted this node out since the agent last planned (it was cut off, or did
-    /// not answer): the others hold its egress IPs.
+    /// not answer), or the lease ran out before: the others hold its egress IPs.
     CutOff,
 }
 
@@ -62,6 +64,8 @@ pub struct Membership {
     /// The probes settled once: from then on the agent plans whatever they say.
     settled_once: bool,
     draining: bool,
+    /// Served for twice the rejoin time (see `Health::veterans`).
+    veteran: bool,
     /// Stopping for a restart: the data path stays and serves on its lease.
     stopping: bool,
     own: Own,
@@ -71,6 +75,8 @@ pub struct Membership {
     acked: Option<u32>,
     probed_by: usize,
     counted_at: Option<Instant>,
+    /// Planned takeovers under way (see `not_yet`), and when each began.
+    taking: BTreeMap<Ipv4Addr, Instant>,
 }
 
 impl Membership {
@@ -83,13 +89,48 @@ impl Membership {
             peers_known: false,
             settled_once: false,
             draining: false,
+            veteran: false,
             stopping: false,
             own: Own::default(),
             cut_offs: 0,
             acked: None,
             probed_by: 0,
             counted_at: None,
+            taking: BTreeMap::new(),
         }
+    }
+
+    /// Of the egress IPs that this node takes from a node that still serves them, those it
+    /// must not take yet: that node lets go at its own next probe tick and apply, which two
+    /// intervals cover. A planned move has a short gap rather than two holders.
+    /// `mine`: the egress IPs the plan gives this node (a takeover under way stays one while
+    /// the plan gives it the IP, though the plan applied meanwhile held it for no node).
+    pub fn not_yet(
+        &mut self,
+        handovers: BTreeSet<Ipv4Addr>,
+        mine: &BTreeSet<Ipv4Addr>,
+    ) -> BTreeSet<Ipv4Addr> {
+        let now = Instant::now();
+        self.taking.retain(|ip, _| mine.contains(ip));
+        for ip in handovers {
+            self.taking.entry(ip).or_insert(now);
+        }
+        let wait = self.handover_wait();
+        self.taking
+            .iter()
+            .filter(|(_, at)| now.duration_since(**at) < wait)
+            .map(|(ip, _)| *ip)
+            .collect()
+    }
+
+    /// A takeover has waited long enough: the agent plans again.
+    pub fn handover_due(&self) -> bool {
+        let wait = self.handover_wait();
+        self.taking.values().any(|at| at.elapsed() >= wait)
+    }
+
+    fn handover_wait(&self) -> Duration {
+        self.options.probes.interval * 2
     }
 
     /// The nodes around this one, as the objects say now.
@@ -137,7 +178,11 @@ impl Membership {
             health.down.insert(node.to_owned(), Down::Draining);
         } else {
             match self.own {
-                Own::Serving => {}
+                Own::Serving => {
+                    if self.veteran {
+                        health.veterans.insert(node.to_owned());
+                    }
+                }
                 Own::Rejoining => {
                     health.rejoining.insert(node.to_owned());
                 }
@@ -155,7 +200,17 @@ impl Membership {
         let now = monotonic_ns();
         let old = datapath.lease();
         let heard = datapath.heard();
-        let acked = *self.acked.get_or_insert(old.cut_offs_seen);
+        let mut acked = *self.acked.get_or_insert(old.cut_offs_seen);
+        if old.expires_ns != 0 && old.expires_ns <= now {
+            // The lease ran out (this agent was away longer, frozen or killed): the kernel
+            // stopped serving, and renewing must not start it again with a plan made before
+            // the break, while another node holds what this one did. It serves again once a
+            // plan made from now on is in place (see `applied`). A first lease has no plan
+            // before it to protect.
+            acked = heard.cut_offs.wrapping_sub(1);
+            self.acked = Some(acked);
+            tracing::warn!("the lease had run out: not serving until planned again");
+        }
         if self
             .counted_at
             .is_none_or(|at| at.elapsed() >= COUNT_PROBERS_EVERY)
@@ -167,12 +222,15 @@ impl Membership {
         datapath.set_lease(lease)?;
         self.cut_offs = heard.cut_offs;
         let own = standing(&lease, &heard, now, self.options.probes.rejoin);
-        let changed = own != self.own;
+        let uptime = now.saturating_sub(lease.since_ns.max(heard.cut_off_ns));
+        let veteran = uptime >= nanos(self.options.probes.rejoin * 2);
+        let changed = own != self.own || veteran != self.veteran;
+        self.veteran = veteran;
         if changed {
             match own {
-                Own::CutOff => tracing::warn!(
-                    "counted out by another node (this one was cut off, or did not answer \
-                     its probes); not serving until planned without its egress IPs"
+                Own::CutOff => tracing::info!(
+                    "not serving until planned again (counted out by another node, or back \
+                     after a break)"
                 ),
                 Own::Rejoining => tracing::info!(
                     "rejoining: taking egress IPs only after serving {:?} without a break",

@@ -120,10 +120,11 @@ fn next_eligible_node_takes_over_when_the_holder_is_not_ready() -> Result<()> {
             n.ready = false;
         }
     })?;
-    assert!(
-        has_address(&cluster, "node3", EGRESS_IP)?,
-        "node3 did not take the egress IP"
-    );
+    // node2 still answers its probes: node3 waits two probe intervals for it to let go.
+    wait_until(APPLY, || {
+        has_address(&cluster, "node3", EGRESS_IP).unwrap_or(false)
+    })
+    .context("node3 did not take the egress IP")?;
     assert!(
         !has_address(&cluster, "node2", EGRESS_IP)?,
         "node2 kept the egress IP"

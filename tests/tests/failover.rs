@@ -305,3 +305,83 @@ fn a_draining_holder_hands_over_with_no_gap() -> Result<()> {
         Ok(())
     })
 }
+
+/// Sends `signal` to the agent's process.
+fn signal(agent: &AgentHandle, signal: libc::c_int) -> Result<()> {
+    let pid = libc::pid_t::try_from(agent.pid())?;
+    // SAFETY: plain syscall on a child we have not reaped.
+    ensure!(
+        unsafe { libc::kill(pid, signal) } == 0,
+        "cannot signal the agent: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(())
+}
+
+#[test]
+fn a_frozen_agent_is_fenced_at_the_end_of_its_lease_and_rejoins_after_it_thaws() -> Result<()> {
+    Scene::run(|scene| {
+        let loop_ = probe(&scene.cluster, &scene.pod, 9)?;
+        let arp = scene.cluster.watch_arp(EGRESS_IP)?;
+        std::thread::sleep(Duration::from_millis(500));
+
+        // Frozen (SIGSTOP): nothing renews the lease; the kernel keeps serving until it runs
+        // out (2 s), then answers fenced and node3 takes over.
+        signal(&scene.agents[1], libc::SIGSTOP)?;
+        let frozen = Instant::now();
+        scene.until_holds("node3")?;
+        let took = frozen.elapsed();
+        eprintln!("agent frozen: node3 holds the egress IP {took:?} later (lease 2 s)");
+        ensure!(
+            took > Duration::from_millis(1500),
+            "node3 took over before node2's lease ran out ({took:?})"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+
+        // Thawed: its plan is from before the break; it must not serve with it, and takes
+        // the egress IP back only after the rejoin time.
+        signal(&scene.agents[1], libc::SIGCONT)?;
+        let back = scene.until_held_by("node2", "node3")?;
+        eprintln!("agent thawed: node2 holds the egress IP again after {back:?}");
+        ensure!(
+            back > Duration::from_millis(900),
+            "node2 took its egress IP back before the rejoin time ({back:?})"
+        );
+        let answers = loop_.wait_timed(Duration::from_secs(30))?;
+        longest_gap(&answers)?;
+        one_answerer(&arp.finish()?)?;
+        Ok(())
+    })
+}
+
+#[test]
+fn an_edit_that_moves_the_egress_ip_has_one_holder_at_a_time_and_streams_survive() -> Result<()> {
+    Scene::run(|scene| {
+        let stream = scene.stream(4)?;
+        let loop_ = probe(&scene.cluster, &scene.pod, 4)?;
+        let arp = scene.cluster.watch_arp(EGRESS_IP)?;
+        std::thread::sleep(Duration::from_millis(1000));
+
+        // Only node3 may hold it now: node2 lets go at its tick, node3 takes it after.
+        let mut moved = netlab::fixture::gateway(netlab::fixture::GATEWAY, EGRESS_IP);
+        moved.node_selector = netlab::objects::match_labels([("kubernetes.io/hostname", "node3")]);
+        scene.cluster.update_objects(|o| o.set_gateway(moved))?;
+        let took = scene.until_held_by("node3", "node2")?;
+        eprintln!("edit: node3 holds the egress IP alone after {took:?}");
+
+        let answers = loop_.wait_timed(Duration::from_secs(30))?;
+        let gap = longest_gap(&answers)?;
+        let outcome = stream.wait(Duration::from_secs(30))?;
+        eprintln!("stream across the move: {outcome:?}");
+        ensure!(
+            outcome.survived,
+            "the long-lived connection broke: {outcome:?}"
+        );
+        ensure!(
+            gap < Duration::from_millis(400),
+            "new connections went unanswered for {gap:?}"
+        );
+        one_answerer(&arp.finish()?)?;
+        Ok(())
+    })
+}

@@ -52,6 +52,14 @@ pub fn plan(snapshot: &Snapshot, node: &str, config: &PlanConfig) -> NodePlan {
         plans: gateways,
         problems,
     } = accept_gateways(snapshot, &cluster_cidrs, &config.health);
+    let mut gateways = gateways;
+    for egress in gateways.iter_mut().flat_map(|g| g.egress.iter_mut()) {
+        if config.not_yet.contains(&egress.ip)
+            && egress.holder.as_ref().is_some_and(|h| h.node == node)
+        {
+            egress.holder = None;
+        }
+    }
 
     let held: Vec<(usize, usize)> = gateways
         .iter()

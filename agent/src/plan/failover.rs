@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::Ipv4Addr;
 
-use super::{EgressPlan, Holder};
+use super::{EgressPlan, Holder, NodePlan};
 use crate::model::{Gateway, NodeInfo, Snapshot};
 
 /// What probes say of the nodes that could hold egress IPs, beyond their Node objects. The
@@ -20,6 +20,10 @@ pub struct Health {
     pub down: BTreeMap<String, Down>,
     /// Nodes that came back less than the rejoin time ago.
     pub rejoining: BTreeSet<String>,
+    /// Nodes that have served for twice the rejoin time: while one of them can hold an
+    /// egress IP, rejoining nodes wait. Nodes that all started together have none, and share
+    /// the egress IPs from the start instead of passing them on as each one settles.
+    pub veterans: BTreeSet<String>,
 }
 
 /// Why a node cannot hold egress IPs now.
@@ -80,17 +84,14 @@ pub(super) fn eligible(snapshot: &Snapshot, gateway: &Gateway, health: &Health) 
         .copied()
         .filter(|n| !health.rejoining.contains(&n.name))
         .collect();
-    // Nodes that all came back together (a cluster starting) share the egress IPs at once.
-    // Not while a candidate is silent: a node just back from its own isolation still counts
-    // every peer silent, and would take what a settled peer holds.
+    // Nodes that all came back together (a cluster starting: no veteran) share the egress
+    // IPs at once. Not while a candidate is silent: a node just back from its own isolation
+    // still counts every peer silent, and would take what a settled peer holds.
     let silent = candidates
         .iter()
         .any(|n| health.down.get(&n.name) == Some(&Down::Silent));
-    let chosen = if settled.is_empty() && !silent {
-        serving
-    } else {
-        settled
-    };
+    let veteran = serving.iter().any(|n| health.veterans.contains(&n.name));
+    let chosen = if veteran || silent { settled } else { serving };
     chosen
         .into_iter()
         .filter_map(|n| {
@@ -140,5 +141,72 @@ pub fn peers(snapshot: &Snapshot, node: &str) -> Peers {
             .nodes
             .get(node)
             .is_some_and(|n| candidate(snapshot, n)),
+    }
+}
+
+/// The egress IPs that `next` gives `node` and `applied` gave another node that still serves
+/// (not down in `health`): a planned move, which that node makes at its own probe tick. The
+/// taker waits for it to let go; a node that is down has let go already.
+pub fn handovers(
+    applied: &NodePlan,
+    next: &NodePlan,
+    node: &str,
+    health: &Health,
+) -> BTreeSet<Ipv4Addr> {
+    let before = applied.holders();
+    next.held_by(node)
+        .into_iter()
+        .filter(|ip| {
+            before
+                .get(ip)
+                .is_some_and(|old| old != node && !health.down.contains_key(old))
+        })
+        .collect()
+}
+
+impl NodePlan {
+    /// Each egress IP with a holder, and its holder's name.
+    pub fn holders(&self) -> BTreeMap<Ipv4Addr, String> {
+        self.gateways
+            .iter()
+            .flat_map(|g| &g.egress)
+            .filter_map(|e| Some((e.ip, e.holder.as_ref()?.node.clone())))
+            .collect()
+    }
+
+    /// The egress IPs `node` holds.
+    pub fn held_by(&self, node: &str) -> BTreeSet<Ipv4Addr> {
+        self.holders()
+            .into_iter()
+            .filter(|(_, holder)| holder == node)
+            .map(|(ip, _)| ip)
+            .collect()
+    }
+}
+
+/// Why `node` no longer holds an egress IP of `gateway`, for the event that says it moved.
+pub fn why_moved(snapshot: &Snapshot, gateway: &str, node: &str, health: &Health) -> String {
+    if let Some(down) = health.down.get(node) {
+        return down.to_string();
+    }
+    let Some(info) = snapshot.nodes.get(node) else {
+        return "its Node is gone".into();
+    };
+    if !info.ready {
+        "it is not Ready".into()
+    } else if info.unschedulable {
+        "it is cordoned".into()
+    } else if info.internal_ip.is_none() {
+        "it has no InternalIP".into()
+    } else if snapshot
+        .gateways
+        .get(gateway)
+        .is_some_and(|g| !g.node_selector.matches(&info.labels))
+    {
+        "it no longer matches the nodeSelector".into()
+    } else {
+        "planned: the egress IPs were shared out again (a node came back, or the gateway \
+         changed)"
+            .into()
     }
 }

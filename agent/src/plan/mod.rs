@@ -10,6 +10,7 @@ mod props;
 #[cfg(test)]
 mod tests;
 
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
@@ -18,7 +19,7 @@ use crate::model::FailurePolicy;
 
 pub use cluster::{GatewayUsage, gateway_usage};
 pub use compute::{gateway_ids, plan};
-pub use failover::{Down, Health, Peers, peers};
+pub use failover::{Down, Health, Peers, handovers, peers, why_moved};
 
 /// Settings of the agent that shape the plan.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -27,6 +28,9 @@ pub struct PlanConfig {
     pub cluster_cidrs: Vec<Ipv4Net>,
     /// What probes say of the nodes that could hold egress IPs (every node serves by default).
     pub health: Health,
+    /// Egress IPs this node takes over from a node that still serves them: not before that
+    /// node has let go (see [`failover::handovers`]), so that no two nodes hold one at once.
+    pub not_yet: BTreeSet<Ipv4Addr>,
 }
 
 /// What one node must program.

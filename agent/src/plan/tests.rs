@@ -906,12 +906,19 @@ fn probes_move_egress_ips_off_nodes_that_are_down_and_rejoining_nodes_wait() {
         ..Health::default()
     };
     assert_eq!(holders(n2_down), [some("n1"), some("n1")]);
-    // Back, but not for long enough: it waits while another can hold.
+    // Back, but not for long enough: it waits while a veteran can hold.
     let n2_back = Health {
         rejoining: ["n2".to_owned()].into(),
+        veterans: ["n1".to_owned()].into(),
         ..Health::default()
     };
     assert_eq!(holders(n2_back), [some("n1"), some("n1")]);
+    // Nodes that started together (no veteran yet) share at once, even if one settled first.
+    let starting = Health {
+        rejoining: ["n2".to_owned()].into(),
+        ..Health::default()
+    };
+    assert_eq!(holders(starting), [some("n1"), some("n2")]);
     // Everyone rejoining (the cluster starting): better those than nobody.
     let all_back = Health {
         rejoining: ["n1".to_owned(), "n2".to_owned()].into(),
@@ -923,6 +930,7 @@ fn probes_move_egress_ips_off_nodes_that_are_down_and_rejoining_nodes_wait() {
     let back_alone = Health {
         down: [("n2".to_owned(), Down::Silent)].into(),
         rejoining: ["n1".to_owned()].into(),
+        ..Health::default()
     };
     assert_eq!(holders(back_alone), [None, None]);
     let all_down = Health {
@@ -1126,4 +1134,49 @@ fn plans_a_large_cluster() {
             .iter()
             .all(|p| p.gateway == "gw-10" && p.reason == Reason::NamespaceAnnotation)
     );
+}
+
+#[test]
+fn a_planned_move_waits_for_the_serving_holder_to_let_go() {
+    let mut g = gateway("g", &["192.0.2.1"]);
+    g.node_selector = Selector::everything();
+    let world = cluster().gateway(g);
+    let on = |node: &str, health: Health| {
+        plan(
+            &world.0,
+            node,
+            &PlanConfig {
+                health,
+                ..PlanConfig::default()
+            },
+        )
+    };
+    let n1_away = Health {
+        down: [("n1".to_owned(), Down::Silent)].into(),
+        ..Health::default()
+    };
+    // n2 held the IP while n1 was away; n1 is back and takes it: n2 still serves, so n1 waits.
+    let applied = on("n1", n1_away.clone());
+    let next = on("n1", Health::default());
+    assert_eq!(
+        handovers(&applied, &next, "n1", &Health::default()),
+        ["192.0.2.1".parse().expect("ip")].into()
+    );
+    // From a node that is down, the move is no handover: it has let go already.
+    let n2_down = Health {
+        down: [("n2".to_owned(), Down::Silent)].into(),
+        ..Health::default()
+    };
+    assert!(handovers(&applied, &next, "n1", &n2_down).is_empty());
+    // While it waits, its plan holds the IP for no node.
+    let waiting = plan(
+        &world.0,
+        "n1",
+        &PlanConfig {
+            not_yet: ["192.0.2.1".parse().expect("ip")].into(),
+            ..PlanConfig::default()
+        },
+    );
+    assert!(waiting.held_by("n1").is_empty());
+    assert!(waiting.snat.is_empty());
 }

@@ -110,11 +110,11 @@ pub(super) fn holder_changed(
     node: &str,
     gateway: &str,
     ip: Ipv4Addr,
-    from: Option<&str>,
+    from: Option<(&str, &str)>,
     now: Timestamp,
 ) -> Event {
     let message = match from {
-        Some(from) => format!("{ip} moved from {from} to {node}"),
+        Some((from, why)) => format!("{ip} moved from {from} to {node}: {why}"),
         None => format!("{ip} is now held by {node} (it had no holder)"),
     };
     on_gateway(node, gateway, "Normal", "HolderChanged", &message, now)

@@ -25,7 +25,7 @@ use serde_json::{Map, Value};
 use tokio::sync::watch;
 
 use crate::model::{EgressGateway, EgressGatewayStatus, Snapshot};
-use crate::plan::NodePlan;
+use crate::plan::{Health, NodePlan, why_moved};
 use events::PodWarning;
 
 /// How long one write to the API server may take before it counts as failed (and is tried
@@ -65,6 +65,8 @@ enum ReportError {
 pub struct Report {
     pub snapshot: Arc<Snapshot>,
     pub plan: NodePlan,
+    /// What the probes said when the plan was made: why holders moved.
+    pub health: Health,
     pub refused: BTreeMap<String, String>,
 }
 
@@ -78,7 +80,12 @@ pub fn spawn(mut reporter: Reporter) -> watch::Sender<Option<Arc<Report>>> {
             let latest = rx.borrow_and_update().clone();
             if let Some(report) = latest {
                 reporter
-                    .publish(&report.snapshot, &report.plan, &report.refused)
+                    .publish(
+                        &report.snapshot,
+                        &report.plan,
+                        &report.health,
+                        &report.refused,
+                    )
                     .await;
             }
         }
@@ -152,6 +159,7 @@ impl Reporter {
         &mut self,
         snapshot: &Snapshot,
         plan: &NodePlan,
+        health: &Health,
         refused: &BTreeMap<String, String>,
     ) -> Published {
         let now = Timestamp::now();
@@ -162,7 +170,8 @@ impl Reporter {
         self.warn_pods(plan, now, &mut published).await;
         self.warn_gateways(plan, &writes, refused, now, &mut published)
             .await;
-        self.announce_holders(plan, now, &mut published).await;
+        self.announce_holders(snapshot, plan, health, now, &mut published)
+            .await;
         published
     }
 
@@ -257,7 +266,9 @@ impl Reporter {
     /// Only the new holder speaks: it is the one node sure to see the change, and only once.
     async fn announce_holders(
         &mut self,
+        snapshot: &Snapshot,
         plan: &NodePlan,
+        health: &Health,
         now: Timestamp,
         published: &mut Published,
     ) {
@@ -271,11 +282,14 @@ impl Reporter {
                     && *before != holder
                     && holder.as_deref() == Some(self.node.as_str())
                 {
+                    let why = before
+                        .as_deref()
+                        .map(|b| (b, why_moved(snapshot, &gateway.name, b, health)));
                     let event = events::holder_changed(
                         &self.node,
                         &gateway.name,
                         egress.ip,
-                        before.as_deref(),
+                        why.as_ref().map(|(b, w)| (*b, w.as_str())),
                         now,
                     );
                     match self.create_event(event).await {

@@ -192,6 +192,7 @@ async fn publish(reporter: &mut Reporter, snapshot: &Snapshot) -> Published {
         .publish(
             snapshot,
             &plan(snapshot, &node, &PlanConfig::default()),
+            &Health::default(),
             &BTreeMap::new(),
         )
         .await
@@ -502,7 +503,7 @@ async fn new_holder_announces_the_move() {
     assert_eq!(event.body["reason"], "HolderChanged");
     assert_eq!(
         event.body["message"],
-        "10.99.0.200 moved from node2 to node3"
+        "10.99.0.200 moved from node2 to node3: it is not Ready"
     );
     assert_eq!(event.body["reportingInstance"], "node3");
     let patch = seen.iter().find(|s| s.method == "PATCH").unwrap();
@@ -518,7 +519,7 @@ async fn publish_can_run_on_any_worker_thread() {
     let (mut reporter, _server) = reporter("node1");
     let snapshot = lab();
     let plan = plan(&snapshot, "node1", &PlanConfig::default());
-    send(&reporter.publish(&snapshot, &plan, &BTreeMap::new()));
+    send(&reporter.publish(&snapshot, &plan, &Health::default(), &BTreeMap::new()));
 }
 
 #[tokio::test]
@@ -587,7 +588,9 @@ async fn a_gateway_nftables_refused_here_is_warned_about_once() {
         "corp-fw".to_owned(),
         "nftables refused the SNAT for 10.99.0.200 (no); it has no SNAT on this node".to_owned(),
     )]);
-    reporter.publish(&snapshot, &plan, &refused).await;
+    reporter
+        .publish(&snapshot, &plan, &Health::default(), &refused)
+        .await;
     let events: Vec<Seen> = server
         .take()
         .into_iter()
@@ -602,6 +605,8 @@ async fn a_gateway_nftables_refused_here_is_warned_about_once() {
         event.body["message"],
         "on node2: nftables refused the SNAT for 10.99.0.200 (no); it has no SNAT on this node"
     );
-    reporter.publish(&snapshot, &plan, &refused).await;
+    reporter
+        .publish(&snapshot, &plan, &Health::default(), &refused)
+        .await;
     assert!(server.take().is_empty(), "said twice");
 }

@@ -184,13 +184,18 @@ async fn run(
 fn health(targets: &Targets, heard: &BTreeMap<Ipv4Addr, Heard>, config: &ProbeConfig) -> Health {
     let mut down = BTreeMap::new();
     let mut rejoining = BTreeSet::new();
+    let mut veterans = BTreeSet::new();
     for (name, ip) in targets {
         match heard.get(ip) {
             Some(h) if h.unanswered < config.misses => match h.state {
                 probe::SERVING if h.uptime < config.rejoin => {
                     rejoining.insert(name.clone());
                 }
-                probe::SERVING => {}
+                probe::SERVING => {
+                    if h.uptime >= config.rejoin * 2 {
+                        veterans.insert(name.clone());
+                    }
+                }
                 probe::DRAINING => {
                     down.insert(name.clone(), Down::Draining);
                 }
@@ -203,7 +208,11 @@ fn health(targets: &Targets, heard: &BTreeMap<Ipv4Addr, Heard>, config: &ProbeCo
             }
         }
     }
-    Health { down, rejoining }
+    Health {
+        down,
+        rejoining,
+        veterans,
+    }
 }
 
 fn request(seq: u32, lost: bool) -> [u8; probe::LEN] {
