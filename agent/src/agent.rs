@@ -342,9 +342,9 @@ impl Agent {
         self.config.not_yet.clear();
         let mut plan = plan::plan(&loaded.snapshot, &self.node, &self.config);
         if let Some((applied, ..)) = &self.applied {
-            let moves = plan::handovers(applied, &plan, &self.node, &self.config.health);
-            let mine = plan.held_by(&self.node);
-            self.config.not_yet = self.membership.not_yet(moves, &mine);
+            self.config.not_yet =
+                self.membership
+                    .not_yet(applied, &plan, &self.node, &self.config.health);
             if !self.config.not_yet.is_empty() {
                 plan = plan::plan(&loaded.snapshot, &self.node, &self.config);
             }

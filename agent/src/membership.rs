@@ -17,7 +17,7 @@ use static_egress_common::{Heard, LEASE_DRAINING, Lease};
 use tokio::sync::watch;
 
 use crate::datapath::{Datapath, DatapathError, monotonic_ns};
-use crate::plan::{Down, Health, Peers};
+use crate::plan::{Down, Health, NodePlan, Peers, handovers};
 use crate::source::probes::{Asks, Liveness, ProbeConfig};
 
 /// How often the nodes that probed this one are counted (a walk of a map of up to one entry
@@ -100,16 +100,20 @@ impl Membership {
         }
     }
 
-    /// Of the egress IPs that this node takes from a node that still serves them, those it
-    /// must not take yet: that node lets go at its own next probe tick and apply, which two
-    /// intervals cover. A planned move has a short gap rather than two holders.
-    /// `mine`: the egress IPs the plan gives this node (a takeover under way stays one while
-    /// the plan gives it the IP, though the plan applied meanwhile held it for no node).
+    /// Of the egress IPs that `next` gives `node` from a node that still serves them in
+    /// `applied`, those it must not take yet: that node lets go at its own next probe tick
+    /// and apply, which four intervals cover. A planned move has a short gap rather than two
+    /// holders. A takeover under way stays one while `next` gives the IP to this node, though
+    /// the plan applied meanwhile held it for no node.
     pub fn not_yet(
         &mut self,
-        handovers: BTreeSet<Ipv4Addr>,
-        mine: &BTreeSet<Ipv4Addr>,
+        applied: &NodePlan,
+        next: &NodePlan,
+        node: &str,
+        health: &Health,
     ) -> BTreeSet<Ipv4Addr> {
+        let handovers = handovers(applied, next, node, health);
+        let mine = next.held_by(node);
         let now = Instant::now();
         self.taking.retain(|ip, _| mine.contains(ip));
         for ip in handovers {
@@ -129,8 +133,11 @@ impl Membership {
         self.taking.values().any(|at| at.elapsed() >= wait)
     }
 
+    /// The old holder hears of the move up to an interval after this node (each reads the
+    /// other's uptime from its probes), acts at its next tick and applies: four intervals
+    /// cover that with room to spare.
     fn handover_wait(&self) -> Duration {
-        self.options.probes.interval * 2
+        self.options.probes.interval * 4
     }
 
     /// The nodes around this one, as the objects say now.

@@ -120,7 +120,7 @@ fn next_eligible_node_takes_over_when_the_holder_is_not_ready() -> Result<()> {
             n.ready = false;
         }
     })?;
-    // node2 still answers its probes: node3 waits two probe intervals for it to let go.
+    // node2 still answers its probes: node3 waits four probe intervals for it to let go.
     wait_until(APPLY, || {
         has_address(&cluster, "node3", EGRESS_IP).unwrap_or(false)
     })

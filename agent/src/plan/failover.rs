@@ -34,7 +34,7 @@ pub enum Down {
     /// It answers that it does not serve: its lease ran out (its agent has been away too
     /// long), or it was cut off and its agent has not planned since.
     Fenced,
-    /// This node itself: no probe came for the silence time, or a peer counted it out.
+    /// This node itself: a peer counted it out, or its lease ran out, since it last planned.
     CutOff,
     /// It is handing its egress IPs over before it stops.
     Draining,
@@ -45,7 +45,7 @@ impl fmt::Display for Down {
         f.write_str(match self {
             Self::Silent => "its probes went unanswered",
             Self::Fenced => "it answers that it is fenced",
-            Self::CutOff => "it was cut off from the nodes that probe it",
+            Self::CutOff => "it was counted out by another node, or its lease ran out",
             Self::Draining => "it is draining",
         })
     }
