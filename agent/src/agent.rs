@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use crate::datapath::{Check, Datapath, DatapathConfig, DatapathError};
 pub use crate::membership::FailoverOptions;
 use crate::membership::Membership;
-use crate::plan::{self, NodePlan, PlanConfig};
+use crate::plan::{self, Health, NodePlan, PlanConfig};
 use crate::report::node_status::{self, AppliedPlan, NodeStatus, NodeStatusError};
 use crate::report::{Report, Reporter};
 use crate::source::kube::{ClusterSource, WatchHealth};
@@ -333,7 +333,18 @@ impl Agent {
             .set_peers(plan::peers(&loaded.snapshot, &self.node));
         if !self.membership.settled() {
             // Nothing is applied before the probes have had their chance: a starting node
-            // would take its peers' egress IPs, or send to a node whose agent never ran.
+            // would take its peers' egress IPs, or send to a node whose agent never ran. But
+            // it answers theirs meanwhile.
+            let node_ip = loaded
+                .snapshot
+                .nodes
+                .get(&self.node)
+                .and_then(|n| n.internal_ip);
+            if let Some(ip) = node_ip
+                && let Err(error) = datapath.answer_probes(ip).await
+            {
+                tracing::warn!(%error, "cannot answer probes yet");
+            }
             return self.write_status(datapath, objects);
         }
         let now = loaded.problems.iter().map(ToString::to_string).collect();
@@ -350,7 +361,7 @@ impl Agent {
             }
         }
         if self.planned.as_ref() != Some(&plan) {
-            log_changes(self.planned.as_ref(), &plan);
+            log_changes(self.planned.as_ref(), &plan, &self.config.health);
         }
         match datapath.apply(&plan, check).await {
             Ok(applied) => {
@@ -434,7 +445,7 @@ impl Agent {
     }
 }
 
-fn log_changes(old: Option<&NodePlan>, new: &NodePlan) {
+fn log_changes(old: Option<&NodePlan>, new: &NodePlan, health: &Health) {
     let holders = |p: &NodePlan| -> BTreeMap<Ipv4Addr, Option<String>> {
         p.gateways
             .iter()
@@ -449,8 +460,15 @@ fn log_changes(old: Option<&NodePlan>, new: &NodePlan) {
     for (ip, holder) in holders(new) {
         if before.get(&ip) != Some(&holder) {
             match holder {
-                Some(node) => tracing::info!(egress_ip = %ip, holder = %node, "egress IP holder"),
-                None => tracing::warn!(egress_ip = %ip, "no eligible node holds the egress IP"),
+                // What the probes said is why a holder changes when the objects did not.
+                Some(node) => tracing::info!(
+                    egress_ip = %ip, holder = %node, down = ?health.down,
+                    rejoining = ?health.rejoining, "egress IP holder"
+                ),
+                None => tracing::warn!(
+                    egress_ip = %ip, down = ?health.down, rejoining = ?health.rejoining,
+                    "no eligible node holds the egress IP"
+                ),
             }
         }
     }

@@ -150,20 +150,24 @@ fn lease_state() -> u8 {
     };
     // SAFETY: reads the kernel's monotonic clock.
     let now = unsafe { bpf_ktime_get_ns() };
-    // Cut off: no probe came, and no answer to this node's own probes either. Probes that
-    // stop while answers still come mean the other agents are away (restarting), not this
-    // node: it serves on.
-    let silent = lease.silence_ns != 0
-        && heard.last_request_ns != 0
-        && now.saturating_sub(heard.last_request_ns) > lease.silence_ns
-        && now.saturating_sub(heard.last_reply_ns) > lease.silence_ns;
-    if now >= lease.expires_ns || heard.cut_offs != lease.cut_offs_seen || silent {
+    if now >= lease.expires_ns || heard.cut_offs != lease.cut_offs_seen || silent(lease, heard, now)
+    {
         probe::FENCED
     } else if lease.flags & LEASE_DRAINING != 0 {
         probe::DRAINING
     } else {
         probe::SERVING
     }
+}
+
+/// Cut off: no probe came, and no answer to this node's own probes either. Probes that stop
+/// while answers still come mean the other agents are away (restarting), not this node: it
+/// serves on.
+fn silent(lease: &Lease, heard: &Heard, now: u64) -> bool {
+    lease.silence_ns != 0
+        && heard.last_request_ns != 0
+        && now.saturating_sub(heard.last_request_ns) > lease.silence_ns
+        && now.saturating_sub(heard.last_reply_ns) > lease.silence_ns
 }
 
 /// A probe came in from `from`, which counts this node out when `view` is `probe::LOST`: this
@@ -234,10 +238,19 @@ fn answer_probe(ctx: &TcContext) -> Option<i32> {
     let kind = ctx.load::<u8>(PAYLOAD_OFF + probe::KIND).ok()?;
     if kind == probe::REPLY && ctx.load::<u16>(UDP_OFF).ok()? == config.probe_port {
         // An answer to this node's own prober, on its way to the agent: the node can still
-        // reach its peers (see `lease_state`).
-        if let Some(heard) = SE_HEARD.get_ptr_mut(0) {
-            // SAFETY: reads the kernel's monotonic clock; a plain store to the single entry.
-            unsafe { (*heard).last_reply_ns = bpf_ktime_get_ns() };
+        // reach its peers (see `lease_state`). Not once it was silent, though: coming back
+        // from a cut-off, answers may come before the peers' probes, and only those say
+        // whether the peers counted this node out meanwhile; serving until then would answer
+        // ARP for egress IPs that another node holds now.
+        if let (Some(lease), Some(heard)) = (SE_LEASE.get(0), SE_HEARD.get_ptr_mut(0)) {
+            // SAFETY: reads the kernel's monotonic clock; plain loads and a store to the
+            // single entry.
+            unsafe {
+                let now = bpf_ktime_get_ns();
+                if !silent(lease, &*heard, now) {
+                    (*heard).last_reply_ns = now;
+                }
+            }
         }
         return None;
     }

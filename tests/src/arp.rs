@@ -30,6 +30,9 @@ pub struct ArpSeen {
     pub most_answerers: usize,
     /// The answering link-layer addresses in the order they took over.
     pub answerers: Vec<String>,
+    /// The capture's lines of each request that two or more answered, with their answers:
+    /// their times place the fault among the agents' logs.
+    pub doubled: Vec<String>,
 }
 
 impl Cluster {
@@ -75,7 +78,7 @@ fn count(capture: &str, ip: Ipv4Addr) -> ArpSeen {
     let who_has = format!("Request who-has {ip} tell ");
     let is_at = format!("Reply {ip} is-at ");
     let mut seen = ArpSeen::default();
-    let mut round: Vec<String> = Vec::new();
+    let mut round = Round::default();
     // Who asked in this round: answers to others (a node resolving the address) are theirs.
     let mut asker = String::new();
     for line in capture.lines() {
@@ -87,9 +90,10 @@ fn count(capture: &str, ip: Ipv4Addr) -> ArpSeen {
         if let Some(rest) = line.split_once(&who_has).map(|(_, r)| r) {
             // A gratuitous request (`tell` itself) announces; it is not a question.
             if !rest.starts_with(&format!("{ip},")) && !rest.starts_with(&format!("{ip} ")) {
-                close(&mut round, &mut seen);
+                round.close(&mut seen);
                 seen.requests += 1;
                 src.clone_into(&mut asker);
+                round.lines.push(line.to_owned());
             }
         } else if let Some(rest) = line.split_once(&is_at).map(|(_, r)| r)
             && dst == asker
@@ -98,19 +102,30 @@ fn count(capture: &str, ip: Ipv4Addr) -> ArpSeen {
             if seen.answerers.last() != Some(&mac) {
                 seen.answerers.push(mac.clone());
             }
-            round.push(mac);
+            round.answerers.insert(mac);
+            round.lines.push(line.to_owned());
         }
     }
-    close(&mut round, &mut seen);
+    round.close(&mut seen);
     seen
 }
 
-/// Ends one request's round of answers.
-fn close(round: &mut Vec<String>, seen: &mut ArpSeen) {
-    round.sort();
-    round.dedup();
-    seen.most_answerers = seen.most_answerers.max(round.len());
-    round.clear();
+/// One request and its answers.
+#[derive(Default)]
+struct Round {
+    answerers: std::collections::BTreeSet<String>,
+    lines: Vec<String>,
+}
+
+impl Round {
+    /// Ends the round, counting it into `seen`.
+    fn close(&mut self, seen: &mut ArpSeen) {
+        seen.most_answerers = seen.most_answerers.max(self.answerers.len());
+        if self.answerers.len() > 1 {
+            seen.doubled.append(&mut self.lines);
+        }
+        *self = Self::default();
+    }
 }
 
 #[cfg(test)]
@@ -134,6 +149,7 @@ mod tests {
         let seen = count(capture, ip);
         assert_eq!(seen.requests, 3);
         assert_eq!(seen.most_answerers, 2);
+        assert_eq!(seen.doubled.len(), 3, "{:?}", seen.doubled);
         assert_eq!(
             seen.answerers,
             ["02:00:00:00:00:02", "02:00:00:00:00:03"].map(String::from)

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result};
 
 use crate::objects::{EgressGateway, Objects, match_labels};
-use crate::{AgentHandle, Cluster, LabPod, PodSpec, PodStyle, wait_until};
+use crate::{AgentHandle, Cluster, ClusterBuilder, LabPod, PodSpec, PodStyle, wait_until};
 
 /// How long the tests give the agents to apply a change.
 pub const APPLY: Duration = Duration::from_secs(20);
@@ -28,13 +28,17 @@ pub fn gateway(name: &str, ip: Ipv4Addr) -> EgressGateway {
 /// Three nodes: node1 (routed pods, not eligible), node2 (bridged pods, eligible: the holder),
 /// node3 (routed pods, eligible); namespace `payments` admitted by [`GATEWAY`].
 pub fn three_nodes(probe_bin: &Path) -> Result<Cluster> {
-    let mut cluster = Cluster::builder()
+    three_nodes_from(Cluster::builder().probe_bin(probe_bin))
+}
+
+/// [`three_nodes`] from a builder that says where the binaries are and how the lab is named.
+pub fn three_nodes_from(builder: ClusterBuilder) -> Result<Cluster> {
+    let mut cluster = builder
         .nodes(3)
         .with_node("node2", |n| {
             n.pod_style(PodStyle::Bridged).label("egress", "true")
         })
         .with_node("node3", |n| n.label("egress", "true"))
-        .probe_bin(probe_bin)
         .build()?;
     cluster.update_objects(|o| {
         o.namespace("payments")

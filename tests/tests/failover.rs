@@ -1,6 +1,7 @@
 //! Failover: a holder that dies, is cut off, freezes or loses its agent hands its egress IPs to
 //! the next eligible node within a few probe intervals; a draining one hands them over with no
-//! gap. Throughout, no connection of a selected pod is seen with a node address, never do two
+//! gap, and so does one that an edit or a NotReady Node moves them from; agents that start or
+//! restart together hold each egress IP once. Throughout, no connection of a selected pod is seen with a node address, never do two
 //! nodes answer ARP for one egress IP, and a long-lived TCP connection keeps flowing.
 
 use std::time::{Duration, Instant};
@@ -120,6 +121,20 @@ impl Scene {
             pod,
             agents,
         })
+    }
+
+    /// Stops every agent (SIGTERM, the data path stays), then starts them all at once.
+    fn restart_all(&mut self) -> Result<()> {
+        for agent in &mut self.agents {
+            agent.stop()?;
+        }
+        self.agents = self
+            .cluster
+            .nodes()
+            .iter()
+            .map(|n| self.cluster.start_agent(&n.name, FAILOVER_ARGS))
+            .collect::<Result<_>>()?;
+        Ok(())
     }
 
     fn stream(&mut self, seconds: u64) -> Result<Stream> {
@@ -356,18 +371,42 @@ fn a_frozen_agent_is_fenced_at_the_end_of_its_lease_and_rejoins_after_it_thaws()
 
 #[test]
 fn an_edit_that_moves_the_egress_ip_has_one_holder_at_a_time_and_streams_survive() -> Result<()> {
+    // Only node3 may hold it now.
+    objects_move_the_egress_ip("edit", |objects| {
+        let mut moved = netlab::fixture::gateway(netlab::fixture::GATEWAY, EGRESS_IP);
+        moved.node_selector = netlab::objects::match_labels([("kubernetes.io/hostname", "node3")]);
+        objects.set_gateway(moved);
+        Ok(())
+    })
+}
+
+#[test]
+fn a_holder_turning_not_ready_hands_over_with_one_holder_at_a_time_and_streams_survive()
+-> Result<()> {
+    // Its Node says NotReady (the kubelet stopped reporting) while its data path still serves.
+    objects_move_the_egress_ip("NotReady", |objects| {
+        objects.node_mut("node2")?.ready = false;
+        Ok(())
+    })
+}
+
+/// A change of the objects moves the egress IP from node2, which still serves, to node3: node2
+/// lets go at its tick, node3 takes it after, with a short gap and no two holders.
+fn objects_move_the_egress_ip(
+    what: &str,
+    edit: impl FnOnce(&mut netlab::objects::Objects) -> Result<()>,
+) -> Result<()> {
     Scene::run(|scene| {
         let stream = scene.stream(4)?;
         let loop_ = probe(&scene.cluster, &scene.pod, 4)?;
         let arp = scene.cluster.watch_arp(EGRESS_IP)?;
         std::thread::sleep(Duration::from_millis(1000));
 
-        // Only node3 may hold it now: node2 lets go at its tick, node3 takes it after.
-        let mut moved = netlab::fixture::gateway(netlab::fixture::GATEWAY, EGRESS_IP);
-        moved.node_selector = netlab::objects::match_labels([("kubernetes.io/hostname", "node3")]);
-        scene.cluster.update_objects(|o| o.set_gateway(moved))?;
+        let mut edited = Ok(());
+        scene.cluster.update_objects(|o| edited = edit(o))?;
+        edited?;
         let took = scene.until_held_by("node3", "node2")?;
-        eprintln!("edit: node3 holds the egress IP alone after {took:?}");
+        eprintln!("{what}: node3 holds the egress IP alone after {took:?}");
 
         let answers = loop_.wait_timed(Duration::from_secs(30))?;
         let gap = longest_gap(&answers)?;
@@ -386,4 +425,64 @@ fn an_edit_that_moves_the_egress_ip_has_one_holder_at_a_time_and_streams_survive
         one_answerer(&arp.finish()?)?;
         Ok(())
     })
+}
+
+#[test]
+fn agents_that_start_together_have_one_holder_and_restart_together_without_a_leak() -> Result<()> {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut cluster = three_nodes(env!("CARGO_BIN_EXE_se-probe").as_ref())?;
+    let pod = api_pod(&mut cluster, "api-1", "node1")?;
+    cluster.write_objects()?;
+    // Watched from before the first agent starts: each node must hear the others before it
+    // takes anything, or all would hold the egress IP for a moment.
+    let arp = cluster.watch_arp(EGRESS_IP)?;
+    let agents = cluster
+        .nodes()
+        .iter()
+        .map(|n| cluster.start_agent(&n.name, FAILOVER_ARGS))
+        .collect::<Result<_>>()?;
+    let mut scene = Scene {
+        cluster,
+        pod,
+        agents,
+    };
+    let result = start_and_restart_together(&mut scene, arp);
+    scene.show_logs_if(result)
+}
+
+fn start_and_restart_together(scene: &mut Scene, arp: netlab::ArpWatch) -> Result<()> {
+    netlab::fixture::wait_all_applied(&scene.cluster)?;
+    expect_source(&scene.cluster, &scene.pod, EGRESS_IP)?;
+    let took = scene.until_held_by("node2", "node3")?;
+    eprintln!("started together: node2 holds the egress IP alone {took:?} after all applied");
+    std::thread::sleep(Duration::from_millis(500));
+
+    // All agents restart at once (a DaemonSet rolled out in one go): the data path serves on
+    // its lease meanwhile, and the new agents take it over as it is.
+    let stream = scene.stream(5)?;
+    let loop_ = probe(&scene.cluster, &scene.pod, 5)?;
+    std::thread::sleep(Duration::from_millis(500));
+    scene.restart_all()?;
+    netlab::fixture::wait_all_applied(&scene.cluster)?;
+    ensure!(
+        scene.holds("node2") && !scene.holds("node3"),
+        "the egress IP moved when the agents restarted"
+    );
+    let answers = loop_.wait_timed(Duration::from_secs(30))?;
+    let failed = answers.iter().filter(|(_, a)| a.source().is_none()).count();
+    let gap = longest_gap(&answers)?;
+    let outcome = stream.wait(Duration::from_secs(30))?;
+    eprintln!("restart: {failed} failed connections, longest gap {gap:?}; stream {outcome:?}");
+    // Three agents loading and verifying their programs at once on two cores starve the
+    // loop now and then: 11-23 ms gaps in most runs, up to 2 failed connections and 119 ms
+    // in one. A leak or a move would show above; this bounds the rest.
+    ensure!(
+        failed <= 3 && gap < Duration::from_millis(300),
+        "{failed} connections failed while the agents restarted, the longest gap {gap:?}"
+    );
+    ensure!(
+        outcome.survived,
+        "the long-lived connection broke: {outcome:?}"
+    );
+    one_answerer(&arp.finish()?)
 }

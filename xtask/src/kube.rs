@@ -95,18 +95,28 @@ fn remove_dir(dir: &Path) -> Result<()> {
     }
 }
 
-/// Builds of earlier pins are about 150 MB each and nothing uses them any more (builds in
-/// progress, perhaps another setup's, are left alone).
+/// Builds of earlier pins are about 150 MB each and nothing uses them any more, nor the
+/// leftovers of interrupted builds (builds in progress, perhaps another setup's, are left
+/// alone).
 fn remove_other_builds(current: &Path) -> Result<()> {
     let Some(root) = current.parent() else {
         return Ok(());
     };
     for entry in fs::read_dir(root).with_context(|| format!("cannot list {}", root.display()))? {
         let path = entry?.path();
-        let building = path.to_string_lossy().contains(PARTIAL);
-        if path != current && !building && path.is_dir() {
+        if path != current && !still_building(&path) && path.is_dir() {
             remove_dir(&path)?;
         }
     }
     Ok(())
+}
+
+/// Whether `path` is a build in progress: marked partial by a process that still runs.
+fn still_building(path: &Path) -> bool {
+    let name = path.to_string_lossy();
+    let Some((_, pid)) = name.rsplit_once(PARTIAL) else {
+        return false;
+    };
+    pid.parse::<u32>()
+        .is_ok_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
 }

@@ -164,6 +164,11 @@ impl Bpf {
         Ok(())
     }
 
+    /// What the programs know of this node now (zeros before the first write).
+    pub fn config(&self) -> Config {
+        self.config.get(&0, 0).unwrap_or_default()
+    }
+
     /// The lease as the programs see it.
     pub fn lease(&self) -> Lease {
         self.lease.get(&0, 0).unwrap_or_default()

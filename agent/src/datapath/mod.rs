@@ -203,8 +203,33 @@ impl Datapath {
             .count()
     }
 
+    /// Answers probes from now on, before the first plan: nodes that start together must
+    /// hear each other at once, or each would count the others silent once it is done
+    /// waiting for them, and take every egress IP for itself. Only the uplink's ingress
+    /// program goes in, and the programs learn the node's address and the probe port; the
+    /// rest waits for a plan. Nothing to do when an earlier agent's data path answers already.
+    pub async fn answer_probes(&mut self, node_ip: Ipv4Addr) -> Result<(), DatapathError> {
+        let config = self.bpf.config();
+        let probe_port = self.config.probe_port.to_be();
+        if config.node_ip == wire(node_ip) && config.probe_port == probe_port {
+            return Ok(());
+        }
+        let uplink = self.interface_with(node_ip).await?;
+        self.record(|s| s.uplink = Some(uplink.name.clone()))?;
+        self.bpf.sync_links(
+            Hook::UplinkIngress,
+            &BTreeMap::from([(uplink.index, uplink.name)]),
+        )?;
+        self.bpf.set_config(Config {
+            node_ip: wire(node_ip),
+            probe_port,
+            ..config
+        })
+    }
+
     /// Brings the node to `plan`. Steps run in the order that keeps selected traffic from
-    /// leaving with the node's address: NAT and addresses first, marking last; removals after.
+    /// leaving with the node's address: NAT and addresses first, marking last; removals after,
+    /// but for released egress IPs, whose addresses go right after their NAT.
     /// Drift found on the way (something of ours changed behind our back) is repaired and
     /// reported among the warnings.
     pub async fn apply(&mut self, plan: &NodePlan, check: Check) -> Result<Applied, DatapathError> {
@@ -254,6 +279,17 @@ impl Datapath {
         let held: BTreeSet<Ipv4Addr> = in_force.iter().map(|s| s.egress_ip).collect();
         self.hold_addresses(&uplink, &held, &present, warnings)
             .await?;
+        // Released before the maps change: the kernel answers ARP for an address it has, and
+        // the programs stop dropping those answers once the map no longer says the IP is held
+        // here. Its SNAT is gone already, so nothing here still needs it.
+        let released: Vec<Ipv4Addr> = self.state.addresses.difference(&held).copied().collect();
+        for ip in released {
+            self.nl.remove_address(uplink.index, ip).await?;
+            tracing::info!(egress_ip = %ip, interface = %uplink.name, "released egress IP");
+            self.record(|s| {
+                s.addresses.remove(&ip);
+            })?;
+        }
 
         self.nl.sync_rule(rule).await?;
         let via = single_remote_holder(plan);
@@ -272,7 +308,10 @@ impl Datapath {
             .filter(|h| h.node != plan.node)
             .map(|h| h.node_ip)
             .collect();
-        for ip in &holders {
+        // The nodes that would send here after a takeover too: it then finds their link-layer
+        // addresses known instead of waiting for them (a cut-off holder's replacement waited up
+        // to half a second).
+        for ip in holders.iter().chain(&plan.standby_senders) {
             self.record(|s| {
                 s.neighbours.insert(*ip);
             })?;
@@ -310,7 +349,11 @@ impl Datapath {
             .state
             .neighbours
             .iter()
-            .filter(|ip| !holders.contains(ip) && plan.senders.binary_search(ip).is_err())
+            .filter(|ip| {
+                !holders.contains(ip)
+                    && plan.senders.binary_search(ip).is_err()
+                    && plan.standby_senders.binary_search(ip).is_err()
+            })
             .copied()
             .collect();
         for ip in unused {
@@ -340,14 +383,6 @@ impl Datapath {
             );
             self.record(|s| {
                 s.retired.remove(&old);
-            })?;
-        }
-        let released: Vec<Ipv4Addr> = self.state.addresses.difference(&held).copied().collect();
-        for ip in released {
-            self.nl.remove_address(uplink.index, ip).await?;
-            tracing::info!(egress_ip = %ip, interface = %uplink.name, "released egress IP");
-            self.record(|s| {
-                s.addresses.remove(&ip);
             })?;
         }
         Ok(applied)
@@ -494,15 +529,19 @@ impl Datapath {
         let node_ip = plan
             .node_ip
             .ok_or_else(|| DatapathError::NoNodeIp(plan.node.clone()))?;
-        let index = self.nl.interface_with_address(node_ip).await?;
-        match index {
-            Some(index) => self
-                .nl
-                .interface(index)
-                .await?
-                .ok_or(DatapathError::NoUplink(node_ip)),
-            None => Err(DatapathError::NoUplink(node_ip)),
-        }
+        self.interface_with(node_ip).await
+    }
+
+    async fn interface_with(&self, ip: Ipv4Addr) -> Result<netlink::Interface, DatapathError> {
+        let index = self
+            .nl
+            .interface_with_address(ip)
+            .await?
+            .ok_or(DatapathError::NoUplink(ip))?;
+        self.nl
+            .interface(index)
+            .await?
+            .ok_or(DatapathError::NoUplink(ip))
     }
 
     /// Changes the record of what we created, writing it only when it changed.

@@ -3,7 +3,7 @@
 //! Fields the agent validates itself stay strings, so its errors can quote what was written;
 //! the schema's patterns only spare users a round trip through the agent's logs.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -130,6 +130,13 @@ pub struct EgressIpHolder {
     pub ip: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// When the IP last moved (to `node`, or to no node), as the agents saw it; absent until
+    /// they have seen it move since they started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Time>,
+    /// Why it last moved: from which node, and what happened to that node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 #[cfg(test)]
@@ -210,10 +217,13 @@ mod tests {
                 EgressIpHolder {
                     ip: "192.0.2.1".into(),
                     node: Some("n1".into()),
+                    since: Some(Time("2026-12-02T10:00:00Z".parse().unwrap())),
+                    reason: Some("from n2: its probes went unanswered".into()),
                 },
                 EgressIpHolder {
                     ip: "192.0.2.2".into(),
                     node: None,
+                    ..EgressIpHolder::default()
                 },
             ],
             active_nodes: Some("n1".into()),
@@ -225,7 +235,15 @@ mod tests {
         assert_eq!(
             value,
             json!({
-                "holders": [{"ip": "192.0.2.1", "node": "n1"}, {"ip": "192.0.2.2"}],
+                "holders": [
+                    {
+                        "ip": "192.0.2.1",
+                        "node": "n1",
+                        "since": "2026-12-02T10:00:00Z",
+                        "reason": "from n2: its probes went unanswered",
+                    },
+                    {"ip": "192.0.2.2"},
+                ],
                 "activeNodes": "n1",
                 "selectedPods": 2,
                 "rejectedPods": ["shop/web: not admitted"],

@@ -77,15 +77,22 @@ pub fn plan(snapshot: &Snapshot, node: &str, config: &PlanConfig) -> NodePlan {
         .map(|&(g, k)| gateways[g].egress[k].ip)
         .collect();
 
+    // The gateways whose egress IPs this node may take over, whatever the probes say now.
+    let standby: Vec<bool> = accepted
+        .iter()
+        .map(|g| failover::could_hold(snapshot, g, node))
+        .collect();
+
     let mut chooser = Chooser::new(snapshot, &accepted, &problems);
     let mut pods = Vec::new();
     let mut rejected = Vec::new();
     let mut rejected_namespaces = HashSet::new();
     let mut snat_pods: HashMap<Ipv4Addr, Vec<Ipv4Addr>> = HashMap::new();
     let mut senders = BTreeSet::new();
+    let mut standby_senders = BTreeSet::new();
     for pod in snapshot.pods.values() {
         let local = pod.node.as_deref() == Some(node);
-        if !local && held.is_empty() {
+        if !local && held.is_empty() && !standby.contains(&true) {
             continue;
         }
         let Some(ip) = pod.ip.filter(|_| pod.running && !pod.host_network) else {
@@ -122,17 +129,17 @@ pub fn plan(snapshot: &Snapshot, node: &str, config: &PlanConfig) -> NodePlan {
         else {
             continue;
         };
+        let sender = pod
+            .node
+            .as_ref()
+            .filter(|_| !local)
+            .and_then(|n| snapshot.nodes.get(n))
+            .and_then(|n| n.internal_ip);
         if held_ips.contains(&egress_ip) {
             snat_pods.entry(egress_ip).or_default().push(ip);
-            if !local
-                && let Some(sender) = pod
-                    .node
-                    .as_ref()
-                    .and_then(|n| snapshot.nodes.get(n))
-                    .and_then(|n| n.internal_ip)
-            {
-                senders.insert(sender);
-            }
+            senders.extend(sender);
+        } else if standby[winner] {
+            standby_senders.extend(sender);
         }
         if local {
             pods.push(PodPlan {
@@ -188,6 +195,7 @@ pub fn plan(snapshot: &Snapshot, node: &str, config: &PlanConfig) -> NodePlan {
         pods,
         rejected,
         snat,
+        standby_senders: standby_senders.difference(&senders).copied().collect(),
         senders: senders.into_iter().collect(),
         remote_pod_cidrs: remote_pod_cidrs(snapshot, node),
         cluster_cidrs,

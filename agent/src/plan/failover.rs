@@ -67,6 +67,14 @@ fn may_hold(node: &NodeInfo) -> bool {
     node.ready && !node.unschedulable && node.internal_ip.is_some()
 }
 
+/// Whether `node` may hold `gateway`'s egress IPs by its Node object, whatever the probes say.
+pub(super) fn could_hold(snapshot: &Snapshot, gateway: &Gateway, node: &str) -> bool {
+    snapshot
+        .nodes
+        .get(node)
+        .is_some_and(|n| may_hold(n) && gateway.node_selector.matches(&n.labels))
+}
+
 /// The nodes that hold `gateway`'s egress IPs, in the order they take them.
 pub(super) fn eligible(snapshot: &Snapshot, gateway: &Gateway, health: &Health) -> Vec<Holder> {
     let candidates: Vec<&NodeInfo> = snapshot

@@ -50,6 +50,10 @@ pub struct NodePlan {
     /// InternalIPs of the other nodes whose pods this node SNATs, sorted: only packets from
     /// them (or from local pods) are translated.
     pub senders: Vec<Ipv4Addr>,
+    /// InternalIPs of the other nodes whose pods this node would SNAT if it took over the
+    /// egress IPs it may hold, sorted, without `senders`: their link-layer addresses are kept
+    /// resolved, so that a takeover does not wait for them.
+    pub standby_senders: Vec<Ipv4Addr>,
     /// Ranges that never go through a gateway: node pod CIDRs, node IPs, `--cluster-cidr`.
     pub cluster_cidrs: Vec<Ipv4Net>,
     /// The other nodes' pod CIDRs, sorted: their packets to outside the cluster that reach this

@@ -685,11 +685,16 @@ fn holder_snats_for_pods_on_every_node() {
     // Packets to translate come from the nodes of those pods (n3 is not Ready, but its pod
     // runs), never from n2's db or from another namespace.
     assert_eq!(holder.senders, [ip("10.0.0.2"), ip("10.0.0.3")]);
+    assert!(holder.standby_senders.is_empty());
 
     let other = world.plan("n2");
     assert_eq!(pod_names(&other), ["shop/b"]);
     assert_eq!(other.snat, []);
     assert!(other.senders.is_empty());
+    // n2 may take the egress IP over: it keeps the nodes it would then translate for at
+    // hand. n3 is not Ready, so it cannot.
+    assert_eq!(other.standby_senders, [ip("10.0.0.1"), ip("10.0.0.3")]);
+    assert!(world.plan("n3").standby_senders.is_empty());
     assert_eq!(
         other.gateways, holder.gateways,
         "every node knows every gateway"

@@ -134,6 +134,8 @@ pub struct Reporter {
     written: BTreeMap<String, EgressGatewayStatus>,
     /// The holder of each egress IP at the last publish, per gateway.
     holders: BTreeMap<(String, Ipv4Addr), Option<String>>,
+    /// When and why each egress IP moved last, for the statuses.
+    moves: status::Moves,
     /// Warnings on local pods already published that still hold.
     warned: BTreeSet<PodWarning>,
     /// Warnings on gateways already published that still hold: (gateway, reason, message).
@@ -148,6 +150,7 @@ impl Reporter {
             conditions: BTreeMap::new(),
             written: BTreeMap::new(),
             holders: BTreeMap::new(),
+            moves: status::Moves::new(),
             warned: BTreeSet::new(),
             gateways_warned: BTreeSet::new(),
         }
@@ -164,6 +167,7 @@ impl Reporter {
     ) -> Published {
         let now = Timestamp::now();
         let mut published = Published::default();
+        status::track_moves(&mut self.moves, snapshot, plan, health, now);
         let writes = self
             .publish_statuses(snapshot, plan, now, &mut published)
             .await;
@@ -185,7 +189,7 @@ impl Reporter {
     ) -> BTreeSet<String> {
         let mut conditions = BTreeMap::new();
         let mut writes_for = BTreeSet::new();
-        for desired in status::desired(snapshot, plan) {
+        for desired in status::desired(snapshot, plan, &self.moves) {
             let gateway = desired.gateway.clone();
             let writes = desired.writer.as_deref() == Some(self.node.as_str());
             let previous = self.conditions.get(&gateway).map_or(&[][..], Vec::as_slice);

@@ -66,6 +66,11 @@ pub struct GuardStatus {
     pub transit: u64,
     /// Marked packets dropped because they would have left with another address.
     pub dropped: u64,
+    /// Packets and ARP answers of egress IPs held here, dropped while the lease did not let
+    /// this node serve (see "Failover" in the README).
+    pub fenced: u64,
+    /// Probes from other nodes answered by the kernel.
+    pub probes: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -148,6 +153,8 @@ impl NodeStatus {
             guard: GuardStatus {
                 transit: guard.transit,
                 dropped: guard.dropped,
+                fenced: guard.fenced,
+                probes: guard.probes,
             },
             warnings: warnings.to_vec(),
         }

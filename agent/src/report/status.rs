@@ -1,11 +1,16 @@
 //! What each gateway's status says and which node writes it. Every node computes the same
 //! thing from the same snapshot, so exactly one of them writes each gateway's status.
 
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
 use crate::model::{EgressGatewayStatus, EgressIpHolder, NodeInfo, Snapshot};
-use crate::plan::{GatewayUsage, NodePlan, PlanProblem, RejectReason, Rejection, gateway_usage};
+use crate::plan::{
+    GatewayUsage, Health, NodePlan, PlanProblem, RejectReason, Rejection, gateway_usage, why_moved,
+};
 
 const READY: &str = "Ready";
 const CONFLICTS: &str = "Conflicts";
@@ -39,6 +44,57 @@ impl Verdict {
             observed_generation: None,
         }
     }
+}
+
+/// Where each egress IP (by gateway) went last, as this node saw it.
+pub(super) type Moves = BTreeMap<(String, Ipv4Addr), Moved>;
+
+/// The holder of an egress IP, and when and why it became the holder.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Moved {
+    pub(super) node: Option<String>,
+    /// `None` for the holders found at start: the agent did not see them move.
+    pub(super) since: Option<Timestamp>,
+    pub(super) reason: Option<String>,
+}
+
+/// Notes the egress IPs of `plan` that moved since the last call. Every node keeps its own
+/// record, so that whichever writes a gateway's status can say when and why its IPs moved.
+pub(super) fn track_moves(
+    moves: &mut Moves,
+    snapshot: &Snapshot,
+    plan: &NodePlan,
+    health: &Health,
+    now: Timestamp,
+) {
+    let mut next = Moves::new();
+    for gateway in &plan.gateways {
+        for egress in &gateway.egress {
+            let key = (gateway.name.clone(), egress.ip);
+            let node = egress.holder.as_ref().map(|h| h.node.clone());
+            let moved = match moves.remove(&key) {
+                Some(before) if before.node == node => before,
+                Some(before) => Moved {
+                    since: Some(now),
+                    reason: Some(match &before.node {
+                        Some(from) => format!(
+                            "from {from}: {}",
+                            why_moved(snapshot, &gateway.name, from, health)
+                        ),
+                        None => "it had no holder".to_owned(),
+                    }),
+                    node,
+                },
+                None => Moved {
+                    node,
+                    since: None,
+                    reason: None,
+                },
+            };
+            next.insert(key, moved);
+        }
+    }
+    *moves = next;
 }
 
 /// One gateway's status as every node computes it.
@@ -80,7 +136,7 @@ impl Desired {
 
 /// The status of every gateway in `snapshot`, by name; `plan` is this node's plan of the same
 /// snapshot (holders and conflicts are the same in every node's plan).
-pub(super) fn desired(snapshot: &Snapshot, plan: &NodePlan) -> Vec<Desired> {
+pub(super) fn desired(snapshot: &Snapshot, plan: &NodePlan, moves: &Moves) -> Vec<Desired> {
     let mut usage = gateway_usage(snapshot, &plan.cluster_cidrs);
     // A node that some gateway's nodeSelector matches watches every pod (see `source::kube`),
     // so its counts are cluster-wide; any other node only knows its own pods.
@@ -103,12 +159,17 @@ pub(super) fn desired(snapshot: &Snapshot, plan: &NodePlan) -> Vec<Desired> {
             let holders: Vec<EgressIpHolder> = gateway
                 .egress_ips
                 .iter()
-                .map(|ip| EgressIpHolder {
-                    ip: ip.to_string(),
-                    node: planned
-                        .and_then(|g| g.egress.iter().find(|e| e.ip == *ip))
-                        .and_then(|e| e.holder.as_ref())
-                        .map(|h| h.node.clone()),
+                .map(|ip| {
+                    let moved = moves.get(&(gateway.name.clone(), *ip));
+                    EgressIpHolder {
+                        ip: ip.to_string(),
+                        node: planned
+                            .and_then(|g| g.egress.iter().find(|e| e.ip == *ip))
+                            .and_then(|e| e.holder.as_ref())
+                            .map(|h| h.node.clone()),
+                        since: moved.and_then(|m| m.since).map(Time),
+                        reason: moved.and_then(|m| m.reason.clone()),
+                    }
                 })
                 .collect();
             let writer = holders

@@ -508,6 +508,11 @@ async fn new_holder_announces_the_move() {
     assert_eq!(event.body["reportingInstance"], "node3");
     let patch = seen.iter().find(|s| s.method == "PATCH").unwrap();
     assert_eq!(patch.body["status"]["activeNodes"], "node3");
+    // The status says when and why too, as every node saw it (here node3, the new writer).
+    let holder = &patch.body["status"]["holders"][0];
+    assert_eq!(holder["node"], "node3");
+    assert_eq!(holder["reason"], "from node2: it is not Ready");
+    assert!(holder["since"].is_string(), "{holder}");
 
     assert_eq!(publish(&mut node3, &after).await, Published::default());
     assert!(node3_server.take().is_empty());

@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: static-egress against no policy, a hand-built policy and an
 //! iptables/ipset one, on the same namespace topology and traffic, back to back in one run.
 
+mod failover;
 mod lab;
 mod measure;
 mod report;
@@ -35,6 +36,8 @@ pub enum Part {
     Scale,
     /// Change-to-data-path time, start-up and memory of the agent.
     Control,
+    /// Takeover times of unplanned and planned moves, surviving connections, probe cost.
+    Failover,
 }
 
 struct Settings {
@@ -47,6 +50,8 @@ struct Settings {
     memory_pods: &'static [u32],
     /// How long idle CPU is sampled; 30 s or more includes one full re-check of the host.
     idle_window: Duration,
+    /// Rounds of one unplanned and one planned move each.
+    failover_rounds: usize,
 }
 
 const QUICK: Settings = Settings {
@@ -66,6 +71,7 @@ const QUICK: Settings = Settings {
     changes: 30,
     memory_pods: &[10_000],
     idle_window: Duration::from_secs(10),
+    failover_rounds: 20,
 };
 
 const FULL: Settings = Settings {
@@ -85,6 +91,7 @@ const FULL: Settings = Settings {
     changes: 100,
     memory_pods: &[10_000, 100_000],
     idle_window: Duration::from_secs(35),
+    failover_rounds: 50,
 };
 
 /// Pause between object changes, so each is its own file event and reconcile.
@@ -128,6 +135,7 @@ pub struct Results {
     pub scale: Vec<ScalePoint>,
     pub change_ms: Vec<f64>,
     pub startups: Vec<Startup>,
+    pub failover: Option<failover::FailoverResults>,
 }
 
 pub fn run(options: &Options) -> Result<()> {
@@ -146,23 +154,32 @@ pub fn run(options: &Options) -> Result<()> {
     let settings = if options.full { &FULL } else { &QUICK };
     let wanted = |part| options.part.is_none_or(|p| p == part);
 
-    let mut bench = Bench::new(&agent, &probe)?;
-    println!("bench lab {} is up", bench.cluster.prefix());
-    let _servers = measure::start_servers(&bench.cluster)?;
     let mut results = Results {
         settings: describe(settings),
         ..Results::default()
     };
-    if wanted(Part::Datapath) {
-        datapath(&mut bench, settings, &mut results)?;
+    if [Part::Datapath, Part::Scale, Part::Control]
+        .into_iter()
+        .any(wanted)
+    {
+        let mut bench = Bench::new(&agent, &probe)?;
+        println!("bench lab {} is up", bench.cluster.prefix());
+        let _servers = measure::start_servers(&bench.cluster)?;
+        if wanted(Part::Datapath) {
+            datapath(&mut bench, settings, &mut results)?;
+        }
+        if wanted(Part::Scale) {
+            scale(&mut bench, settings, &mut results)?;
+        }
+        if wanted(Part::Control) {
+            control(&mut bench, settings, &mut results)?;
+        }
+        bench.leave()?;
     }
-    if wanted(Part::Scale) {
-        scale(&mut bench, settings, &mut results)?;
+    if wanted(Part::Failover) {
+        println!("failover: {} rounds", settings.failover_rounds);
+        results.failover = Some(failover::run(&agent, &probe, settings.failover_rounds)?);
     }
-    if wanted(Part::Control) {
-        control(&mut bench, settings, &mut results)?;
-    }
-    bench.leave()?;
 
     let command = match (options.part, options.full) {
         (None, false) => "cargo xtask bench".to_owned(),
