@@ -144,12 +144,15 @@ fn failover_table(md: &mut String, f: &FailoverResults) {
         "**Failover** ({} rounds on three nodes, agent defaults: a probe every {} ms, a node \
          is down after {} unanswered. Each round cuts the holder off, then connects it again; \
          it takes the egress IP back once it has served for the rejoin time. Time new \
-         connections of the pod went unanswered, one opened every 5 ms and given 50 ms, so \
-         the figures include up to 55 ms of the loop's own resolution):\n\n\
+         connections of the pod went unanswered, opened one at a time every {} ms and each \
+         given {} ms, so the figures include up to {} ms of the loop's own resolution):\n\n\
          | move | p50 | p99 | max | target |\n|---|---|---|---|---|",
         f.unplanned_ms.len(),
         failover::INTERVAL.as_millis(),
         failover::MISSES,
+        failover::LOOP_INTERVAL.as_millis(),
+        failover::LOOP_TIMEOUT.as_millis(),
+        (failover::LOOP_INTERVAL + failover::LOOP_TIMEOUT).as_millis(),
     );
     for (what, values, target) in [
         ("unplanned: holder cut off", &f.unplanned_ms, true),
@@ -643,5 +646,30 @@ mod tests {
         assert!(md.contains("+3.0 µs | met"), "{md}");
         let svg = chart(&results);
         assert!(svg.starts_with("<svg") && svg.ends_with("</svg>\n"));
+    }
+
+    #[test]
+    fn a_failover_run_renders_its_percentiles_beside_the_target() {
+        let results = Results {
+            failover: Some(FailoverResults {
+                unplanned_ms: (0..20).map(|i| 250.0 + f64::from(i)).collect(),
+                planned_ms: vec![280.0; 20],
+                streams_survived: 19,
+                streams: 20,
+                leaked: 0,
+                answered_pps: 39.5,
+                probing_nodes: 2,
+            }),
+            ..Results::default()
+        };
+        let md = markdown(&results, "test run");
+        assert!(
+            md.contains(
+                "| unplanned: holder cut off | 260 ms | 269 ms | 269 ms | < 300 ms p99: met |"
+            ),
+            "{md}"
+        );
+        assert!(md.contains("alive after both moves: 19 of 20"), "{md}");
+        assert!(md.contains("answers 19980 a second"), "{md}");
     }
 }
