@@ -109,6 +109,12 @@ pub fn has_address(cluster: &Cluster, node: &str, ip: Ipv4Addr) -> Result<bool> 
     Ok(out.contains(&format!(" {ip}/32 ")))
 }
 
+/// Whether `node` has `ip` on its uplink and `other` has not (an error counts as not).
+pub fn holds_alone(cluster: &Cluster, node: &str, other: &str, ip: Ipv4Addr) -> bool {
+    has_address(cluster, node, ip).unwrap_or(false)
+        && !has_address(cluster, other, ip).unwrap_or(true)
+}
+
 /// The agent's `status.json` on `node`.
 pub fn status(cluster: &Cluster, node: &str) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(cluster.node(node)?.status_path())?;

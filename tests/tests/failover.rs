@@ -7,7 +7,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
-use netlab::fixture::{APPLY, EGRESS_IP, api_pod, expect_source, has_address, three_nodes};
+use netlab::fixture::{
+    APPLY, EGRESS_IP, api_pod, expect_source, has_address, holds_alone, three_nodes,
+};
 use netlab::{AgentHandle, Answer, ArpSeen, Cluster, LabPod, ProbeLoop, Stream, wait_until};
 
 /// Probes every 50 ms, down after 4 misses: detection within 200 ms, as the defaults. A short
@@ -190,7 +192,7 @@ impl Scene {
     /// Waits until `node` holds the egress IP alone; returns how long that took.
     fn until_held_by(&self, node: &str, other: &str) -> Result<Duration> {
         let started = Instant::now();
-        wait_until(APPLY, || self.holds(node) && !self.holds(other))
+        wait_until(APPLY, || holds_alone(&self.cluster, node, other, EGRESS_IP))
             .with_context(|| format!("{node} did not take the egress IP from {other}"))?;
         Ok(started.elapsed())
     }

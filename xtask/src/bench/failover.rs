@@ -8,7 +8,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use netlab::fixture::{EGRESS_IP, api_pod, has_address, three_nodes_from, wait_all_applied};
+use netlab::fixture::{
+    EGRESS_IP, api_pod, has_address, holds_alone, three_nodes_from, wait_all_applied,
+};
 use netlab::{AgentHandle, Answer, Cluster, LabPod, wait_until};
 
 /// The agents' defaults, which the figures are for.
@@ -56,8 +58,10 @@ pub fn run(agent: &Path, probe: &Path, rounds: usize) -> Result<FailoverResults>
         .map(|n| cluster.start_agent(&n.name, ["--resync-interval", "30s"]))
         .collect::<Result<Vec<AgentHandle>>>()?;
     wait_all_applied(&cluster)?;
-    wait_until(MOVE_TIMEOUT, || holds_alone(&cluster, "node2", "node3"))
-        .context("node2 did not take the egress IP")?;
+    wait_until(MOVE_TIMEOUT, || {
+        holds_alone(&cluster, "node2", "node3", EGRESS_IP)
+    })
+    .context("node2 did not take the egress IP")?;
     std::thread::sleep(REJOIN * 2);
 
     let mut results = FailoverResults {
@@ -115,8 +119,10 @@ fn round(cluster: &mut Cluster, pod: &LabPod) -> Result<Round> {
     std::thread::sleep(QUIET);
     let back_at = loop_started.elapsed();
     cluster.cut_off("node2", false)?;
-    wait_until(MOVE_TIMEOUT, || holds_alone(cluster, "node2", "node3"))
-        .context("node2 did not take the egress IP back")?;
+    wait_until(MOVE_TIMEOUT, || {
+        holds_alone(cluster, "node2", "node3", EGRESS_IP)
+    })
+    .context("node2 did not take the egress IP back")?;
     std::thread::sleep(QUIET);
 
     let answers = loop_.stop_timed()?;
@@ -132,11 +138,6 @@ fn round(cluster: &mut Cluster, pod: &LabPod) -> Result<Round> {
         survived: outcome.survived,
         leaked,
     })
-}
-
-fn holds_alone(cluster: &Cluster, node: &str, other: &str) -> bool {
-    has_address(cluster, node, EGRESS_IP).unwrap_or(false)
-        && !has_address(cluster, other, EGRESS_IP).unwrap_or(true)
 }
 
 /// The longest time between two answers with the egress IP, in milliseconds.
