@@ -363,8 +363,15 @@ impl Agent {
         if self.planned.as_ref() != Some(&plan) {
             log_changes(self.planned.as_ref(), &plan, &self.config.health);
         }
+        let started = std::time::Instant::now();
         match datapath.apply(&plan, check).await {
             Ok(applied) => {
+                let moved =
+                    self.applied.as_ref().map(|(a, ..)| a.holders()) != Some(plan.holders());
+                if moved {
+                    // How long a takeover took here, beyond the probes' detection time.
+                    tracing::info!(took_ms = started.elapsed().as_millis(), "holders applied");
+                }
                 report_new(&mut self.warnings, applied.warnings, |m| {
                     tracing::warn!("{m}")
                 });

@@ -105,10 +105,10 @@ struct AgentArgs {
     /// How often each node probes the nodes that may hold egress IPs.
     #[arg(long, default_value = "50ms", value_parser = parse_interval)]
     probe_interval: Duration,
-    /// Unanswered probes after which a node counts as down (with the interval: detection time).
-    /// At least 2: a node counts itself cut off one interval earlier than the others count it
-    /// out, so that it has stopped serving when they take over.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(2..))]
+    /// Unanswered probes after which a node counts as down (with the interval: detection time),
+    /// 3 as BFD's detection multiplier. At least 2: a node counts itself cut off one interval
+    /// earlier than the others count it out, so that it has stopped serving when they take over.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(2..))]
     probe_misses: u32,
     /// How long a node that came back must serve before it takes egress IPs again.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]

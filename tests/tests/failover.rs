@@ -12,7 +12,7 @@ use netlab::fixture::{
 };
 use netlab::{AgentHandle, Answer, ArpSeen, Cluster, LabPod, ProbeLoop, Stream, wait_until};
 
-/// Probes every 50 ms, down after 4 misses: detection within 200 ms, as the defaults. A short
+/// Probes every 50 ms, down after 3 misses: detection within 200 ms, as the defaults. A short
 /// lease and rejoin time keep the tests short.
 const FAILOVER_ARGS: [&str; 6] = [
     "--lease",
@@ -159,9 +159,10 @@ impl Scene {
         scene.show_logs_if(result)
     }
 
-    /// Passes `result` on; when it is a failure, the agents' last words go with it.
+    /// Passes `result` on; when it is a failure (or `SE_SHOW_LOGS` is set, to see where the
+    /// time goes), the agents' last words go with it.
     fn show_logs_if(self, result: Result<()>) -> Result<()> {
-        if result.is_err() {
+        if result.is_err() || std::env::var_os("SE_SHOW_LOGS").is_some() {
             for agent in &self.agents {
                 let log = agent.log().unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(60).collect();

@@ -15,7 +15,7 @@ use netlab::{AgentHandle, Answer, Cluster, LabPod, wait_until};
 
 /// The agents' defaults, which the figures are for.
 pub const INTERVAL: Duration = Duration::from_millis(50);
-pub const MISSES: u32 = 4;
+pub const MISSES: u32 = 3;
 const REJOIN: Duration = Duration::from_secs(2);
 /// New connections every 5 ms, one at a time, each given 20 ms (the lab answers in one): a
 /// gap is measured to within their sum.
