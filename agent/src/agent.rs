@@ -3,7 +3,7 @@
 //! repair drift. Errors are logged and the last applied data path stays; nothing here waits
 //! on the API server.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,6 +20,7 @@ use crate::plan::{self, Health, NodePlan, PlanConfig};
 use crate::report::node_status::{self, AppliedPlan, NodeStatus, NodeStatusError};
 use crate::report::{Report, Reporter};
 use crate::source::kube::{ClusterSource, WatchHealth};
+use crate::source::leases::{LeaseOptions, Lost};
 use crate::source::probes::Asks;
 use crate::source::{FileSource, FileWatcher, Loaded, SourceError};
 
@@ -42,6 +43,10 @@ pub struct AgentOptions {
     /// lookup per local pod and a listing of our nftables table.
     pub resync: Duration,
     pub failover: FailoverOptions,
+    /// Holder Leases in cluster mode (see [`crate::source::leases`]): how long a claim stands,
+    /// and the namespace (`None`: the client's, the ServiceAccount's in a pod).
+    pub holder_lease: Duration,
+    pub lease_namespace: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -171,7 +176,9 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
         problems: Vec::new(),
         warnings: Vec::new(),
         reports: None,
+        held: None,
     };
+    let mut lost: Option<watch::Receiver<Lost>> = None;
     let mut objects = match &options.from_file {
         Some(path) => {
             let (source, loaded) = FileSource::open(path)?;
@@ -191,6 +198,21 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
                 return Ok(());
             };
             tracing::info!(node = %options.node, "agent started; waiting for the cluster's objects");
+            let namespace = options
+                .lease_namespace
+                .clone()
+                .unwrap_or_else(|| client.default_namespace().to_owned());
+            let leases = crate::source::leases::start(
+                client.clone(),
+                options.node.clone(),
+                LeaseOptions {
+                    namespace,
+                    duration: options.holder_lease,
+                    renew: options.holder_lease / 5,
+                },
+            );
+            agent.held = Some(leases.held);
+            lost = Some(leases.lost);
             agent.reports = Some(crate::report::spawn(Reporter::new(
                 client,
                 options.node.clone(),
@@ -217,6 +239,13 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
         tokio::select! {
             next = objects.next() => {
                 agent.loaded = Some(next.ok_or(AgentError::SourceClosed)?);
+                agent.reconcile(&mut datapath, &objects, Check::Changes).await?;
+            }
+            now_lost = next_lost(&mut lost) => {
+                let Some(now_lost) = now_lost else {
+                    return Err(AgentError::SourceClosed);
+                };
+                agent.config.lost = now_lost;
                 agent.reconcile(&mut datapath, &objects, Check::Changes).await?;
             }
             changed = liveness.changed() => {
@@ -251,6 +280,18 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
     }
     stopped();
     Ok(())
+}
+
+/// The next change of the egress IPs lost to other nodes' Lease claims; never in file mode.
+/// `None` when the Lease keeper stopped.
+async fn next_lost(lost: &mut Option<watch::Receiver<Lost>>) -> Option<Lost> {
+    match lost {
+        Some(lost) => {
+            lost.changed().await.ok()?;
+            Some(lost.borrow_and_update().clone())
+        }
+        None => std::future::pending().await,
+    }
 }
 
 fn stopped() {
@@ -317,6 +358,8 @@ struct Agent {
     warnings: Vec<String>,
     /// Where applied plans go to be reported to the cluster, off this loop.
     reports: Option<watch::Sender<Option<Arc<Report>>>>,
+    /// In cluster mode, the egress IPs this node serves, for the Lease keeper.
+    held: Option<watch::Sender<BTreeSet<Ipv4Addr>>>,
 }
 
 impl Agent {
@@ -382,7 +425,17 @@ impl Agent {
                         plan: plan.clone(),
                         health: self.config.health.clone(),
                         refused: applied.refused,
+                        lost: self.config.lost.clone(),
+                        pending: self.config.not_yet.clone(),
                     })));
+                }
+                if let Some(held) = &self.held {
+                    held.send_if_modified(|old| {
+                        let now = plan.held_by(&self.node);
+                        let changed = *old != now;
+                        *old = now;
+                        changed
+                    });
                 }
                 self.applied = Some((plan.clone(), loaded.digest, SystemTime::now()));
                 self.membership.applied(datapath)?;

@@ -121,6 +121,15 @@ struct AgentArgs {
     /// the data path in place for a restart.
     #[arg(long)]
     drain_on_stop: bool,
+    /// In cluster mode, how long a holder's claim on an egress IP's Lease stands after its
+    /// last renewal (renewed every fifth of it): a node that lost an egress IP to a later
+    /// claim stays away from it that long after the claim's last renewal.
+    #[arg(long, default_value = "15s", value_parser = parse_interval)]
+    holder_lease: Duration,
+    /// The namespace of the holder Leases (default: the agent's own, from its ServiceAccount
+    /// or kubeconfig context).
+    #[arg(long, env = "POD_NAMESPACE")]
+    lease_namespace: Option<String>,
     /// How often everything of ours is compared with the kernel and repaired (`30s`, `500ms`).
     #[arg(long, default_value = "30s", value_parser = parse_interval)]
     resync_interval: Duration,
@@ -199,6 +208,8 @@ fn main() -> ExitCode {
             from_file: args.from_file,
             cluster_cidrs: args.common.cluster_cidrs,
             resync: args.resync_interval,
+            holder_lease: args.holder_lease,
+            lease_namespace: args.lease_namespace,
             failover: FailoverOptions {
                 probes: ProbeConfig {
                     port: args.probe_port,

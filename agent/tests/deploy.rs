@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule};
+use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role};
 use serde_json::{Value, json};
 use static_egress::model::ParsedObject;
 use static_egress::source::documents::parse_documents;
@@ -126,6 +126,8 @@ fn kustomization_renders_every_object() {
         ("ServiceAccount", "static-egress", "static-egress"),
         ("ClusterRole", "", "static-egress"),
         ("ClusterRoleBinding", "", "static-egress"),
+        ("Role", "static-egress", "static-egress-leases"),
+        ("RoleBinding", "static-egress", "static-egress-leases"),
         ("DaemonSet", "static-egress", "static-egress"),
     ]
     .into_iter()
@@ -171,8 +173,8 @@ fn manifests_pass_the_kubernetes_schemas() {
         .lines()
         .filter(|l| l.contains(" passed for resource "))
         .count();
-    // Six objects in deploy/, the same six rendered, and the example Namespace.
-    assert_eq!(passed, 13, "{report}");
+    // Eight objects in deploy/, the same eight rendered, and the example Namespace.
+    assert_eq!(passed, 17, "{report}");
 }
 
 /// Validates objects against a schema with Python's `jsonschema` (installed with
@@ -324,9 +326,13 @@ fn agent_gets_only_the_privileges_it_uses() {
     let documents = yaml_documents(&rendered());
     let role: ClusterRole =
         serde_json::from_value(find(&documents, "ClusterRole").clone()).expect("ClusterRole");
+    // The Leases' Role, in the agent's namespace only: its rules are listed after the others.
+    let leases: Role = serde_json::from_value(find(&documents, "Role").clone()).expect("Role");
+    assert_eq!(leases.metadata.namespace.as_deref(), Some("static-egress"));
     let rules: Vec<(String, String, String)> = role
         .rules
         .iter()
+        .chain(&leases.rules)
         .flatten()
         .flat_map(|rule: &PolicyRule| {
             let groups = rule.api_groups.clone().unwrap_or_default();
@@ -348,6 +354,11 @@ fn agent_gets_only_the_privileges_it_uses() {
         ("static-egress.io", "egressgateways", "get,list,watch"),
         ("static-egress.io", "egressgateways/status", "patch"),
         ("", "events", "create"),
+        (
+            "coordination.k8s.io",
+            "leases",
+            "get,list,watch,create,update",
+        ),
     ]
     .into_iter()
     .map(|(g, r, v)| (g.to_owned(), r.to_owned(), v.to_owned()))

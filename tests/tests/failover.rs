@@ -244,6 +244,48 @@ fn a_holder_cut_off_hands_over_within_300_ms_and_streams_survive() -> Result<()>
     })
 }
 
+/// The holder is cut off while the agent of the node next in line restarts: until that agent
+/// is back, the pod's packets reach a node that does not translate them and are dropped there
+/// (never sent with a node address); once back, it waits for its probes to settle, then takes
+/// the egress IP, alone.
+#[test]
+fn a_takeover_due_while_the_takers_agent_restarts_happens_when_it_is_back() -> Result<()> {
+    Scene::run(|scene| {
+        let loop_ = probe(&scene.cluster, &scene.pod, 8)?;
+        let arp = scene.cluster.watch_arp(EGRESS_IP)?;
+        std::thread::sleep(Duration::from_millis(800));
+
+        scene.agents[2].stop()?;
+        let cut = Instant::now();
+        scene.cluster.cut_off("node2", true)?;
+        std::thread::sleep(Duration::from_millis(500));
+        ensure!(
+            !scene.holds("node3"),
+            "node3 took the egress IP with no agent"
+        );
+        scene.agents[2] = scene.cluster.start_agent("node3", FAILOVER_ARGS)?;
+        wait_until(APPLY, || scene.holds("node3")).context("node3 did not take over")?;
+        eprintln!(
+            "restarted node3 holds the egress IP {:?} after the cut",
+            cut.elapsed()
+        );
+
+        scene.cluster.cut_off("node2", false)?;
+        let back = scene.until_held_by("node2", "node3")?;
+        eprintln!("node2 back: holds the egress IP again after {back:?}");
+        let answers = loop_.wait_timed(Duration::from_secs(30))?;
+        let gap = longest_gap(&answers)?;
+        one_answerer(&arp.finish()?)?;
+        // The restart (half a second here), the new agent's start and its wait for the probes
+        // to settle (the rejoin time, 1 s, since node2 never answers it).
+        ensure!(
+            gap < Duration::from_secs(4),
+            "new connections went unanswered for {gap:?}"
+        );
+        Ok(())
+    })
+}
+
 #[test]
 fn a_killed_agent_moves_nothing_within_its_lease_and_is_fenced_after() -> Result<()> {
     Scene::run(|scene| {

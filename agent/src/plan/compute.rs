@@ -11,7 +11,7 @@ use static_egress_common::capacity;
 
 use super::failover::{self, Health};
 use super::{
-    Budget, DestEntry, GatewayPlan, NodePlan, PlanConfig, PlanProblem, PodPlan, Reason,
+    Budget, DestEntry, GatewayPlan, Holder, NodePlan, PlanConfig, PlanProblem, PodPlan, Reason,
     RejectReason, Rejection, SnatPlan,
 };
 use crate::model::{Gateway, NamespaceInfo, PodInfo, Snapshot};
@@ -54,9 +54,18 @@ pub fn plan(snapshot: &Snapshot, node: &str, config: &PlanConfig) -> NodePlan {
     } = accept_gateways(snapshot, &cluster_cidrs, &config.health);
     let mut gateways = gateways;
     for egress in gateways.iter_mut().flat_map(|g| g.egress.iter_mut()) {
-        if config.not_yet.contains(&egress.ip)
-            && egress.holder.as_ref().is_some_and(|h| h.node == node)
-        {
+        if egress.holder.as_ref().is_none_or(|h| h.node != node) {
+            continue;
+        }
+        if let Some(winner) = config.lost.get(&egress.ip) {
+            // Its pods' packets follow the node that holds it now.
+            egress.holder = snapshot.nodes.get(winner).and_then(|n| {
+                Some(Holder {
+                    node: winner.clone(),
+                    node_ip: n.internal_ip?,
+                })
+            });
+        } else if config.not_yet.contains(&egress.ip) {
             egress.holder = None;
         }
     }

@@ -10,7 +10,7 @@ mod props;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
@@ -31,6 +31,10 @@ pub struct PlanConfig {
     /// Egress IPs this node takes over from a node that still serves them: not before that
     /// node has let go (see [`failover::handovers`]), so that no two nodes hold one at once.
     pub not_yet: BTreeSet<Ipv4Addr>,
+    /// Egress IPs whose holder Lease another node claimed after this node (cluster mode, see
+    /// [`crate::source::leases`]), by that node: this node does not hold them while the claim
+    /// stands, and routes their pods' packets to that node.
+    pub lost: BTreeMap<Ipv4Addr, String>,
 }
 
 /// What one node must program.

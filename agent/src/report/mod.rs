@@ -19,7 +19,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, Resource};
 use serde_json::{Map, Value};
 use tokio::sync::watch;
@@ -68,6 +68,11 @@ pub struct Report {
     /// What the probes said when the plan was made: why holders moved.
     pub health: Health,
     pub refused: BTreeMap<String, String>,
+    /// Egress IPs this node lost to a later Lease claim, by the node that claimed them.
+    pub lost: BTreeMap<Ipv4Addr, String>,
+    /// Egress IPs this node is about to take from a node that still serves them (it waits for
+    /// that node to let go): the plan shows them without a holder, which is not a move.
+    pub pending: BTreeSet<Ipv4Addr>,
 }
 
 /// Runs `reporter` on a task of its own and returns where to send it the latest [`Report`]:
@@ -79,14 +84,7 @@ pub fn spawn(mut reporter: Reporter) -> watch::Sender<Option<Arc<Report>>> {
         while rx.changed().await.is_ok() {
             let latest = rx.borrow_and_update().clone();
             if let Some(report) = latest {
-                reporter
-                    .publish(
-                        &report.snapshot,
-                        &report.plan,
-                        &report.health,
-                        &report.refused,
-                    )
-                    .await;
+                reporter.publish(&report).await;
             }
         }
     });
@@ -136,6 +134,8 @@ pub struct Reporter {
     holders: BTreeMap<(String, Ipv4Addr), Option<String>>,
     /// When and why each egress IP moved last, for the statuses.
     moves: status::Moves,
+    /// Whether `moves` started from what the statuses said (read once, at the first publish).
+    seeded: bool,
     /// Warnings on local pods already published that still hold.
     warned: BTreeSet<PodWarning>,
     /// Warnings on gateways already published that still hold: (gateway, reason, message).
@@ -151,30 +151,37 @@ impl Reporter {
             written: BTreeMap::new(),
             holders: BTreeMap::new(),
             moves: status::Moves::new(),
+            seeded: false,
             warned: BTreeSet::new(),
             gateways_warned: BTreeSet::new(),
         }
     }
 
-    /// Reports on `plan`, this node's plan of `snapshot`, once it is applied; `refused` are
-    /// the gateways whose SNAT nftables refused on this node, with why.
-    pub async fn publish(
-        &mut self,
-        snapshot: &Snapshot,
-        plan: &NodePlan,
-        health: &Health,
-        refused: &BTreeMap<String, String>,
-    ) -> Published {
+    /// Reports on an applied plan.
+    pub async fn publish(&mut self, report: &Report) -> Published {
+        let (snapshot, plan, health) = (&*report.snapshot, &report.plan, &report.health);
+        let (refused, lost) = (&report.refused, &report.lost);
         let now = Timestamp::now();
         let mut published = Published::default();
-        status::track_moves(&mut self.moves, snapshot, plan, health, now);
+        if !self.seeded {
+            self.seeded = true;
+            self.seed_moves().await;
+        }
+        status::track_moves(
+            &mut self.moves,
+            snapshot,
+            plan,
+            health,
+            &report.pending,
+            now,
+        );
         let writes = self
             .publish_statuses(snapshot, plan, now, &mut published)
             .await;
         self.warn_pods(plan, now, &mut published).await;
-        self.warn_gateways(plan, &writes, refused, now, &mut published)
+        self.warn_gateways(plan, &writes, refused, lost, now, &mut published)
             .await;
-        self.announce_holders(snapshot, plan, health, now, &mut published)
+        self.announce_holders(snapshot, plan, health, &report.pending, now, &mut published)
             .await;
         published
     }
@@ -213,13 +220,16 @@ impl Reporter {
     }
 
     /// A Warning event on a gateway when it is left out of every plan (sent by the node that
-    /// writes its status, the one node sure to say it once) or when this node could not
-    /// program its SNAT; once per situation while it lasts.
+    /// writes its status, the one node sure to say it once), when this node could not
+    /// program its SNAT, or when it lost one of its egress IPs to another node's later Lease
+    /// claim (the probes disagreed: that node counted this one out while others did not);
+    /// once per situation while it lasts.
     async fn warn_gateways(
         &mut self,
         plan: &NodePlan,
         writes: &BTreeSet<String>,
         refused: &BTreeMap<String, String>,
+        lost: &BTreeMap<Ipv4Addr, String>,
         now: Timestamp,
         published: &mut Published,
     ) {
@@ -231,8 +241,22 @@ impl Reporter {
         let not_programmed = refused
             .iter()
             .map(|(g, why)| (g.clone(), "SNATRefused", format!("on {}: {why}", self.node)));
+        let lease_lost = plan.gateways.iter().flat_map(|g| {
+            g.egress.iter().filter_map(|e| {
+                let winner = lost.get(&e.ip)?;
+                Some((
+                    g.name.clone(),
+                    "LeaseLost",
+                    format!(
+                        "{} moved from {} to {winner}: lease lost ({winner} claimed its Lease \
+                         after {}, which let it go)",
+                        e.ip, self.node, self.node
+                    ),
+                ))
+            })
+        });
         let now_warned: BTreeSet<(String, &'static str, String)> =
-            left_out.chain(not_programmed).collect();
+            left_out.chain(not_programmed).chain(lease_lost).collect();
         self.gateways_warned.retain(|w| now_warned.contains(w));
         for warning in now_warned {
             if self.gateways_warned.contains(&warning) {
@@ -273,6 +297,7 @@ impl Reporter {
         snapshot: &Snapshot,
         plan: &NodePlan,
         health: &Health,
+        pending: &BTreeSet<Ipv4Addr>,
         now: Timestamp,
         published: &mut Published,
     ) {
@@ -280,6 +305,13 @@ impl Reporter {
         for gateway in &plan.gateways {
             for egress in &gateway.egress {
                 let key = (gateway.name.clone(), egress.ip);
+                if pending.contains(&egress.ip) {
+                    // Not moved yet: the old holder is still the one to name when it does.
+                    if let Some(before) = self.holders.remove(&key) {
+                        holders.insert(key, before);
+                    }
+                    continue;
+                }
                 let holder = egress.holder.as_ref().map(|h| h.node.clone());
                 let mut seen = holder.clone();
                 if let Some(before) = self.holders.get(&key)
@@ -309,6 +341,26 @@ impl Reporter {
             }
         }
         self.holders = holders;
+    }
+
+    /// Starts the record of moves from the gateways' statuses; without them (the API server
+    /// does not answer) the moves seen from now on are all the statuses will say.
+    async fn seed_moves(&mut self) {
+        let api = Api::<EgressGateway>::all(self.client.clone());
+        let list = async {
+            api.list(&ListParams::default())
+                .await
+                .map_err(|source| ReportError::Status {
+                    gateway: "(all)".to_owned(),
+                    source,
+                })
+        };
+        match within(|| "reading the gateways' statuses".to_owned(), list).await {
+            Ok(gateways) => status::seed_moves(&mut self.moves, &gateways.items),
+            Err(error) => {
+                tracing::warn!(%error, "the gateways' statuses will not say when and why their IPs moved before this agent started")
+            }
+        }
     }
 
     /// Applies `status` unless it is what this node last wrote; `Ok(true)` when it wrote.

@@ -1,13 +1,13 @@
 //! What each gateway's status says and which node writes it. Every node computes the same
 //! thing from the same snapshot, so exactly one of them writes each gateway's status.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
-use crate::model::{EgressGatewayStatus, EgressIpHolder, NodeInfo, Snapshot};
+use crate::model::{EgressGateway, EgressGatewayStatus, EgressIpHolder, NodeInfo, Snapshot};
 use crate::plan::{
     GatewayUsage, Health, NodePlan, PlanProblem, RejectReason, Rejection, gateway_usage, why_moved,
 };
@@ -58,19 +58,46 @@ pub(super) struct Moved {
     pub(super) reason: Option<String>,
 }
 
+/// What the gateways' statuses say of the last moves, for an agent that just started: every
+/// agent keeps its record in memory, and after all have restarted the statuses are all that
+/// is left of it. [`track_moves`] keeps an entry while its holder stays the same.
+pub(super) fn seed_moves(moves: &mut Moves, gateways: &[EgressGateway]) {
+    for gateway in gateways {
+        let name = gateway.metadata.name.clone().unwrap_or_default();
+        for holder in gateway.status.iter().flat_map(|s| &s.holders) {
+            let (Ok(ip), Some(since)) = (holder.ip.parse::<Ipv4Addr>(), &holder.since) else {
+                continue;
+            };
+            moves.entry((name.clone(), ip)).or_insert_with(|| Moved {
+                node: holder.node.clone(),
+                since: Some(since.0),
+                reason: holder.reason.clone(),
+            });
+        }
+    }
+}
+
 /// Notes the egress IPs of `plan` that moved since the last call. Every node keeps its own
 /// record, so that whichever writes a gateway's status can say when and why its IPs moved.
+/// `pending` egress IPs are about to be taken over by this node: not moved yet.
 pub(super) fn track_moves(
     moves: &mut Moves,
     snapshot: &Snapshot,
     plan: &NodePlan,
     health: &Health,
+    pending: &BTreeSet<Ipv4Addr>,
     now: Timestamp,
 ) {
     let mut next = Moves::new();
     for gateway in &plan.gateways {
         for egress in &gateway.egress {
             let key = (gateway.name.clone(), egress.ip);
+            if pending.contains(&egress.ip)
+                && let Some(before) = moves.remove(&key)
+            {
+                next.insert(key, before);
+                continue;
+            }
             let node = egress.holder.as_ref().map(|h| h.node.clone());
             let moved = match moves.remove(&key) {
                 Some(before) if before.node == node => before,

@@ -36,12 +36,20 @@ struct Server {
 impl Server {
     /// The requests made since the last call; a publish has had all its answers when it
     /// returns, so they are all here.
+    /// The writes since the last call (reads are left out).
     fn take(&mut self) -> Vec<Seen> {
-        std::iter::from_fn(|| self.seen.try_recv().ok()).collect()
+        std::iter::from_fn(|| self.seen.try_recv().ok())
+            .filter(|s| s.method != "GET")
+            .collect()
     }
 }
 
 fn reporter(node: &str) -> (Reporter, Server) {
+    reporter_with(node, Vec::new())
+}
+
+/// A reporter whose API server lists `gateways` (with their statuses) when asked.
+fn reporter_with(node: &str, gateways: Vec<Value>) -> (Reporter, Server) {
     let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
     let (tx, seen) = mpsc::unbounded_channel();
     let fail = Arc::new(AtomicBool::new(false));
@@ -55,11 +63,12 @@ fn reporter(node: &str) -> (Reporter, Server) {
                 method: parts.method.to_string(),
                 path: parts.uri.path().to_owned(),
                 query: parts.uri.query().unwrap_or_default().to_owned(),
-                content_type: parts.headers[http::header::CONTENT_TYPE]
-                    .to_str()
-                    .unwrap()
-                    .to_owned(),
-                body: serde_json::from_slice(&bytes).unwrap(),
+                content_type: parts
+                    .headers
+                    .get(http::header::CONTENT_TYPE)
+                    .map(|v| v.to_str().unwrap().to_owned())
+                    .unwrap_or_default(),
+                body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
             };
             let response = if failing.load(Ordering::SeqCst) {
                 let status = json!({
@@ -71,6 +80,12 @@ fn reporter(node: &str) -> (Reporter, Server) {
                     .status(StatusCode::INTERNAL_SERVER_ERROR)
                     .body(Body::from(serde_json::to_vec(&status).unwrap()))
                     .unwrap()
+            } else if seen.method == "GET" {
+                let list = json!({
+                    "apiVersion": "static-egress.io/v1alpha1", "kind": "EgressGatewayList",
+                    "metadata": {"resourceVersion": "1"}, "items": gateways,
+                });
+                Response::new(Body::from(serde_json::to_vec(&list).unwrap()))
             } else {
                 Response::new(Body::from(serde_json::to_vec(&answer(&seen)).unwrap()))
             };
@@ -186,16 +201,22 @@ fn pod(snapshot: &mut Snapshot, path: &str, node: &str, annotation: Option<&str>
     );
 }
 
+/// A report of `plan`, made from `snapshot` with every node serving.
+fn report_of(snapshot: &Snapshot, plan: NodePlan) -> Report {
+    Report {
+        snapshot: Arc::new(snapshot.clone()),
+        plan,
+        health: Health::default(),
+        refused: BTreeMap::new(),
+        lost: BTreeMap::new(),
+        pending: BTreeSet::new(),
+    }
+}
+
 async fn publish(reporter: &mut Reporter, snapshot: &Snapshot) -> Published {
     let node = reporter.node.clone();
-    reporter
-        .publish(
-            snapshot,
-            &plan(snapshot, &node, &PlanConfig::default()),
-            &Health::default(),
-            &BTreeMap::new(),
-        )
-        .await
+    let plan = plan(snapshot, &node, &PlanConfig::default());
+    reporter.publish(&report_of(snapshot, plan)).await
 }
 
 fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
@@ -487,6 +508,23 @@ async fn new_holder_announces_the_move() {
         "the old holder says nothing"
     );
 
+    // While node3 waits for node2 to let go, its plan shows the IP without a holder: not a
+    // move, and no event yet.
+    let ip: Ipv4Addr = "10.99.0.200".parse().unwrap();
+    let waiting = PlanConfig {
+        not_yet: BTreeSet::from([ip]),
+        ..PlanConfig::default()
+    };
+    let report = Report {
+        pending: waiting.not_yet.clone(),
+        ..report_of(&after, plan(&after, "node3", &waiting))
+    };
+    node3.publish(&report).await;
+    assert!(
+        node3_server.take().iter().all(|s| s.method != "POST"),
+        "an event before the move"
+    );
+
     let published = publish(&mut node3, &after).await;
     assert_eq!((published.statuses, published.events), (1, 1));
     let seen = node3_server.take();
@@ -524,7 +562,7 @@ async fn publish_can_run_on_any_worker_thread() {
     let (mut reporter, _server) = reporter("node1");
     let snapshot = lab();
     let plan = plan(&snapshot, "node1", &PlanConfig::default());
-    send(&reporter.publish(&snapshot, &plan, &Health::default(), &BTreeMap::new()));
+    send(&reporter.publish(&report_of(&snapshot, plan)));
 }
 
 #[tokio::test]
@@ -593,9 +631,11 @@ async fn a_gateway_nftables_refused_here_is_warned_about_once() {
         "corp-fw".to_owned(),
         "nftables refused the SNAT for 10.99.0.200 (no); it has no SNAT on this node".to_owned(),
     )]);
-    reporter
-        .publish(&snapshot, &plan, &Health::default(), &refused)
-        .await;
+    let report = Report {
+        refused,
+        ..report_of(&snapshot, plan)
+    };
+    reporter.publish(&report).await;
     let events: Vec<Seen> = server
         .take()
         .into_iter()
@@ -610,8 +650,77 @@ async fn a_gateway_nftables_refused_here_is_warned_about_once() {
         event.body["message"],
         "on node2: nftables refused the SNAT for 10.99.0.200 (no); it has no SNAT on this node"
     );
-    reporter
-        .publish(&snapshot, &plan, &Health::default(), &refused)
-        .await;
+    reporter.publish(&report).await;
     assert!(server.take().is_empty(), "said twice");
+}
+
+#[tokio::test]
+async fn an_egress_ip_lost_to_a_later_lease_claim_is_warned_about_once_by_the_loser() {
+    let snapshot = lab();
+    let (mut reporter, mut server) = reporter("node2");
+    let lost = BTreeMap::from([("10.99.0.200".parse().unwrap(), "node3".to_owned())]);
+    let config = PlanConfig {
+        lost: lost.clone(),
+        ..PlanConfig::default()
+    };
+    let plan = plan(&snapshot, "node2", &config);
+    // The loser neither holds it nor sends its pods elsewhere than to the winner.
+    assert!(plan.snat.is_empty());
+    assert_eq!(
+        plan.holders()
+            .get(&"10.99.0.200".parse().unwrap())
+            .map(String::as_str),
+        Some("node3")
+    );
+    let report = Report {
+        lost,
+        ..report_of(&snapshot, plan)
+    };
+    reporter.publish(&report).await;
+    let events: Vec<Seen> = server
+        .take()
+        .into_iter()
+        .filter(|s| s.method == "POST" && s.body["reason"] == "LeaseLost")
+        .collect();
+    let [event] = &events[..] else {
+        panic!("expected one event, got {events:#?}");
+    };
+    assert_eq!(event.body["involvedObject"]["name"], "corp-fw");
+    assert_eq!(
+        event.body["message"],
+        "10.99.0.200 moved from node2 to node3: lease lost (node3 claimed its Lease after \
+         node2, which let it go)"
+    );
+    reporter.publish(&report).await;
+    assert!(
+        server
+            .take()
+            .iter()
+            .all(|s| s.body["reason"] != "LeaseLost"),
+        "said twice"
+    );
+}
+
+#[tokio::test]
+async fn an_agent_that_starts_keeps_what_the_status_said_of_the_last_move() {
+    let mut snapshot = lab();
+    snapshot.nodes.get_mut("node2").unwrap().ready = false;
+    let written = json!({
+        "apiVersion": "static-egress.io/v1alpha1", "kind": "EgressGateway",
+        "metadata": {"name": "corp-fw"},
+        "spec": {"egressIPs": ["10.99.0.200"]},
+        "status": {"holders": [{
+            "ip": "10.99.0.200", "node": "node3", "since": "2026-12-02T10:00:00Z",
+            "reason": "from node2: it is not Ready",
+        }]},
+    });
+    // Every agent restarted: node3, which holds the IP and writes the status, starts afresh.
+    let (mut node3, mut server) = reporter_with("node3", vec![written]);
+    publish(&mut node3, &snapshot).await;
+    let seen = server.take();
+    let patch = seen.iter().find(|s| s.method == "PATCH").unwrap();
+    let holder = &patch.body["status"]["holders"][0];
+    assert_eq!(holder["node"], "node3");
+    assert_eq!(holder["since"], "2026-12-02T10:00:00Z");
+    assert_eq!(holder["reason"], "from node2: it is not Ready");
 }

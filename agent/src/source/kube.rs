@@ -147,7 +147,7 @@ impl Retry {
 
 /// `stream` with [`Retry`] applied: the error is handed on after the wait, so the watch is
 /// polled again (and reconnects) only then.
-fn retrying<T: Send + 'static>(
+pub(super) fn retrying<T: Send + 'static>(
     stream: BoxStream<'static, Result<T, watcher::Error>>,
     retry: Retry,
 ) -> BoxStream<'static, Result<T, watcher::Error>> {

@@ -7,6 +7,7 @@ mod file;
 #[cfg(test)]
 mod fuzz;
 pub mod kube;
+pub mod leases;
 pub mod probes;
 
 use std::fmt;

@@ -124,17 +124,22 @@ async fn run(
     loop {
         tokio::select! {
             _ = tick.tick() => {
+                // Answers that came while this thread did not run (a starved CPU) count before
+                // the next probe goes out: the peers' kernels answered in time.
+                while let Ok((len, from)) = socket.try_recv_from(&mut buf) {
+                    note_reply(&mut heard, &buf[..len], from);
+                }
                 let now = Instant::now();
                 let Asks { targets: current, count_out } = asks.borrow().clone();
                 let health_now = health(&current, &heard, &config);
                 seq = seq.wrapping_add(1);
                 for (name, ip) in &current {
                     asked.entry(*ip).or_insert(now);
-                    // A node counted out hears it, and stops serving until its agent knows
-                    // (one that never answered held nothing this node knows of).
-                    let lost = count_out
-                        && heard.contains_key(ip)
-                        && health_now.down.get(name) == Some(&Down::Silent);
+                    // A node counted out hears it, and stops serving until its agent knows;
+                    // also one that has not answered since this agent started: it may hold
+                    // egress IPs from before (this agent restarted while it was cut off), which
+                    // this node plans without.
+                    let lost = count_out && health_now.down.get(name) == Some(&Down::Silent);
                     let request = request(seq, lost);
                     if let Some(h) = heard.get_mut(ip) {
                         h.unanswered = h.unanswered.saturating_add(1);
@@ -165,9 +170,9 @@ async fn run(
                 });
             }
             received = socket.recv_from(&mut buf) => {
-                let Ok((len, std::net::SocketAddr::V4(from))) = received else { continue };
-                let Some((state, uptime)) = reply(&buf[..len]) else { continue };
-                heard.insert(*from.ip(), Heard { unanswered: 0, state, uptime });
+                if let Ok((len, from)) = received {
+                    note_reply(&mut heard, &buf[..len], from);
+                }
             }
             changed = asks.changed() => {
                 if changed.is_err() {
@@ -178,6 +183,23 @@ async fn run(
                 asked.retain(|ip, _| current.values().any(|t| t == ip));
             }
         }
+    }
+}
+
+/// A datagram from `from`: when it is an answer, its sender has answered.
+fn note_reply(heard: &mut BTreeMap<Ipv4Addr, Heard>, payload: &[u8], from: std::net::SocketAddr) {
+    let std::net::SocketAddr::V4(from) = from else {
+        return;
+    };
+    if let Some((state, uptime)) = reply(payload) {
+        heard.insert(
+            *from.ip(),
+            Heard {
+                unanswered: 0,
+                state,
+                uptime,
+            },
+        );
     }
 }
 
