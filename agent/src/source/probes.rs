@@ -133,13 +133,20 @@ async fn run(
                 let Asks { targets: current, count_out } = asks.borrow().clone();
                 let health_now = health(&current, &heard, &config);
                 seq = seq.wrapping_add(1);
+                // Nodes that start together come up within a moment of each other: a peer
+                // that has not answered yet is given the rejoin time, which this node waits
+                // anyway, so that they all start from the same view.
+                let patience = config.silent_after().max(config.rejoin);
                 for (name, ip) in &current {
-                    asked.entry(*ip).or_insert(now);
+                    let first_asked = *asked.entry(*ip).or_insert(now);
                     // A node counted out hears it, and stops serving until its agent knows;
-                    // also one that has not answered since this agent started: it may hold
-                    // egress IPs from before (this agent restarted while it was cut off), which
-                    // this node plans without.
-                    let lost = count_out && health_now.down.get(name) == Some(&Down::Silent);
+                    // also one that has not answered since this agent started, once it had its
+                    // chance: it may hold egress IPs from before (this agent restarted while it
+                    // was cut off), which this node plans without. Not before: every peer is
+                    // unheard at an agent's first probes.
+                    let lost = count_out
+                        && health_now.down.get(name) == Some(&Down::Silent)
+                        && (heard.contains_key(ip) || now - first_asked >= patience);
                     let request = request(seq, lost);
                     if let Some(h) = heard.get_mut(ip) {
                         h.unanswered = h.unanswered.saturating_add(1);
@@ -151,10 +158,6 @@ async fn run(
                         tracing::debug!(%ip, %error, "sending a probe");
                     }
                 }
-                // Nodes that start together come up within a moment of each other: a peer
-                // that has not answered yet is given the rejoin time, which this node waits
-                // anyway, so that they all start from the same view.
-                let patience = config.silent_after().max(config.rejoin);
                 let liveness = Liveness {
                     settled: current.values().all(|ip| {
                         heard.contains_key(ip)
