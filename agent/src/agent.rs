@@ -3,7 +3,7 @@
 //! repair drift. Errors are logged and the last applied data path stays; nothing here waits
 //! on the API server.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,11 +16,11 @@ use tokio::sync::watch;
 use crate::datapath::{Check, Datapath, DatapathConfig, DatapathError};
 pub use crate::membership::FailoverOptions;
 use crate::membership::Membership;
-use crate::plan::{self, Health, NodePlan, PlanConfig};
+use crate::plan::{self, NodePlan, PlanConfig};
 use crate::report::node_status::{self, AppliedPlan, NodeStatus, NodeStatusError};
 use crate::report::{Report, Reporter};
 use crate::source::kube::{ClusterSource, WatchHealth};
-use crate::source::leases::{LeaseOptions, Lost};
+use crate::source::leases::{self, LeaseOptions, Lost};
 use crate::source::probes::Asks;
 use crate::source::{FileSource, FileWatcher, Loaded, SourceError};
 
@@ -198,18 +198,14 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
                 return Ok(());
             };
             tracing::info!(node = %options.node, "agent started; waiting for the cluster's objects");
-            let namespace = options
-                .lease_namespace
-                .clone()
-                .unwrap_or_else(|| client.default_namespace().to_owned());
             let leases = crate::source::leases::start(
                 client.clone(),
                 options.node.clone(),
-                LeaseOptions {
-                    namespace,
-                    duration: options.holder_lease,
-                    renew: options.holder_lease / 5,
-                },
+                LeaseOptions::new(
+                    options.lease_namespace.clone(),
+                    &client,
+                    options.holder_lease,
+                ),
             );
             agent.held = Some(leases.held);
             lost = Some(leases.lost);
@@ -241,7 +237,7 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
                 agent.loaded = Some(next.ok_or(AgentError::SourceClosed)?);
                 agent.reconcile(&mut datapath, &objects, Check::Changes).await?;
             }
-            now_lost = next_lost(&mut lost) => {
+            now_lost = leases::next_lost(&mut lost) => {
                 let Some(now_lost) = now_lost else {
                     return Err(AgentError::SourceClosed);
                 };
@@ -280,18 +276,6 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
     }
     stopped();
     Ok(())
-}
-
-/// The next change of the egress IPs lost to other nodes' Lease claims; never in file mode.
-/// `None` when the Lease keeper stopped.
-async fn next_lost(lost: &mut Option<watch::Receiver<Lost>>) -> Option<Lost> {
-    match lost {
-        Some(lost) => {
-            lost.changed().await.ok()?;
-            Some(lost.borrow_and_update().clone())
-        }
-        None => std::future::pending().await,
-    }
 }
 
 fn stopped() {
@@ -404,7 +388,7 @@ impl Agent {
             }
         }
         if self.planned.as_ref() != Some(&plan) {
-            log_changes(self.planned.as_ref(), &plan, &self.config.health);
+            crate::report::changes::log(self.planned.as_ref(), &plan, &self.config.health);
         }
         let started = std::time::Instant::now();
         match datapath.apply(&plan, check).await {
@@ -430,12 +414,7 @@ impl Agent {
                     })));
                 }
                 if let Some(held) = &self.held {
-                    held.send_if_modified(|old| {
-                        let now = plan.held_by(&self.node);
-                        let changed = *old != now;
-                        *old = now;
-                        changed
-                    });
+                    leases::tell_held(held, plan.held_by(&self.node));
                 }
                 self.applied = Some((plan.clone(), loaded.digest, SystemTime::now()));
                 self.membership.applied(datapath)?;
@@ -502,54 +481,5 @@ impl Agent {
         )
         .write(&self.state_dir)?;
         Ok(())
-    }
-}
-
-fn log_changes(old: Option<&NodePlan>, new: &NodePlan, health: &Health) {
-    let holders = |p: &NodePlan| -> BTreeMap<Ipv4Addr, Option<String>> {
-        p.gateways
-            .iter()
-            .flat_map(|g| {
-                g.egress
-                    .iter()
-                    .map(|e| (e.ip, e.holder.as_ref().map(|h| h.node.clone())))
-            })
-            .collect()
-    };
-    let before = old.map(holders).unwrap_or_default();
-    for (ip, holder) in holders(new) {
-        if before.get(&ip) != Some(&holder) {
-            match holder {
-                // What the probes said is why a holder changes when the objects did not.
-                Some(node) => tracing::info!(
-                    egress_ip = %ip, holder = %node, down = ?health.down,
-                    rejoining = ?health.rejoining, "egress IP holder"
-                ),
-                None => tracing::warn!(
-                    egress_ip = %ip, down = ?health.down, rejoining = ?health.rejoining,
-                    "no eligible node holds the egress IP"
-                ),
-            }
-        }
-    }
-    let pods = |p: &NodePlan| -> BTreeMap<Ipv4Addr, String> {
-        p.pods.iter().map(|x| (x.ip, x.gateway.clone())).collect()
-    };
-    let (before, after) = (old.map(pods).unwrap_or_default(), pods(new));
-    for pod in &new.pods {
-        if before.get(&pod.ip) != Some(&pod.gateway) {
-            tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name), ip = %pod.ip, gateway = %pod.gateway, egress_ip = %pod.egress_ip, reason = ?pod.reason, "pod selected");
-        }
-    }
-    for (ip, gateway) in before.iter().filter(|(ip, _)| !after.contains_key(ip)) {
-        tracing::info!(ip = %ip, gateway = %gateway, "pod no longer selected");
-    }
-    let old_rejected = old.map(|p| p.rejected.as_slice()).unwrap_or_default();
-    for r in new.rejected.iter().filter(|r| !old_rejected.contains(r)) {
-        tracing::warn!("gateway annotation ignored: {r}");
-    }
-    let old_problems = old.map(|p| p.problems.as_slice()).unwrap_or_default();
-    for p in new.problems.iter().filter(|p| !old_problems.contains(p)) {
-        tracing::warn!("{p}");
     }
 }

@@ -15,7 +15,7 @@ use netlab::fixture::{
     APPLY, EGRESS_IP, GATEWAY, api_pod, expect_source, has_address, holds_alone, three_nodes,
 };
 use netlab::kubeapi::RealApiServer;
-use netlab::{AgentHandle, Cluster, LabPod, wait_until};
+use netlab::{AgentHandle, Answer, Cluster, LabPod, wait_until};
 
 const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
 /// The DaemonSet's ServiceAccount (deploy/rbac.yaml).
@@ -285,19 +285,7 @@ fn not_ready(lab: &Lab) -> Result<()> {
     wait_until(APPLY, || lab.lease_holder() == "node2")
         .context("node2 did not claim the Lease again")?;
     let answers = connections.wait(Duration::from_secs(60))?;
-    let leaked: Vec<_> = answers
-        .iter()
-        .filter(|a| a.source().is_some_and(|ip| ip != EGRESS_IP))
-        .collect();
-    let failed = answers.iter().filter(|a| a.source().is_none()).count();
-    eprintln!(
-        "{failed} of {} connections failed across both moves",
-        answers.len()
-    );
-    ensure!(
-        leaked.is_empty(),
-        "connections left with another address: {leaked:?}"
-    );
+    no_leak(&answers, "across both moves")?;
     Ok(())
 }
 
@@ -399,15 +387,18 @@ fn partial_partition(lab: &Lab) -> Result<()> {
     expect_source(cluster, pod, EGRESS_IP)?;
 
     let answers = connections.wait(Duration::from_secs(60))?;
-    let leaked: Vec<_> = answers
+    no_leak(&answers, "during the partition")?;
+    Ok(())
+}
+
+/// Every connection the pod made left with the egress IP or failed (counted, `during` what).
+fn no_leak(answers: &[Answer], during: &str) -> Result<()> {
+    let leaked: Vec<&Answer> = answers
         .iter()
         .filter(|a| a.source().is_some_and(|ip| ip != EGRESS_IP))
         .collect();
     let failed = answers.iter().filter(|a| a.source().is_none()).count();
-    eprintln!(
-        "{failed} of {} connections failed during the partition",
-        answers.len()
-    );
+    eprintln!("{failed} of {} connections failed {during}", answers.len());
     ensure!(
         leaked.is_empty(),
         "connections left with another address: {leaked:?}"

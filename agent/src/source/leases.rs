@@ -55,6 +55,18 @@ pub struct LeaseOptions {
     pub renew: Duration,
 }
 
+impl LeaseOptions {
+    /// Claims stand for `duration` and are renewed every fifth of it, in `namespace` or else
+    /// the client's (the ServiceAccount's, in a pod).
+    pub fn new(namespace: Option<String>, client: &Client, duration: Duration) -> Self {
+        Self {
+            namespace: namespace.unwrap_or_else(|| client.default_namespace().to_owned()),
+            duration,
+            renew: duration / 5,
+        }
+    }
+}
+
 /// Egress IPs another node claimed after this one, by the node that did.
 pub type Lost = BTreeMap<Ipv4Addr, String>;
 
@@ -271,6 +283,27 @@ pub fn start(client: Client, node: String, options: LeaseOptions) -> Leases {
     let (lost_tx, lost) = watch::channel(Lost::new());
     tokio::spawn(run(client, node, options, held_rx, lost_tx));
     Leases { held, lost }
+}
+
+/// Tells the Lease keeper which egress IPs this node serves now (after an apply).
+pub fn tell_held(held: &watch::Sender<BTreeSet<Ipv4Addr>>, now: BTreeSet<Ipv4Addr>) {
+    held.send_if_modified(|old| {
+        let changed = *old != now;
+        *old = now;
+        changed
+    });
+}
+
+/// The next change of the egress IPs lost to other nodes' claims; never without a keeper
+/// (file mode). `None` when the keeper stopped.
+pub async fn next_lost(lost: &mut Option<watch::Receiver<Lost>>) -> Option<Lost> {
+    match lost {
+        Some(lost) => {
+            lost.changed().await.ok()?;
+            Some(lost.borrow_and_update().clone())
+        }
+        None => std::future::pending().await,
+    }
 }
 
 async fn run(
