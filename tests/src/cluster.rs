@@ -246,7 +246,7 @@ impl Cluster {
 
         let node_len = s.node_subnet.prefix_len();
         let br = &s.router_bridge;
-        ip_in(&router, &format!("link add {br} type bridge"))?;
+        add_bridge(&router, br)?;
         ip_in(
             &router,
             &format!("addr add {}/{node_len} dev {br}", self.router_ip),
@@ -342,7 +342,7 @@ impl Cluster {
                 let bridge = &s.pod_bridge;
                 let gateway = nth_host(plan.pod_cidr, 1)?;
                 let len = plan.pod_cidr.prefix_len();
-                ip_in(&netns, &format!("link add {bridge} type bridge"))?;
+                add_bridge(&netns, bridge)?;
                 ip_in(&netns, &format!("addr add {gateway}/{len} dev {bridge}"))?;
                 ip_in(&netns, &format!("link set {bridge} up"))?;
             }
@@ -989,6 +989,20 @@ impl Drop for Cluster {
 
 /// `ip -n NETNS <command>`, the command split at spaces: every name in it was checked to have
 /// none, which keeps the topology code readable.
+/// A bridge whose link-layer address stays what it is when ports join: left to itself, a
+/// bridge takes the lowest of its ports' addresses, so a host added to a running lab now and
+/// then changed it, and the neighbours' cached address for the bridge's IP went nowhere.
+fn add_bridge(netns: &str, name: &str) -> Result<()> {
+    ip_in(netns, &format!("link add {name} type bridge"))?;
+    let shown = ip_in(netns, &format!("-br link show {name}"))?;
+    let mac = shown
+        .split_whitespace()
+        .nth(2)
+        .with_context(|| format!("no address for bridge {name} in: {shown}"))?;
+    ip_in(netns, &format!("link set {name} address {mac}"))?;
+    Ok(())
+}
+
 fn ip_in(netns: &str, command: &str) -> Result<String> {
     ip(["-n", netns].into_iter().chain(command.split_whitespace()))
 }

@@ -73,6 +73,22 @@ pub fn change(cluster: &mut Cluster, edit: impl FnOnce(&mut Objects)) -> Result<
     wait_all_applied(cluster)
 }
 
+/// Passes `result` on; when it is a failure (or `SE_SHOW_LOGS` is set, to see where the time
+/// goes), the agents' last words go with it: a failure in CI is all there is to go by.
+pub fn with_agent_logs<T>(agents: &[AgentHandle], result: Result<T>) -> Result<T> {
+    if result.is_err() || std::env::var_os("SE_SHOW_LOGS").is_some() {
+        for agent in agents {
+            let log = agent.log().unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("--- agent on {} ---", agent.node());
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+    result
+}
+
 pub fn wait_all_applied(cluster: &Cluster) -> Result<()> {
     for node in cluster.nodes() {
         cluster.wait_applied(&node.name, APPLY)?;

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, ensure};
 use netlab::fixture::{
     APPLY, EGRESS_IP, api_pod, expect_source, has_address, holds_alone, three_nodes,
+    with_agent_logs,
 };
 use netlab::{AgentHandle, Answer, ArpSeen, Cluster, LabPod, ProbeLoop, Stream, wait_until};
 
@@ -162,16 +163,7 @@ impl Scene {
     /// Passes `result` on; when it is a failure (or `SE_SHOW_LOGS` is set, to see where the
     /// time goes), the agents' last words go with it.
     fn show_logs_if(self, result: Result<()>) -> Result<()> {
-        if result.is_err() || std::env::var_os("SE_SHOW_LOGS").is_some() {
-            for agent in &self.agents {
-                let log = agent.log().unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(60).collect();
-                eprintln!("--- agent on {} ---", agent.node());
-                for line in tail.iter().rev() {
-                    eprintln!("{line}");
-                }
-            }
-        }
+        let result = with_agent_logs(&self.agents, result);
         if result.is_err() && std::env::var_os("SE_KEEP_FAILED").is_some() {
             let kept = self.cluster.keep()?;
             eprintln!("lab kept: {kept:?}");

@@ -10,7 +10,7 @@ use anyhow::{Context as _, Result, ensure};
 use ipnet::Ipv4Net;
 use netlab::fixture::{
     EGRESS_IP, GATEWAY, api_pod, change, expect_source, gateway, has_address, restart_agent,
-    start_agents, status, three_nodes, wait_all_applied,
+    start_agents, status, three_nodes, wait_all_applied, with_agent_logs,
 };
 use netlab::objects::match_labels;
 use netlab::{Cluster, LabNode, LabPod, PodSpec, expect_all_from, expect_none_leaked, wait_until};
@@ -399,8 +399,12 @@ fn echo_requests_from(cluster: &Cluster, source: Ipv4Addr) -> Result<u64> {
 fn the_holder_translates_only_traffic_from_cluster_nodes() -> Result<()> {
     let mut cluster = cluster()?;
     let api = api_pod(&mut cluster, "api-1", "node1")?;
-    let _agents = start_agents(&cluster, &[])?;
-    expect_source(&cluster, &api, EGRESS_IP)?;
+    let agents = start_agents(&cluster, &[])?;
+    with_agent_logs(&agents, spoofed_and_real(&cluster, &api))
+}
+
+fn spoofed_and_real(cluster: &Cluster, api: &LabPod) -> Result<()> {
+    expect_source(cluster, api, EGRESS_IP)?;
     netlab::exec(
         cluster.ext_netns(),
         [
@@ -445,7 +449,7 @@ fn the_holder_translates_only_traffic_from_cluster_nodes() -> Result<()> {
         ["ping", "-q", "-c", "10", "-i", "0.05", "-W", "1", &ext],
     )?;
     ensure!(
-        echo_requests_from(&cluster, EGRESS_IP)? == 0,
+        echo_requests_from(cluster, EGRESS_IP)? == 0,
         "the spoofer's packets left with the egress IP"
     );
     let dropped = cluster.node("node2")?.exec([
@@ -462,9 +466,17 @@ fn the_holder_translates_only_traffic_from_cluster_nodes() -> Result<()> {
     );
 
     // The real pod still leaves with it.
-    api.exec(["ping", "-q", "-c", "10", "-i", "0.05", "-W", "1", &ext])?;
-    ensure!(echo_requests_from(&cluster, EGRESS_IP)? == 10);
-    expect_source(&cluster, &api, EGRESS_IP)?;
+    let pinged = netlab::exec_output(
+        &api.netns,
+        ["ping", "-c", "10", "-i", "0.05", "-W", "1", &ext],
+    )?;
+    let seen = echo_requests_from(cluster, EGRESS_IP)?;
+    ensure!(
+        seen == 10,
+        "the server saw {seen} of the pod's 10 echo requests with the egress IP:\n{}",
+        String::from_utf8_lossy(&pinged.stdout)
+    );
+    expect_source(cluster, api, EGRESS_IP)?;
     Ok(())
 }
 
