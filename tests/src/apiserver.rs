@@ -48,12 +48,9 @@ struct Store {
     history: Vec<(u64, &'static str, Value)>,
     /// Set when the endpoint stops: open watches end.
     generation: u64,
-    requests: Vec<String>,
     /// Open connections by id, broken when the endpoint stops.
     connections: BTreeMap<u64, TcpStream>,
     next_connection: u64,
-    status_patches: Vec<(String, Value)>,
-    events: Vec<Value>,
     /// How long status patches and events wait before they are answered: a slow API server.
     write_delay: Duration,
 }
@@ -236,30 +233,6 @@ impl ApiServer {
         lock(&self.shared).write_delay = delay;
     }
 
-    /// Request lines seen so far ("GET /api/v1/pods?...").
-    pub fn requests(&self) -> Vec<String> {
-        lock(&self.shared).requests.clone()
-    }
-
-    /// Status patches received, by gateway name, oldest first.
-    pub fn status_patches(&self) -> Vec<(String, Value)> {
-        lock(&self.shared).status_patches.clone()
-    }
-
-    /// Events created, oldest first.
-    pub fn events(&self) -> Vec<Value> {
-        lock(&self.shared).events.clone()
-    }
-
-    /// The stored object, if any.
-    pub fn object(&self, kind: &str, namespace: &str, name: &str) -> Option<Value> {
-        lock(&self.shared)
-            .objects
-            .get(kind)?
-            .get(&format!("{namespace}/{name}"))
-            .cloned()
-    }
-
     /// Writes a kubeconfig for this endpoint into `dir` and returns its path.
     pub fn kubeconfig(&self, dir: &Path) -> Result<PathBuf> {
         let path = dir.join("kubeconfig");
@@ -387,17 +360,6 @@ fn serve(shared: &Shared, stream: &TcpStream) -> Result<()> {
     let out = stream.try_clone()?;
     let mut out = out;
     while let Some(request) = read_request(&mut reader)? {
-        let query: Vec<String> = request
-            .query
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        lock(shared).requests.push(format!(
-            "{} {}?{}",
-            request.method,
-            request.path,
-            query.join("&")
-        ));
         if request
             .query
             .get("watch")
@@ -499,7 +461,6 @@ fn respond(shared: &Shared, request: &Request) -> (u16, Value) {
             );
         };
         let mut store = lock(shared);
-        store.status_patches.push((name.to_owned(), patch.clone()));
         let key = format!("/{name}");
         let Some(mut object) = store
             .objects
@@ -529,7 +490,6 @@ fn respond(shared: &Shared, request: &Request) -> (u16, Value) {
                 status_error(400, "BadRequest", "the event is not JSON"),
             );
         };
-        lock(shared).events.push(event.clone());
         return (201, event);
     }
     (
@@ -635,28 +595,6 @@ fn finish(mut out: TcpStream) -> Result<()> {
     write!(out, "0\r\n\r\n")?;
     out.flush()?;
     Ok(())
-}
-
-/// Waits until `condition` holds for the server's recorded requests (handy for asserting the
-/// agents' watch paths).
-pub fn wait_for_request(
-    server: &ApiServer,
-    timeout: Duration,
-    mut condition: impl FnMut(&str) -> bool,
-) -> Result<String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(found) = server.requests().into_iter().find(|r| condition(r)) {
-            return Ok(found);
-        }
-        if Instant::now() >= deadline {
-            bail!(
-                "no such request within {timeout:?}; saw {:?}",
-                server.requests()
-            );
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// The lab's usual address for the endpoint: the router, port 6443.

@@ -157,3 +157,24 @@ pub fn restart_agent(
     cluster.wait_applied(&node, APPLY)?;
     Ok(again)
 }
+
+/// `static-egress health [--ready]` for `node`: its stdout, or its stderr as the error.
+pub fn health(cluster: &Cluster, node: &str, ready: bool) -> Result<String> {
+    let node = cluster.node(node)?;
+    let bin = cluster.agent_bin()?;
+    let mut args = vec![
+        bin.display().to_string(),
+        "health".into(),
+        "--state-dir".into(),
+        node.state_dir.display().to_string(),
+    ];
+    if ready {
+        args.push("--ready".into());
+    }
+    let out = crate::exec_output(&node.netns, &args)?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        anyhow::bail!("{}", String::from_utf8_lossy(&out.stderr).trim())
+    }
+}

@@ -43,6 +43,10 @@ const ETCD_PEER_PORT: u16 = 2380;
 /// A cold start of kube-apiserver on two cores takes a few seconds; be generous under load.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a stopping kube-apiserver gets before it is killed, as a kubelet kills it after
+/// the pod's grace period: with clients watching, it waits for their watches to end (up to a
+/// minute) before it exits.
+const APISERVER_GRACE: Duration = Duration::from_secs(3);
 const SETUP_HINT: &str = "run `cargo xtask setup`, which builds kube-apiserver and etcd from \
                           tests/apiserver/go.mod (it needs Go)";
 
@@ -487,10 +491,11 @@ impl RealApiServer {
         self.start_apiserver()
     }
 
-    /// Stops kube-apiserver only, leaving etcd running (an outage of the API server).
+    /// Stops kube-apiserver only, leaving etcd running (an outage of the API server): SIGTERM,
+    /// and SIGKILL once its grace period is over.
     pub fn stop_apiserver(&mut self) -> Result<()> {
         if let Some(mut apiserver) = self.apiserver.take() {
-            apiserver.terminate(STOP_TIMEOUT)?;
+            apiserver.stop_within(APISERVER_GRACE)?;
         }
         Ok(())
     }

@@ -98,6 +98,17 @@ impl Background {
         }
     }
 
+    /// SIGTERM, then SIGKILL if it still runs after `grace`: a process that may take longer
+    /// to stop than anyone waits for it, as a kubelet stops a pod.
+    pub(crate) fn stop_within(&mut self, grace: Duration) -> Result<ExitStatus> {
+        match self.terminate(grace) {
+            Ok(status) => Ok(status),
+            // Killed after the grace period (and reaped): what was asked for.
+            Err(_) if self.child.try_wait()?.is_some() => Ok(self.child.wait()?),
+            Err(e) => Err(e),
+        }
+    }
+
     pub(crate) fn kill(&mut self) -> Result<ExitStatus> {
         if let Some(status) = self.child.try_wait()? {
             return Ok(status);

@@ -3,8 +3,10 @@
 //! printer columns, and a token of the DaemonSet's ServiceAccount, used from a node's namespace
 //! as the agent would, has the access the ClusterRole gives and no more. Also checks the
 //! launcher's restart and etcd compaction (a real `410 Gone`). Then agents in cluster mode
-//! against it: holder Leases under a partial partition, and a node made NotReady through the
-//! status subresource.
+//! against it: holder Leases under a partial partition, a node made NotReady through the
+//! status subresource, what kubectl shows of them (events in `describe`, another writer's
+//! condition kept, the holder in `get`), a change applied right after a restart that followed
+//! a compaction, and ten thousand pods listed in pages.
 
 use std::path::Path;
 use std::process::Command;
@@ -12,10 +14,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
 use netlab::fixture::{
-    APPLY, EGRESS_IP, GATEWAY, api_pod, expect_source, has_address, holds_alone, three_nodes,
+    APPLY, EGRESS_IP, GATEWAY, api_pod, expect_source, has_address, health, holds_alone,
+    three_nodes,
 };
 use netlab::kubeapi::RealApiServer;
-use netlab::{AgentHandle, Answer, Cluster, LabPod, wait_until};
+use netlab::objects::GATEWAY_ANNOTATION;
+use netlab::{AgentHandle, Answer, Cluster, LabPod, PodSpec, expect_all_from, wait_until};
 
 const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
 /// The DaemonSet's ServiceAccount (deploy/rbac.yaml).
@@ -136,14 +140,263 @@ fn exercise(cluster: &Cluster, api: &mut RealApiServer) -> Result<()> {
 /// with the DaemonSet's ServiceAccount, so a verb missing from the Leases' Role fails here.
 #[test]
 fn holder_leases_leave_one_holder_when_the_probes_disagree() -> Result<()> {
-    Lab::run(partial_partition)
+    Lab::run(|lab| partial_partition(lab))
 }
 
 /// Node readiness written through the status subresource, as a kubelet or the node controller
 /// would, moves the egress IP; the gateway's status (server-side apply) says where and why.
 #[test]
 fn a_node_made_not_ready_through_the_status_subresource_hands_its_egress_ip_over() -> Result<()> {
-    Lab::run(not_ready)
+    Lab::run(|lab| not_ready(lab))
+}
+
+/// What users see of the agents with kubectl, on a real server: events in `kubectl describe`
+/// of the pod and of the gateway (they need the object's uid), another controller's condition
+/// kept beside ours (server-side apply, conditions keyed by type), the holder in `kubectl get
+/// egw`. Then an etcd compaction and a kube-apiserver restart (the agents' watches come back
+/// to a real `410 Gone`): a change made once the server answers is in the data path within 2 s.
+#[test]
+fn what_kubectl_shows_and_a_restart_after_a_compaction() -> Result<()> {
+    Lab::run(kubectl_views_and_restart)
+}
+
+/// Ten thousand pods more, on node1 in namespace `crowd`, created before the agents start:
+/// each agent lists them in pages of 500 with the server's own `continue` tokens (the audit
+/// log shows every page), and pod api-1, in `payments`, comes on the last page, so its
+/// traffic leaving with the egress IP says that no page was lost. The agents' memory is
+/// reported.
+#[test]
+fn ten_thousand_pods_are_listed_in_pages_with_the_servers_continue_tokens() -> Result<()> {
+    let api_args = |dir: &Path| {
+        let policy = dir.join("audit-policy.yaml");
+        std::fs::write(&policy, AUDIT_POD_LISTS)?;
+        Ok(vec![
+            format!("--audit-policy-file={}", policy.display()),
+            format!("--audit-log-path={}", dir.join(AUDIT_LOG).display()),
+        ])
+    };
+    Lab::run_with(api_args, |api| crowd(api, CROWD), paged)
+}
+
+const AUDIT_LOG: &str = "audit.log";
+
+const CROWD: usize = 10_000;
+
+/// The agents' lists of pods, once each, with the URI that says which page.
+const AUDIT_POD_LISTS: &str = "apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: Metadata
+  users: [\"system:serviceaccount:static-egress:static-egress\"]
+  verbs: [list]
+  resources: [{group: \"\", resources: [pods]}]
+- level: None
+";
+
+/// `count` pods on node1 in namespace `crowd`, created by four kubectl at once. They never
+/// run (no status), as pods waiting for their images: the agents list and keep them all the
+/// same.
+fn crowd(api: &RealApiServer, count: usize) -> Result<()> {
+    api.apply("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: crowd\n")?;
+    let started = Instant::now();
+    let chunks = 4;
+    let files: Vec<std::path::PathBuf> = (0..chunks)
+        .map(|chunk| {
+            let items: Vec<serde_json::Value> = (chunk * count / chunks
+                ..(chunk + 1) * count / chunks)
+                .map(|i| {
+                    serde_json::json!({
+                        "apiVersion": "v1", "kind": "Pod",
+                        "metadata": {"name": format!("crowd-{i:05}"), "namespace": "crowd",
+                            "labels": {"app": "api", "shard": format!("s{}", i % 16)}},
+                        "spec": {"nodeName": "node1",
+                            "containers": [{"name": "main", "image": "lab.invalid/pod"}]},
+                    })
+                })
+                .collect();
+            let path = api.dir().join(format!("crowd-{chunk}.json"));
+            std::fs::write(
+                &path,
+                serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string(),
+            )?;
+            Ok(path)
+        })
+        .collect::<Result<_>>()?;
+    std::thread::scope(|scope| {
+        let creating: Vec<_> = files
+            .iter()
+            .map(|path| {
+                scope.spawn(move || {
+                    api.kubectl(["create", "-o", "name", "-f", &path.to_string_lossy()])
+                })
+            })
+            .collect();
+        creating.into_iter().try_for_each(|c| {
+            c.join()
+                .map_err(|_| anyhow::anyhow!("kubectl thread panicked"))?
+                .map(drop)
+        })
+    })?;
+    eprintln!("{count} pods created in {:?}", started.elapsed());
+    Ok(())
+}
+
+fn paged(lab: &mut Lab) -> Result<()> {
+    lab.serving()?;
+    let audit = std::fs::read_to_string(lab.cluster.dir().join(AUDIT_LOG))?;
+    let pages = audit.lines().filter(|l| l.contains("continue=")).count();
+    let lists = audit.lines().count();
+    eprintln!("the agents listed pods {lists} times, {pages} of them a later page");
+    // node1 lists its own pods, node2 and node3 (candidate holders) those of every node: each
+    // list is 21 pages of at most 500.
+    let expected = 3 * (CROWD + 1).div_ceil(500) - 3;
+    let own = audit
+        .lines()
+        .filter(|l| l.contains("continue=") && l.contains("fieldSelector=spec.nodeName%3Dnode1"))
+        .count();
+    ensure!(
+        own >= expected / 3,
+        "node1 listed its own pods in {own} later pages, not {}",
+        expected / 3
+    );
+    ensure!(
+        pages >= expected,
+        "{pages} lists of a later page, not {expected} (three lists of {} pods in pages of 500):\n{}",
+        CROWD + 1,
+        tail(&audit, 5)
+    );
+    for agent in &lab.agents {
+        let log = agent.log()?;
+        let view = log
+            .lines()
+            .find(|l| l.contains("first complete view"))
+            .unwrap_or_default()
+            .to_owned();
+        let rss = rss_kib(agent.pid())?;
+        eprintln!(
+            "agent on {}: {} MiB resident; {view}",
+            agent.node(),
+            rss / 1024
+        );
+        ensure!(
+            view.contains(&format!("pods={}", CROWD + 1)),
+            "the agent on {} did not see every pod: {view}",
+            agent.node()
+        );
+        // A debug build held 59 MiB here when this was written. Far more would mean objects
+        // kept whole instead of as the model's few fields.
+        ensure!(
+            rss < 128 * 1024,
+            "the agent on {} holds {} MiB with {} pods",
+            agent.node(),
+            rss / 1024,
+            CROWD + 1
+        );
+    }
+    Ok(())
+}
+
+/// VmRSS of a process, in KiB.
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .context("no VmRSS")?
+        .parse()
+        .context("odd VmRSS")
+}
+
+/// Annotations made through the API change a pod's source; while the API server is away a
+/// pod's connections keep leaving with the egress IP, and changes made once it is back apply.
+#[test]
+fn annotations_through_the_api_and_an_api_server_outage() -> Result<()> {
+    Lab::run(annotations_and_outage)
+}
+
+/// Agents restarted while the API server is down wait for it without exiting, keep the data
+/// path they find pinned (the pod's traffic still leaves with the egress IP), report themselves
+/// live but not ready and say why, and become ready once it answers.
+#[test]
+fn agents_started_without_an_api_server_keep_the_data_path_and_report_not_ready() -> Result<()> {
+    Lab::run(started_without_api)
+}
+
+fn annotations_and_outage(lab: &mut Lab) -> Result<()> {
+    let shop = lab.add_pod(PodSpec::new("payments", "shop", "node3"))?;
+    let (cluster, pod) = (&lab.cluster, &lab.pod);
+    let node3 = cluster.node("node3")?.ip;
+    lab.serving()?;
+    expect_source(cluster, &shop, node3)?;
+    let annotation = format!("{GATEWAY_ANNOTATION}={GATEWAY}");
+    lab.api
+        .kubectl(["annotate", "pod", "-n", "payments", "shop", &annotation])?;
+    let took = expect_source(cluster, &shop, EGRESS_IP)?;
+    eprintln!("annotation through the API to the data path: {took:?}");
+
+    // Long enough to outlast the server's stop (its grace period), its absence and its start.
+    let connections = cluster.start_loop(pod, Duration::from_millis(20), 500)?;
+    lab.api.stop_apiserver()?;
+    let before = connections.answers()?.len();
+    wait_until(APPLY, || {
+        connections.answers().is_ok_and(|a| a.len() >= before + 25)
+    })?;
+    lab.api.start_apiserver()?;
+    let (cluster, pod) = (&lab.cluster, &lab.pod);
+    lab.api.kubectl([
+        "annotate",
+        "pod",
+        "-n",
+        "payments",
+        "shop",
+        &format!("{GATEWAY_ANNOTATION}-"),
+    ])?;
+    expect_source(cluster, &shop, node3)?;
+    let answers = connections.wait(Duration::from_secs(60))?;
+    expect_all_from(&answers, EGRESS_IP)?;
+    ensure!(cluster.ask(pod)? == EGRESS_IP);
+    Ok(())
+}
+
+fn started_without_api(lab: &mut Lab) -> Result<()> {
+    lab.serving()?;
+    wait_until(APPLY, || health(&lab.cluster, "node1", true).is_ok())?;
+    lab.api.stop_apiserver()?;
+    for agent in &mut lab.agents {
+        agent.stop()?;
+    }
+    let connections = lab
+        .cluster
+        .start_loop(&lab.pod, Duration::from_millis(20), 150)?;
+    lab.agents = lab.start_agents()?;
+    std::thread::sleep(Duration::from_secs(4));
+    for agent in &mut lab.agents {
+        ensure!(
+            agent.is_running(),
+            "the agent on {} exited without an API server:\n{}",
+            agent.node(),
+            agent.log()?
+        );
+    }
+    let cluster = &lab.cluster;
+    ensure!(health(cluster, "node1", false).is_ok(), "not even live");
+    let not_ready = health(cluster, "node1", true).err().map(|e| e.to_string());
+    ensure!(
+        not_ready
+            .as_deref()
+            .is_some_and(|e| e.contains("cannot start watching the cluster")),
+        "readiness should fail and say why: {not_ready:?}"
+    );
+    lab.api.start_apiserver()?;
+    let cluster = &lab.cluster;
+    wait_until(APPLY, || health(cluster, "node1", true).is_ok())
+        .context("the agent did not become ready once the API server answered")?;
+    let answers = connections.wait(Duration::from_secs(60))?;
+    ensure!(answers.len() == 150, "the probe ended early: {answers:?}");
+    expect_all_from(&answers, EGRESS_IP)?;
+    Ok(())
 }
 
 /// A lab whose agents run in cluster mode against a real API server, with the token of the
@@ -152,29 +405,48 @@ struct Lab {
     cluster: Cluster,
     api: RealApiServer,
     pod: LabPod,
+    agents: Vec<AgentHandle>,
+    kubeconfig: std::path::PathBuf,
 }
 
 impl Lab {
-    fn run(scenario: impl FnOnce(&Lab) -> Result<()>) -> Result<()> {
+    fn run(scenario: impl FnOnce(&mut Lab) -> Result<()>) -> Result<()> {
+        Self::run_with(|_| Ok(Vec::new()), |_| Ok(()), scenario)
+    }
+
+    /// [`Self::run`] with the kube-apiserver arguments that `api_args` gives (from the lab's
+    /// directory) and `prepare` done on the server before the agents start.
+    fn run_with(
+        api_args: impl FnOnce(&Path) -> Result<Vec<String>>,
+        prepare: impl FnOnce(&RealApiServer) -> Result<()>,
+        scenario: impl FnOnce(&mut Lab) -> Result<()>,
+    ) -> Result<()> {
         let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let mut cluster = three_nodes(env!("CARGO_BIN_EXE_se-probe").as_ref())?;
         let pod = api_pod(&mut cluster, "api-1", "node1")?;
-        let api = RealApiServer::start(cluster.router_netns(), cluster.router_ip(), cluster.dir())?;
+        let api = RealApiServer::start_with_args(
+            cluster.router_netns(),
+            cluster.router_ip(),
+            cluster.dir(),
+            api_args(cluster.dir())?,
+        )?;
         install(&api)?;
         api.create_objects(&cluster.objects().api_objects()?)?;
+        prepare(&api)?;
         let token = api.token_for_service_account(AGENT_NAMESPACE, AGENT_ACCOUNT)?;
         let kubeconfig = cluster.dir().join("agent.kubeconfig");
         api.kubeconfig_for_token(&kubeconfig, &token)?;
-        let args = ["--lease-namespace", AGENT_NAMESPACE, "--rejoin-after", "1s"];
-        let agents = cluster
-            .nodes()
-            .iter()
-            .map(|n| cluster.start_agent_with_kubeconfig(&n.name, &kubeconfig, &args))
-            .collect::<Result<Vec<AgentHandle>>>()?;
-        let lab = Lab { cluster, api, pod };
-        let result = scenario(&lab);
+        let mut lab = Lab {
+            cluster,
+            api,
+            pod,
+            agents: Vec::new(),
+            kubeconfig,
+        };
+        lab.agents = lab.start_agents()?;
+        let result = scenario(&mut lab);
         if result.is_err() {
-            for agent in &agents {
+            for agent in &lab.agents {
                 eprintln!(
                     "--- agent on {}:\n{}",
                     agent.node(),
@@ -187,6 +459,37 @@ impl Lab {
             );
         }
         result
+    }
+
+    /// An agent on every node, with the ServiceAccount's token.
+    fn start_agents(&self) -> Result<Vec<AgentHandle>> {
+        let args = ["--lease-namespace", AGENT_NAMESPACE, "--rejoin-after", "1s"];
+        self.cluster
+            .nodes()
+            .iter()
+            .map(|n| {
+                self.cluster
+                    .start_agent_with_kubeconfig(&n.name, &self.kubeconfig, &args)
+            })
+            .collect()
+    }
+
+    /// A pod in the lab and on the API server, as a kubelet would have it running.
+    fn add_pod(&mut self, spec: PodSpec) -> Result<LabPod> {
+        let pod = self.cluster.add_pod(spec)?;
+        let object = self
+            .cluster
+            .objects()
+            .api_objects()?
+            .into_iter()
+            .find(|o| {
+                o["kind"] == "Pod"
+                    && o["metadata"]["namespace"] == pod.namespace.as_str()
+                    && o["metadata"]["name"] == pod.name.as_str()
+            })
+            .context("the lab has no object for the pod it added")?;
+        self.api.create_objects(&[object])?;
+        Ok(pod)
     }
 
     /// Who the egress IP's Lease names (empty when none or unreadable).
@@ -286,6 +589,120 @@ fn not_ready(lab: &Lab) -> Result<()> {
         .context("node2 did not claim the Lease again")?;
     let answers = connections.wait(Duration::from_secs(60))?;
     no_leak(&answers, "across both moves")?;
+    Ok(())
+}
+
+fn kubectl_views_and_restart(lab: &mut Lab) -> Result<()> {
+    let (cluster, api) = (&lab.cluster, &lab.api);
+    lab.serving()?;
+    // Another controller's condition on the gateway, under its own field manager.
+    let audited = serde_json::json!({
+        "apiVersion": "static-egress.io/v1alpha1", "kind": "EgressGateway",
+        "metadata": {"name": GATEWAY},
+        "status": {"conditions": [{
+            "type": "Audited", "status": "True", "reason": "Reviewed",
+            "message": "set by another controller", "lastTransitionTime": "2026-01-01T00:00:00Z",
+        }]},
+    });
+    let audit_file = api.dir().join("audited.json");
+    std::fs::write(&audit_file, audited.to_string())?;
+    api.kubectl([
+        "apply",
+        "--server-side",
+        "--field-manager=auditor",
+        "--subresource=status",
+        "-f",
+        &audit_file.to_string_lossy(),
+    ])?;
+    // A pod that names a gateway that does not exist: node1 warns on the pod.
+    api.create_objects(&[serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "stray-1", "namespace": "payments",
+            "annotations": {"static-egress.io/gateway": "no-such-gateway"}},
+        "spec": {"nodeName": "node1"},
+        "status": {"phase": "Running", "podIP": "10.244.1.250", "podIPs": [{"ip": "10.244.1.250"}]},
+    })])?;
+    // The egress IP moves, so the status is written again and node3 announces the move.
+    lab.set_ready("node2", false)?;
+    wait_until(APPLY, || holds_alone(cluster, "node3", "node2", EGRESS_IP))
+        .context("node3 did not take the egress IP from the NotReady node2")?;
+
+    let described = |what: &[&str], wanted: &[&str]| {
+        let mut last = String::new();
+        wait_until(APPLY, || {
+            last = api
+                .kubectl(["describe"].iter().chain(what))
+                .unwrap_or_default();
+            let events = last.split("Events:").nth(1).unwrap_or_default();
+            wanted.iter().all(|w| events.contains(w))
+        })
+        .with_context(|| {
+            format!(
+                "`kubectl describe {}` lacks {wanted:?}:\n{last}",
+                what.join(" ")
+            )
+        })
+    };
+    described(
+        &["pod", "-n", "payments", "stray-1"],
+        &["UnknownGateway", "no-such-gateway"],
+    )?;
+    described(
+        &["egw", GATEWAY],
+        &["HolderChanged", "moved from node2 to node3"],
+    )?;
+    let conditions = || {
+        api.kubectl([
+            "get",
+            "egw",
+            GATEWAY,
+            "-o",
+            "jsonpath={range .status.conditions[*]}{.type}={.status} {end}",
+        ])
+        .unwrap_or_default()
+    };
+    wait_until(APPLY, || {
+        let now = conditions();
+        now.contains("Ready=True") && now.contains("Audited=True")
+    })
+    .with_context(|| format!("the gateway's conditions are {:?}", conditions()))?;
+    let table = api.kubectl(["get", "egw", GATEWAY])?;
+    let row = table.lines().nth(1).unwrap_or_default();
+    ensure!(
+        row.contains("node3") && row.contains("True"),
+        "`kubectl get egw` does not show node3 holding and Ready:\n{table}"
+    );
+    lab.set_ready("node2", true)?;
+    wait_until(APPLY, || holds_alone(cluster, "node2", "node3", EGRESS_IP))
+        .context("node2 did not take its egress IP back once Ready")?;
+
+    // Writes after the agents' last watch events, compacted away, then a restart that drops
+    // the server's watch cache: the agents' watches resume at a compacted resourceVersion.
+    for i in 0..3 {
+        api.kubectl([
+            "annotate",
+            "namespace",
+            "default",
+            "--overwrite",
+            &format!("lab/tick={i}"),
+        ])?;
+    }
+    api.compact_etcd()?;
+    lab.api.restart()?;
+    let (cluster, api) = (&lab.cluster, &lab.api);
+    let answering = Instant::now();
+    api.kubectl(["label", "pod", "-n", "payments", &lab.pod.name, "app-"])?;
+    let node1 = cluster.node("node1")?.ip;
+    wait_until(APPLY, || cluster.ask(&lab.pod).is_ok_and(|ip| ip == node1))
+        .context("node1 did not stop using the gateway for the unlabelled pod")?;
+    let current = answering.elapsed();
+    eprintln!("after the restart, node1 applied a change {current:?} after the server answered");
+    ensure!(
+        current < Duration::from_secs(2),
+        "node1 was current only {current:?} after the server answered again"
+    );
+    api.kubectl(["label", "pod", "-n", "payments", &lab.pod.name, "app=api"])?;
+    expect_source(cluster, &lab.pod, EGRESS_IP)?;
     Ok(())
 }
 

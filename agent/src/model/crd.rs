@@ -107,10 +107,14 @@ fn without_default(schema: &mut schemars::Schema) {
 #[serde(rename_all = "camelCase")]
 pub struct EgressGatewayStatus {
     /// `Ready` (a holder serves every egress IP) and `Conflicts` (some pod/namespace annotation or egress IP was refused).
+    // Keyed by type: a condition another controller adds is its own, and the agents'
+    // server-side apply leaves it be.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// One entry per egress IP; node absent when no eligible node holds it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["ip"]))]
     pub holders: Vec<EgressIpHolder>,
     /// Comma-separated holder nodes, for the printer column.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -17,7 +17,7 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Event;
+use k8s_openapi::api::core::v1::{Event, ObjectReference, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
@@ -408,7 +408,10 @@ impl Reporter {
         Ok(true)
     }
 
-    async fn create_event(&self, event: Event) -> Result<(), ReportError> {
+    async fn create_event(&self, mut event: Event) -> Result<(), ReportError> {
+        if event.involved_object.uid.is_none() {
+            event.involved_object.uid = self.uid_of(&event.involved_object).await;
+        }
         let namespace = event.metadata.namespace.clone().unwrap_or_default();
         let reason = event.reason.clone().unwrap_or_default();
         let api = Api::<Event>::namespaced(self.client.clone(), &namespace);
@@ -424,5 +427,29 @@ impl Reporter {
         within(|| format!("creating event {reason}"), create).await?;
         tracing::debug!(namespace, reason, "event created");
         Ok(())
+    }
+
+    /// The uid of the object an event is about, which `kubectl describe` looks events up by.
+    /// Asked for when an event is made (they are few) rather than kept for every pod in the
+    /// snapshot; an event about an object that cannot be read goes without it.
+    async fn uid_of(&self, object: &ObjectReference) -> Option<String> {
+        let name = object.name.as_deref()?;
+        let read = async {
+            let uid = match object.kind.as_deref()? {
+                "Pod" => Api::<Pod>::namespaced(self.client.clone(), object.namespace.as_deref()?)
+                    .get_metadata(name)
+                    .await
+                    .map(|m| m.metadata.uid),
+                "EgressGateway" => Api::<EgressGateway>::all(self.client.clone())
+                    .get_metadata(name)
+                    .await
+                    .map(|m| m.metadata.uid),
+                _ => return None,
+            };
+            uid.map_err(|error| tracing::debug!(%error, name, "reading the uid for an event"))
+                .ok()
+                .flatten()
+        };
+        tokio::time::timeout(API_TIMEOUT, read).await.ok().flatten()
     }
 }

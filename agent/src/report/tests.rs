@@ -80,6 +80,11 @@ fn reporter_with(node: &str, gateways: Vec<Value>) -> (Reporter, Server) {
                     .status(StatusCode::INTERNAL_SERVER_ERROR)
                     .body(Body::from(serde_json::to_vec(&status).unwrap()))
                     .unwrap()
+            } else if seen.method == "GET" && !seen.path.ends_with("/egressgateways") {
+                // One object, read for its uid.
+                let name = seen.path.rsplit('/').next().unwrap();
+                let object = json!({"metadata": {"name": name, "uid": uid_of(name)}});
+                Response::new(Body::from(serde_json::to_vec(&object).unwrap()))
             } else if seen.method == "GET" {
                 let list = json!({
                     "apiVersion": "static-egress.io/v1alpha1", "kind": "EgressGatewayList",
@@ -97,6 +102,11 @@ fn reporter_with(node: &str, gateways: Vec<Value>) -> (Reporter, Server) {
         Reporter::new(kube::Client::new(service, "default"), node.to_owned()),
         Server { seen, fail },
     )
+}
+
+/// The uid the server gives the object named `name`.
+fn uid_of(name: &str) -> String {
+    format!("uid-of-{name}")
 }
 
 /// What the API server returns: the object as stored after the request.
@@ -442,6 +452,7 @@ async fn refused_local_pods_are_warned_once_while_refused() {
         web.body["involvedObject"],
         json!({
             "apiVersion": "v1", "kind": "Pod", "namespace": "default", "name": "web-1",
+            "uid": uid_of("web-1"),
         })
     );
     assert_eq!(web.body["metadata"]["namespace"], "default");
@@ -534,6 +545,7 @@ async fn new_holder_announces_the_move() {
         event.body["involvedObject"],
         json!({
             "apiVersion": "static-egress.io/v1alpha1", "kind": "EgressGateway", "name": "corp-fw",
+            "uid": uid_of("corp-fw"),
         })
     );
     assert_eq!(event.body["metadata"]["namespace"], "default");
