@@ -1,6 +1,6 @@
 //! The real kube-apiserver and etcd that `cargo xtask setup` builds, started in a lab's router
 //! namespace: what `kubectl apply -k deploy/` installs is accepted, the CRD is served with its
-//! printer columns, and a token of the DaemonSet's ServiceAccount, used from a node's namespace
+//! printer columns and refuses invalid gateways with a message, and a token of the DaemonSet's ServiceAccount, used from a node's namespace
 //! as the agent would, has the access the ClusterRole gives and no more. Also checks the
 //! launcher's restart and etcd compaction (a real `410 Gone`). Then agents in cluster mode
 //! against it: holder Leases under a partial partition, a node made NotReady through the
@@ -83,6 +83,25 @@ fn exercise(cluster: &Cluster, api: &mut RealApiServer) -> Result<()> {
         table.contains("corp-fw") && table.contains("192.0.2.200"),
         "the example gateway is not listed:\n{table}"
     );
+
+    // What the schema and its CEL rule refuse, with the message a user gets from kubectl.
+    for (egress_ip, says) in [
+        ("127.0.0.1", "egress IPs must be unicast"),
+        ("10.99.0.300", "should match"),
+    ] {
+        let gateway = format!(
+            "apiVersion: static-egress.io/v1alpha1\nkind: EgressGateway\nmetadata:\n  name: refused\n\
+             spec:\n  egressIPs: [\"{egress_ip}\"]\n  namespaceSelector: {{}}\n"
+        );
+        let refused = api
+            .apply(&gateway)
+            .err()
+            .with_context(|| format!("a gateway with egress IP {egress_ip} was accepted"))?;
+        ensure!(
+            format!("{refused:#}").contains(says),
+            "egress IP {egress_ip} refused without saying {says:?}: {refused:#}"
+        );
+    }
 
     // The agent's credentials: a token of the DaemonSet's ServiceAccount, used from a node.
     let token = api.token_for_service_account(AGENT_NAMESPACE, AGENT_ACCOUNT)?;
