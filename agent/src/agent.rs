@@ -17,6 +17,7 @@ use crate::datapath::{Check, Datapath, DatapathConfig, DatapathError};
 pub use crate::membership::FailoverOptions;
 use crate::membership::Membership;
 use crate::plan::{self, NodePlan, PlanConfig};
+use crate::report::metrics::{Metrics, MetricsError};
 use crate::report::node_status::{self, AppliedPlan, NodeStatus, NodeStatusError};
 use crate::report::{Report, Reporter};
 use crate::source::kube::{ClusterSource, WatchHealth};
@@ -47,6 +48,8 @@ pub struct AgentOptions {
     /// and the namespace (`None`: the client's, the ServiceAccount's in a pod).
     pub holder_lease: Duration,
     pub lease_namespace: Option<String>,
+    /// Where to serve Prometheus metrics, `/healthz` and `/readyz` (`None`: nowhere).
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +60,8 @@ pub enum AgentError {
     Datapath(#[from] DatapathError),
     #[error("Kubernetes client configuration: {0}")]
     Kube(#[from] kube::Error),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
     #[error("the cluster source stopped")]
     SourceClosed,
     #[error("installing signal handlers: {0}")]
@@ -177,7 +182,13 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
         warnings: Vec::new(),
         reports: None,
         held: None,
+        metrics: None,
     };
+    if let Some(addr) = options.metrics_addr {
+        let metrics = Metrics::new();
+        metrics.clone().serve(addr).await?;
+        agent.metrics = Some(metrics);
+    }
     let mut lost: Option<watch::Receiver<Lost>> = None;
     let mut objects = match &options.from_file {
         Some(path) => {
@@ -298,14 +309,16 @@ async fn connect(
             Err(error) => {
                 tracing::warn!(%error, "cannot start watching the cluster; retrying");
                 agent.failure = Some(error.to_string());
-                NodeStatus::new(
-                    &agent.node,
+                agent.publish_status(
+                    NodeStatus::new(
+                        &agent.node,
+                        None,
+                        (&datapath.counters(), datapath.guard()),
+                        &[],
+                        vec![format!("cannot start watching the cluster: {error}")],
+                    ),
                     None,
-                    (&datapath.counters(), datapath.guard()),
-                    &[],
-                    vec![format!("cannot start watching the cluster: {error}")],
-                )
-                .write(&agent.state_dir)?;
+                )?;
             }
         }
         tokio::select! {
@@ -344,6 +357,7 @@ struct Agent {
     reports: Option<watch::Sender<Option<Arc<Report>>>>,
     /// In cluster mode, the egress IPs this node serves, for the Lease keeper.
     held: Option<watch::Sender<BTreeSet<Ipv4Addr>>>,
+    metrics: Option<Metrics>,
 }
 
 impl Agent {
@@ -399,6 +413,9 @@ impl Agent {
                     // How long a takeover took here, beyond the probes' detection time.
                     tracing::info!(took_ms = started.elapsed().as_millis(), "holders applied");
                 }
+                if let Some(metrics) = &self.metrics {
+                    metrics.applied(&plan, started.elapsed());
+                }
                 report_new(&mut self.warnings, applied.warnings, |m| {
                     tracing::warn!("{m}")
                 });
@@ -423,6 +440,9 @@ impl Agent {
             }
             Err(e) => {
                 tracing::error!("applying the plan failed, the previous data path stays: {e}");
+                if let Some(metrics) = &self.metrics {
+                    metrics.apply_failed(e.step());
+                }
                 self.failure = Some(format!("the last apply failed: {e}"));
             }
         }
@@ -472,14 +492,26 @@ impl Agent {
             digest: *digest,
             at: *at,
         });
-        NodeStatus::new(
+        let status = NodeStatus::new(
             &self.node,
             applied,
             (&datapath.counters(), datapath.guard()),
             &self.warnings,
             self.not_ready(objects),
-        )
-        .write(&self.state_dir)?;
+        );
+        self.publish_status(status, objects.watch_health())
+    }
+
+    /// Writes the status file, and hands the status to the metrics endpoint.
+    fn publish_status(
+        &self,
+        status: NodeStatus,
+        watches: Option<WatchHealth>,
+    ) -> Result<(), AgentError> {
+        status.write(&self.state_dir)?;
+        if let Some(metrics) = &self.metrics {
+            metrics.observe(status, watches.map(|w| w.restarts).unwrap_or_default());
+        }
         Ok(())
     }
 }

@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the node agent until SIGTERM/SIGINT; the data path stays in place when it exits.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Print what the agent would program on a node, without touching the kernel.
     Plan(PlanArgs),
     /// Remove everything the agent created on this host.
@@ -130,6 +130,10 @@ struct AgentArgs {
     /// or kubeconfig context).
     #[arg(long, env = "POD_NAMESPACE")]
     lease_namespace: Option<String>,
+    /// Serve Prometheus metrics at `/metrics`, and `/healthz` and `/readyz` for probes, on this
+    /// address (e.g. `0.0.0.0:9547`); off when absent.
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
     /// How often everything of ours is compared with the kernel and repaired (`30s`, `500ms`).
     #[arg(long, default_value = "30s", value_parser = parse_interval)]
     resync_interval: Duration,
@@ -210,6 +214,7 @@ fn main() -> ExitCode {
             resync: args.resync_interval,
             holder_lease: args.holder_lease,
             lease_namespace: args.lease_namespace,
+            metrics_addr: args.metrics_addr,
             failover: FailoverOptions {
                 probes: ProbeConfig {
                     port: args.probe_port,

@@ -4,7 +4,7 @@
 mod arp;
 pub mod bpf;
 mod config;
-mod conntrack;
+pub mod conntrack;
 mod netlink;
 pub mod nft;
 mod ours;
@@ -106,6 +106,27 @@ pub enum DatapathError {
         #[source]
         source: serde_json::Error,
     },
+}
+
+impl DatapathError {
+    /// Which part of the data path failed, for the apply-error metric.
+    pub fn step(&self) -> &'static str {
+        match self {
+            Self::NoKernelObject
+            | Self::NotBpffs(_)
+            | Self::Load(_)
+            | Self::Program { .. }
+            | Self::MissingProgram(_)
+            | Self::MissingMap(_)
+            | Self::Map { .. }
+            | Self::Attach { .. }
+            | Self::Link { .. } => "ebpf",
+            Self::Io { .. } | Self::Lock(_) | Self::State { .. } => "state",
+            Self::RuleInTheWay { .. } | Self::NetlinkSocket(_) | Self::Netlink { .. } => "routing",
+            Self::NftSpawn(_) | Self::Nft(_) => "nftables",
+            Self::NoNodeIp(_) | Self::NoUplink(_) => "node",
+        }
+    }
 }
 
 /// What a successful apply could not do, per object.

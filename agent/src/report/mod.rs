@@ -7,6 +7,7 @@
 
 pub mod changes;
 mod events;
+pub mod metrics;
 pub mod node_status;
 mod status;
 #[cfg(test)]

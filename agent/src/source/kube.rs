@@ -91,6 +91,8 @@ pub struct ClusterSource {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WatchHealth {
     pub failing: BTreeMap<&'static str, Failing>,
+    /// Failures so far, by what is watched: each one starts the watch again.
+    pub restarts: BTreeMap<&'static str, u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -306,6 +308,7 @@ fn handle<T: Model>(
                 "watching the API server failed; retrying, the last view stays"
             );
             health.send_modify(|h| {
+                *h.restarts.entry(watched).or_default() += 1;
                 let failing = h.failing.entry(watched).or_insert_with(|| Failing {
                     since: SystemTime::now(),
                     error: String::new(),

@@ -1,0 +1,145 @@
+//! What operators see of the agents: the Prometheus endpoint (`--metrics-addr`) and its
+//! `/healthz` and `/readyz`, scraped from inside each node's namespace while a selected pod
+//! makes real connections.
+
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use netlab::fixture::{
+    APPLY, EGRESS_IP, api_pod, expect_source, start_agents, three_nodes, with_agent_logs,
+};
+use netlab::{Cluster, LabPod, wait_until};
+
+const METRICS_PORT: u16 = 9547;
+
+#[test]
+fn metrics_count_a_pods_traffic_and_say_who_holds_its_egress_ip() -> Result<()> {
+    let mut cluster = three_nodes(env!("CARGO_BIN_EXE_se-probe").as_ref())?;
+    let pod = api_pod(&mut cluster, "api-1", "node1")?;
+    let addr = format!("0.0.0.0:{METRICS_PORT}");
+    let agents = start_agents(&cluster, &["--metrics-addr", &addr])?;
+    with_agent_logs(&agents, scrapes(&cluster, &pod))
+}
+
+fn scrapes(cluster: &Cluster, pod: &LabPod) -> Result<()> {
+    expect_source(cluster, pod, EGRESS_IP)?;
+    for node in ["node1", "node2", "node3"] {
+        wait_until(APPLY, || {
+            get(cluster, node, "/readyz").is_ok_and(|(code, _)| code == 200)
+        })
+        .with_context(|| format!("/readyz on {node} did not answer 200"))?;
+        let (code, body) = get(cluster, node, "/healthz")?;
+        ensure!(code == 200, "/healthz on {node}: {code} {body}");
+    }
+    let packets = r#"static_egress_gateway_packets_total{gateway="corp-fw"}"#;
+    let before = sample(&metrics(cluster, "node1")?, packets)?;
+    let connections = 20;
+    for _ in 0..connections {
+        ensure!(cluster.ask(pod)? == EGRESS_IP);
+    }
+    // The counters are those of the agent's last status, written every 5 s.
+    let mut text = String::new();
+    wait_until(APPLY, || {
+        text = metrics(cluster, "node1").unwrap_or_default();
+        sample(&text, packets).is_ok_and(|after| after >= before + f64::from(connections) * 3.0)
+    })
+    .with_context(|| format!("node1's packet counter did not rise by 3 per connection:\n{text}"))?;
+    eprintln!("node1:\n{text}");
+    for (name, at_least) in [
+        (r#"static_egress_selected_pods{gateway="corp-fw"}"#, 1.0),
+        ("static_egress_ready", 1.0),
+        ("static_egress_apply_duration_seconds_count", 1.0),
+    ] {
+        ensure!(
+            sample(&text, name)? >= at_least,
+            "{name} is below {at_least} on node1"
+        );
+    }
+    ensure!(
+        sample(
+            &text,
+            r#"static_egress_egress_ip_held_here{gateway="corp-fw",egress_ip="10.99.0.200",holder="node2"}"#
+        )? == 0.0,
+        "node1 says it holds the egress IP"
+    );
+
+    let holder = metrics(cluster, "node2")?;
+    eprintln!("node2:\n{holder}");
+    ensure!(
+        sample(
+            &holder,
+            r#"static_egress_egress_ip_held_here{gateway="corp-fw",egress_ip="10.99.0.200",holder="node2"}"#
+        )? == 1.0,
+        "node2 does not say it holds the egress IP"
+    );
+    let tracked = sample(
+        &holder,
+        r#"static_egress_snat_connections{egress_ip="10.99.0.200"}"#,
+    )?;
+    ensure!(
+        tracked >= f64::from(connections),
+        "node2 tracks {tracked} connections translated to the egress IP, not {connections}"
+    );
+    let share = sample(
+        &holder,
+        r#"static_egress_snat_port_use_ratio{egress_ip="10.99.0.200"}"#,
+    )?;
+    ensure!(
+        share > 0.0 && share < 0.01,
+        "the busiest destination's share of source ports is {share}"
+    );
+    let (code, _) = get(cluster, "node1", "/nothing")?;
+    ensure!(code == 404, "an unknown path answered {code}");
+    Ok(())
+}
+
+fn metrics(cluster: &Cluster, node: &str) -> Result<String> {
+    let (code, body) = get(cluster, node, "/metrics")?;
+    ensure!(code == 200, "/metrics on {node}: {code} {body}");
+    ensure!(body.ends_with("# EOF\n"), "no OpenMetrics end: {body}");
+    Ok(body)
+}
+
+/// The value of the sample `name` (with its labels, as the text shows them).
+fn sample(text: &str, name: &str) -> Result<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .with_context(|| format!("no sample {name} in:\n{text}"))?
+        .trim()
+        .parse()
+        .with_context(|| format!("{name} is not a number"))
+}
+
+/// An HTTP GET of `path` on the agent's endpoint, from inside the node's namespace: the status
+/// code and the body.
+fn get(cluster: &Cluster, node: &str, path: &str) -> Result<(u16, String)> {
+    let netns = &cluster.node(node)?.netns;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", netns, "socat", "-t", "5", "-"])
+        .arg(format!("TCP:127.0.0.1:{METRICS_PORT}"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot run socat")?;
+    child
+        .stdin
+        .take()
+        .context("no stdin")?
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {node}\r\n\r\n").as_bytes())?;
+    let out = child.wait_with_output()?;
+    let answer = String::from_utf8_lossy(&out.stdout).into_owned();
+    let Some((head, body)) = answer.split_once("\r\n\r\n") else {
+        bail!(
+            "no HTTP answer from {node}: {answer}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .context("no status code")?
+        .parse()?;
+    Ok((code, body.to_owned()))
+}
