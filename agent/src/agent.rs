@@ -99,6 +99,35 @@ pub fn print_plan(node: &str, file: &Path, cluster_cidrs: Vec<Ipv4Net>) -> Resul
     Ok(())
 }
 
+/// Explains which gateway `namespace/pod` uses (the `explain` subcommand), from `file` or,
+/// without one, from the cluster.
+pub async fn explain(
+    namespace: &str,
+    pod: &str,
+    file: Option<&Path>,
+    cluster_cidrs: Vec<Ipv4Net>,
+) -> Result<(), AgentError> {
+    let loaded = match file {
+        Some(file) => FileSource::open(file)?.1,
+        None => {
+            let client = kube::Client::try_default().await?;
+            crate::source::kube::view_of_pod(client, namespace, pod).await?
+        }
+    };
+    for problem in &loaded.problems {
+        eprintln!("warning: {problem}");
+    }
+    let config = PlanConfig {
+        cluster_cidrs,
+        ..PlanConfig::default()
+    };
+    print!(
+        "{}",
+        plan::explain(&loaded.snapshot, namespace, pod, &config)
+    );
+    Ok(())
+}
+
 /// The `health` subcommand; see [`node_status::check`].
 pub fn health(state_dir: &Path, max_age: Duration, ready: bool) -> Result<(), AgentError> {
     println!("{}", node_status::check(state_dir, max_age, ready)?);

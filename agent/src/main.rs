@@ -28,6 +28,8 @@ enum Command {
     Agent(Box<AgentArgs>),
     /// Print what the agent would program on a node, without touching the kernel.
     Plan(PlanArgs),
+    /// Explain which gateway a pod uses and why, or why none.
+    Explain(ExplainArgs),
     /// Remove everything the agent created on this host.
     Cleanup(CleanupArgs),
     /// Exit 0 when the agent is alive (`--ready`: and ready), for the DaemonSet's probes.
@@ -151,6 +153,20 @@ struct PlanArgs {
     from_file: PathBuf,
 }
 
+#[derive(Args)]
+struct ExplainArgs {
+    /// The pod, as NAMESPACE/NAME.
+    #[arg(value_name = "NAMESPACE/POD")]
+    pod: String,
+    /// File of Kubernetes-style objects (YAML documents or JSON). Without it, the cluster
+    /// (KUBECONFIG, or the in-cluster service account).
+    #[arg(long)]
+    from_file: Option<PathBuf>,
+    /// In-cluster ranges (besides the nodes' pod CIDRs) that never go through a gateway.
+    #[arg(long = "cluster-cidr", value_name = "CIDR")]
+    cluster_cidrs: Vec<Ipv4Net>,
+}
+
 /// Without a readable record in the state dir, `cleanup` removes what is ours by name: give it
 /// the agent's `--bpffs`, `--fwmark`, `--route-table` and `--rule-priority` if they were not the
 /// defaults.
@@ -239,6 +255,20 @@ fn main() -> ExitCode {
             &args.from_file,
             args.common.cluster_cidrs,
         ),
+        Command::Explain(args) => match args.pod.split_once('/') {
+            Some((namespace, pod)) if !namespace.is_empty() && !pod.is_empty() => {
+                runtime.block_on(agent::explain(
+                    namespace,
+                    pod,
+                    args.from_file.as_deref(),
+                    args.cluster_cidrs,
+                ))
+            }
+            _ => {
+                eprintln!("error: name the pod as NAMESPACE/POD, not {:?}", args.pod);
+                return ExitCode::from(2);
+            }
+        },
         Command::Health(args) => agent::health(&args.state_dir, args.max_age, args.ready),
         Command::Crd => return print_crd(),
         Command::Cleanup(args) => runtime.block_on(async {

@@ -5,7 +5,7 @@
 //! launcher's restart and etcd compaction (a real `410 Gone`). Then agents in cluster mode
 //! against it: holder Leases under a partial partition, a node made NotReady through the
 //! status subresource, what kubectl shows of them (events in `describe`, another writer's
-//! condition kept, the holder in `get`), a change applied right after a restart that followed
+//! condition kept, the holder in `get`) and what `static-egress explain` tells of a pod, a change applied right after a restart that followed
 //! a compaction, and ten thousand pods listed in pages.
 
 use std::path::Path;
@@ -670,6 +670,35 @@ fn kubectl_views_and_restart(lab: &mut Lab) -> Result<()> {
         &["egw", GATEWAY],
         &["HolderChanged", "moved from node2 to node3"],
     )?;
+    // `static-egress explain` against the cluster, with the admin's kubeconfig.
+    let explain = |pod: &str| {
+        netlab::exec(
+            api.netns(),
+            [
+                "env".to_owned(),
+                format!("KUBECONFIG={}", api.admin_kubeconfig().display()),
+                cluster.agent_bin()?.display().to_string(),
+                "explain".to_owned(),
+                pod.to_owned(),
+            ],
+        )
+    };
+    for (pod, says) in [
+        (
+            "payments/stray-1",
+            "the pod's annotation is refused: no gateway no-such-gateway exists",
+        ),
+        (
+            "payments/api-1",
+            "result: gateway corp-fw, because its podSelector matches",
+        ),
+    ] {
+        let explained = explain(pod)?;
+        ensure!(
+            explained.contains(says),
+            "explain {pod} does not say {says:?}:\n{explained}"
+        );
+    }
     let conditions = || {
         api.kubectl([
             "get",

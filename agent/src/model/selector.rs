@@ -64,6 +64,37 @@ impl Selector {
     }
 }
 
+/// As kubectl writes selectors: `{team=payments, tier in (a, b), !legacy}`; `{}` matches all.
+impl std::fmt::Display for Selector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("{")?;
+        for (i, requirement) in self.requirements.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            let values = |values: &BTreeSet<String>| {
+                values
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            match requirement {
+                Requirement::In { key, values: v } if v.len() == 1 => {
+                    write!(f, "{key}={}", values(v))?;
+                }
+                Requirement::In { key, values: v } => write!(f, "{key} in ({})", values(v))?,
+                Requirement::NotIn { key, values: v } => {
+                    write!(f, "{key} notin ({})", values(v))?;
+                }
+                Requirement::Exists { key } => f.write_str(key)?,
+                Requirement::DoesNotExist { key } => write!(f, "!{key}")?,
+            }
+        }
+        f.write_str("}")
+    }
+}
+
 impl Requirement {
     fn matches(&self, labels: &Labels) -> bool {
         match self {

@@ -128,7 +128,7 @@ impl NodePlan {
     }
 }
 
-fn list<T: Display>(items: &[T]) -> String {
+pub(super) fn list<T: Display>(items: &[T]) -> String {
     if items.is_empty() {
         return "none".to_owned();
     }

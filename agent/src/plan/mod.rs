@@ -4,6 +4,7 @@
 mod cluster;
 mod compute;
 mod display;
+mod explain;
 mod failover;
 #[cfg(test)]
 mod props;
@@ -19,6 +20,7 @@ use crate::model::FailurePolicy;
 
 pub use cluster::{GatewayUsage, gateway_usage};
 pub use compute::{gateway_ids, plan};
+pub use explain::{Explanation, explain};
 pub use failover::{Down, Health, Peers, handovers, peers, why_moved};
 
 /// Settings of the agent that shape the plan.

@@ -334,6 +334,38 @@ fn cluster_id(kind: &str, name: String) -> ObjectKey {
     }
 }
 
+/// What `static-egress explain` needs to know of one pod, read once: the namespaces, nodes and
+/// gateways, and the pod itself (not the other pods: a cluster may have a hundred thousand).
+pub async fn view_of_pod(
+    client: Client,
+    namespace: &str,
+    pod: &str,
+) -> Result<Loaded, kube::Error> {
+    let mut view = View::new(String::new());
+    let all = ListParams::default();
+    for raw in Api::<Namespace>::all(client.clone())
+        .list(&all)
+        .await?
+        .items
+    {
+        view.namespaces.handle(Event::Apply(namespace_item(raw)));
+    }
+    for raw in Api::<Node>::all(client.clone()).list(&all).await?.items {
+        view.nodes.handle(Event::Apply(node_item(raw)));
+    }
+    let gateways = Api::<DynamicObject>::all_with(client.clone(), &gateway_resource());
+    for raw in gateways.list(&all).await?.items {
+        view.gateways.handle(Event::Apply(gateway_item(raw)));
+    }
+    if let Some(raw) = Api::<Pod>::namespaced(client, namespace)
+        .get_opt(pod)
+        .await?
+    {
+        view.local_pods.handle(Event::Apply(pod_item(raw)));
+    }
+    Ok(view.loaded())
+}
+
 fn namespace_item(raw: Namespace) -> Item<NamespaceInfo> {
     let id = cluster_id(NamespaceInfo::KIND, raw.name_any());
     let value = Ok(objects::namespace(&id, raw));
