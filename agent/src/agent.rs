@@ -128,6 +128,20 @@ pub async fn explain(
     Ok(())
 }
 
+/// The `status` subcommand; see [`node_status::show`]. Counters come from the pinned maps
+/// when they can be read, else from the status file.
+pub fn status(state_dir: &Path, bpffs: &Path, json: bool) -> Result<(), AgentError> {
+    let live = match crate::datapath::bpf::pinned_counters(bpffs) {
+        Ok(live) => Some(live),
+        Err(error) => {
+            eprintln!("warning: the counters are the status file's: {error}");
+            None
+        }
+    };
+    print!("{}", node_status::show(state_dir, live, json)?);
+    Ok(())
+}
+
 /// The `health` subcommand; see [`node_status::check`].
 pub fn health(state_dir: &Path, max_age: Duration, ready: bool) -> Result<(), AgentError> {
     println!("{}", node_status::check(state_dir, max_age, ready)?);

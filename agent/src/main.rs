@@ -30,6 +30,8 @@ enum Command {
     Plan(PlanArgs),
     /// Explain which gateway a pod uses and why, or why none.
     Explain(ExplainArgs),
+    /// Show this node's gateways, holders, selected pods and counters (agent running or not).
+    Status(StatusArgs),
     /// Remove everything the agent created on this host.
     Cleanup(CleanupArgs),
     /// Exit 0 when the agent is alive (`--ready`: and ready), for the DaemonSet's probes.
@@ -49,6 +51,23 @@ struct HealthArgs {
     /// How old the status file may be (`60`, `60s` or `500ms`).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     max_age: Duration,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    #[arg(long, default_value = "/var/lib/static-egress")]
+    state_dir: PathBuf,
+    /// The agent's bpffs mount, whose pinned maps hold the live counters.
+    #[arg(long, default_value = "/sys/fs/bpf")]
+    bpffs: PathBuf,
+    #[arg(long, value_enum, default_value = "table")]
+    output: Output,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    Table,
+    Json,
 }
 
 /// Seconds (`30`, `30s`) or milliseconds (`500ms`).
@@ -269,6 +288,9 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         },
+        Command::Status(args) => {
+            agent::status(&args.state_dir, &args.bpffs, args.output == Output::Json)
+        }
         Command::Health(args) => agent::health(&args.state_dir, args.max_age, args.ready),
         Command::Crd => return print_crd(),
         Command::Cleanup(args) => runtime.block_on(async {

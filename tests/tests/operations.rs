@@ -1,6 +1,6 @@
 //! What operators see of the agents: the Prometheus endpoint (`--metrics-addr`) and its
-//! `/healthz` and `/readyz`, scraped from inside each node's namespace while a selected pod
-//! makes real connections.
+//! `/healthz` and `/readyz`, scraped from inside each node's namespace, and `static-egress
+//! status` on a node, while a selected pod makes real connections.
 
 use std::io::Write as _;
 use std::process::{Command, Stdio};
@@ -9,9 +9,85 @@ use anyhow::{Context as _, Result, bail, ensure};
 use netlab::fixture::{
     APPLY, EGRESS_IP, api_pod, expect_source, start_agents, three_nodes, with_agent_logs,
 };
-use netlab::{Cluster, LabPod, wait_until};
+use netlab::{AgentHandle, Cluster, LabPod, wait_until};
 
 const METRICS_PORT: u16 = 9547;
+
+#[test]
+fn status_shows_a_node_while_its_agent_runs_and_after_it_stopped() -> Result<()> {
+    let mut cluster = three_nodes(env!("CARGO_BIN_EXE_se-probe").as_ref())?;
+    let pod = api_pod(&mut cluster, "api-1", "node1")?;
+    let mut agents = start_agents(&cluster, &[])?;
+    let result = node_status(&cluster, &pod, &mut agents);
+    with_agent_logs(&agents, result)
+}
+
+fn node_status(cluster: &Cluster, pod: &LabPod, agents: &mut [AgentHandle]) -> Result<()> {
+    expect_source(cluster, pod, EGRESS_IP)?;
+    for _ in 0..10 {
+        ensure!(cluster.ask(pod)? == EGRESS_IP);
+    }
+    let table = status(cluster, "node1", "table")?;
+    eprintln!("{table}");
+    // Columns are padded: compare with single spaces.
+    let words = |text: &str| text.split_whitespace().collect::<Vec<_>>().join(" ");
+    for line in [
+        "node node1: agent running",
+        "corp-fw 10.99.0.200 node2",
+        "payments/api-1 10.244.1.2 corp-fw 10.99.0.200",
+        "counters from the kernel",
+    ] {
+        ensure!(
+            table.lines().any(|l| words(l).contains(line)),
+            "{line:?} missing from:\n{table}"
+        );
+    }
+    let packets = |json: &str| -> Result<u64> {
+        let value: serde_json::Value = serde_json::from_str(json)?;
+        ensure!(value["counters_from"] == "kernel", "{json}");
+        value["gateways"][0]["packets"]
+            .as_u64()
+            .with_context(|| format!("no packets in {json}"))
+    };
+    let running = packets(&status(cluster, "node1", "json")?)?;
+    ensure!(
+        running >= 30,
+        "{running} packets counted for 10 connections"
+    );
+
+    // The agent stops (SIGTERM leaves the data path): the pod's traffic goes on, and so do
+    // the counters that status reads from the pinned maps.
+    let node1 = agents
+        .iter_mut()
+        .find(|a| a.node() == "node1")
+        .context("no agent on node1")?;
+    node1.stop()?;
+    for _ in 0..10 {
+        ensure!(cluster.ask(pod)? == EGRESS_IP);
+    }
+    let stopped = packets(&status(cluster, "node1", "json")?)?;
+    ensure!(
+        stopped >= running + 30,
+        "the counters went from {running} to {stopped} packets over 10 connections without the agent"
+    );
+    Ok(())
+}
+
+/// `static-egress status` on `node`, in its namespace.
+fn status(cluster: &Cluster, node: &str, output: &str) -> Result<String> {
+    let lab_node = cluster.node(node)?;
+    let bin = cluster.agent_bin()?;
+    lab_node.exec([
+        bin.display().to_string(),
+        "status".to_owned(),
+        "--state-dir".to_owned(),
+        lab_node.state_dir.display().to_string(),
+        "--bpffs".to_owned(),
+        lab_node.bpffs.display().to_string(),
+        "--output".to_owned(),
+        output.to_owned(),
+    ])
+}
 
 #[test]
 fn metrics_count_a_pods_traffic_and_say_who_holds_its_egress_ip() -> Result<()> {

@@ -476,31 +476,58 @@ impl Bpf {
 
     /// Sum over CPUs of what the uplink programs did to guard selected traffic.
     pub fn guard(&self) -> Guard {
-        self.guard.get(&0, 0).map_or(Guard::default(), |per_cpu| {
-            per_cpu.iter().fold(Guard::default(), |acc, g| Guard {
-                transit: acc.transit + g.transit,
-                dropped: acc.dropped + g.dropped,
-                fenced: acc.fenced + g.fenced,
-                probes: acc.probes + g.probes,
-            })
-        })
+        sum_guard(&self.guard)
     }
 
     /// Sum over CPUs of each gateway's counters.
     pub fn counters(&self) -> BTreeMap<u32, Counters> {
-        self.counters
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(id, per_cpu)| {
-                let sum = per_cpu.iter().fold(Counters::default(), |acc, c| Counters {
-                    packets: acc.packets + c.packets,
-                    bytes: acc.bytes + c.bytes,
-                    dropped: acc.dropped + c.dropped,
-                });
-                (id, sum)
-            })
-            .collect()
+        sum_counters(&self.counters)
     }
+}
+
+/// The counters in the maps pinned under `bpffs`, as [`Bpf::counters`] and [`Bpf::guard`]
+/// give them, read without loading anything: for `static-egress status`, while an agent runs
+/// or after it stopped (the maps stay pinned, and the programs keep counting).
+pub fn pinned_counters(bpffs: &Path) -> Result<(BTreeMap<u32, Counters>, Guard), DatapathError> {
+    let dir = pin_root(bpffs).join(format!("maps-v{MAPS_LAYOUT}"));
+    let open = |name: &'static str| {
+        MapData::from_pin(dir.join(name))
+            .and_then(aya::maps::Map::from_map_data)
+            .map_err(map_err(name))
+    };
+    let counters: PerCpuHashMap<MapData, u32, Counters> = open(names::COUNTERS)?
+        .try_into()
+        .map_err(map_err(names::COUNTERS))?;
+    let guard: PerCpuArray<MapData, Guard> = open(names::GUARD)?
+        .try_into()
+        .map_err(map_err(names::GUARD))?;
+    Ok((sum_counters(&counters), sum_guard(&guard)))
+}
+
+fn sum_guard(guard: &PerCpuArray<MapData, Guard>) -> Guard {
+    guard.get(&0, 0).map_or(Guard::default(), |per_cpu| {
+        per_cpu.iter().fold(Guard::default(), |acc, g| Guard {
+            transit: acc.transit + g.transit,
+            dropped: acc.dropped + g.dropped,
+            fenced: acc.fenced + g.fenced,
+            probes: acc.probes + g.probes,
+        })
+    })
+}
+
+fn sum_counters(counters: &PerCpuHashMap<MapData, u32, Counters>) -> BTreeMap<u32, Counters> {
+    counters
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(id, per_cpu)| {
+            let sum = per_cpu.iter().fold(Counters::default(), |acc, c| Counters {
+                packets: acc.packets + c.packets,
+                bytes: acc.bytes + c.bytes,
+                dropped: acc.dropped + c.dropped,
+            });
+            (id, sum)
+        })
+        .collect()
 }
 
 /// The ids of the programs in an interface's TCX chain, in order, by `BPF_PROG_QUERY` alone:

@@ -174,32 +174,208 @@ impl NodeStatus {
     }
 }
 
+/// How old a status may be for `status` to call its agent running: it writes one every 5 s.
+const RUNNING_WITHIN: Duration = Duration::from_secs(15);
+
+/// What `static-egress status` shows: the node's last status, with the kernel's counters
+/// instead of the status's when the maps are pinned (they count on while no agent runs).
+#[derive(Debug, Serialize)]
+pub struct Shown {
+    #[serde(flatten)]
+    pub status: NodeStatus,
+    /// Seconds since the agent last wrote the status.
+    pub status_age_seconds: u64,
+    /// An agent wrote the status within the last 15 s.
+    pub agent_running: bool,
+    /// `kernel` (the pinned maps, now) or `status file` (as of its writing).
+    pub counters_from: &'static str,
+}
+
+/// The `status` subcommand: the last status in `dir`, with `live` counters when the maps could
+/// be read, as a table or as JSON.
+pub fn show(
+    dir: &Path,
+    live: Option<(std::collections::BTreeMap<u32, Counters>, Guard)>,
+    json: bool,
+) -> Result<String, NodeStatusError> {
+    let path = dir.join(FILE);
+    let age = age(&path)?;
+    let mut status = parse(&path)?;
+    let counters_from = match live {
+        Some((counters, guard)) => {
+            let ids = crate::plan::gateway_ids(status.gateways.iter().map(|g| g.name.as_str()));
+            for gateway in &mut status.gateways {
+                let now = ids
+                    .get(&gateway.name)
+                    .and_then(|id| counters.get(id))
+                    .copied()
+                    .unwrap_or_default();
+                (gateway.packets, gateway.bytes, gateway.dropped) =
+                    (now.packets, now.bytes, now.dropped);
+            }
+            status.guard = GuardStatus {
+                transit: guard.transit,
+                dropped: guard.dropped,
+                fenced: guard.fenced,
+                probes: guard.probes,
+            };
+            "kernel"
+        }
+        None => "status file",
+    };
+    let shown = Shown {
+        status,
+        status_age_seconds: age.as_secs(),
+        agent_running: age <= RUNNING_WITHIN,
+        counters_from,
+    };
+    if json {
+        let mut out = serde_json::to_string_pretty(&shown)
+            .map_err(|source| NodeStatusError::Unreadable { path, source })?;
+        out.push('\n');
+        return Ok(out);
+    }
+    Ok(shown.to_string())
+}
+
+impl std::fmt::Display for Shown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let status = &self.status;
+        writeln!(
+            f,
+            "node {}: agent {} (status written {}s ago), {}",
+            status.node,
+            if self.agent_running {
+                "running"
+            } else {
+                "not running, or stuck"
+            },
+            self.status_age_seconds,
+            if status.ready {
+                "ready".to_owned()
+            } else {
+                format!("not ready: {}", status.not_ready.join("; "))
+            }
+        )?;
+        let mut gateways = vec![[
+            "GATEWAY".to_owned(),
+            "EGRESS IP".to_owned(),
+            "HOLDER".to_owned(),
+            "PACKETS".to_owned(),
+            "BYTES".to_owned(),
+            "DROPPED".to_owned(),
+        ]];
+        for gateway in &status.gateways {
+            for (i, (ip, holder)) in gateway.egress.iter().enumerate() {
+                let counters = if i == 0 {
+                    [gateway.packets, gateway.bytes, gateway.dropped].map(|n| n.to_string())
+                } else {
+                    Default::default()
+                };
+                let [packets, bytes, dropped] = counters;
+                gateways.push([
+                    if i == 0 {
+                        gateway.name.clone()
+                    } else {
+                        String::new()
+                    },
+                    ip.to_string(),
+                    holder.clone().unwrap_or_else(|| "(none)".to_owned()),
+                    packets,
+                    bytes,
+                    dropped,
+                ]);
+            }
+        }
+        table(f, &gateways)?;
+        let mut pods = vec![[
+            "POD".to_owned(),
+            "IP".to_owned(),
+            "GATEWAY".to_owned(),
+            "EGRESS IP".to_owned(),
+        ]];
+        pods.extend(status.pods.iter().map(|p| {
+            [
+                p.pod.clone(),
+                p.ip.to_string(),
+                p.gateway.clone(),
+                p.egress_ip.to_string(),
+            ]
+        }));
+        writeln!(f)?;
+        if pods.len() == 1 {
+            writeln!(f, "no selected pods on this node")?;
+        } else {
+            table(f, &pods)?;
+        }
+        let guard = &status.guard;
+        writeln!(
+            f,
+            "\ncounters from the {}; guard: {} transit, {} dropped, {} fenced, {} probes answered",
+            self.counters_from, guard.transit, guard.dropped, guard.fenced, guard.probes
+        )?;
+        for warning in &status.warnings {
+            writeln!(f, "warning: {warning}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Rows in columns as wide as their widest cell.
+fn table<const N: usize>(
+    f: &mut std::fmt::Formatter<'_>,
+    rows: &[[String; N]],
+) -> std::fmt::Result {
+    let widths: Vec<usize> = (0..N)
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or_default())
+        .collect();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:width$}"))
+            .collect();
+        writeln!(f, "{}", cells.join("  ").trim_end())?;
+    }
+    Ok(())
+}
+
 /// The `health` subcommand: live when the agent wrote its status within `max_age` (it does at
 /// least every few seconds, ready or not); ready when, besides, the status says so.
 pub fn check(dir: &Path, max_age: Duration, ready: bool) -> Result<String, NodeStatusError> {
     let path = dir.join(FILE);
-    let io = |source| NodeStatusError::Io {
-        path: path.clone(),
-        source,
-    };
-    let modified = std::fs::metadata(&path)
-        .and_then(|m| m.modified())
-        .map_err(io)?;
-    let age = modified.elapsed().unwrap_or_default();
+    let age = age(&path)?;
     if age > max_age {
         return Err(NodeStatusError::Stale { path, age, max_age });
     }
     if ready {
-        let text = std::fs::read(&path).map_err(io)?;
-        let status: NodeStatus =
-            serde_json::from_slice(&text).map_err(|source| NodeStatusError::Unreadable {
-                path: path.clone(),
-                source,
-            })?;
+        let status = parse(&path)?;
         if !status.ready {
             return Err(NodeStatusError::NotReady(status.not_ready));
         }
         return Ok(format!("ready: status written {}s ago", age.as_secs()));
     }
     Ok(format!("live: status written {}s ago", age.as_secs()))
+}
+
+/// How long ago the status file at `path` was written.
+fn age(path: &Path) -> Result<Duration, NodeStatusError> {
+    let modified = std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .map_err(|source| NodeStatusError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+    Ok(modified.elapsed().unwrap_or_default())
+}
+
+fn parse(path: &Path) -> Result<NodeStatus, NodeStatusError> {
+    let text = std::fs::read(path).map_err(|source| NodeStatusError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    serde_json::from_slice(&text).map_err(|source| NodeStatusError::Unreadable {
+        path: path.to_owned(),
+        source,
+    })
 }
