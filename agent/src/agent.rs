@@ -17,6 +17,7 @@ use crate::datapath::{Check, Datapath, DatapathConfig, DatapathError};
 pub use crate::membership::FailoverOptions;
 use crate::membership::Membership;
 use crate::plan::{self, NodePlan, PlanConfig};
+use crate::report::audit::{AuditTarget, AuditView};
 use crate::report::metrics::{Metrics, MetricsError};
 use crate::report::node_status::{self, AppliedPlan, NodeStatus, NodeStatusError};
 use crate::report::{Report, Reporter};
@@ -50,6 +51,8 @@ pub struct AgentOptions {
     pub lease_namespace: Option<String>,
     /// Where to serve Prometheus metrics, `/healthz` and `/readyz` (`None`: nowhere).
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Where to log each translated connection (`None`: nowhere).
+    pub audit_log: Option<AuditTarget>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -226,6 +229,7 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
         reports: None,
         held: None,
         metrics: None,
+        audit: options.audit_log.clone().map(crate::report::audit::start),
     };
     if let Some(addr) = options.metrics_addr {
         let metrics = Metrics::new();
@@ -401,6 +405,8 @@ struct Agent {
     /// In cluster mode, the egress IPs this node serves, for the Lease keeper.
     held: Option<watch::Sender<BTreeSet<Ipv4Addr>>>,
     metrics: Option<Metrics>,
+    /// What the NAT audit log needs of each applied plan.
+    audit: Option<watch::Sender<AuditView>>,
 }
 
 impl Agent {
@@ -458,6 +464,10 @@ impl Agent {
                 }
                 if let Some(metrics) = &self.metrics {
                     metrics.applied(&plan, started.elapsed());
+                }
+                if let Some(audit) = &self.audit {
+                    let view = AuditView::of(&loaded.snapshot, &plan);
+                    audit.send_if_modified(|old| std::mem::replace(old, view) != *old);
                 }
                 report_new(&mut self.warnings, applied.warnings, |m| {
                     tracing::warn!("{m}")

@@ -155,6 +155,10 @@ struct AgentArgs {
     /// address (e.g. `0.0.0.0:9547`); off when absent.
     #[arg(long)]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// Log each connection translated to an egress IP held here, as one JSON line when it
+    /// ends, to this file (appended) or to `stdout`; turns conntrack's byte accounting on.
+    #[arg(long, value_name = "PATH|stdout")]
+    audit_log: Option<static_egress::report::audit::AuditTarget>,
     /// How often everything of ours is compared with the kernel and repaired (`30s`, `500ms`).
     #[arg(long, default_value = "30s", value_parser = parse_interval)]
     resync_interval: Duration,
@@ -250,6 +254,7 @@ fn main() -> ExitCode {
             holder_lease: args.holder_lease,
             lease_namespace: args.lease_namespace,
             metrics_addr: args.metrics_addr,
+            audit_log: args.audit_log,
             failover: FailoverOptions {
                 probes: ProbeConfig {
                     port: args.probe_port,

@@ -78,7 +78,9 @@ pub fn change(cluster: &mut Cluster, edit: impl FnOnce(&mut Objects)) -> Result<
 pub fn with_agent_logs<T>(agents: &[AgentHandle], result: Result<T>) -> Result<T> {
     if result.is_err() || std::env::var_os("SE_SHOW_LOGS").is_some() {
         for agent in agents {
-            let log = agent.log().unwrap_or_default();
+            let log = agent
+                .log()
+                .unwrap_or_else(|e| format!("(cannot read its log: {e:#})"));
             let tail: Vec<&str> = log.lines().rev().take(60).collect();
             eprintln!("--- agent on {} ---", agent.node());
             for line in tail.iter().rev() {

@@ -1,6 +1,6 @@
 //! What operators see of the agents: the Prometheus endpoint (`--metrics-addr`) and its
-//! `/healthz` and `/readyz`, scraped from inside each node's namespace, and `static-egress
-//! status` on a node, while a selected pod makes real connections.
+//! `/healthz` and `/readyz`, scraped from inside each node's namespace, `static-egress status`
+//! on a node, and the NAT audit log, while a selected pod makes real connections.
 
 use std::io::Write as _;
 use std::process::{Command, Stdio};
@@ -12,6 +12,94 @@ use netlab::fixture::{
 use netlab::{AgentHandle, Cluster, LabPod, wait_until};
 
 const METRICS_PORT: u16 = 9547;
+
+#[test]
+fn the_audit_log_has_a_line_for_each_connection_the_holder_translated() -> Result<()> {
+    let mut cluster = three_nodes(env!("CARGO_BIN_EXE_se-probe").as_ref())?;
+    let pod = api_pod(&mut cluster, "api-1", "node1")?;
+    cluster.write_objects()?;
+    let log = cluster.node("node2")?.state_dir.join("audit.jsonl");
+    let mut agents = Vec::new();
+    for node in ["node1", "node2", "node3"] {
+        let path = cluster.node(node)?.state_dir.join("audit.jsonl");
+        agents.push(cluster.start_agent(node, ["--audit-log", &path.to_string_lossy()])?);
+    }
+    netlab::fixture::wait_all_applied(&cluster)?;
+    with_agent_logs(&agents, audited(&cluster, &pod, &log))
+}
+
+fn audited(cluster: &Cluster, pod: &LabPod, log: &std::path::Path) -> Result<()> {
+    expect_source(cluster, pod, EGRESS_IP)?;
+    let connections = 5;
+    for _ in 0..connections {
+        ensure!(cluster.ask(pod)? == EGRESS_IP);
+    }
+    // conntrack says a connection ended when it forgets it: a closed TCP connection after
+    // TIME_WAIT (2 min by default) and its next garbage collection (up to a minute more).
+    // Here it forgets them now.
+    let holder = cluster.node("node2")?;
+    let forgotten = netlab::exec_output(
+        &holder.netns,
+        [
+            "conntrack",
+            "-D",
+            "-p",
+            "tcp",
+            "--reply-dst",
+            &EGRESS_IP.to_string(),
+        ],
+    )?;
+    let forgotten = String::from_utf8_lossy(&forgotten.stderr).into_owned();
+    eprintln!("{}", forgotten.trim());
+    // "conntrack v1.4.7 (conntrack-tools): 6 flow entries have been deleted."
+    let tracked: usize = forgotten
+        .split_whitespace()
+        .rev()
+        .nth(5)
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no count in {forgotten:?}"))?;
+    ensure!(
+        tracked >= connections,
+        "only {tracked} connections were tracked"
+    );
+    let lines = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .filter(|l: &serde_json::Value| l["protocol"] == "tcp")
+            .collect()
+    };
+    // One line for each connection conntrack tracked, no more, no less.
+    wait_until(APPLY, || lines().len() >= tracked)
+        .with_context(|| format!("fewer than {tracked} TCP lines: {:?}", lines()))?;
+    ensure!(
+        lines().len() == tracked,
+        "{} lines for {tracked} connections",
+        lines().len()
+    );
+    let ext = cluster.ext_ip().to_string();
+    for line in lines() {
+        eprintln!("{line}");
+        ensure!(
+            line["pod"] == "payments/api-1"
+                && line["pod_ip"] == pod.ip.to_string()
+                && line["egress_ip"] == EGRESS_IP.to_string()
+                && line["destination"] == ext
+                && line["egress_port"].is_u64()
+                && line["destination_port"].is_u64()
+                && line["bytes_out"].as_u64().is_some_and(|b| b > 0)
+                && line["bytes_in"].as_u64().is_some_and(|b| b > 0)
+                && line["start"].as_f64() < line["end"].as_f64(),
+            "an audit line lacks what a translated connection of api-1 has: {line}"
+        );
+    }
+    // Only the holder translates, so only it logs.
+    let node1 = cluster.node("node1")?.state_dir.join("audit.jsonl");
+    let elsewhere = std::fs::read_to_string(&node1).unwrap_or_default();
+    ensure!(elsewhere.is_empty(), "node1 logged: {elsewhere}");
+    Ok(())
+}
 
 #[test]
 fn status_shows_a_node_while_its_agent_runs_and_after_it_stopped() -> Result<()> {

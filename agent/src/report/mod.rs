@@ -5,6 +5,7 @@
 //! publish. The cluster is told from a task of its own ([`spawn`]), with a timeout on every
 //! call, so a slow API server never delays the data path.
 
+pub mod audit;
 pub mod changes;
 mod events;
 pub mod metrics;
