@@ -745,6 +745,19 @@ fn kubectl_views_and_restart(lab: &mut Lab) -> Result<()> {
         .context("node1 did not stop using the gateway for the unlabelled pod")?;
     let current = answering.elapsed();
     eprintln!("after the restart, node1 applied a change {current:?} after the server answered");
+    // The watches came back to a real 410: their versions were compacted away.
+    let node1_log = lab
+        .agents
+        .iter()
+        .find(|a| a.node() == "node1")
+        .context("no agent on node1")?
+        .log()?;
+    ensure!(
+        node1_log
+            .lines()
+            .any(|l| l.contains("pods of this node") && l.contains("too old resource version")),
+        "node1's pod watch did not get 410 Gone after the compaction and restart"
+    );
     ensure!(
         current < Duration::from_secs(2),
         "node1 was current only {current:?} after the server answered again"
