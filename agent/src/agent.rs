@@ -13,7 +13,7 @@ use ipnet::Ipv4Net;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
-use crate::datapath::{Check, Datapath, DatapathConfig, DatapathError};
+use crate::datapath::{Check, Datapath, DatapathConfig, DatapathError, KernelLog};
 pub use crate::membership::FailoverOptions;
 use crate::membership::Membership;
 use crate::plan::{self, NodePlan, PlanConfig};
@@ -151,6 +151,12 @@ pub fn health(state_dir: &Path, max_age: Duration, ready: bool) -> Result<(), Ag
     Ok(())
 }
 
+/// Where the agent takes its objects from.
+enum Mode {
+    File(PathBuf),
+    Cluster(kube::Client),
+}
+
 /// Where the objects come from.
 enum Objects {
     File {
@@ -205,7 +211,20 @@ impl Signals {
 }
 
 pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
-    let mut datapath = Datapath::open(options.datapath.clone()).await?;
+    // In cluster mode the client comes first: the Node may ask the kernel programs to log,
+    // which is settled when they load.
+    let mode = match &options.from_file {
+        Some(path) => Mode::File(path.clone()),
+        None => Mode::Cluster(kube::Client::try_default().await?),
+    };
+    let mut datapath_config = options.datapath.clone();
+    if datapath_config.kernel_log == KernelLog::Off
+        && let Mode::Cluster(client) = &mode
+    {
+        datapath_config.kernel_log =
+            crate::source::kube::kernel_log_asked(client, &options.node).await;
+    }
+    let mut datapath = Datapath::open(datapath_config).await?;
     let mut signals = Signals::new()?;
     let failover = options.failover.clone();
     let (asks, probe_asks) = watch::channel(Asks::default());
@@ -237,10 +256,10 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
         agent.metrics = Some(metrics);
     }
     let mut lost: Option<watch::Receiver<Lost>> = None;
-    let mut objects = match &options.from_file {
-        Some(path) => {
-            let (source, loaded) = FileSource::open(path)?;
-            let (watcher, changes) = crate::source::watch(path)?;
+    let mut objects = match mode {
+        Mode::File(path) => {
+            let (source, loaded) = FileSource::open(&path)?;
+            let (watcher, changes) = crate::source::watch(&path)?;
             tracing::info!(node = %options.node, file = %path.display(), "agent started");
             agent.loaded = Some(loaded);
             Objects::File {
@@ -249,8 +268,7 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
                 _watcher: watcher,
             }
         }
-        None => {
-            let client = kube::Client::try_default().await?;
+        Mode::Cluster(client) => {
             let Some(cluster) = connect(&client, &mut agent, &datapath, &mut signals).await? else {
                 stopped();
                 return Ok(());

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use ipnet::Ipv4Net;
 use kube::CustomResourceExt as _;
 use static_egress::agent::{self, AgentOptions, FailoverOptions};
-use static_egress::datapath::{self, DatapathConfig};
+use static_egress::datapath::{self, DatapathConfig, KernelLog};
 use static_egress::model::EgressGateway;
 use static_egress::source::probes::ProbeConfig;
 
@@ -120,6 +120,10 @@ struct AgentArgs {
     /// Routing table for marked packets; ours alone (not 0, 253, 254 or 255).
     #[arg(long, default_value = "1490", value_parser = datapath::check_route_table)]
     route_table: u32,
+    /// What the kernel programs log into the agent's log: `debug` tells each packet they drop
+    /// and why (a pod's traffic without a holder, the guard, fencing). Off by default.
+    #[arg(long, value_enum, default_value = "off")]
+    kernel_log: KernelLog,
     /// UDP port on which nodes probe each other (answered by our kernel program).
     #[arg(long, default_value_t = 7947)]
     probe_port: u16,
@@ -226,15 +230,21 @@ fn parse_mark_bit(s: &str) -> Result<u32, String> {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if let Command::Agent(_) = &cli.command
+        && let Ok(kernel) = "static_egress_ebpf=trace".parse()
+    {
+        // The kernel programs' records are filtered by their own level (`--kernel-log`, or the
+        // Node's annotation) before they are sent: all that come are wanted.
+        filter = filter.add_directive(kernel);
+    }
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -272,6 +282,7 @@ fn main() -> ExitCode {
                 route_table: args.route_table,
                 rule_priority: args.rule_priority,
                 probe_port: args.probe_port,
+                kernel_log: args.kernel_log,
             },
         })),
         Command::Plan(args) => agent::print_plan(

@@ -28,6 +28,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
     programs::TcContext,
 };
+use aya_log_ebpf::debug;
 use static_egress_common::{
     Config, Counters, DEST_GATEWAY_BITS, DEST_VIA_GATEWAY, DestKey, EGRESS_LOCAL, EGRESS_ROUTED,
     EgressEntry, GATEWAY_FAIL_CLOSED, GatewayEntry, Guard, Heard, LEASE_DRAINING, Lease, PodEntry,
@@ -126,6 +127,13 @@ fn pod_ingress(ctx: &TcContext) -> Option<i32> {
             // SAFETY: per-CPU value, only this CPU writes it while we run.
             unsafe { (*c).dropped += 1 };
         }
+        debug!(
+            ctx,
+            "no node holds egress IP {:i}: dropped {:i} -> {:i} (FailClosed)",
+            u32::from_be(pod.egress_ip),
+            u32::from_be(src),
+            u32::from_be(dst)
+        );
         return Some(TC_ACT_SHOT as i32);
     }
     // SAFETY: `skb` is the live context pointer; other bits of the mark belong to others.
@@ -356,10 +364,20 @@ fn uplink_egress(ctx: &TcContext) -> Option<i32> {
         let held = unsafe { SE_EGRESS.get(&src) }.is_some_and(|e| e.flags & EGRESS_LOCAL != 0);
         if !held {
             count(|g| &mut g.dropped);
+            debug!(
+                ctx,
+                "a marked packet would leave with {:i}, neither its pod's address nor an egress IP held here: dropped",
+                u32::from_be(src)
+            );
             return Some(TC_ACT_SHOT);
         }
         if lease_state() == probe::FENCED {
             count(|g| &mut g.fenced);
+            debug!(
+                ctx,
+                "egress IP {:i} is fenced (the lease does not let this node serve): dropped",
+                u32::from_be(src)
+            );
             return Some(TC_ACT_SHOT);
         }
         return None;

@@ -1,6 +1,7 @@
 //! What operators see of the agents: the Prometheus endpoint (`--metrics-addr`) and its
 //! `/healthz` and `/readyz`, scraped from inside each node's namespace, `static-egress status`
-//! on a node, and the NAT audit log, while a selected pod makes real connections.
+//! on a node, the NAT audit log and the kernel programs' log, while selected pods make real
+//! connections.
 
 use std::io::Write as _;
 use std::process::{Command, Stdio};
@@ -12,6 +13,64 @@ use netlab::fixture::{
 use netlab::{AgentHandle, Cluster, LabPod, wait_until};
 
 const METRICS_PORT: u16 = 9547;
+
+/// With `--kernel-log debug` the kernel programs say what they drop and why; without it (the
+/// default) they say nothing.
+#[test]
+fn the_kernel_programs_log_their_drops_only_when_asked() -> Result<()> {
+    let mut cluster = three_nodes(env!("CARGO_BIN_EXE_se-probe").as_ref())?;
+    let asked = api_pod(&mut cluster, "api-1", "node1")?;
+    let quiet = api_pod(&mut cluster, "api-3", "node3")?;
+    cluster.write_objects()?;
+    let agents = vec![
+        cluster.start_agent("node1", ["--kernel-log", "debug"])?,
+        cluster.start_agent("node2", ["--kernel-log", "debug"])?,
+        cluster.start_agent("node3", Vec::<String>::new())?,
+    ];
+    let result = netlab::fixture::wait_all_applied(&cluster)
+        .and_then(|()| kernel_log(&mut cluster, &agents, [&asked, &quiet]));
+    with_agent_logs(&agents, result)
+}
+
+fn kernel_log(cluster: &mut Cluster, agents: &[AgentHandle], pods: [&LabPod; 2]) -> Result<()> {
+    for pod in pods {
+        expect_source(cluster, pod, EGRESS_IP)?;
+    }
+    // No node may hold the egress IP any more: FailClosed drops the pods' traffic.
+    netlab::fixture::change(cluster, |objects| {
+        objects.set_gateway(
+            netlab::fixture::gateway(netlab::fixture::GATEWAY, EGRESS_IP)
+                .node_selector(netlab::objects::match_labels([("egress", "nowhere")])),
+        );
+    })?;
+    for pod in pods {
+        ensure!(
+            cluster.ask(pod).is_err(),
+            "{} got an answer without a holder",
+            pod.name
+        );
+    }
+    let said = format!(
+        "no node holds egress IP {EGRESS_IP}: dropped {} -> {} (FailClosed)",
+        pods[0].ip,
+        cluster.ext_ip()
+    );
+    let log = |node: &str| {
+        agents
+            .iter()
+            .find(|a| a.node() == node)
+            .map(|a| a.log().unwrap_or_default())
+            .unwrap_or_default()
+    };
+    wait_until(APPLY, || log("node1").contains(&said))
+        .with_context(|| format!("node1 did not log {said:?}"))?;
+    let node3 = log("node3");
+    ensure!(
+        !node3.contains("dropped"),
+        "node3 logged drops without --kernel-log:\n{node3}"
+    );
+    Ok(())
+}
 
 #[test]
 fn the_audit_log_has_a_line_for_each_connection_the_holder_translated() -> Result<()> {

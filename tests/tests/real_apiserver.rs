@@ -330,9 +330,20 @@ fn rss_kib(pid: u32) -> Result<u64> {
 
 /// Annotations made through the API change a pod's source; while the API server is away a
 /// pod's connections keep leaving with the egress IP, and changes made once it is back apply.
+/// Also: a Node's `static-egress.io/kernel-log` annotation turns its kernel log on.
 #[test]
 fn annotations_through_the_api_and_an_api_server_outage() -> Result<()> {
-    Lab::run(annotations_and_outage)
+    // node1 asks its agent's kernel programs to log, as an operator debugging one node would.
+    let kernel_log = |api: &RealApiServer| {
+        api.kubectl([
+            "annotate",
+            "node",
+            "node1",
+            "static-egress.io/kernel-log=debug",
+        ])
+        .map(drop)
+    };
+    Lab::run_with(|_| Ok(Vec::new()), kernel_log, annotations_and_outage)
 }
 
 /// Agents restarted while the API server is down wait for it without exiting, keep the data
@@ -344,10 +355,20 @@ fn agents_started_without_an_api_server_keep_the_data_path_and_report_not_ready(
 }
 
 fn annotations_and_outage(lab: &mut Lab) -> Result<()> {
+    lab.serving()?;
+    for agent in &lab.agents {
+        let logs = agent
+            .log()?
+            .contains("the kernel programs log into this log");
+        ensure!(
+            logs == (agent.node() == "node1"),
+            "the kernel programs of {} log: {logs}",
+            agent.node()
+        );
+    }
     let shop = lab.add_pod(PodSpec::new("payments", "shop", "node3"))?;
     let (cluster, pod) = (&lab.cluster, &lab.pod);
     let node3 = cluster.node("node3")?.ip;
-    lab.serving()?;
     expect_source(cluster, &shop, node3)?;
     let annotation = format!("{GATEWAY_ANNOTATION}={GATEWAY}");
     lab.api

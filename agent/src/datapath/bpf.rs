@@ -109,7 +109,7 @@ fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
 impl Bpf {
     /// Loads the programs, creating or reusing the pinned maps (the mark bit in `SE_CONFIG`
     /// stays as an earlier agent left it until [`Bpf::set_mark`]).
-    pub fn load(bpffs: &Path) -> Result<Self, DatapathError> {
+    pub fn load(bpffs: &Path, log: Option<aya_log::Level>) -> Result<Self, DatapathError> {
         check_bpffs(bpffs)?;
         if OBJECT.is_empty() {
             return Err(DatapathError::NoKernelObject);
@@ -123,10 +123,17 @@ impl Bpf {
                 source,
             })?;
         }
+        // The programs' log calls check this level first: 0 keeps them all quiet.
+        let level = log.map_or(0u8, |level| level as u8);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
+            .override_global(aya_log::LEVEL, &level, true)
             .load(OBJECT)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
+        if let Some(level) = log {
+            tracing::info!(?level, "the kernel programs log into this log");
+            follow_kernel_log(&mut ebpf);
+        }
         for hook in Hook::ALL {
             program(&mut ebpf, hook)?
                 .load()
@@ -483,6 +490,40 @@ impl Bpf {
     pub fn counters(&self) -> BTreeMap<u32, Counters> {
         sum_counters(&self.counters)
     }
+}
+
+/// Passes the programs' log records on to the agent's log (`--kernel-log`), from a task of
+/// its own; without it they are only lost.
+fn follow_kernel_log(ebpf: &mut aya::Ebpf) {
+    let logger = match aya_log::EbpfLogger::init(ebpf)
+        .map_err(std::io::Error::other)
+        .and_then(|logger| {
+            // SAFETY: the logger owns its ring buffer's descriptor, open and the same for as
+            // long as the logger lives, which is as long as the `AsyncFd` that owns it.
+            unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(
+                    logger,
+                    tokio::io::Interest::READABLE,
+                )
+            }
+            .map_err(std::io::Error::from)
+        }) {
+        Ok(logger) => logger,
+        Err(error) => {
+            tracing::warn!(%error, "cannot follow the kernel programs' log");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        let mut logger = logger;
+        loop {
+            let Ok(mut ready) = logger.readable_mut().await else {
+                return;
+            };
+            ready.get_inner_mut().flush();
+            ready.clear_ready();
+        }
+    });
 }
 
 /// The counters in the maps pinned under `bpffs`, as [`Bpf::counters`] and [`Bpf::guard`]

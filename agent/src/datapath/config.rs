@@ -16,6 +16,35 @@ pub struct DatapathConfig {
     pub rule_priority: u32,
     /// The UDP port on which the uplink program answers other nodes' probes.
     pub probe_port: u16,
+    /// What the kernel programs log (off: nothing; their log calls cost one branch then).
+    pub kernel_log: KernelLog,
+}
+
+/// How much the kernel programs log into the agent's log (`--kernel-log`, or a Node's
+/// `static-egress.io/kernel-log` annotation): `debug` tells each packet they drop and why.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum KernelLog {
+    #[default]
+    Off,
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl KernelLog {
+    pub fn level(self) -> Option<aya_log::Level> {
+        use aya_log::Level;
+        Some(match self {
+            Self::Off => return None,
+            Self::Error => Level::Error,
+            Self::Warn => Level::Warn,
+            Self::Info => Level::Info,
+            Self::Debug => Level::Debug,
+            Self::Trace => Level::Trace,
+        })
+    }
 }
 
 impl DatapathConfig {

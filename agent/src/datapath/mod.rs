@@ -24,7 +24,7 @@ use static_egress_common::{
 use crate::model::FailurePolicy;
 use crate::plan::{NodePlan, SnatPlan};
 pub use bpf::{Bpf, Hook, MapContents};
-pub use config::{ConfigError, DatapathConfig, check_route_table, check_rule_priority};
+pub use config::{ConfigError, DatapathConfig, KernelLog, check_route_table, check_rule_priority};
 use netlink::Netlink;
 use rule::Removal;
 pub use state::{RuleSpec, State};
@@ -181,7 +181,7 @@ impl Datapath {
     /// Loads (or adopts) the kernel programs; changes nothing else yet.
     pub async fn open(config: DatapathConfig) -> Result<Self, DatapathError> {
         let lock = crate::fsutil::DirLock::acquire(&config.state_dir)?;
-        let bpf = Bpf::load(&config.bpffs)?;
+        let bpf = Bpf::load(&config.bpffs, config.kernel_log.level())?;
         let nl = Netlink::connect()?;
         let state = ours::starting_record(&config)?;
         Ok(Self {

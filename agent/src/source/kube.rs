@@ -44,6 +44,8 @@ use std::time::{Duration, SystemTime};
 use futures_util::stream::{BoxStream, StreamExt as _, TryStreamExt as _};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::api::{Api, ApiResource, DynamicObject, ListParams};
+
+use crate::datapath::KernelLog;
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, Resource, ResourceExt as _};
 use serde::de::DeserializeOwned;
@@ -332,6 +334,34 @@ fn cluster_id(kind: &str, name: String) -> ObjectKey {
         namespace: None,
         name,
     }
+}
+
+/// The annotation by which a Node asks its agent's kernel programs to log (`debug`, ...).
+pub const KERNEL_LOG_ANNOTATION: &str = "static-egress.io/kernel-log";
+
+/// What `node`'s [`KERNEL_LOG_ANNOTATION`] asks for: off when it is absent or unreadable, or
+/// when the API server does not answer within 2 s (the agent must not wait to start).
+pub async fn kernel_log_asked(client: &Client, node: &str) -> KernelLog {
+    let nodes = Api::<Node>::all(client.clone());
+    let asked =
+        match tokio::time::timeout(Duration::from_secs(2), nodes.get_metadata_opt(node)).await {
+            Ok(Ok(Some(meta))) => meta
+                .metadata
+                .annotations
+                .and_then(|a| a.get(KERNEL_LOG_ANNOTATION).cloned()),
+            _ => None,
+        };
+    let Some(asked) = asked else {
+        return KernelLog::Off;
+    };
+    <KernelLog as clap::ValueEnum>::from_str(&asked, true).unwrap_or_else(|_| {
+        tracing::warn!(
+            annotation = KERNEL_LOG_ANNOTATION,
+            value = asked,
+            "not a kernel log level (off, error, warn, info, debug, trace): off"
+        );
+        KernelLog::Off
+    })
 }
 
 /// What `static-egress explain` needs to know of one pod, read once: the namespaces, nodes and
