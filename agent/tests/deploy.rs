@@ -583,3 +583,88 @@ fn uninstall_runs_cleanup_on_every_agent_node() {
         .and_then(|s| s.capabilities.clone());
     assert_eq!(done_caps.and_then(|c| c.add), None);
 }
+
+/// `deploy/monitoring/` (optional): its Service picks the agent pods on the port the DaemonSet
+/// names `metrics` and serves metrics on, its ServiceMonitor picks that Service and port, and
+/// the dashboard asks only for metrics the agent exports (the README's table).
+#[test]
+fn the_monitoring_component_finds_the_agents_metrics() {
+    let dir = deploy().join("monitoring");
+    let rendered = text(&run("kubectl", &["kustomize", &dir.display().to_string()], None).stdout);
+    let documents = yaml_documents(&rendered);
+    let service = find(&documents, "Service");
+    let monitor = find(&documents, "ServiceMonitor");
+    let daemonset: DaemonSet =
+        serde_json::from_value(find(&yaml_documents(&self::rendered()), "DaemonSet").clone())
+            .expect("DaemonSet");
+    let spec = daemonset.spec;
+    let pod_labels = spec
+        .template
+        .metadata
+        .and_then(|m| m.labels)
+        .expect("pod labels");
+    for (key, value) in service["spec"]["selector"].as_object().expect("selector") {
+        assert_eq!(
+            pod_labels.get(key).map(String::as_str),
+            value.as_str(),
+            "{key}"
+        );
+    }
+    let agent = &spec.template.spec.expect("pod spec").containers[0];
+    let port = agent
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some("metrics"))
+        .expect("the agent's metrics port");
+    let args = agent.args.clone().unwrap_or_default();
+    let addr = args
+        .iter()
+        .skip_while(|a| *a != "--metrics-addr")
+        .nth(1)
+        .expect("--metrics-addr in the DaemonSet");
+    assert!(
+        addr.ends_with(&format!(":{}", port.container_port)),
+        "{addr}"
+    );
+    assert_eq!(service["spec"]["ports"][0]["targetPort"], "metrics");
+    for (key, value) in monitor["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .expect("matchLabels")
+    {
+        assert_eq!(&service["metadata"]["labels"][key], value, "{key}");
+    }
+    assert_eq!(monitor["spec"]["endpoints"][0]["port"], "metrics");
+
+    let dashboard: Value = serde_json::from_str(
+        &fs::read_to_string(dir.join("dashboard.json")).expect("read dashboard.json"),
+    )
+    .expect("dashboard.json is JSON");
+    let readme = fs::read_to_string(repo().join("README.md")).expect("read README.md");
+    let exported: BTreeSet<String> = readme
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| !w.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let mut asked = 0;
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            for name in expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter_map(|w| w.strip_prefix("static_egress_"))
+            {
+                asked += 1;
+                let base = ["_bucket", "_count", "_sum"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s))
+                    .unwrap_or(name);
+                assert!(
+                    exported.contains(base),
+                    "the dashboard asks for static_egress_{name}, which the README's metrics table does not list"
+                );
+            }
+        }
+    }
+    assert!(asked >= 9, "the dashboard asks for {asked} metrics");
+}
