@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use ipnet::Ipv4Net;
 use kube::CustomResourceExt as _;
 use static_egress::agent::{self, AgentOptions, FailoverOptions};
+use static_egress::commands;
 use static_egress::datapath::{self, DatapathConfig, KernelLog};
 use static_egress::model::EgressGateway;
 use static_egress::source::probes::ProbeConfig;
@@ -285,14 +286,14 @@ fn main() -> ExitCode {
                 kernel_log: args.kernel_log,
             },
         })),
-        Command::Plan(args) => agent::print_plan(
+        Command::Plan(args) => commands::print_plan(
             &args.common.node,
             &args.from_file,
             args.common.cluster_cidrs,
         ),
         Command::Explain(args) => match args.pod.split_once('/') {
             Some((namespace, pod)) if !namespace.is_empty() && !pod.is_empty() => {
-                runtime.block_on(agent::explain(
+                runtime.block_on(commands::explain(
                     namespace,
                     pod,
                     args.from_file.as_deref(),
@@ -305,9 +306,9 @@ fn main() -> ExitCode {
             }
         },
         Command::Status(args) => {
-            agent::status(&args.state_dir, &args.bpffs, args.output == Output::Json)
+            commands::status(&args.state_dir, &args.bpffs, args.output == Output::Json)
         }
-        Command::Health(args) => agent::health(&args.state_dir, args.max_age, args.ready),
+        Command::Health(args) => commands::health(&args.state_dir, args.max_age, args.ready),
         Command::Crd => return print_crd(),
         Command::Cleanup(args) => runtime.block_on(async {
             let by_name = datapath::RuleSpec {
