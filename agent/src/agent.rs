@@ -182,7 +182,7 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
         audit: options.audit_log.clone().map(crate::report::audit::start),
     };
     if let Some(addr) = options.metrics_addr {
-        let metrics = Metrics::new();
+        let metrics = Metrics::new(options.datapath.bpffs.clone());
         metrics.clone().serve(addr).await?;
         agent.metrics = Some(metrics);
     }

@@ -261,7 +261,7 @@ fn scrapes(cluster: &Cluster, pod: &LabPod) -> Result<()> {
     for _ in 0..connections {
         ensure!(cluster.ask(pod)? == EGRESS_IP);
     }
-    // The counters are those of the agent's last status, written every 5 s.
+    // Read from the kernel at each scrape; the last answers may still be on their way.
     let mut text = String::new();
     wait_until(APPLY, || {
         text = metrics(cluster, "node1").unwrap_or_default();

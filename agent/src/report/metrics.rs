@@ -1,12 +1,14 @@
 //! The Prometheus endpoint (`--metrics-addr`), with `/healthz` and `/readyz` for the
 //! DaemonSet's probes. Most values are read at each scrape from the node status the agent last
-//! wrote (the one `status.json` gets, with the kernel's counters): one source for the file and
-//! the endpoint, and nothing kept up to date between scrapes. What happens between two statuses
+//! wrote (the one `status.json` gets), with the kernel's counters read from the pinned maps
+//! then: one source for the file and the endpoint, and nothing kept up to date between
+//! scrapes. What happens between two statuses
 //! (applies, their duration and failures, holder changes) is counted as it happens.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -23,6 +25,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use super::node_status::{GatewayStatus, NodeStatus};
+use crate::datapath::bpf::pinned_counters;
 use crate::datapath::conntrack::{self, SnatUse};
 use crate::plan::NodePlan;
 
@@ -55,6 +58,8 @@ struct EgressIpLabels {
 /// What the agent tells the endpoint; cheap to clone, shared with the server's task.
 #[derive(Clone, Debug)]
 pub struct Metrics {
+    /// Where the kernel's counters are pinned: read at each scrape.
+    bpffs: PathBuf,
     latest: Arc<Mutex<Latest>>,
     applies: Histogram,
     apply_errors: Family<StepLabels, Counter>,
@@ -74,14 +79,8 @@ struct Latest {
     snat: BTreeMap<Ipv4Addr, SnatUse>,
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Metrics {
-    pub fn new() -> Self {
+    pub fn new(bpffs: PathBuf) -> Self {
         let latest = Arc::new(Mutex::new(Latest::default()));
         let applies = Histogram::new(exponential_buckets(0.001, 2.0, 14));
         let apply_errors = Family::<StepLabels, Counter>::default();
@@ -104,6 +103,7 @@ impl Metrics {
         );
         registry.register_collector(Box::new(FromStatus(Arc::clone(&latest))));
         Self {
+            bpffs,
             latest,
             applies,
             apply_errors,
@@ -193,11 +193,20 @@ impl Metrics {
         }
         match request.uri().path() {
             "/metrics" => {
-                // Counting connections reads conntrack: off this task's thread.
+                // Counting connections reads conntrack, and the counters the pinned maps:
+                // off this task's thread.
                 let held = self.held_egress_ips();
-                let usage = tokio::task::spawn_blocking(move || conntrack::snat_use(&held))
-                    .await
-                    .unwrap_or_default();
+                let bpffs = self.bpffs.clone();
+                let (usage, live) = tokio::task::spawn_blocking(move || {
+                    (conntrack::snat_use(&held), pinned_counters(&bpffs).ok())
+                })
+                .await
+                .unwrap_or_default();
+                if let Some((counters, guard)) = live
+                    && let Some((status, _)) = &mut lock(&self.latest).status
+                {
+                    status.count_now(&counters, guard);
+                }
                 let text = self.encode(&usage);
                 let mut response = reply(StatusCode::OK, text);
                 response.headers_mut().insert(

@@ -3,6 +3,7 @@
 //! seconds, so its age tells a live agent from a stuck one; `static-egress health` reads it
 //! for the DaemonSet's probes.
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -108,7 +109,7 @@ impl NodeStatus {
     pub fn new(
         node: &str,
         applied: Option<AppliedPlan<'_>>,
-        (counters, guard): (&std::collections::BTreeMap<u32, Counters>, Guard),
+        (counters, guard): (&BTreeMap<u32, Counters>, Guard),
         warnings: &[String],
         not_ready: Vec<String>,
     ) -> Self {
@@ -160,6 +161,27 @@ impl NodeStatus {
         }
     }
 
+    /// Replaces the counters with `counters` (by gateway id) and `guard`, read from the
+    /// kernel now: they count on between two statuses, and while no agent runs.
+    pub fn count_now(&mut self, counters: &BTreeMap<u32, Counters>, guard: Guard) {
+        let ids = crate::plan::gateway_ids(self.gateways.iter().map(|g| g.name.as_str()));
+        for gateway in &mut self.gateways {
+            let now = ids
+                .get(&gateway.name)
+                .and_then(|id| counters.get(id))
+                .copied()
+                .unwrap_or_default();
+            (gateway.packets, gateway.bytes, gateway.dropped) =
+                (now.packets, now.bytes, now.dropped);
+        }
+        self.guard = GuardStatus {
+            transit: guard.transit,
+            dropped: guard.dropped,
+            fenced: guard.fenced,
+            probes: guard.probes,
+        };
+    }
+
     /// Written durably through a temporary file and a rename: a reader, or the node after a
     /// crash, sees the old or the new one, whole.
     pub fn write(&self, dir: &Path) -> Result<(), NodeStatusError> {
@@ -195,7 +217,7 @@ pub struct Shown {
 /// be read, as a table or as JSON.
 pub fn show(
     dir: &Path,
-    live: Option<(std::collections::BTreeMap<u32, Counters>, Guard)>,
+    live: Option<(BTreeMap<u32, Counters>, Guard)>,
     json: bool,
 ) -> Result<String, NodeStatusError> {
     let path = dir.join(FILE);
@@ -203,22 +225,7 @@ pub fn show(
     let mut status = parse(&path)?;
     let counters_from = match live {
         Some((counters, guard)) => {
-            let ids = crate::plan::gateway_ids(status.gateways.iter().map(|g| g.name.as_str()));
-            for gateway in &mut status.gateways {
-                let now = ids
-                    .get(&gateway.name)
-                    .and_then(|id| counters.get(id))
-                    .copied()
-                    .unwrap_or_default();
-                (gateway.packets, gateway.bytes, gateway.dropped) =
-                    (now.packets, now.bytes, now.dropped);
-            }
-            status.guard = GuardStatus {
-                transit: guard.transit,
-                dropped: guard.dropped,
-                fenced: guard.fenced,
-                probes: guard.probes,
-            };
+            status.count_now(&counters, guard);
             "kernel"
         }
         None => "status file",
