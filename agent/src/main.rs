@@ -35,7 +35,7 @@ enum Command {
     Status(StatusArgs),
     /// Remove everything the agent created on this host.
     Cleanup(CleanupArgs),
-    /// Exit 0 when the agent is alive (`--ready`: and ready), for the DaemonSet's probes.
+    /// Exit 0 when the agent is alive (`--ready`: and ready), for exec probes.
     Health(HealthArgs),
     /// Print the EgressGateway CustomResourceDefinition (YAML) for `kubectl apply -f -`.
     Crd,
