@@ -22,8 +22,8 @@ use crate::plan::NodePlan;
 
 /// Lines waiting for the writer; beyond that they are dropped.
 const QUEUE: usize = 4096;
-/// Connections seen starting and not yet ended; beyond that the oldest starts are forgotten
-/// (their lines then have no start).
+/// Connections seen starting and not yet ended; beyond that the starts known so far are
+/// forgotten (those connections' lines then have no start), which bounds the memory.
 const OPEN_MAX: usize = 262_144;
 /// Accounting makes conntrack count bytes in each direction (off by default).
 const ACCT_SYSCTL: &str = "/proc/sys/net/netfilter/nf_conntrack_acct";
