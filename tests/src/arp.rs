@@ -33,6 +33,8 @@ pub struct ArpSeen {
     /// The capture's lines of each request that two or more answered, with their answers:
     /// their times place the fault among the agents' logs.
     pub doubled: Vec<String>,
+    /// Who announced the address (gratuitous requests), by link-layer address, in order.
+    pub announcers: Vec<String>,
 }
 
 impl Cluster {
@@ -89,7 +91,9 @@ fn count(capture: &str, ip: Ipv4Addr) -> ArpSeen {
         let dst = dst.trim_end_matches(',');
         if let Some(rest) = line.split_once(&who_has).map(|(_, r)| r) {
             // A gratuitous request (`tell` itself) announces; it is not a question.
-            if !rest.starts_with(&format!("{ip},")) && !rest.starts_with(&format!("{ip} ")) {
+            if rest.starts_with(&format!("{ip},")) || rest.starts_with(&format!("{ip} ")) {
+                seen.announcers.push(src.to_owned());
+            } else {
                 round.close(&mut seen);
                 seen.requests += 1;
                 src.clone_into(&mut asker);

@@ -232,8 +232,48 @@ fn a_holder_cut_off_hands_over_within_300_ms_and_streams_survive() -> Result<()>
             "new connections went unanswered for {gap:?}"
         );
         one_answerer(&arp)?;
+        announced_while_held(&scene.cluster, &arp)?;
         Ok(())
     })
+}
+
+/// node3 announced the egress IP when it took it and again a few times (upstream caches miss
+/// single announcements), and never once node2 had taken it back.
+fn announced_while_held(cluster: &Cluster, arp: &ArpSeen) -> Result<()> {
+    let mac = |node: &str| -> Result<String> {
+        let node = cluster.node(node)?;
+        let shown = node.exec(["ip", "-br", "link", "show", &node.uplink])?;
+        shown
+            .split_whitespace()
+            .nth(2)
+            .map(str::to_owned)
+            .context("no link-layer address")
+    };
+    let (node2, node3) = (mac("node2")?, mac("node3")?);
+    eprintln!(
+        "announcements: {:?} (node2 {node2}, node3 {node3})",
+        arp.announcers
+    );
+    let taken = arp
+        .announcers
+        .iter()
+        .position(|m| *m == node3)
+        .context("node3 never announced the egress IP it took")?;
+    let back = arp.announcers[taken..]
+        .iter()
+        .position(|m| *m == node2)
+        .map_or(arp.announcers.len(), |i| taken + i);
+    let by_node3 = arp.announcers[taken..back].len();
+    ensure!(
+        by_node3 >= 4,
+        "node3 announced the egress IP {by_node3} times while it held it, not 4"
+    );
+    ensure!(
+        !arp.announcers[back..].contains(&node3),
+        "node3 announced the egress IP after node2 took it back: {:?}",
+        arp.announcers
+    );
+    Ok(())
 }
 
 /// The holder is cut off while the agent of the node next in line restarts: until that agent

@@ -1,8 +1,12 @@
 //! Gratuitous ARP, so that neighbours (the router above all) learn at once which MAC now
-//! answers for an egress IP that moved to this node.
+//! answers for an egress IP that moved to this node, repeated a few times.
 
+use std::collections::BTreeSet;
 use std::io;
 use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use tokio::sync::watch;
 
 const ETH_P_ARP: u16 = 0x0806;
 
@@ -17,6 +21,34 @@ fn frame(mac: [u8; 6], ip: Ipv4Addr) -> [u8; 42] {
     f[28..32].copy_from_slice(&ip.octets());
     f[38..42].copy_from_slice(&ip.octets());
     f
+}
+
+/// After the first announcement, the waits before each repeat: a neighbour that missed one
+/// (a busy switch, a router that rate-limits ARP) learns the move within a few seconds anyway.
+const REPEATS: [Duration; 3] = [
+    Duration::from_millis(200),
+    Duration::from_millis(800),
+    Duration::from_secs(2),
+];
+
+/// Repeats the announcement of `ip` while `held` says this node still holds it: one made after
+/// the address moved on would send its traffic back here.
+pub async fn repeat(
+    ifindex: u32,
+    mac: [u8; 6],
+    ip: Ipv4Addr,
+    held: watch::Receiver<BTreeSet<Ipv4Addr>>,
+) {
+    for wait in REPEATS {
+        tokio::time::sleep(wait).await;
+        if !held.borrow().contains(&ip) {
+            return;
+        }
+        if let Err(error) = announce(ifindex, mac, ip) {
+            tracing::debug!(%ip, %error, "repeating a gratuitous ARP");
+            return;
+        }
+    }
 }
 
 pub fn announce(ifindex: u32, mac: [u8; 6], ip: Ipv4Addr) -> io::Result<()> {

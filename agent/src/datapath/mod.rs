@@ -173,6 +173,8 @@ pub struct Datapath {
     nl: Netlink,
     state: State,
     nft: Option<NftApplied>,
+    /// The egress IPs on the uplink now, for the repeated announcements of those just taken.
+    held_now: tokio::sync::watch::Sender<BTreeSet<Ipv4Addr>>,
     /// The state dir is ours while the data path is: one agent per node and state dir.
     _lock: crate::fsutil::DirLock,
 }
@@ -190,6 +192,7 @@ impl Datapath {
             nl,
             state,
             nft: None,
+            held_now: tokio::sync::watch::Sender::new(BTreeSet::new()),
             _lock: lock,
         })
     }
@@ -304,6 +307,7 @@ impl Datapath {
         // the programs stop dropping those answers once the map no longer says the IP is held
         // here. Its SNAT is gone already, so nothing here still needs it.
         let released: Vec<Ipv4Addr> = self.state.addresses.difference(&held).copied().collect();
+        self.held_now.send_replace(held.clone());
         for ip in released {
             self.nl.remove_address(uplink.index, ip).await?;
             tracing::info!(egress_ip = %ip, interface = %uplink.name, "released egress IP");
@@ -590,10 +594,16 @@ impl Datapath {
             })?;
             self.nl.add_address(uplink.index, *ip).await?;
             tracing::info!(egress_ip = %ip, interface = %uplink.name, "holding egress IP");
-            if let Some(mac) = uplink.mac
-                && let Err(e) = arp::announce(uplink.index, mac, *ip)
-            {
-                warnings.push(format!("gratuitous ARP for {ip} on {}: {e}", uplink.name));
+            if let Some(mac) = uplink.mac {
+                if let Err(e) = arp::announce(uplink.index, mac, *ip) {
+                    warnings.push(format!("gratuitous ARP for {ip} on {}: {e}", uplink.name));
+                }
+                tokio::spawn(arp::repeat(
+                    uplink.index,
+                    mac,
+                    *ip,
+                    self.held_now.subscribe(),
+                ));
             }
         }
         Ok(())
