@@ -87,12 +87,18 @@ pub fn host(release: bool, ebpf_obj: PathBuf) -> Result<Artifacts> {
         cmd.arg("--release");
     }
     run_cmd(&mut cmd)?;
+    Ok(artifacts(release, ebpf_obj))
+}
+
+/// Where a host build of the workspace puts the agent and the probe tool (`cargo test`
+/// builds them there too).
+pub fn artifacts(release: bool, ebpf_obj: PathBuf) -> Artifacts {
     let dir = target_dir().join(if release { "release" } else { "debug" });
-    Ok(Artifacts {
+    Artifacts {
         ebpf_obj,
         agent: dir.join("static-egress"),
         probe: dir.join("se-probe"),
-    })
+    }
 }
 
 fn path_with(first: &Path) -> Result<std::ffi::OsString> {

@@ -37,10 +37,12 @@ pub fn run(options: &Options) -> Result<()> {
             .env(EBPF_OBJ_ENV, &ebpf_obj),
     )?;
 
-    eprintln!("xtask: building");
-    let artifacts = build::host(options.release, ebpf_obj)?;
+    // `cargo test` builds the agent and the probe tool with everything else, with the same
+    // features (a separate `cargo build` of two packages resolves other features and made the
+    // test build compile the TLS and Kubernetes crates a second time).
+    let artifacts = build::artifacts(options.release, ebpf_obj);
 
-    eprintln!("xtask: testing");
+    eprintln!("xtask: building and testing");
     let mut test = cargo(None);
     test.arg("test")
         .env(EBPF_OBJ_ENV, &artifacts.ebpf_obj)
