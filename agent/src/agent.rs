@@ -17,14 +17,16 @@ use crate::datapath::{Check, Datapath, DatapathConfig, DatapathError, KernelLog}
 pub use crate::membership::FailoverOptions;
 use crate::membership::Membership;
 use crate::plan::{self, NodePlan, PlanConfig};
-use crate::report::audit::{AuditTarget, AuditView};
-use crate::report::metrics::{Metrics, MetricsError};
+use crate::report::audit::AuditTarget;
+use crate::report::metrics::MetricsError;
 use crate::report::node_status::{AppliedPlan, NodeStatus, NodeStatusError};
+use crate::report::outputs::Outputs;
 use crate::report::{Report, Reporter};
-use crate::source::kube::{ClusterSource, WatchHealth};
+use crate::source::kube::ClusterSource;
 use crate::source::leases::{self, LeaseOptions, Lost};
+use crate::source::objects::Objects;
 use crate::source::probes::Asks;
-use crate::source::{FileSource, FileWatcher, Loaded, SourceError};
+use crate::source::{Loaded, SourceError};
 
 /// The status file is rewritten this often, ready or not; a failed apply is retried as often.
 const REFRESH: Duration = Duration::from_secs(5);
@@ -88,38 +90,6 @@ enum Mode {
     Cluster(kube::Client),
 }
 
-/// Where the objects come from.
-enum Objects {
-    File {
-        source: FileSource,
-        changes: tokio::sync::mpsc::Receiver<()>,
-        _watcher: FileWatcher,
-    },
-    Cluster(ClusterSource),
-}
-
-impl Objects {
-    /// The next view of the objects; `None` when the source has stopped for good.
-    async fn next(&mut self) -> Option<Loaded> {
-        match self {
-            Objects::File {
-                source, changes, ..
-            } => {
-                changes.recv().await?;
-                Some(source.reload())
-            }
-            Objects::Cluster(cluster) => cluster.updates.recv().await,
-        }
-    }
-
-    fn watch_health(&self) -> Option<WatchHealth> {
-        match self {
-            Objects::File { .. } => None,
-            Objects::Cluster(cluster) => Some(cluster.health.borrow().clone()),
-        }
-    }
-}
-
 struct Signals {
     terminate: tokio::signal::unix::Signal,
     interrupt: tokio::signal::unix::Signal,
@@ -163,7 +133,6 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
         .map_err(AgentError::Probes)?;
     let mut agent = Agent {
         node: options.node.clone(),
-        state_dir: options.datapath.state_dir.clone(),
         config: PlanConfig {
             cluster_cidrs: options.cluster_cidrs.clone(),
             ..PlanConfig::default()
@@ -178,26 +147,21 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
         warnings: Vec::new(),
         reports: None,
         held: None,
-        metrics: None,
-        audit: options.audit_log.clone().map(crate::report::audit::start),
+        outputs: Outputs::start(
+            options.datapath.state_dir.clone(),
+            options.datapath.bpffs.clone(),
+            options.metrics_addr,
+            options.audit_log.clone(),
+        )
+        .await?,
     };
-    if let Some(addr) = options.metrics_addr {
-        let metrics = Metrics::new(options.datapath.bpffs.clone());
-        metrics.clone().serve(addr).await?;
-        agent.metrics = Some(metrics);
-    }
     let mut lost: Option<watch::Receiver<Lost>> = None;
     let mut objects = match mode {
         Mode::File(path) => {
-            let (source, loaded) = FileSource::open(&path)?;
-            let (watcher, changes) = crate::source::watch(&path)?;
+            let (objects, loaded) = Objects::file(&path)?;
             tracing::info!(node = %options.node, file = %path.display(), "agent started");
             agent.loaded = Some(loaded);
-            Objects::File {
-                source,
-                changes,
-                _watcher: watcher,
-            }
+            objects
         }
         Mode::Cluster(client) => {
             let Some(cluster) = connect(&client, &mut agent, &datapath, &mut signals).await? else {
@@ -305,7 +269,7 @@ async fn connect(
             Err(error) => {
                 tracing::warn!(%error, "cannot start watching the cluster; retrying");
                 agent.failure = Some(error.to_string());
-                agent.publish_status(
+                agent.outputs.status(
                     NodeStatus::new(
                         &agent.node,
                         None,
@@ -335,7 +299,6 @@ fn report_new(seen: &mut Vec<String>, now: Vec<String>, report: impl Fn(&str)) {
 
 struct Agent {
     node: String,
-    state_dir: PathBuf,
     config: PlanConfig,
     membership: Membership,
     /// The latest view of the objects; `None` until the cluster's first complete one.
@@ -353,9 +316,8 @@ struct Agent {
     reports: Option<watch::Sender<Option<Arc<Report>>>>,
     /// In cluster mode, the egress IPs this node serves, for the Lease keeper.
     held: Option<watch::Sender<BTreeSet<Ipv4Addr>>>,
-    metrics: Option<Metrics>,
-    /// What the NAT audit log needs of each applied plan.
-    audit: Option<watch::Sender<AuditView>>,
+    /// The status file, metrics and audit log.
+    outputs: Outputs,
 }
 
 impl Agent {
@@ -411,13 +373,8 @@ impl Agent {
                     // How long a takeover took here, beyond the probes' detection time.
                     tracing::info!(took_ms = started.elapsed().as_millis(), "holders applied");
                 }
-                if let Some(metrics) = &self.metrics {
-                    metrics.applied(&plan, started.elapsed());
-                }
-                if let Some(audit) = &self.audit {
-                    let view = AuditView::of(&loaded.snapshot, &plan);
-                    audit.send_if_modified(|old| std::mem::replace(old, view) != *old);
-                }
+                self.outputs
+                    .applied(&loaded.snapshot, &plan, started.elapsed());
                 report_new(&mut self.warnings, applied.warnings, |m| {
                     tracing::warn!("{m}")
                 });
@@ -442,9 +399,7 @@ impl Agent {
             }
             Err(e) => {
                 tracing::error!("applying the plan failed, the previous data path stays: {e}");
-                if let Some(metrics) = &self.metrics {
-                    metrics.apply_failed(e.step());
-                }
+                self.outputs.apply_failed(&e);
                 self.failure = Some(format!("the last apply failed: {e}"));
             }
         }
@@ -501,19 +456,6 @@ impl Agent {
             &self.warnings,
             self.not_ready(objects),
         );
-        self.publish_status(status, objects.watch_health())
-    }
-
-    /// Writes the status file, and hands the status to the metrics endpoint.
-    fn publish_status(
-        &self,
-        status: NodeStatus,
-        watches: Option<WatchHealth>,
-    ) -> Result<(), AgentError> {
-        status.write(&self.state_dir)?;
-        if let Some(metrics) = &self.metrics {
-            metrics.observe(status, watches.map(|w| w.restarts).unwrap_or_default());
-        }
-        Ok(())
+        Ok(self.outputs.status(status, objects.watch_health())?)
     }
 }

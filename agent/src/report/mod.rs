@@ -10,6 +10,7 @@ pub mod changes;
 mod events;
 pub mod metrics;
 pub mod node_status;
+pub mod outputs;
 mod status;
 #[cfg(test)]
 mod tests;

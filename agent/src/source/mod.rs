@@ -8,6 +8,7 @@ mod file;
 mod fuzz;
 pub mod kube;
 pub mod leases;
+pub mod objects;
 pub mod probes;
 
 use std::fmt;
