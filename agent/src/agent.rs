@@ -13,6 +13,7 @@ use ipnet::Ipv4Net;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
+use crate::cni::install::{CniInstall, InstallError};
 use crate::datapath::{Check, Datapath, DatapathConfig, DatapathError, KernelLog};
 pub use crate::membership::FailoverOptions;
 use crate::membership::Membership;
@@ -22,6 +23,7 @@ use crate::report::metrics::MetricsError;
 use crate::report::node_status::{AppliedPlan, NodeStatus, NodeStatusError};
 use crate::report::outputs::Outputs;
 use crate::report::{Report, Reporter};
+use crate::source::cni::{self, Announcements};
 use crate::source::kube::ClusterSource;
 use crate::source::leases::{self, LeaseOptions, Lost};
 use crate::source::objects::Objects;
@@ -55,6 +57,8 @@ pub struct AgentOptions {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Where to log each translated connection (`None`: nowhere).
     pub audit_log: Option<AuditTarget>,
+    /// Where to install the CNI plugin (`None`: the operator does, or nobody).
+    pub cni: Option<CniInstall>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +79,8 @@ pub enum AgentError {
     Status(#[from] NodeStatusError),
     #[error("opening the probe socket: {0}")]
     Probes(#[source] std::io::Error),
+    #[error("CNI plugin: {0}")]
+    Cni(#[from] InstallError),
 }
 
 impl AgentError {
@@ -147,6 +153,8 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
         warnings: Vec::new(),
         reports: None,
         held: None,
+        announced: Announcements::load(&options.datapath.state_dir),
+        cni: options.cni.clone().map(|install| (install, false)),
         outputs: Outputs::start(
             options.datapath.state_dir.clone(),
             options.datapath.bpffs.clone(),
@@ -156,6 +164,7 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
         .await?,
     };
     let mut lost: Option<watch::Receiver<Lost>> = None;
+    let mut cni_calls = cni::listen(&options.datapath.state_dir);
     let mut objects = match mode {
         Mode::File(path) => {
             let (objects, loaded) = Objects::file(&path)?;
@@ -228,6 +237,14 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
                 if agent.membership.renew(&mut datapath)? || agent.membership.handover_due() {
                     agent.reconcile(&mut datapath, &objects, Check::Changes).await?;
                 }
+            }
+            Some(call) = cni_calls.next() => {
+                if agent.announced.take(&call.request) {
+                    agent.reconcile(&mut datapath, &objects, Check::Changes).await?;
+                }
+                let applied = agent.applied.as_ref().map(|(plan, ..)| plan);
+                let reply = cni::verdict(&call.request, applied, agent.failure.as_deref());
+                call.answer(reply);
             }
             _ = resync.tick() => agent.reconcile(&mut datapath, &objects, Check::Everything).await?,
             _ = refresh.tick() => {
@@ -316,6 +333,10 @@ struct Agent {
     reports: Option<watch::Sender<Option<Arc<Report>>>>,
     /// In cluster mode, the egress IPs this node serves, for the Lease keeper.
     held: Option<watch::Sender<BTreeSet<Ipv4Addr>>>,
+    /// What the CNI plugin said of the pods starting here.
+    announced: Announcements,
+    /// Where to install the plugin, and whether it was since the agent started.
+    cni: Option<(CniInstall, bool)>,
     /// The status file, metrics and audit log.
     outputs: Outputs,
 }
@@ -351,6 +372,8 @@ impl Agent {
         let now = loaded.problems.iter().map(ToString::to_string).collect();
         report_new(&mut self.problems, now, |m| tracing::warn!("{m}"));
         self.config.health = self.membership.health(&self.node);
+        self.announced.forget_known(&loaded.snapshot);
+        self.config.starting = self.announced.starting();
         self.config.not_yet.clear();
         let mut plan = plan::plan(&loaded.snapshot, &self.node, &self.config);
         if let Some((applied, ..)) = &self.applied {
@@ -396,6 +419,7 @@ impl Agent {
                 self.membership.applied(datapath)?;
                 self.failure = None;
                 self.again_soon = applied.incomplete;
+                self.install_cni(check);
             }
             Err(e) => {
                 tracing::error!("applying the plan failed, the previous data path stays: {e}");
@@ -405,6 +429,30 @@ impl Agent {
         }
         self.planned = Some(plan);
         self.write_status(datapath, objects)
+    }
+
+    /// Puts the CNI plugin in place once this node is programmed (before, pods would wait on
+    /// an agent that cannot answer yet), and back at every resync if a CNI's restart took it
+    /// out. A failure is logged; pods then start as they would without the plugin.
+    fn install_cni(&mut self, check: Check) {
+        let Some((install, installed)) = &mut self.cni else {
+            return;
+        };
+        if *installed && check != Check::Everything {
+            return;
+        }
+        let binary = std::env::current_exe()
+            .map(|exe| exe.with_file_name(crate::cni::install::PLUGIN))
+            .unwrap_or_default();
+        match install.ensure(&binary, !*installed) {
+            Ok(changed) => {
+                if let Some(list) = changed {
+                    tracing::info!(config = %list.display(), "chained the CNI plugin");
+                }
+                *installed = true;
+            }
+            Err(error) => tracing::warn!(%error, "cannot install the CNI plugin"),
+        }
     }
 
     /// Hands this node's egress IPs over: the kernel answers probes as draining at once, so

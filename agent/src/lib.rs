@@ -5,6 +5,7 @@
 //! `commands` are the one-shot subcommands.
 
 pub mod agent;
+pub mod cni;
 pub mod commands;
 pub mod datapath;
 pub mod fsutil;

@@ -8,6 +8,8 @@ use clap::{Args, Parser, Subcommand};
 use ipnet::Ipv4Net;
 use kube::CustomResourceExt as _;
 use static_egress::agent::{self, AgentOptions, FailoverOptions};
+use static_egress::cni::Unclassified;
+use static_egress::cni::install::CniInstall;
 use static_egress::commands;
 use static_egress::datapath::{self, DatapathConfig, KernelLog};
 use static_egress::model::EgressGateway;
@@ -170,6 +172,25 @@ struct AgentArgs {
     /// Priority of our `ip rule` (not 0, 32766 or 32767); other rules there are left alone.
     #[arg(long, default_value = "1490", value_parser = datapath::check_rule_priority)]
     rule_priority: u32,
+    #[command(flatten)]
+    cni: CniArgs,
+    /// What the CNI plugin does with a pod the agent cannot classify before it starts: `hold`
+    /// its traffic to outside the cluster until the agent knows it (and, while the agent does
+    /// not answer, keep it from starting), or `allow` it to start unclassified.
+    #[arg(long, value_enum, default_value = "hold")]
+    cni_unclassified: Unclassified,
+}
+
+#[derive(Args)]
+struct CniArgs {
+    /// Chain the CNI plugin `static-egress-cni` into the first network config list of this
+    /// directory (e.g. `/etc/cni/net.d`), so that pods are programmed before they run; off
+    /// when absent. `cleanup` with the same flag takes it out again.
+    #[arg(long)]
+    cni_conf_dir: Option<PathBuf>,
+    /// Where the container runtime looks for CNI plugins; the plugin's binary goes there.
+    #[arg(long, default_value = "/opt/cni/bin")]
+    cni_bin_dir: PathBuf,
 }
 
 #[derive(Args)]
@@ -216,6 +237,8 @@ struct CleanupArgs {
     /// The agent's rule priority (used only without a readable record).
     #[arg(long, default_value = "1490", value_parser = datapath::check_rule_priority)]
     rule_priority: u32,
+    #[command(flatten)]
+    cni: CniArgs,
 }
 
 fn parse_mark_bit(s: &str) -> Result<u32, String> {
@@ -258,6 +281,12 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Agent(args) => runtime.block_on(agent::run(AgentOptions {
+            cni: args.cni.cni_conf_dir.clone().map(|conf_dir| CniInstall {
+                conf_dir,
+                bin_dir: args.cni.cni_bin_dir.clone(),
+                socket: args.state_dir.join(static_egress::cni::SOCKET),
+                unclassified: args.cni_unclassified,
+            }),
             node: args.common.node,
             from_file: args.from_file,
             cluster_cidrs: args.common.cluster_cidrs,
@@ -316,7 +345,10 @@ fn main() -> ExitCode {
                 mark: args.fwmark,
                 table: args.route_table,
             };
-            let removed = datapath::cleanup(&args.state_dir, &args.bpffs, by_name).await?;
+            let mut removed = datapath::cleanup(&args.state_dir, &args.bpffs, by_name).await?;
+            if let Some(conf_dir) = &args.cni.cni_conf_dir {
+                removed |= static_egress::cni::install::remove(conf_dir, &args.cni.cni_bin_dir)?;
+            }
             println!(
                 "{}",
                 if removed {

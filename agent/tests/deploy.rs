@@ -553,7 +553,11 @@ fn uninstall_runs_cleanup_on_every_agent_node() {
             "--state-dir",
             "/var/lib/static-egress",
             "--bpffs",
-            "/sys/fs/bpf"
+            "/sys/fs/bpf",
+            "--cni-conf-dir",
+            "/host/etc/cni/net.d",
+            "--cni-bin-dir",
+            "/host/opt/cni/bin"
         ]
     );
     let mounts = |c: &k8s_openapi::api::core::v1::Container| {

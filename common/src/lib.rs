@@ -63,6 +63,12 @@ pub struct Guard {
     pub probes: u64,
 }
 
+/// `PodEntry::gateway` of a starting pod the agent holds: its CNI plugin announced it before
+/// the agent could classify it, or before the holder of its egress IP could know its address.
+/// Its packets to outside the cluster (no `RANGE_CLUSTER` in `SE_RANGES`) are dropped rather
+/// than leave with the node's address; no gateway has this id.
+pub const GATEWAY_HOLD: u32 = 0;
+
 /// Value of `SE_PODS`, keyed by a local pod's IPv4 address.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

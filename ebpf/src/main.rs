@@ -31,8 +31,8 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use static_egress_common::{
     Config, Counters, DEST_GATEWAY_BITS, DEST_VIA_GATEWAY, DestKey, EGRESS_LOCAL, EGRESS_ROUTED,
-    EgressEntry, GATEWAY_FAIL_CLOSED, GatewayEntry, Guard, Heard, LEASE_DRAINING, Lease, PodEntry,
-    Prober, RANGE_CLUSTER, RANGE_REMOTE_PODS, capacity, probe,
+    EgressEntry, GATEWAY_FAIL_CLOSED, GATEWAY_HOLD, GatewayEntry, Guard, Heard, LEASE_DRAINING,
+    Lease, PodEntry, Prober, RANGE_CLUSTER, RANGE_REMOTE_PODS, capacity, probe,
 };
 
 #[map(name = "SE_PODS")]
@@ -101,6 +101,9 @@ fn pod_ingress(ctx: &TcContext) -> Option<i32> {
     let (src, dst) = ipv4_addrs(ctx)?;
     // SAFETY: entries are plain integers written whole by the agent.
     let pod = unsafe { SE_PODS.get(&src) }?;
+    if pod.gateway == GATEWAY_HOLD {
+        return hold(ctx, src, dst);
+    }
     let key = Key::new(
         DEST_GATEWAY_BITS + 32,
         DestKey {
@@ -147,6 +150,24 @@ fn pod_ingress(ctx: &TcContext) -> Option<i32> {
         }
     }
     None
+}
+
+/// A starting pod the agent holds may reach the cluster; anything else it sends is dropped
+/// until the agent knows where it must go (see `GATEWAY_HOLD`).
+fn hold(ctx: &TcContext, src: u32, dst: u32) -> Option<i32> {
+    if SE_RANGES
+        .get(&Key::new(32, dst))
+        .is_some_and(|r| *r & RANGE_CLUSTER != 0)
+    {
+        return None;
+    }
+    debug!(
+        ctx,
+        "starting pod {:i} not classified yet: dropped its packet to {:i}",
+        u32::from_be(src),
+        u32::from_be(dst)
+    );
+    Some(TC_ACT_SHOT as i32)
 }
 
 /// Whether this node may serve its egress IPs: its lease runs, no peer counted it out since its

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use ipnet::Ipv4Net;
+use serde_json::{Value, json};
 
 use crate::cluster::Cluster;
 use crate::names::{check_dns_label, check_ifname, check_tag, instance_prefix};
@@ -34,6 +35,89 @@ impl PodStyle {
     }
 }
 
+/// A real plugin of Debian's `containernetworking-plugins` that wires a node's pods instead of
+/// the lab (see [`NodeSpec::cni_plugin`]): the pods' addresses come from `host-local` and the
+/// masquerade towards the outside is the plugin's own `ipMasq`, so whatever is chained after it
+/// sees what it would see behind the same plugin on a real node.
+///
+/// It is a node setting beside [`PodStyle`] rather than a third style, because each plugin
+/// builds one of the two shapes the styles describe, and code that looks at a pod's style
+/// (routed or bridged) stays right for plugin pods.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CniPlugin {
+    /// `bridge` on [`CniPlugin::BRIDGE`] with `isGateway`: the bridge holds the pod CIDR's
+    /// first address and is the pods' default gateway. The plugin sets the bridge's MAC itself,
+    /// so pods coming and going do not change the gateway's address under the others.
+    Bridge,
+    /// `ptp`: a veth per pod, the node side holding the pod CIDR's first address as a /32 and a
+    /// /32 route to the pod.
+    Ptp,
+}
+
+impl CniPlugin {
+    /// The `bridge` plugin's bridge: not the lab's own `cni0`, so a look at a node tells who
+    /// made it.
+    pub const BRIDGE: &'static str = "cnibr0";
+
+    /// The plugin's `type` in a conflist.
+    pub fn type_name(self) -> &'static str {
+        match self {
+            Self::Bridge => "bridge",
+            Self::Ptp => "ptp",
+        }
+    }
+
+    /// The lab style whose shape the plugin builds.
+    pub fn pod_style(self) -> PodStyle {
+        match self {
+            Self::Bridge => PodStyle::Bridged,
+            Self::Ptp => PodStyle::Routed,
+        }
+    }
+
+    /// The plugin's entry in a node's conflist, addresses from `host-local` keeping its leases
+    /// in `ipam_dir`.
+    pub(crate) fn config(self, pod_cidr: Ipv4Net, ipam_dir: &Path) -> Value {
+        let ipam = json!({
+            "type": "host-local",
+            "dataDir": ipam_dir,
+            "ranges": [[{"subnet": pod_cidr.to_string()}]],
+            "routes": [{"dst": "0.0.0.0/0"}],
+        });
+        match self {
+            Self::Bridge => json!({
+                "type": "bridge",
+                "bridge": Self::BRIDGE,
+                "isGateway": true,
+                "ipMasq": true,
+                "ipam": ipam,
+            }),
+            Self::Ptp => json!({"type": "ptp", "ipMasq": true, "ipam": ipam}),
+        }
+    }
+}
+
+/// A plugin object to append to a conflist must at least name its binary.
+pub(crate) fn check_chained(plugin: &Value) -> Result<()> {
+    ensure!(
+        plugin
+            .get("type")
+            .and_then(Value::as_str)
+            .is_some_and(|t| check_plugin_type(t).is_ok()),
+        "a chained CNI plugin needs a \"type\" naming its binary: {plugin}"
+    );
+    Ok(())
+}
+
+/// A plugin type is a file name in the lab's CNI_PATH directory.
+fn check_plugin_type(name: &str) -> Result<()> {
+    ensure!(
+        !name.is_empty() && name != "." && name != ".." && !name.contains('/'),
+        "CNI plugin type {name:?} is not a file name"
+    );
+    Ok(())
+}
+
 /// One node of the lab; unset fields take the cluster's defaults.
 #[derive(Clone, Debug)]
 pub struct NodeSpec {
@@ -45,6 +129,9 @@ pub struct NodeSpec {
     pub(crate) pod_cidr: Option<Ipv4Net>,
     pub(crate) labels: Labels,
     pub(crate) ready: bool,
+    pub(crate) plugin: Option<CniPlugin>,
+    pub(crate) chained: Vec<Value>,
+    pub(crate) segment: u8,
 }
 
 impl NodeSpec {
@@ -58,6 +145,9 @@ impl NodeSpec {
             pod_cidr: None,
             labels: Labels::new(),
             ready: true,
+            plugin: None,
+            chained: Vec::new(),
+            segment: 0,
         }
     }
 
@@ -97,6 +187,32 @@ impl NodeSpec {
         self.ready = ready;
         self
     }
+
+    /// Pods on this node are wired by a real CNI plugin run as a runtime runs it (see
+    /// [`crate::cni`]), not by the lab; the node then has no lab bridge and no lab masquerade
+    /// rule, and its pod style is the plugin's [`CniPlugin::pod_style`].
+    pub fn cni_plugin(mut self, plugin: CniPlugin) -> Self {
+        self.plugin = Some(plugin);
+        self
+    }
+
+    /// Puts the node on segment `n` of the fabric instead of the main one (0): a subnet of its
+    /// own behind the router (see [`Segment`]), so that the node reaches the others only
+    /// through a routed hop, as nodes in different racks or zones do. Its default address is
+    /// taken in that subnet as on the main one, and an explicit [`ip`](Self::ip) must lie in
+    /// it.
+    pub fn segment(mut self, n: u8) -> Self {
+        self.segment = n;
+        self
+    }
+
+    /// Appends a plugin object (`{"type": ..., ...}`) to the node's conflist, after the
+    /// [`cni_plugin`](Self::cni_plugin) and any plugin chained before; see also
+    /// [`Cluster::set_chained`].
+    pub fn chained(mut self, plugin: Value) -> Self {
+        self.chained.push(plugin);
+        self
+    }
 }
 
 /// Settings of a lab; see [`Cluster::builder`].
@@ -123,6 +239,10 @@ pub struct ClusterBuilder {
     pub(crate) masquerade: bool,
     pub(crate) probe_bin: Option<PathBuf>,
     pub(crate) agent_bin: Option<PathBuf>,
+    pub(crate) cni_plugin_bins: Vec<(String, PathBuf)>,
+    pub(crate) overlay: bool,
+    pub(crate) fabric_drops_pod_sources: bool,
+    pub(crate) fabric_mtu: u32,
 }
 
 impl Default for ClusterBuilder {
@@ -149,9 +269,19 @@ impl Default for ClusterBuilder {
             masquerade: true,
             probe_bin: None,
             agent_bin: None,
+            cni_plugin_bins: Vec::new(),
+            overlay: false,
+            fabric_drops_pod_sources: false,
+            fabric_mtu: DEFAULT_FABRIC_MTU,
         }
     }
 }
+
+/// The Ethernet MTU most fabrics (and veth pairs) start with.
+const DEFAULT_FABRIC_MTU: u32 = 1500;
+/// Bounds of [`ClusterBuilder::fabric_mtu`]: IPv6's minimum link MTU below, and above, the
+/// largest MTU a veth pair takes (`ETH_MAX_MTU`).
+const FABRIC_MTU_RANGE: std::ops::RangeInclusive<u32> = 1280..=65535;
 
 fn net(addr: Ipv4Addr, len: u8) -> Ipv4Net {
     Ipv4Net::new(addr, len).unwrap_or_default()
@@ -278,7 +408,8 @@ impl ClusterBuilder {
         self
     }
 
-    /// Whether nodes get the CNI-like masquerade rule (default yes).
+    /// Whether nodes get the CNI-like masquerade rule (default yes; never on a node with a
+    /// [`CniPlugin`], which masquerades itself).
     pub fn masquerade(mut self, enabled: bool) -> Self {
         self.masquerade = enabled;
         self
@@ -298,6 +429,53 @@ impl ClusterBuilder {
         self
     }
 
+    /// A plugin binary for conflists to name as `type_name`, beside (or instead of) the one of
+    /// that name in `/usr/lib/cni`. Without it, `static-egress-cni` comes from
+    /// `$STATIC_EGRESS_CNI_BIN`, else next to the running executable, else the workspace's
+    /// `target/debug`, looked up when a conflist first names it.
+    pub fn cni_plugin_bin(
+        mut self,
+        type_name: impl Into<String>,
+        path: impl Into<PathBuf>,
+    ) -> Self {
+        self.cni_plugin_bins.push((type_name.into(), path.into()));
+        self
+    }
+
+    /// Pod traffic between nodes goes through a VXLAN overlay built as Flannel's `vxlan`
+    /// backend builds it (see [`Vtep`]) instead of host-gw routes (default off).
+    ///
+    /// Pod-to-pod packets then cross the fabric inside UDP between node addresses, so a fabric
+    /// that knows nothing of pod addresses (one that [drops
+    /// them](Self::fabric_drops_pod_sources), or routes between [segments](NodeSpec::segment)
+    /// without routes to the pod CIDRs) still carries them. Traffic to `ext` still leaves
+    /// through the node's masquerade, outside the overlay.
+    pub fn overlay(mut self, enabled: bool) -> Self {
+        self.overlay = enabled;
+        self
+    }
+
+    /// The fabric drops every IPv4 packet whose source lies in the pod supernet (default off),
+    /// as clouds and firewalled underlays do with addresses they did not hand out: in the
+    /// router's forwarding path (between segments and towards `ext`) and on its bridges
+    /// (between nodes of one segment). Each drop is counted; see [`Cluster::fabric_drops`].
+    ///
+    /// This is what makes a lab prove that traffic left a node with a node address, or inside
+    /// a tunnel: with host-gw routes, pod-to-pod traffic across nodes stops.
+    pub fn fabric_drops_pod_sources(mut self, enabled: bool) -> Self {
+        self.fabric_drops_pod_sources = enabled;
+        self
+    }
+
+    /// The MTU of every link of the fabric (default 1500): node uplinks and their router
+    /// ports, the router's bridges, and the link between the router and `ext`. Pods keep 1500;
+    /// with [`overlay`](Self::overlay) the VXLAN devices get this minus the 50 bytes VXLAN over
+    /// IPv4 adds, as Flannel sets them. For jumbo-frame fabrics (9000) against ordinary ones.
+    pub fn fabric_mtu(mut self, mtu: u32) -> Self {
+        self.fabric_mtu = mtu;
+        self
+    }
+
     /// Resolves every default and checks the settings; pure, so it needs no root.
     fn resolve(&self) -> Result<Plan> {
         if let Some(problem) = self.problems.first() {
@@ -306,6 +484,9 @@ impl ClusterBuilder {
         check_tag(&self.tag)?;
         check_ifname(&self.router_bridge)?;
         check_ifname(&self.pod_bridge)?;
+        for (type_name, _) in &self.cni_plugin_bins {
+            check_plugin_type(type_name)?;
+        }
         let specs = if self.nodes.is_empty() {
             Self::default().nodes(3).nodes
         } else {
@@ -335,6 +516,12 @@ impl ClusterBuilder {
             "router and ext addresses must differ and be inside {}",
             self.ext_subnet
         );
+        ensure!(
+            FABRIC_MTU_RANGE.contains(&self.fabric_mtu),
+            "fabric MTU {} is outside {FABRIC_MTU_RANGE:?}",
+            self.fabric_mtu
+        );
+        let segments = self.segments(&specs, router_ip)?;
         let mut nodes = Vec::new();
         for (index, spec) in specs.iter().enumerate() {
             let number = u32::try_from(index + 1)?;
@@ -347,15 +534,19 @@ impl ClusterBuilder {
                 "rp_filter {rp_filter} of {} is not 0, 1 or 2",
                 spec.name
             );
+            let segment = segments
+                .iter()
+                .find(|s| s.number == spec.segment)
+                .ok_or_else(|| anyhow!("no segment {} for {}", spec.segment, spec.name))?;
             let ip = match spec.ip {
                 Some(ip) => ip,
-                None => nth_host(self.node_subnet, self.node_ip_offset.saturating_add(number))?,
+                None => nth_host(segment.subnet, self.node_ip_offset.saturating_add(number))?,
             };
             ensure!(
-                self.node_subnet.contains(&ip) && ip != router_ip,
+                segment.subnet.contains(&ip) && ip != segment.router_ip,
                 "node {} address {ip} must be in {} and not the router's",
                 spec.name,
-                self.node_subnet
+                segment.subnet
             );
             let pod_cidr = match spec.pod_cidr {
                 Some(cidr) => cidr,
@@ -378,14 +569,39 @@ impl ClusterBuilder {
                         )
                     })?,
             };
+            let pod_style = match (spec.plugin, spec.pod_style) {
+                (Some(plugin), Some(style)) => {
+                    ensure!(
+                        plugin.pod_style() == style,
+                        "node {}: CNI plugin {} builds {:?} pods, not {style:?}",
+                        spec.name,
+                        plugin.type_name(),
+                        plugin.pod_style()
+                    );
+                    style
+                }
+                (Some(plugin), None) => plugin.pod_style(),
+                (None, style) => {
+                    ensure!(
+                        spec.chained.is_empty(),
+                        "node {}: chained CNI plugins need a cni_plugin to follow",
+                        spec.name
+                    );
+                    style.unwrap_or(self.pod_style)
+                }
+            };
+            for plugin in &spec.chained {
+                check_chained(plugin)?;
+            }
             nodes.push(NodePlan {
                 spec: spec.clone(),
                 number,
+                segment: segment.clone(),
                 ip,
                 uplink,
                 rp_filter,
                 pod_cidr,
-                pod_style: spec.pod_style.unwrap_or(self.pod_style),
+                pod_style,
             });
         }
         for (i, a) in nodes.iter().enumerate() {
@@ -412,10 +628,66 @@ impl ClusterBuilder {
         }
         Ok(Plan {
             nodes,
+            segments,
             router_ip,
             router_ext_ip,
             ext_ip,
         })
+    }
+
+    /// The segments the nodes use, numbered: always the main one (the router's address there
+    /// is the lab's [`router_ip`](Cluster::router_ip), and [`Cluster::add_segment_host`] puts
+    /// hosts on it), then each other number a node names. Segment `n` is the `n`-th block of the
+    /// node subnet's size after it, so 10.99.0.0/24 is followed by 10.99.1.0/24, where the router
+    /// takes the first address.
+    fn segments(&self, specs: &[NodeSpec], router_ip: Ipv4Addr) -> Result<Vec<Segment>> {
+        let mut numbers: Vec<u8> = specs.iter().map(|s| s.segment).collect();
+        numbers.push(0);
+        numbers.sort_unstable();
+        numbers.dedup();
+        let len = self.node_subnet.prefix_len();
+        let size = 1u64 << (32 - u32::from(len));
+        let mut segments = Vec::new();
+        for number in numbers {
+            if number == 0 {
+                segments.push(Segment {
+                    number,
+                    subnet: self.node_subnet,
+                    router_ip,
+                    bridge: self.router_bridge.clone(),
+                });
+                continue;
+            }
+            let start = u64::from(u32::from(self.node_subnet.network())) + size * u64::from(number);
+            let subnet = u32::try_from(start)
+                .ok()
+                .and_then(|start| Ipv4Net::new(Ipv4Addr::from(start), len).ok())
+                .ok_or_else(|| {
+                    anyhow!(
+                        "segment {number} lies past the end of the address space after {}",
+                        self.node_subnet
+                    )
+                })?;
+            for (what, other) in [("ext", self.ext_subnet), ("pod", self.pod_supernet)] {
+                ensure!(
+                    !subnet.contains(&other) && !other.contains(&subnet),
+                    "segment {number} ({subnet}) overlaps the {what} range {other}"
+                );
+            }
+            let bridge = format!("seg{number}");
+            check_ifname(&bridge)?;
+            ensure!(
+                bridge != self.router_bridge,
+                "the router bridge {bridge:?} has the name of segment {number}'s bridge"
+            );
+            segments.push(Segment {
+                number,
+                subnet,
+                router_ip: nth_host(subnet, 1)?,
+                bridge,
+            });
+        }
+        Ok(segments)
     }
 
     /// Creates the lab. Needs root; fails (never skips) without it.
@@ -456,9 +728,23 @@ pub(crate) fn nth_host(subnet: Ipv4Net, n: u32) -> Result<Ipv4Addr> {
     Ok(ip)
 }
 
+/// A subnet of the fabric behind its own bridge on the router; see [`NodeSpec::segment`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Segment {
+    /// 0 for the main segment, the one of [`ClusterBuilder::node_subnet`].
+    pub number: u8,
+    pub subnet: Ipv4Net,
+    /// The router's address on the segment: its nodes' default gateway.
+    pub router_ip: Ipv4Addr,
+    /// The router's bridge for the segment: [`ClusterBuilder::router_bridge`] for the main
+    /// one, `seg<n>` for the others.
+    pub bridge: String,
+}
+
 #[derive(Debug)]
 pub(crate) struct Plan {
     pub(crate) nodes: Vec<NodePlan>,
+    pub(crate) segments: Vec<Segment>,
     pub(crate) router_ip: Ipv4Addr,
     pub(crate) router_ext_ip: Ipv4Addr,
     pub(crate) ext_ip: Ipv4Addr,
@@ -468,6 +754,7 @@ pub(crate) struct Plan {
 pub(crate) struct NodePlan {
     pub(crate) spec: NodeSpec,
     pub(crate) number: u32,
+    pub(crate) segment: Segment,
     pub(crate) ip: Ipv4Addr,
     pub(crate) uplink: String,
     pub(crate) rp_filter: u8,
@@ -618,10 +905,42 @@ mod tests {
             Cluster::builder()
                 .node(NodeSpec::new("a").ip(addr("10.99.0.5")))
                 .node(NodeSpec::new("b").ip(addr("10.99.0.5"))),
+            Cluster::builder().node(NodeSpec::new("a").chained(json!({"type": "x"}))),
+            Cluster::builder().node(
+                NodeSpec::new("a")
+                    .cni_plugin(CniPlugin::Ptp)
+                    .pod_style(PodStyle::Bridged),
+            ),
+            Cluster::builder().node(
+                NodeSpec::new("a")
+                    .cni_plugin(CniPlugin::Bridge)
+                    .chained(json!({"mtu": 1400})),
+            ),
+            Cluster::builder().cni_plugin_bin("../x", "/bin/true"),
         ];
         for builder in cases {
             assert!(builder.resolve().is_err(), "{builder:?} accepted");
         }
+    }
+
+    #[test]
+    fn a_plugin_node_takes_the_plugin_shape() {
+        let plan = Cluster::builder()
+            .node(NodeSpec::new("a").cni_plugin(CniPlugin::Bridge))
+            .node(
+                NodeSpec::new("b")
+                    .cni_plugin(CniPlugin::Ptp)
+                    .chained(json!({"type": "x"})),
+            )
+            .resolve()
+            .expect("valid");
+        let styles: Vec<PodStyle> = plan.nodes.iter().map(|n| n.pod_style).collect();
+        assert_eq!(styles, [PodStyle::Bridged, PodStyle::Routed]);
+        let config = CniPlugin::Bridge.config(plan.nodes[0].pod_cidr, Path::new("/tmp/ipam"));
+        assert_eq!(config["bridge"], CniPlugin::BRIDGE);
+        assert_eq!(config["ipam"]["ranges"][0][0]["subnet"], "10.244.1.0/24");
+        assert_eq!(config["ipam"]["dataDir"], "/tmp/ipam");
+        assert!(check_ifname(CniPlugin::BRIDGE).is_ok());
     }
 
     #[test]

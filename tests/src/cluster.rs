@@ -2,6 +2,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -9,9 +10,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use ipnet::Ipv4Net;
+use serde_json::Value;
 
-use crate::builder::{ClusterBuilder, NodePlan, Plan, PodStyle, locate_binary, nth_host};
+use crate::builder::{
+    ClusterBuilder, CniPlugin, NodePlan, Plan, PodStyle, check_chained, locate_binary, nth_host,
+};
 use crate::cmd::{exec, ip, netns_command, write_sysctls};
+use crate::cni::{self, Attachment, Sandbox};
 use crate::digest::digest;
 use crate::names::{check_dns_label, check_dns_subdomain, host_veth_name, ipv4_conf_key};
 use crate::objects::{self, Labels, Objects};
@@ -24,6 +29,12 @@ use crate::{POLL_INTERVAL, wait_until};
 const ROUTED_POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 /// How long `se-probe ask` waits for a connection and its reply unless told otherwise.
 const ASK_TIMEOUT: Duration = Duration::from_secs(2);
+/// Where Debian's `containernetworking-plugins` installs the plugins.
+const SYSTEM_CNI_DIR: &str = "/usr/lib/cni";
+/// The `name` of every node's conflist; `host-local` keeps its leases under it.
+const CNI_NETWORK: &str = "netlab";
+/// The static-egress plugin, found like the agent when a conflist names it.
+const STATIC_EGRESS_CNI: &str = "static-egress-cni";
 
 /// A node of a running lab.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,7 +49,13 @@ pub struct LabNode {
     /// The uplink's peer on the router's bridge.
     pub router_port: String,
     pub pod_cidr: Ipv4Net,
+    /// The shape of the node's pods; for a [`plugin`](Self::plugin) node, the plugin's.
     pub pod_style: PodStyle,
+    /// The real CNI plugin that wires the node's pods, if not the lab.
+    pub plugin: Option<CniPlugin>,
+    /// Plugins the node's conflist runs after [`plugin`](Self::plugin) (see
+    /// [`Cluster::set_chained`]).
+    pub chained: Vec<Value>,
     pub rp_filter: u8,
     /// The node's bpffs (`--bpffs`).
     pub bpffs: PathBuf,
@@ -59,6 +76,13 @@ impl LabNode {
     pub fn status_path(&self) -> PathBuf {
         self.state_dir.join("status.json")
     }
+
+    /// `host-local`'s leases for the node's plugin pods (one file per address in use, under the
+    /// conflist's name): in the lab's directory, so they go with the lab and two labs never
+    /// share an address pool.
+    pub fn ipam_dir(&self) -> PathBuf {
+        self.state_dir.with_file_name("ipam")
+    }
 }
 
 /// What to create with [`Cluster::add_pod`].
@@ -70,6 +94,7 @@ pub struct PodSpec {
     ip: Option<Ipv4Addr>,
     labels: Labels,
     annotations: Labels,
+    reported: bool,
 }
 
 impl PodSpec {
@@ -85,10 +110,20 @@ impl PodSpec {
             ip: None,
             labels: Labels::new(),
             annotations: Labels::new(),
+            reported: true,
         }
     }
 
-    /// A fixed address instead of the next free one of the node's pod CIDR.
+    /// The Pod object goes into the objects Pending and without its address, as the API server
+    /// has it between the CNI ADD and the kubelet's status update; [`Cluster::report_pod`]
+    /// then does that update.
+    pub fn unreported(mut self) -> Self {
+        self.reported = false;
+        self
+    }
+
+    /// A fixed address instead of the next free one of the node's pod CIDR (not on a
+    /// [`plugin`](LabNode::plugin) node, where `host-local` chooses).
     pub fn ip(mut self, ip: Ipv4Addr) -> Self {
         self.ip = Some(ip);
         self
@@ -121,6 +156,8 @@ pub struct LabPod {
     /// The node side of the pod's veth.
     pub host_veth: String,
     pub style: PodStyle,
+    /// On a [`plugin`](LabNode::plugin) node: the sandbox and the ADD result DEL gets back.
+    pub attachment: Option<Attachment>,
 }
 
 impl LabPod {
@@ -165,6 +202,8 @@ pub struct Cluster {
     pods: Vec<LabPod>,
     objects: Objects,
     probe_bin: PathBuf,
+    /// `CNI_PATH` of plugin nodes: links to the system plugins and the extra ones.
+    cni_bin_dir: PathBuf,
     ext_server: Option<Background>,
     /// `se-probe echo` on ext, for streams; started with the first one.
     ext_echo: Option<Background>,
@@ -216,6 +255,7 @@ impl Cluster {
     ) -> Result<Self> {
         let mut cluster = Self {
             objects_path: dir.join("objects.yaml"),
+            cni_bin_dir: dir.join("cni-bin"),
             dir,
             router_netns: format!("{prefix}-router"),
             ext_netns: format!("{prefix}-ext"),
@@ -243,6 +283,9 @@ impl Cluster {
         add_netns(&router, s.ipv6)?;
         add_netns(&ext, s.ipv6)?;
         write_sysctls(&router, &[("net/ipv4/ip_forward".into(), "1".into())])?;
+        if plan.nodes.iter().any(|n| n.spec.plugin.is_some()) {
+            self.link_cni_plugins()?;
+        }
 
         let node_len = s.node_subnet.prefix_len();
         let br = &s.router_bridge;
@@ -333,6 +376,8 @@ impl Cluster {
         )?;
 
         match plan.pod_style {
+            // The plugin makes its bridge or routes with the first pod, and masquerades itself.
+            _ if plan.spec.plugin.is_some() => {}
             PodStyle::Routed => {
                 // As Calico does for its own block: pods that do not exist are unreachable
                 // instead of being sent to the default route.
@@ -347,7 +392,7 @@ impl Cluster {
                 ip_in(&netns, &format!("link set {bridge} up"))?;
             }
         }
-        if s.masquerade {
+        if s.masquerade && plan.spec.plugin.is_none() {
             let pods = s.pod_supernet.to_string();
             exec(
                 &netns,
@@ -374,6 +419,8 @@ impl Cluster {
             router_port: port,
             pod_cidr: plan.pod_cidr,
             pod_style: plan.pod_style,
+            plugin: plan.spec.plugin,
+            chained: plan.spec.chained.clone(),
             rp_filter: plan.rp_filter,
             bpffs,
             state_dir,
@@ -489,8 +536,12 @@ impl Cluster {
     // ---- pods -----------------------------------------------------------------------------
 
     /// Creates a pod's namespace and wiring on its node and puts its Pod object (Running, with
-    /// its address) into [`objects`](Self::objects); the file is written by
-    /// [`write_objects`](Self::write_objects).
+    /// its address, unless [`unreported`](PodSpec::unreported)) into
+    /// [`objects`](Self::objects); the file is written by [`write_objects`](Self::write_objects).
+    ///
+    /// On a [`plugin`](LabNode::plugin) node the node's conflist is run (ADD) for a new
+    /// sandbox and the pod gets the address and node-side interface of the result; a failed ADD
+    /// is followed by a DEL and the namespace's removal, as a runtime cleans up, and returned.
     pub fn add_pod(&mut self, spec: PodSpec) -> Result<LabPod> {
         check_dns_label("namespace", &spec.namespace)?;
         check_dns_subdomain("pod name", &spec.name)?;
@@ -501,37 +552,264 @@ impl Cluster {
             spec.name
         );
         let node = self.node(&spec.node)?.clone();
-        let address = match spec.ip {
-            Some(address) => address,
-            None => self.free_pod_ip(&node)?,
+        let netns = format!("{}-pod-{}.{}", self.prefix, spec.namespace, spec.name);
+        let pod = if node.plugin.is_some() {
+            ensure!(
+                spec.ip.is_none(),
+                "pod {}/{}: no fixed address on {}, whose CNI plugin's host-local chooses",
+                spec.namespace,
+                spec.name,
+                node.name
+            );
+            let sandbox = self.new_sandbox(&spec.namespace, &spec.name, &netns, None);
+            let (attachment, address, host_veth) = self.attach(&node, sandbox)?;
+            LabPod {
+                netns,
+                host_veth,
+                namespace: spec.namespace.clone(),
+                name: spec.name.clone(),
+                node: node.name.clone(),
+                ip: address,
+                style: node.pod_style,
+                attachment: Some(attachment),
+            }
+        } else {
+            let address = match spec.ip {
+                Some(address) => address,
+                None => self.free_pod_ip(&node)?,
+            };
+            ensure!(
+                !self.pods.iter().any(|p| p.ip == address),
+                "address {address} is already taken by another pod"
+            );
+            let pod = LabPod {
+                netns,
+                host_veth: host_veth_name(
+                    node.pod_style.veth_prefix(),
+                    &spec.namespace,
+                    &spec.name,
+                )?,
+                namespace: spec.namespace.clone(),
+                name: spec.name.clone(),
+                node: node.name.clone(),
+                ip: address,
+                style: node.pod_style,
+                attachment: None,
+            };
+            if let Err(e) = self.wire_pod(&pod, &node) {
+                // Take back what was created so a retry starts clean.
+                let _ = kill_namespace_processes(&pod.netns);
+                let _ = ip(["netns", "del", &pod.netns]);
+                return Err(e);
+            }
+            pod
         };
-        ensure!(
-            !self.pods.iter().any(|p| p.ip == address),
-            "address {address} is already taken by another pod"
-        );
-        let pod = LabPod {
-            netns: format!("{}-pod-{}.{}", self.prefix, spec.namespace, spec.name),
-            host_veth: host_veth_name(node.pod_style.veth_prefix(), &spec.namespace, &spec.name)?,
-            namespace: spec.namespace.clone(),
-            name: spec.name.clone(),
-            node: node.name.clone(),
-            ip: address,
-            style: node.pod_style,
+        let mut object = objects::Pod::new(&spec.namespace, &spec.name).node(&node.name);
+        object = if spec.reported {
+            object.ip(pod.ip)
+        } else {
+            object.phase("Pending")
         };
-        if let Err(e) = self.wire_pod(&pod, &node) {
-            // Take back what was created so a retry starts clean.
-            let _ = kill_namespace_processes(&pod.netns);
-            let _ = ip(["netns", "del", &pod.netns]);
-            return Err(e);
-        }
-        let mut object = objects::Pod::new(&spec.namespace, &spec.name)
-            .node(&node.name)
-            .ip(address);
         object.labels = spec.labels;
         object.annotations = spec.annotations;
         self.objects.set_pod(object);
         self.pods.push(pod.clone());
         Ok(pod)
+    }
+
+    /// The kubelet's status update after a pod's sandbox is up: its Pod object gets the pod's
+    /// address and `Running` (see [`PodSpec::unreported`]). Written with the next
+    /// [`write_objects`](Self::write_objects).
+    pub fn report_pod(&mut self, namespace: &str, name: &str) -> Result<()> {
+        let address = self.pod(namespace, name)?.ip;
+        let object = self.objects.pod_mut(namespace, name)?;
+        object.ip = Some(address);
+        object.phase = "Running".into();
+        Ok(())
+    }
+
+    // ---- CNI plugins ----------------------------------------------------------------------
+
+    /// The conflist the runtime of a [`plugin`](LabNode::plugin) node runs: the node's plugin,
+    /// then its [`chained`](LabNode::chained) ones.
+    pub fn conflist(&self, node: &str) -> Result<Value> {
+        let node = self.node(node)?;
+        let plugin = node
+            .plugin
+            .ok_or_else(|| anyhow!("node {} has no CNI plugin", node.name))?;
+        let mut plugins = vec![plugin.config(node.pod_cidr, &node.ipam_dir())];
+        plugins.extend(node.chained.iter().cloned());
+        Ok(serde_json::json!({
+            "cniVersion": cni::CNI_VERSION,
+            "name": CNI_NETWORK,
+            "plugins": plugins,
+        }))
+    }
+
+    /// Replaces the plugins chained after a plugin node's own: a chained plugin's configuration
+    /// may name things that exist only once the lab runs (a socket in the agent's
+    /// [`state_dir`](LabNode::state_dir)). Applies from the next ADD or DEL, DELs of pods added
+    /// before included: runtimes delete with the configuration they have at that moment.
+    pub fn set_chained(&mut self, node: &str, chained: Vec<Value>) -> Result<()> {
+        for plugin in &chained {
+            check_chained(plugin)?;
+        }
+        let lab_node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.name == node)
+            .ok_or_else(|| anyhow!("the lab has no node {node}"))?;
+        ensure!(
+            lab_node.plugin.is_some(),
+            "node {node} has no CNI plugin for others to follow"
+        );
+        lab_node.chained = chained;
+        Ok(())
+    }
+
+    /// The directory given to plugins as `CNI_PATH`: links to `/usr/lib/cni`'s plugins and to
+    /// those of [`ClusterBuilder::cni_plugin_bin`].
+    pub fn cni_bin_dir(&self) -> &Path {
+        &self.cni_bin_dir
+    }
+
+    /// Fills [`cni_bin_dir`](Self::cni_bin_dir). Links rather than a list of directories, so
+    /// that an extra plugin can also stand in for a system one of the same name.
+    fn link_cni_plugins(&self) -> Result<()> {
+        let dir = &self.cni_bin_dir;
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let system = std::fs::read_dir(SYSTEM_CNI_DIR).with_context(|| {
+            format!(
+                "cannot list {SYSTEM_CNI_DIR}: install containernetworking-plugins \
+                 (`cargo xtask setup`)"
+            )
+        })?;
+        for entry in system {
+            let entry = entry?;
+            let link = dir.join(entry.file_name());
+            symlink(entry.path(), &link)
+                .with_context(|| format!("cannot link {}", link.display()))?;
+        }
+        for (type_name, path) in &self.settings.cni_plugin_bins {
+            self.link_cni_plugin(type_name, path)?;
+        }
+        Ok(())
+    }
+
+    fn link_cni_plugin(&self, type_name: &str, path: &Path) -> Result<()> {
+        ensure!(
+            path.is_file(),
+            "CNI plugin {type_name} not found at {}",
+            path.display()
+        );
+        // A relative target would be read relative to the link's directory.
+        let target = std::path::absolute(path)?;
+        let link = self.cni_bin_dir.join(type_name);
+        match std::fs::remove_file(&link) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(anyhow!(e).context(format!("cannot replace {}", link.display())));
+            }
+            _ => {}
+        }
+        symlink(&target, &link).with_context(|| format!("cannot link {}", link.display()))
+    }
+
+    /// `CNI_PATH` for `conflist`, linking `static-egress-cni` in first if the conflist names it
+    /// and no binary was given: only labs that chain it need it built.
+    fn cni_path(&self, conflist: &Value) -> Result<Vec<PathBuf>> {
+        let names_ours = conflist["plugins"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|p| p.get("type").and_then(Value::as_str) == Some(STATIC_EGRESS_CNI));
+        if names_ours
+            && std::fs::symlink_metadata(self.cni_bin_dir.join(STATIC_EGRESS_CNI)).is_err()
+        {
+            let path = locate_binary("STATIC_EGRESS_CNI_BIN", STATIC_EGRESS_CNI);
+            ensure!(
+                path.is_file(),
+                "{STATIC_EGRESS_CNI} not found at {}: build it or set STATIC_EGRESS_CNI_BIN",
+                path.display()
+            );
+            self.link_cni_plugin(STATIC_EGRESS_CNI, &path)?;
+        }
+        Ok(vec![self.cni_bin_dir.clone()])
+    }
+
+    /// A new sandbox of a pod: a new container id every time, and a new pod UID unless the
+    /// sandbox replaces one of the same pod (`uid`). Both are derived from the lab, the pod and
+    /// a counter, so they are unique yet tell whose they are in a plugin's logs.
+    fn new_sandbox(
+        &self,
+        namespace: &str,
+        name: &str,
+        netns: &str,
+        uid: Option<String>,
+    ) -> Sandbox {
+        let seed = format!("{}/{namespace}/{name}/{}", self.prefix, self.next_run());
+        // The part number goes first: FNV mixes early bytes into every bit of the hash.
+        let hex = |first: u8, parts: u8| -> String {
+            (first..first + parts)
+                .map(|i| digest(format!("{i}/{seed}").as_bytes()))
+                .collect()
+        };
+        let uid = uid.unwrap_or_else(|| {
+            let h = hex(4, 2);
+            format!(
+                "{}-{}-{}-{}-{}",
+                &h[..8],
+                &h[8..12],
+                &h[12..16],
+                &h[16..20],
+                &h[20..]
+            )
+        });
+        Sandbox {
+            // 64 hex digits, the shape of containerd's ids.
+            container_id: hex(0, 4),
+            netns: netns.to_owned(),
+            pod_namespace: namespace.to_owned(),
+            pod_name: name.to_owned(),
+            pod_uid: uid,
+        }
+    }
+
+    /// Creates the sandbox's namespace and runs ADD; returns the attachment with the pod's
+    /// address and node-side interface. Whatever fails is undone before the error returns.
+    fn attach(&self, node: &LabNode, sandbox: Sandbox) -> Result<(Attachment, Ipv4Addr, String)> {
+        let conflist = self.conflist(&node.name)?;
+        let cni_path = self.cni_path(&conflist)?;
+        let host = cni::Host {
+            netns: &node.netns,
+            cni_path: &cni_path,
+        };
+        let added = add_netns(&sandbox.netns, self.settings.ipv6)
+            .and_then(|()| cni::add(host, &conflist, &sandbox));
+        let result = match added {
+            Ok(result) => result,
+            Err(e) => return Err(undo_attach(host, &conflist, &sandbox, None, e)),
+        };
+        match plugin_wiring(&result) {
+            Ok((address, host_veth)) => Ok((Attachment { sandbox, result }, address, host_veth)),
+            Err(e) => Err(undo_attach(host, &conflist, &sandbox, Some(&result), e)),
+        }
+    }
+
+    /// DEL of a plugin pod's sandbox with the node's current conflist.
+    fn detach(&self, node: &LabNode, attachment: &Attachment) -> Result<()> {
+        let conflist = self.conflist(&node.name)?;
+        let cni_path = self.cni_path(&conflist)?;
+        let host = cni::Host {
+            netns: &node.netns,
+            cni_path: &cni_path,
+        };
+        let sandbox = &attachment.sandbox;
+        cni::del(host, &conflist, sandbox, Some(&attachment.result)).with_context(|| {
+            format!(
+                "DEL of pod {}/{} (sandbox {}) on {}",
+                sandbox.pod_namespace, sandbox.pod_name, sandbox.container_id, node.name
+            )
+        })
     }
 
     fn wire_pod(&self, pod: &LabPod, node: &LabNode) -> Result<()> {
@@ -583,14 +861,23 @@ impl Cluster {
     }
 
     /// Removes a pod's namespace and wiring, and its Pod object from [`objects`](Self::objects).
+    ///
+    /// A plugin pod's sandbox gets a DEL first; if that fails the pod stays (its processes
+    /// killed) and the error returns, so a test can put things right and remove it again, as
+    /// the kubelet retries.
     pub fn remove_pod(&mut self, namespace: &str, name: &str) -> Result<()> {
         let pod = self.pod(namespace, name)?.clone();
         let node = self.node(&pod.node)?;
         kill_namespace_processes(&pod.netns)?;
-        // Deleting the veth from the node side is immediate, while the kernel dismantles a
-        // deleted namespace in the background: a pod added again right away would otherwise
-        // find its veth name still taken.
-        ip_in(&node.netns, &format!("link del {}", pod.host_veth))?;
+        match &pod.attachment {
+            Some(attachment) => self.detach(node, attachment)?,
+            // Deleting the veth from the node side is immediate, while the kernel dismantles a
+            // deleted namespace in the background: a pod added again right away would
+            // otherwise find its veth name still taken.
+            None => {
+                ip_in(&node.netns, &format!("link del {}", pod.host_veth))?;
+            }
+        }
         ip(["netns", "del", &pod.netns])?;
         self.pods
             .retain(|p| !(p.namespace == namespace && p.name == name));
@@ -622,15 +909,48 @@ impl Cluster {
         Ok(netns)
     }
 
-    /// Re-creates a pod's namespace and veth with the same address, as a runtime does when it
-    /// restarts a pod's sandbox: the node side of the veth comes back with a new index.
-    pub fn rewire_pod(&self, namespace: &str, name: &str) -> Result<()> {
-        let pod = self.pod(namespace, name)?;
-        let node = self.node(&pod.node)?;
+    /// Re-creates a pod's namespace and veth, as a runtime does when it restarts a pod's
+    /// sandbox: the node side of the veth comes back with a new index.
+    ///
+    /// A lab-wired pod keeps its address. A plugin pod gets DEL, then ADD for a new sandbox
+    /// (new container id, same pod UID): its address and node-side interface are whatever the
+    /// plugin gives this time, and its Pod object follows if it was reported. If the ADD fails
+    /// the pod is gone from the lab, as its sandbox is.
+    pub fn rewire_pod(&mut self, namespace: &str, name: &str) -> Result<()> {
+        let pod = self.pod(namespace, name)?.clone();
+        let node = self.node(&pod.node)?.clone();
         kill_namespace_processes(&pod.netns)?;
-        ip_in(&node.netns, &format!("link del {}", pod.host_veth))?;
+        let Some(old) = &pod.attachment else {
+            ip_in(&node.netns, &format!("link del {}", pod.host_veth))?;
+            ip(["netns", "del", &pod.netns])?;
+            return self.wire_pod(&pod, &node);
+        };
+        self.detach(&node, old)?;
         ip(["netns", "del", &pod.netns])?;
-        self.wire_pod(pod, node)
+        let uid = Some(old.sandbox.pod_uid.clone());
+        let sandbox = self.new_sandbox(namespace, name, &pod.netns, uid);
+        let attached = self.attach(&node, sandbox);
+        let Ok((attachment, address, host_veth)) = attached else {
+            self.pods
+                .retain(|p| !(p.namespace == namespace && p.name == name));
+            self.objects.remove_pod(namespace, name);
+            return attached.map(|_| ());
+        };
+        if let Some(entry) = self
+            .pods
+            .iter_mut()
+            .find(|p| p.namespace == namespace && p.name == name)
+        {
+            entry.ip = address;
+            entry.host_veth = host_veth;
+            entry.attachment = Some(attachment);
+        }
+        if let Ok(object) = self.objects.pod_mut(namespace, name)
+            && object.ip.is_some()
+        {
+            object.ip = Some(address);
+        }
+        Ok(())
     }
 
     /// Asks the external probe server, from inside the pod, which source address it sees.
@@ -900,19 +1220,30 @@ impl Cluster {
 
     /// Runs `static-egress cleanup` for `node` in its namespace; returns its stdout.
     pub fn cleanup(&self, node: &str) -> Result<String> {
+        self.cleanup_with(node, std::iter::empty::<&str>())
+    }
+
+    /// [`cleanup`](Self::cleanup) with more flags (`--cni-conf-dir DIR`, ...).
+    pub fn cleanup_with<I, S>(&self, node: &str, extra_args: I) -> Result<String>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
         let node = self.node(node)?;
         let bin = self.agent_bin()?;
-        exec(
-            &node.netns,
-            [
-                bin.as_os_str(),
-                OsStr::new("cleanup"),
-                OsStr::new("--state-dir"),
-                node.state_dir.as_os_str(),
-                OsStr::new("--bpffs"),
-                node.bpffs.as_os_str(),
-            ],
-        )
+        let mut argv: Vec<std::ffi::OsString> = [
+            bin.as_os_str(),
+            OsStr::new("cleanup"),
+            OsStr::new("--state-dir"),
+            node.state_dir.as_os_str(),
+            OsStr::new("--bpffs"),
+            node.bpffs.as_os_str(),
+        ]
+        .iter()
+        .map(|a| a.to_os_string())
+        .collect();
+        argv.extend(extra_args.into_iter().map(|a| a.as_ref().to_os_string()));
+        exec(&node.netns, argv)
     }
 
     /// The `applied_digest` of the node's `status.json`, if the agent wrote one.
@@ -1001,6 +1332,55 @@ fn add_bridge(netns: &str, name: &str) -> Result<()> {
         .with_context(|| format!("no address for bridge {name} in: {shown}"))?;
     ip_in(netns, &format!("link set {name} address {mac}"))?;
     Ok(())
+}
+
+/// The pod's address (the result's first IPv4 one) and the node side of its veth (the one
+/// interface of the result outside the sandbox that is not the bridge).
+fn plugin_wiring(result: &Value) -> Result<(Ipv4Addr, String)> {
+    let list = |key: &str| {
+        result
+            .get(key)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+    };
+    let address = list("ips")
+        .filter_map(|ip| ip.get("address")?.as_str()?.parse::<Ipv4Net>().ok())
+        .map(|net| net.addr())
+        .next()
+        .ok_or_else(|| anyhow!("the CNI result has no IPv4 address: {result}"))?;
+    let host_veth = list("interfaces")
+        .filter(|i| {
+            i.get("sandbox")
+                .and_then(Value::as_str)
+                .is_none_or(str::is_empty)
+        })
+        .filter_map(|i| i.get("name")?.as_str())
+        .find(|name| *name != CniPlugin::BRIDGE)
+        .ok_or_else(|| anyhow!("the CNI result has no node-side interface: {result}"))?;
+    Ok((address, host_veth.to_owned()))
+}
+
+/// What a runtime does after a failed ADD: DEL (with the result, if the plugins gave one), and
+/// the sandbox's namespace goes. Returns the ADD's error, with the DEL's if that failed too.
+fn undo_attach(
+    host: cni::Host<'_>,
+    conflist: &Value,
+    sandbox: &Sandbox,
+    result: Option<&Value>,
+    error: anyhow::Error,
+) -> anyhow::Error {
+    let deleted = cni::del(host, conflist, sandbox, result);
+    let _ = kill_namespace_processes(&sandbox.netns);
+    let _ = ip(["netns", "del", &sandbox.netns]);
+    let error = error.context(format!(
+        "ADD of pod {}/{} (sandbox {}) on {}",
+        sandbox.pod_namespace, sandbox.pod_name, sandbox.container_id, host.netns
+    ));
+    match deleted {
+        Ok(()) => error,
+        Err(del) => anyhow!("{error:#}; the DEL that followed failed too: {del:#}"),
+    }
 }
 
 fn ip_in(netns: &str, command: &str) -> Result<String> {

@@ -2,10 +2,12 @@
 //!
 //! [`Cluster::builder`] creates a router, an external host (`ext`, running `se-probe serve`),
 //! nodes with a CNI-like setup (host-gw routes, masquerade via iptables-nft) and pods in either
-//! the routed (Calico-like) or the bridged (flannel-like) style. The cluster also keeps a model of
-//! the Kubernetes objects it stands for ([`objects::Objects`]) and writes it to the file the agent
-//! reads. Everything lives in namespaces and a temporary directory that carry a per-instance
-//! prefix, so tests run in parallel, and dropping the [`Cluster`] removes all of it.
+//! the routed (Calico-like) or the bridged (flannel-like) style. A node can instead leave its
+//! pods to a real CNI plugin ([`CniPlugin`], run as a container runtime runs it: [`cni`]), with
+//! more plugins chained after it. The cluster also keeps a model of the Kubernetes objects it
+//! stands for ([`objects::Objects`]) and writes it to the file the agent reads. Everything lives
+//! in namespaces and a temporary directory that carry a per-instance prefix, so tests run in
+//! parallel, and dropping the [`Cluster`] removes all of it.
 //!
 //! Nothing here touches the network configuration of the namespace it is called from.
 //!
@@ -49,6 +51,7 @@ mod arp;
 mod builder;
 mod cluster;
 mod cmd;
+pub mod cni;
 pub mod counter;
 mod digest;
 pub mod fixture;
@@ -64,7 +67,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 
 pub use arp::{ArpSeen, ArpWatch};
-pub use builder::{ClusterBuilder, NodeSpec, PodStyle};
+pub use builder::{ClusterBuilder, CniPlugin, NodeSpec, PodStyle};
 pub use cluster::{Cluster, Kept, LabNode, LabPod, PodSpec};
 pub use cmd::{exec, exec_output};
 pub use digest::digest;

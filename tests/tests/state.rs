@@ -23,6 +23,8 @@ const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
 /// The host paths of the DaemonSets, as the manifests name them.
 const HOST_STATE_DIR: &str = "/var/lib/static-egress";
 const HOST_BPFFS: &str = "/sys/fs/bpf";
+const HOST_CNI_CONF: &str = "/host/etc/cni/net.d";
+const HOST_CNI_BIN: &str = "/host/opt/cni/bin";
 
 fn cluster() -> Result<Cluster> {
     three_nodes(env!("CARGO_BIN_EXE_se-probe").as_ref())
@@ -557,6 +559,22 @@ fn uninstall_cleanup_restores_every_node_after_the_agents_got_sigterm() -> Resul
     ensure!(uninstall.args.first().map(String::as_str) == Some("cleanup"));
     let bin = cluster.agent_bin()?;
     for node in cluster.nodes() {
+        // The node's CNI config with the plugin chained, as an agent with --cni-conf-dir
+        // leaves it.
+        let cni_conf = cluster.dir().join(format!("{}-net.d", node.name));
+        let cni_bin = cluster.dir().join(format!("{}-cni-bin", node.name));
+        fs::create_dir_all(&cni_conf)?;
+        fs::create_dir_all(&cni_bin)?;
+        let list = |plugins: &str| {
+            format!(
+                r#"{{"cniVersion":"1.0.0","name":"k8s","plugins":[{{"type":"ptp"}}{plugins}]}}"#
+            )
+        };
+        fs::write(
+            cni_conf.join("10-k8s.conflist"),
+            list(r#",{"type":"static-egress-cni","socket":"/x"}"#),
+        )?;
+        fs::write(cni_bin.join("static-egress-cni"), "")?;
         let mut argv: Vec<OsString> = vec!["setpriv".into()];
         argv.extend(
             setpriv_args(&uninstall.capabilities)
@@ -568,6 +586,8 @@ fn uninstall_cleanup_restores_every_node_after_the_agents_got_sigterm() -> Resul
             argv.push(match arg.as_str() {
                 HOST_STATE_DIR => node.state_dir.clone().into(),
                 HOST_BPFFS => node.bpffs.clone().into(),
+                HOST_CNI_CONF => cni_conf.clone().into(),
+                HOST_CNI_BIN => cni_bin.clone().into(),
                 other => other.into(),
             });
         }
@@ -590,6 +610,19 @@ fn uninstall_cleanup_restores_every_node_after_the_agents_got_sigterm() -> Resul
         ensure!(
             fs::read_dir(&node.state_dir)?.next().is_none(),
             "{}: the state dir is not empty",
+            node.name
+        );
+        let left: serde_json::Value =
+            serde_json::from_slice(&fs::read(cni_conf.join("10-k8s.conflist"))?)?;
+        let want: serde_json::Value = serde_json::from_str(&list(""))?;
+        ensure!(
+            left == want,
+            "{}: CNI config after cleanup: {left}",
+            node.name
+        );
+        ensure!(
+            !cni_bin.join("static-egress-cni").exists(),
+            "{}: the plugin's binary is still there",
             node.name
         );
     }

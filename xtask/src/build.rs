@@ -23,6 +23,8 @@ pub struct Options {
 pub struct Artifacts {
     pub ebpf_obj: PathBuf,
     pub agent: PathBuf,
+    /// The chained CNI plugin (`static-egress-cni`).
+    pub cni: PathBuf,
     pub probe: PathBuf,
 }
 
@@ -97,6 +99,7 @@ pub fn artifacts(release: bool, ebpf_obj: PathBuf) -> Artifacts {
     Artifacts {
         ebpf_obj,
         agent: dir.join("static-egress"),
+        cni: dir.join("static-egress-cni"),
         probe: dir.join("se-probe"),
     }
 }

@@ -26,6 +26,8 @@ const PACKAGES: &[&str] = &[
     "ipset",
     // tests/tests/state.rs checks that the agent flushes its records to disk.
     "strace",
+    // Real CNI plugins (bridge, ptp, host-local) that netlab's plugin-wired nodes run.
+    "containernetworking-plugins",
 ];
 
 /// Commands the manifest tests (`agent/tests/deploy.rs`) run, with the PyPI package of each:

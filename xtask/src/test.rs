@@ -47,6 +47,7 @@ pub fn run(options: &Options) -> Result<()> {
     test.arg("test")
         .env(EBPF_OBJ_ENV, &artifacts.ebpf_obj)
         .env("STATIC_EGRESS_BIN", &artifacts.agent)
+        .env("STATIC_EGRESS_CNI_BIN", &artifacts.cni)
         .env("SE_PROBE_BIN", &artifacts.probe)
         .env(TEST_COUNTER_OBJ_ENV, build::test_counter_object())
         .env(KUBE_BIN_DIR_ENV, KubeBuild::pinned()?.dir);

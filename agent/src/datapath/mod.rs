@@ -17,8 +17,8 @@ use std::path::PathBuf;
 
 use static_egress_common::{
     Config, DEST_EXCLUDED, DEST_GATEWAY_BITS, DEST_VIA_GATEWAY, DestKey, EGRESS_LOCAL,
-    EGRESS_ROUTED, EgressEntry, GATEWAY_FAIL_CLOSED, GatewayEntry, Guard, Heard, Lease, PodEntry,
-    RANGE_CLUSTER, RANGE_REMOTE_PODS,
+    EGRESS_ROUTED, EgressEntry, GATEWAY_FAIL_CLOSED, GATEWAY_HOLD, GatewayEntry, Guard, Heard,
+    Lease, PodEntry, RANGE_CLUSTER, RANGE_REMOTE_PODS,
 };
 
 use crate::model::FailurePolicy;
@@ -609,8 +609,8 @@ impl Datapath {
         Ok(())
     }
 
-    /// The interfaces the kernel routes the local selected pods to (index -> name). A pod
-    /// without one is reported and left unmarked; the others are still served.
+    /// The interfaces the kernel routes the local selected and held pods to (index -> name). A
+    /// pod without one is reported and left unmarked; the others are still served.
     async fn pod_interfaces(
         &self,
         plan: &NodePlan,
@@ -618,24 +618,24 @@ impl Datapath {
         warnings: &mut Warnings,
     ) -> BTreeMap<u32, String> {
         let mut found = BTreeMap::new();
-        for pod in &plan.pods {
-            let iface = match self.nl.route_oif(pod.ip).await {
+        let pods = plan.pods.iter().map(|p| (&p.namespace, &p.name, p.ip));
+        let held = plan.held.iter().map(|p| (&p.namespace, &p.name, p.ip));
+        for (namespace, pod_name, ip) in pods.chain(held) {
+            let iface = match self.nl.route_oif(ip).await {
                 Ok(Some(index)) if index != uplink.index => self.nl.interface(index).await,
                 Ok(_) => Ok(None),
                 Err(e) => Err(e),
             };
-            let name = format!("Pod {}/{}", pod.namespace, pod.name);
+            let name = format!("Pod {namespace}/{pod_name}");
             match iface {
                 Ok(Some(iface)) => {
                     found.insert(iface.index, iface.name);
                 }
                 Ok(None) => warnings.push(format!(
-                    "{name}: no local interface routes to its IP {}; its traffic is not marked",
-                    pod.ip
+                    "{name}: no local interface routes to its IP {ip}; its traffic is not marked"
                 )),
                 Err(e) => warnings.push(format!(
-                    "{name}: looking up the interface of {}: {e}; its traffic is not marked",
-                    pod.ip
+                    "{name}: looking up the interface of {ip}: {e}; its traffic is not marked"
                 )),
             }
         }
@@ -791,6 +791,15 @@ pub fn map_contents(
             PodEntry {
                 gateway: pod.gateway_id,
                 egress_ip: wire(pod.egress_ip),
+            },
+        );
+    }
+    for pod in &plan.held {
+        maps.pods.insert(
+            wire(pod.ip),
+            PodEntry {
+                gateway: GATEWAY_HOLD,
+                egress_ip: 0,
             },
         );
     }

@@ -152,6 +152,17 @@ pub(super) async fn cleanup(
         });
     }
     State::remove(state_dir)?;
+    // The CNI plugin's socket and the pods it announced, which an agent leaves behind when it
+    // stops, for the next one.
+    for name in crate::cni::LEFT_IN_STATE_DIR {
+        let path = state_dir.join(name);
+        match std::fs::remove_file(&path) {
+            Err(source) if source.kind() != std::io::ErrorKind::NotFound => {
+                return Err(DatapathError::Io { path, source });
+            }
+            _ => {}
+        }
+    }
     if let Some(lock) = lock {
         let path = state_dir.join(LOCK_FILE);
         lock.remove()

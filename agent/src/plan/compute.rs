@@ -11,8 +11,8 @@ use static_egress_common::capacity;
 
 use super::failover::{self, Health};
 use super::{
-    Budget, DestEntry, GatewayPlan, Holder, NodePlan, PlanConfig, PlanProblem, PodPlan, Reason,
-    RejectReason, Rejection, SnatPlan,
+    Budget, DestEntry, GatewayPlan, HeldPod, HoldReason, Holder, NodePlan, PlanConfig, PlanProblem,
+    PodPlan, Reason, RejectReason, Rejection, SnatPlan,
 };
 use crate::model::{Gateway, NamespaceInfo, PodInfo, Snapshot};
 
@@ -99,7 +99,20 @@ pub fn plan(snapshot: &Snapshot, node: &str, config: &PlanConfig) -> NodePlan {
     let mut snat_pods: HashMap<Ipv4Addr, Vec<Ipv4Addr>> = HashMap::new();
     let mut senders = BTreeSet::new();
     let mut standby_senders = BTreeSet::new();
-    for pod in snapshot.pods.values() {
+    let (starting, mut held_pods) = starting_pods(snapshot, node, config);
+    if gateways.is_empty() {
+        // Nothing could select them.
+        held_pods.clear();
+    }
+    let announced: HashSet<(&str, &str)> = starting
+        .iter()
+        .map(|p| (p.namespace.as_str(), p.name.as_str()))
+        .collect();
+    let objects = snapshot
+        .pods
+        .values()
+        .filter(|p| !announced.contains(&(p.namespace.as_str(), p.name.as_str())));
+    for pod in objects.chain(&starting) {
         let local = pod.node.as_deref() == Some(node);
         if !local && held.is_empty() && !standby.contains(&true) {
             continue;
@@ -150,7 +163,26 @@ pub fn plan(snapshot: &Snapshot, node: &str, config: &PlanConfig) -> NodePlan {
         } else if standby[winner] {
             standby_senders.extend(sender);
         }
-        if local {
+        let elsewhere = gateways[winner]
+            .egress
+            .iter()
+            .find(|e| e.ip == egress_ip)
+            .and_then(|e| e.holder.as_ref())
+            .filter(|h| h.node != node);
+        if let Some(holder) = elsewhere
+            && announced.contains(&(pod.namespace.as_str(), pod.name.as_str()))
+        {
+            held_pods.push(HeldPod {
+                namespace: pod.namespace.clone(),
+                name: pod.name.clone(),
+                ip,
+                why: HoldReason::HolderElsewhere {
+                    gateway: gateway.name.clone(),
+                    egress_ip,
+                    holder: holder.node.clone(),
+                },
+            });
+        } else if local {
             pods.push(PodPlan {
                 namespace: pod.namespace.clone(),
                 name: pod.name.clone(),
@@ -176,6 +208,8 @@ pub fn plan(snapshot: &Snapshot, node: &str, config: &PlanConfig) -> NodePlan {
         gateway: pod.gateway,
         why: RejectReason::PodMapFull,
     }));
+    held_pods.sort_by_key(|p| p.ip);
+    held_pods.truncate((capacity::PODS as usize).saturating_sub(pods.len()));
     rejected.sort_by(|a, b| {
         (&a.namespace, &a.pod, &a.gateway).cmp(&(&b.namespace, &b.pod, &b.gateway))
     });
@@ -202,6 +236,7 @@ pub fn plan(snapshot: &Snapshot, node: &str, config: &PlanConfig) -> NodePlan {
         node_ip: snapshot.nodes.get(node).and_then(|n| n.internal_ip),
         gateways,
         pods,
+        held: held_pods,
         rejected,
         snat,
         standby_senders: standby_senders.difference(&senders).copied().collect(),
@@ -210,6 +245,39 @@ pub fn plan(snapshot: &Snapshot, node: &str, config: &PlanConfig) -> NodePlan {
         cluster_cidrs,
         problems,
     }
+}
+
+/// The pods announced as starting here that the objects do not show running with an address
+/// yet, as the planner sees them (with the announced address, running, here), and those the
+/// objects do not know at all, held. Announcements of pods the objects already show running
+/// change nothing: the objects win.
+fn starting_pods(
+    snapshot: &Snapshot,
+    node: &str,
+    config: &PlanConfig,
+) -> (Vec<PodInfo>, Vec<HeldPod>) {
+    let mut starting = Vec::new();
+    let mut unknown = Vec::new();
+    for ((namespace, name), announced) in &config.starting {
+        let ip = announced.ip;
+        match snapshot.pods.get(&(namespace.clone(), name.clone())) {
+            Some(pod) if pod.host_network || (pod.running && pod.ip.is_some()) => {}
+            Some(pod) => starting.push(PodInfo {
+                ip: Some(ip),
+                running: true,
+                node: Some(node.to_owned()),
+                ..pod.clone()
+            }),
+            None if !announced.hold_unknown => {}
+            None => unknown.push(HeldPod {
+                namespace: namespace.clone(),
+                name: name.clone(),
+                ip,
+                why: HoldReason::Unknown,
+            }),
+        }
+    }
+    (starting, unknown)
 }
 
 impl PlanProblem {

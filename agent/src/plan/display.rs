@@ -7,7 +7,7 @@ use ipnet::Ipv4Net;
 
 use static_egress_common::capacity;
 
-use super::{Budget, NodePlan, PlanProblem, Reason, RejectReason, Rejection};
+use super::{Budget, HoldReason, NodePlan, PlanProblem, Reason, RejectReason, Rejection};
 use crate::model::FailurePolicy;
 
 impl Display for NodePlan {
@@ -69,6 +69,20 @@ impl Display for NodePlan {
             writeln!(f)?;
         }
 
+        if !self.held.is_empty() {
+            writeln!(
+                f,
+                "held while starting (traffic to outside the cluster dropped):"
+            )?;
+            for pod in &self.held {
+                writeln!(
+                    f,
+                    "  {}/{} {}: {}",
+                    pod.namespace, pod.name, pod.ip, pod.why
+                )?;
+            }
+        }
+
         if !self.rejected.is_empty() {
             writeln!(f, "rejected:")?;
             for rejection in &self.rejected {
@@ -110,6 +124,23 @@ impl Display for NodePlan {
             }
         }
         Ok(())
+    }
+}
+
+impl Display for HoldReason {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Unknown => f.write_str("the objects do not show this pod yet"),
+            Self::HolderElsewhere {
+                gateway,
+                egress_ip,
+                holder,
+            } => write!(
+                f,
+                "gateway {gateway} selects it; {holder}, which holds its egress IP {egress_ip}, \
+                 does not know its address yet"
+            ),
+        }
     }
 }
 

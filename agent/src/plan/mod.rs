@@ -37,6 +37,18 @@ pub struct PlanConfig {
     /// [`crate::source::leases`]), by that node: this node does not hold them while the claim
     /// stands, and routes their pods' packets to that node.
     pub lost: BTreeMap<Ipv4Addr, String>,
+    /// Pods the container runtime is starting on this node, by (namespace, name), with the
+    /// address their CNI plugin announced (see [`crate::source::cni`]): planned with that
+    /// address until the objects show the pod running with one.
+    pub starting: BTreeMap<(String, String), Starting>,
+}
+
+/// What a pod's CNI plugin said of it when the runtime started it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Starting {
+    pub ip: Ipv4Addr,
+    /// Whether to hold its traffic to outside the cluster while the objects do not know it.
+    pub hold_unknown: bool,
 }
 
 /// What one node must program.
@@ -49,6 +61,9 @@ pub struct NodePlan {
     pub gateways: Vec<GatewayPlan>,
     /// Local pods whose traffic is marked, sorted by IP.
     pub pods: Vec<PodPlan>,
+    /// Starting local pods whose traffic to outside the cluster is dropped for now, sorted by
+    /// IP (see [`PlanConfig::starting`]).
+    pub held: Vec<HeldPod>,
     /// Local pods that asked for a gateway and were not selected, with why.
     pub rejected: Vec<Rejection>,
     /// Egress IPs this node holds: address on the uplink plus SNAT.
@@ -160,6 +175,28 @@ pub struct PodPlan {
     pub reason: Reason,
     /// Other gateways that also claimed the pod and lost, by name.
     pub overridden: Vec<String>,
+}
+
+/// A starting pod held back: leaving now, it would go out with the node's address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldPod {
+    pub namespace: String,
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub why: HoldReason,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HoldReason {
+    /// The objects have no such pod yet: nobody can tell whether a gateway selects it.
+    Unknown,
+    /// `gateway` selects it, and `holder`, which holds its egress IP, translates only pods
+    /// whose address the objects show.
+    HolderElsewhere {
+        gateway: String,
+        egress_ip: Ipv4Addr,
+        holder: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1185,3 +1185,118 @@ fn a_planned_move_waits_for_the_serving_holder_to_let_go() {
     assert!(waiting.held_by("n1").is_empty());
     assert!(waiting.snat.is_empty());
 }
+
+/// A pod the runtime is starting on n1: the objects know it (labels) but not its address yet.
+fn starting_world(holder: &str) -> World {
+    let mut gw = gateway("corp", &["192.0.2.10"]);
+    gw.node_selector = selector(&format!(
+        "matchLabels: {{kubernetes.io/hostname: {holder}}}"
+    ));
+    cluster()
+        .gateway(gw)
+        .pod("shop/new", "n1", "10.244.1.9", &[], Some("corp"))
+        .edit_pod("shop/new", |p| {
+            p.ip = None;
+            p.running = false;
+        })
+}
+
+fn announced(pods: &[(&str, &str, bool)]) -> PlanConfig {
+    PlanConfig {
+        starting: pods
+            .iter()
+            .map(|(at, pod_ip, hold_unknown)| {
+                let (namespace, name) = at.split_once('/').unwrap();
+                (
+                    (namespace.to_owned(), name.to_owned()),
+                    Starting {
+                        ip: ip(pod_ip),
+                        hold_unknown: *hold_unknown,
+                    },
+                )
+            })
+            .collect(),
+        ..PlanConfig::default()
+    }
+}
+
+#[test]
+fn a_starting_pod_is_marked_with_its_announced_address_when_this_node_holds_its_egress_ip() {
+    let world = starting_world("n1");
+    assert!(world.plan("n1").pods.is_empty(), "no address yet");
+    let plan = plan(
+        &world.0,
+        "n1",
+        &announced(&[("shop/new", "10.244.1.9", true)]),
+    );
+    assert_eq!(plan.pods.len(), 1);
+    assert_eq!(plan.pods[0].ip, ip("10.244.1.9"));
+    assert_eq!(plan.pods[0].egress_ip, ip("192.0.2.10"));
+    assert_eq!(plan.snat[0].pods, vec![ip("10.244.1.9")]);
+    assert!(plan.held.is_empty());
+}
+
+#[test]
+fn a_starting_pod_whose_holder_cannot_know_its_address_yet_is_held() {
+    let world = starting_world("n2");
+    let plan = plan(
+        &world.0,
+        "n1",
+        &announced(&[("shop/new", "10.244.1.9", true)]),
+    );
+    assert!(plan.pods.is_empty());
+    assert_eq!(
+        plan.held,
+        vec![HeldPod {
+            namespace: "shop".into(),
+            name: "new".into(),
+            ip: ip("10.244.1.9"),
+            why: HoldReason::HolderElsewhere {
+                gateway: "corp".into(),
+                egress_ip: ip("192.0.2.10"),
+                holder: "n2".into(),
+            },
+        }]
+    );
+    // Once the objects show it running with its address, they speak for it.
+    let shown = world.edit_pod("shop/new", |p| {
+        p.ip = Some(ip("10.244.1.9"));
+        p.running = true;
+    });
+    let after = plan_of(&shown, &[("shop/new", "10.244.1.9", true)]);
+    assert_eq!(after, shown.plan("n1"));
+    assert_eq!(after.pods.len(), 1);
+}
+
+#[test]
+fn unknown_starting_pods_are_held_when_asked_and_some_gateway_exists() {
+    let world = starting_world("n1");
+    let plan = plan(
+        &world.0,
+        "n1",
+        &announced(&[("shop/ghost", "10.244.1.7", true)]),
+    );
+    assert_eq!(plan.held.len(), 1);
+    assert_eq!(plan.held[0].why, HoldReason::Unknown);
+    let allowed = plan_of(&world, &[("shop/ghost", "10.244.1.7", false)]);
+    assert!(allowed.held.is_empty());
+    let no_gateways = World(Snapshot {
+        gateways: Default::default(),
+        ..world.0.clone()
+    });
+    assert!(
+        plan_of(&no_gateways, &[("shop/ghost", "10.244.1.7", true)])
+            .held
+            .is_empty()
+    );
+    // A starting pod that no gateway selects leaves as any other.
+    let plain = world
+        .pod("shop/plain", "n1", "10.244.1.8", &[], None)
+        .edit_pod("shop/plain", |p| p.ip = None);
+    let plan = plan_of(&plain, &[("shop/plain", "10.244.1.8", true)]);
+    assert!(plan.held.is_empty() && plan.pods.is_empty());
+}
+
+fn plan_of(world: &World, starting: &[(&str, &str, bool)]) -> NodePlan {
+    plan(&world.0, "n1", &announced(starting))
+}

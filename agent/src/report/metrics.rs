@@ -373,6 +373,14 @@ impl Collector for FromStatus {
             None,
             ready.metric_type(),
         )?)?;
+        let held = ConstGauge::new(i64::try_from(status.held.len()).unwrap_or(i64::MAX));
+        held.encode(e.encode_descriptor(
+            "held_pods",
+            "Starting pods whose traffic to outside the cluster is dropped until the agent \
+             can program them (CNI plugin)",
+            None,
+            held.metric_type(),
+        )?)?;
         let by_gateway = |value: fn(&GatewayStatus) -> u64| {
             status
                 .gateways

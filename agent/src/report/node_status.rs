@@ -55,6 +55,10 @@ pub struct NodeStatus {
     pub written_at_unix_ms: u128,
     pub gateways: Vec<GatewayStatus>,
     pub pods: Vec<PodStatus>,
+    /// Starting pods whose traffic to outside the cluster is dropped for now (see the CNI
+    /// plugin in the README).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held: Vec<HeldStatus>,
     /// What the uplink programs did to keep selected traffic from leaving with another
     /// address than its pod's or an egress IP held here.
     pub guard: GuardStatus,
@@ -89,6 +93,13 @@ pub struct PodStatus {
     pub ip: Ipv4Addr,
     pub gateway: String,
     pub egress_ip: Ipv4Addr,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HeldStatus {
+    pub pod: String,
+    pub ip: Ipv4Addr,
+    pub why: String,
 }
 
 /// The last successful apply: its plan, the digest of its objects and when.
@@ -142,6 +153,15 @@ impl NodeStatus {
                 egress_ip: p.egress_ip,
             })
             .collect();
+        let held = plan
+            .iter()
+            .flat_map(|p| &p.held)
+            .map(|p| HeldStatus {
+                pod: format!("{}/{}", p.namespace, p.name),
+                ip: p.ip,
+                why: p.why.to_string(),
+            })
+            .collect();
         Self {
             node: node.to_owned(),
             ready: not_ready.is_empty(),
@@ -151,6 +171,7 @@ impl NodeStatus {
             written_at_unix_ms: unix_ms(SystemTime::now()),
             gateways,
             pods,
+            held,
             guard: GuardStatus {
                 transit: guard.transit,
                 dropped: guard.dropped,
@@ -314,6 +335,13 @@ impl std::fmt::Display for Shown {
             writeln!(f, "no selected pods on this node")?;
         } else {
             table(f, &pods)?;
+        }
+        for held in &status.held {
+            writeln!(
+                f,
+                "held while starting: {} {} ({})",
+                held.pod, held.ip, held.why
+            )?;
         }
         let guard = &status.guard;
         writeln!(

@@ -2,6 +2,7 @@
 //! documents) watched for changes or from the cluster's API server, and what probes between
 //! nodes say of the nodes that may hold egress IPs.
 
+pub mod cni;
 pub mod documents;
 mod file;
 #[cfg(test)]
