@@ -55,8 +55,9 @@ pub struct AgentOptions {
     pub lease_namespace: Option<String>,
     /// Where to serve Prometheus metrics, `/healthz` and `/readyz` (`None`: nowhere).
     pub metrics_addr: Option<std::net::SocketAddr>,
-    /// Where to log each translated connection (`None`: nowhere).
-    pub audit_log: Option<AuditTarget>,
+    /// Where to log each translated connection (`None`: nowhere), and how many lines may
+    /// wait for a slow writer.
+    pub audit_log: Option<(AuditTarget, usize)>,
     /// Where to install the CNI plugin (`None`: the operator does, or nobody).
     pub cni: Option<CniInstall>,
 }

@@ -11,6 +11,7 @@ use static_egress::agent::{self, AgentOptions, FailoverOptions};
 use static_egress::cni::Unclassified;
 use static_egress::cni::install::CniInstall;
 use static_egress::commands;
+use static_egress::datapath::tunnel::TunnelMode;
 use static_egress::datapath::{self, DatapathConfig, KernelLog};
 use static_egress::model::EgressGateway;
 use static_egress::source::probes::ProbeConfig;
@@ -130,6 +131,15 @@ struct AgentArgs {
     /// UDP port on which nodes probe each other (answered by our kernel program).
     #[arg(long, default_value_t = 7947)]
     probe_port: u16,
+    /// When selected packets go to their holder through the tunnel between nodes (VXLAN):
+    /// `auto` when the holder is on another subnet or the pod network is not routed over the
+    /// uplink (an overlay), `always`, or `never`.
+    #[arg(long, value_enum, default_value = "auto")]
+    tunnel: TunnelMode,
+    /// The tunnel's UDP port, the same on every node (not the CNI's own VXLAN port: flannel
+    /// and Cilium use 8472, Calico 4789).
+    #[arg(long, default_value_t = 8475)]
+    tunnel_port: u16,
     /// How often each node probes the nodes that may hold egress IPs.
     #[arg(long, default_value = "50ms", value_parser = parse_interval)]
     probe_interval: Duration,
@@ -166,6 +176,11 @@ struct AgentArgs {
     /// ends, to this file (appended) or to `stdout`; turns conntrack's byte accounting on.
     #[arg(long, value_name = "PATH|stdout")]
     audit_log: Option<static_egress::report::audit::AuditTarget>,
+    /// How many audit lines may wait for a slow writer (a reader of a pipe, a full disk);
+    /// more are dropped and counted (`static_egress_audit_lines_dropped_total`, and a warning
+    /// once the writer catches up), never packets.
+    #[arg(long, default_value_t = static_egress::report::audit::QUEUE)]
+    audit_queue: usize,
     /// How often everything of ours is compared with the kernel and repaired (`30s`, `500ms`).
     #[arg(long, default_value = "30s", value_parser = parse_interval)]
     resync_interval: Duration,
@@ -294,7 +309,7 @@ fn main() -> ExitCode {
             holder_lease: args.holder_lease,
             lease_namespace: args.lease_namespace,
             metrics_addr: args.metrics_addr,
-            audit_log: args.audit_log,
+            audit_log: args.audit_log.map(|target| (target, args.audit_queue)),
             failover: FailoverOptions {
                 probes: ProbeConfig {
                     port: args.probe_port,
@@ -313,6 +328,8 @@ fn main() -> ExitCode {
                 rule_priority: args.rule_priority,
                 probe_port: args.probe_port,
                 kernel_log: args.kernel_log,
+                tunnel: args.tunnel,
+                tunnel_port: args.tunnel_port,
             },
         })),
         Command::Plan(args) => commands::print_plan(

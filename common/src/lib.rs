@@ -7,7 +7,7 @@
 /// The version of the maps' layouts: bumped whenever one changes, it names their pin directory
 /// (`maps-v<N>`), so an upgraded agent creates maps of the new layout beside the old ones and
 /// swaps programs over without a gap.
-pub const MAPS_LAYOUT: u32 = 3;
+pub const MAPS_LAYOUT: u32 = 4;
 
 /// Names of the pinned maps and programs; the agent and the kernel objects agree on them.
 pub mod names {
@@ -22,9 +22,11 @@ pub mod names {
     pub const LEASE: &str = "SE_LEASE";
     pub const HEARD: &str = "SE_HEARD";
     pub const PROBERS: &str = "SE_PROBERS";
+    pub const PEERS: &str = "SE_PEERS";
     pub const PROG_POD_INGRESS: &str = "se_pod_ingress";
     pub const PROG_UPLINK_INGRESS: &str = "se_uplink_ingress";
     pub const PROG_UPLINK_EGRESS: &str = "se_uplink_egress";
+    pub const PROG_TUNNEL_EGRESS: &str = "se_tunnel_egress";
 }
 
 /// Capacities of the maps; the planner leaves out, in name order, the gateways that do not fit
@@ -38,6 +40,8 @@ pub mod capacity {
     pub const RANGES: u32 = 65_536;
     /// Nodes that probed this one, with when they last did (least recently used first out).
     pub const PROBERS: u32 = 16_384;
+    /// The other nodes' pod CIDRs.
+    pub const PEERS: u32 = 65_536;
 }
 
 /// `SE_RANGES` value bit: the range is inside the cluster (pod CIDRs, node addresses,
@@ -120,6 +124,8 @@ pub struct EgressEntry {
 
 /// `EgressEntry::flags`: this node holds the address, packets leave straight from the uplink.
 pub const EGRESS_LOCAL: u32 = 1;
+/// `EgressEntry::flags`: packets go to the holder through the tunnel (see [`tunnel`]).
+pub const EGRESS_TUNNEL: u32 = 4;
 /// `EgressEntry::flags`: our routing table already sends packets to this holder (checked
 /// against `holder_mac`: with our rule gone, they would go elsewhere).
 pub const EGRESS_ROUTED: u32 = 2;
@@ -144,6 +150,30 @@ pub struct Config {
     /// The UDP port of probes, in network byte order; 0 turns answering off.
     pub probe_port: u16,
     pub _reserved: u16,
+    /// The interface index of this node's tunnel device (see [`tunnel`]); 0 when it has none.
+    pub tunnel_ifindex: u32,
+}
+
+/// The tunnel between nodes: a VXLAN device in collect-metadata mode on every node, through
+/// which the origin sends a selected pod's packet to a holder that pod-sourced packets cannot
+/// reach directly (an overlay pod network, another subnet). The inner frame is addressed to
+/// [`tunnel::MAC`], which every node's device has, so that the holder takes it in.
+pub mod tunnel {
+    /// The device's name.
+    pub const DEVICE: &str = "se-tunnel";
+    /// Locally administered, the same on every node.
+    pub const MAC: [u8; 6] = [0x0a, 0x53, 0x45, 0x54, 0x55, 0x4e];
+    /// The inner frames' source: any but [`MAC`], which the receiving device would take for
+    /// its own frame come back (a loop) and drop.
+    pub const SOURCE_MAC: [u8; 6] = [0x0a, 0x53, 0x45, 0x54, 0x55, 0x53];
+    /// The device's own address (IPv4, link-local, the same on every node): the kernel checks
+    /// a packet's source loosely only on a device that has an address (`rp_filter` 2), and a
+    /// reply coming back through the tunnel has an outside source that routes elsewhere.
+    pub const ADDRESS: [u8; 4] = [169, 254, 83, 69];
+    /// The VXLAN network identifier of our packets.
+    pub const VNI: u32 = 0x5345;
+    /// Outer IPv4 (20), UDP (8), VXLAN (8) and inner Ethernet (14) headers.
+    pub const OVERHEAD: u32 = 50;
 }
 
 /// The single entry of `SE_LEASE`, written by the agent alone: until when this node may serve

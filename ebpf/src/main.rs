@@ -22,8 +22,10 @@
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_redir_neigh},
-    helpers::generated::{bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh},
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_redir_neigh, bpf_tunnel_key},
+    helpers::generated::{
+        bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh, bpf_skb_set_tunnel_key,
+    },
     macros::{classifier, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
     programs::TcContext,
@@ -31,8 +33,9 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use static_egress_common::{
     Config, Counters, DEST_GATEWAY_BITS, DEST_VIA_GATEWAY, DestKey, EGRESS_LOCAL, EGRESS_ROUTED,
-    EgressEntry, GATEWAY_FAIL_CLOSED, GATEWAY_HOLD, GatewayEntry, Guard, Heard, LEASE_DRAINING,
-    Lease, PodEntry, Prober, RANGE_CLUSTER, RANGE_REMOTE_PODS, capacity, probe,
+    EGRESS_TUNNEL, EgressEntry, GATEWAY_FAIL_CLOSED, GATEWAY_HOLD, GatewayEntry, Guard, Heard,
+    LEASE_DRAINING, Lease, PodEntry, Prober, RANGE_CLUSTER, RANGE_REMOTE_PODS, capacity, probe,
+    tunnel,
 };
 
 #[map(name = "SE_PODS")]
@@ -57,6 +60,10 @@ static SE_LEASE: Array<Lease> = Array::pinned(1, 0);
 static SE_HEARD: Array<Heard> = Array::pinned(1, 0);
 /// Who probed this node (IPv4 address, network order) and when last: the agent turns the
 /// silence fence on only once two nodes or more probe this one.
+/// The other nodes' pod CIDRs (LPM over the IPv4 address), with each node's address (network
+/// order): where the tunnel takes a reply to one of their pods.
+#[map(name = "SE_PEERS")]
+static SE_PEERS: LpmTrie<u32, u32> = LpmTrie::pinned(capacity::PEERS, 0);
 #[map(name = "SE_PROBERS")]
 static SE_PROBERS: LruHashMap<u32, Prober> = LruHashMap::pinned(capacity::PROBERS, 0);
 
@@ -72,8 +79,12 @@ const PAYLOAD_OFF: usize = UDP_OFF + 8;
 const IP_SRC_OFF: usize = ETH_HLEN + 12;
 const IP_DST_OFF: usize = ETH_HLEN + 16;
 const AF_INET: u32 = 2;
-// `uplink_egress` writes a `bpf_redir_neigh` as five words.
+// `uplink_egress` writes a `bpf_redir_neigh` as five words, `tunnel` a `bpf_tunnel_key` as
+// eleven.
 const _: () = assert!(size_of::<bpf_redir_neigh>() == 20);
+const _: () = assert!(size_of::<bpf_tunnel_key>() == 44);
+/// The outer packet's TTL.
+const TUNNEL_TTL: u32 = 64;
 /// `TC_ACT_UNSPEC` is what TCX calls `TCX_NEXT`: the next program (or legacy tc) decides.
 const TCX_NEXT: i32 = TC_ACT_UNSPEC;
 
@@ -94,6 +105,13 @@ pub fn se_uplink_ingress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn se_uplink_egress(ctx: TcContext) -> i32 {
     uplink_egress(&ctx).unwrap_or(TCX_NEXT)
+}
+
+/// The tunnel device is ours alone: a packet that has no node to go to is dropped (the device
+/// could not send it anyway).
+#[classifier]
+pub fn se_tunnel_egress(ctx: TcContext) -> i32 {
+    tunnel_egress(&ctx).unwrap_or(TC_ACT_SHOT)
 }
 
 /// `None` means "no verdict of ours": the packet goes on to the next program, marked or not.
@@ -415,6 +433,15 @@ fn uplink_egress(ctx: &TcContext) -> Option<i32> {
     }
     // The redirected packet passes this hook again; without the bit it goes out unchanged.
     ctx.set_mark(mark & !mark_bit);
+    if egress.flags & EGRESS_TUNNEL != 0 {
+        // `tunnel_egress` addresses it to the holder.
+        let tunnel = SE_CONFIG.get(0)?.tunnel_ifindex;
+        if tunnel == 0 {
+            return Some(TC_ACT_SHOT);
+        }
+        // SAFETY: a plain helper call.
+        return Some(unsafe { bpf_redirect(tunnel, 0) } as i32);
+    }
     // Every byte written, one word at a time. The verifier refuses to pass uninitialised
     // stack bytes (the unused IPv6 part of the union) to a helper, and `mem::zeroed()` became
     // a byte loop over the stack at a variable offset, which it refuses too; both are allowed
@@ -440,6 +467,69 @@ fn uplink_egress(ctx: &TcContext) -> Option<i32> {
         )
     };
     Some(verdict as i32)
+}
+
+/// Addresses a packet leaving through the tunnel device to the node it goes to: a local pod's
+/// packet to the holder of its egress IP, a reply to another node's pod (on the holder) to
+/// that node. The outer packet goes between node addresses, which any fabric carries; the
+/// inner frame is addressed to the tunnel devices' shared MAC, or the other end would not take
+/// it in, and comes from another, or it would take it for a loop. Our bit comes off: the outer packet is the node's own.
+fn tunnel_egress(ctx: &TcContext) -> Option<i32> {
+    let (src, dst) = ipv4_addrs(ctx)?;
+    // SAFETY: entries are plain integers written whole by the agent.
+    let remote = match unsafe { SE_PODS.get(&src) } {
+        Some(pod) => {
+            // SAFETY: as above.
+            let egress = unsafe { SE_EGRESS.get(&pod.egress_ip) }?;
+            if egress.holder == 0 || egress.flags & EGRESS_LOCAL != 0 {
+                return None;
+            }
+            egress.holder
+        }
+        None => *SE_PEERS.get(&Key::new(32, dst))?,
+    };
+    let mark_bit = SE_CONFIG.get(0)?.mark;
+    // SAFETY: `skb` is the live context pointer; other bits of the mark belong to others.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    ctx.set_mark(mark & !mark_bit);
+    let m = tunnel::MAC;
+    let src = tunnel::SOURCE_MAC;
+    let macs = [
+        m[0], m[1], m[2], m[3], m[4], m[5], src[0], src[1], src[2], src[3], src[4], src[5],
+    ];
+    ctx.store(0, &macs, 0).ok()?;
+    // Every byte written, one word at a time, for the verifier (see `uplink_egress`).
+    let mut key = MaybeUninit::<bpf_tunnel_key>::uninit();
+    let words = key.as_mut_ptr().cast::<u32>();
+    // SAFETY: bpf_tunnel_key is eleven u32 words: the VNI, the remote address (host order) in
+    // a 16-byte union, TOS and TTL and flags in one word, the flow label, the local address in
+    // a 16-byte union (0: the route's source).
+    unsafe {
+        words.write_volatile(tunnel::VNI);
+        words.add(1).write_volatile(u32::from_be(remote));
+        words.add(2).write_volatile(0);
+        words.add(3).write_volatile(0);
+        words.add(4).write_volatile(0);
+        words.add(5).write_volatile(TUNNEL_TTL << 8);
+        words.add(6).write_volatile(0);
+        words.add(7).write_volatile(0);
+        words.add(8).write_volatile(0);
+        words.add(9).write_volatile(0);
+        words.add(10).write_volatile(0);
+    }
+    // SAFETY: `key` is initialised, lives across the call and its size is passed along.
+    let set = unsafe {
+        bpf_skb_set_tunnel_key(
+            ctx.skb.skb,
+            key.as_mut_ptr(),
+            size_of::<bpf_tunnel_key>() as u32,
+            0,
+        )
+    };
+    if set != 0 {
+        return None;
+    }
+    Some(TCX_NEXT)
 }
 
 fn ipv4_addrs(ctx: &TcContext) -> Option<(u32, u32)> {

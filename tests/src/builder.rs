@@ -443,7 +443,7 @@ impl ClusterBuilder {
     }
 
     /// Pod traffic between nodes goes through a VXLAN overlay built as Flannel's `vxlan`
-    /// backend builds it (see [`Vtep`]) instead of host-gw routes (default off).
+    /// backend builds it (see [`Vtep`](crate::Vtep)) instead of host-gw routes (default off).
     ///
     /// Pod-to-pod packets then cross the fabric inside UDP between node addresses, so a fabric
     /// that knows nothing of pod addresses (one that [drops
@@ -917,10 +917,75 @@ mod tests {
                     .chained(json!({"mtu": 1400})),
             ),
             Cluster::builder().cni_plugin_bin("../x", "/bin/true"),
+            Cluster::builder().fabric_mtu(1000),
+            Cluster::builder().fabric_mtu(70_000),
+            Cluster::builder().node(NodeSpec::new("a").segment(1).ip(addr("10.99.0.50"))),
+            Cluster::builder()
+                .node_subnet("255.255.255.0/24".parse().expect("cidr"))
+                .node(NodeSpec::new("a").segment(1)),
+            Cluster::builder()
+                .node_subnet("203.0.112.0/24".parse().expect("cidr"))
+                .node(NodeSpec::new("a").segment(1)),
+            Cluster::builder()
+                .node_subnet("10.243.255.0/24".parse().expect("cidr"))
+                .node(NodeSpec::new("a").segment(1)),
+            Cluster::builder()
+                .router_bridge("seg1")
+                .node(NodeSpec::new("a").segment(1)),
         ];
         for builder in cases {
             assert!(builder.resolve().is_err(), "{builder:?} accepted");
         }
+    }
+
+    #[test]
+    fn a_node_on_another_segment_gets_its_address_and_gateway_there() {
+        let plan = Cluster::builder()
+            .nodes(3)
+            .with_node("node3", |n| n.segment(1))
+            .resolve()
+            .expect("valid");
+        let segments: Vec<(u8, String, Ipv4Addr, &str)> = plan
+            .segments
+            .iter()
+            .map(|s| {
+                (
+                    s.number,
+                    s.subnet.to_string(),
+                    s.router_ip,
+                    s.bridge.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            segments,
+            vec![
+                (0, "10.99.0.0/24".to_owned(), addr("10.99.0.1"), "br0"),
+                (1, "10.99.1.0/24".to_owned(), addr("10.99.1.1"), "seg1"),
+            ]
+        );
+        let nodes: Vec<(u8, Ipv4Addr)> = plan
+            .nodes
+            .iter()
+            .map(|n| (n.segment.number, n.ip))
+            .collect();
+        assert_eq!(
+            nodes,
+            vec![
+                (0, addr("10.99.0.11")),
+                (0, addr("10.99.0.12")),
+                (1, addr("10.99.1.13")),
+            ]
+        );
+        // The main segment exists even when no node is on it: the router's address there is
+        // the lab's, and segment hosts join it.
+        let plan = Cluster::builder()
+            .node(NodeSpec::new("a").segment(2))
+            .resolve()
+            .expect("valid");
+        let numbers: Vec<u8> = plan.segments.iter().map(|s| s.number).collect();
+        assert_eq!(numbers, [0, 2]);
+        assert_eq!(plan.segments[1].subnet.to_string(), "10.99.2.0/24");
     }
 
     #[test]

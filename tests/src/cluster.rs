@@ -13,7 +13,8 @@ use ipnet::Ipv4Net;
 use serde_json::Value;
 
 use crate::builder::{
-    ClusterBuilder, CniPlugin, NodePlan, Plan, PodStyle, check_chained, locate_binary, nth_host,
+    ClusterBuilder, CniPlugin, NodePlan, Plan, PodStyle, Segment, check_chained, locate_binary,
+    nth_host,
 };
 use crate::cmd::{exec, ip, netns_command, write_sysctls};
 use crate::cni::{self, Attachment, Sandbox};
@@ -35,6 +36,51 @@ const SYSTEM_CNI_DIR: &str = "/usr/lib/cni";
 const CNI_NETWORK: &str = "netlab";
 /// The static-egress plugin, found like the agent when a conflist names it.
 const STATIC_EGRESS_CNI: &str = "static-egress-cni";
+/// The name of the router's nftables tables (`ip` and `bridge` family) that drop pod sources.
+const FABRIC_TABLE: &str = "netlab";
+
+/// A node's VXLAN tunnel endpoint in an [`overlay`](ClusterBuilder::overlay) lab, made as
+/// Flannel's `vxlan` backend makes it, so that what the agent finds on a lab node is what it
+/// finds on a Flannel node: device `flannel.1` (VNI 1, UDP port 8472, bound to the uplink and the
+/// node address, no learning), holding the network address of the node's pod CIDR as a /32.
+///
+/// Flannel programs every peer statically instead of letting VXLAN learn: a route
+/// `<peer pod CIDR> via <peer's address> dev flannel.1 onlink`, a permanent neighbour entry for
+/// that address with the peer's MAC, and a forwarding entry sending that MAC to the peer's node
+/// address. The lab does the same; the MACs are derived from the node addresses rather than
+/// random, so they are the same in every run and never collide within a lab.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Vtep {
+    pub device: String,
+    pub mac: String,
+    /// The network address of the node's pod CIDR (10.244.1.0 for 10.244.1.0/24).
+    pub address: Ipv4Addr,
+    /// The fabric MTU less the 50 bytes of outer IPv4, UDP, VXLAN and Ethernet headers.
+    pub mtu: u32,
+}
+
+impl Vtep {
+    /// Flannel's device name for VNI 1.
+    pub const DEVICE: &'static str = "flannel.1";
+    /// Flannel's default VNI.
+    pub const VNI: u32 = 1;
+    /// Flannel's default port: the Linux kernel's historic VXLAN port, not IANA's 4789.
+    pub const PORT: u16 = 8472;
+    /// What VXLAN over IPv4 adds to an inner packet: outer IPv4 (20), UDP (8), VXLAN (8) and
+    /// the inner Ethernet header (14).
+    pub const OVERHEAD: u32 = 50;
+
+    fn for_node(ip: Ipv4Addr, pod_cidr: Ipv4Net, fabric_mtu: u32) -> Self {
+        let [a, b, c, d] = ip.octets();
+        Self {
+            device: Self::DEVICE.to_owned(),
+            // 0x0e: unicast (bit 0 clear), locally administered (bit 1 set).
+            mac: format!("0e:fe:{a:02x}:{b:02x}:{c:02x}:{d:02x}"),
+            address: pod_cidr.network(),
+            mtu: fabric_mtu - Self::OVERHEAD,
+        }
+    }
+}
 
 /// A node of a running lab.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,11 +89,18 @@ pub struct LabNode {
     pub name: String,
     pub netns: String,
     pub ip: Ipv4Addr,
-    /// Prefix length of the node segment, as configured on the uplink.
+    /// Prefix length of the node's segment, as configured on the uplink.
     pub prefix_len: u8,
+    /// The number of the node's [`Segment`] (0: the main one); see
+    /// [`Cluster::node_segment`].
+    pub segment: u8,
+    /// The router's address on the node's segment, where its default route points.
+    pub gateway: Ipv4Addr,
     pub uplink: String,
-    /// The uplink's peer on the router's bridge.
+    /// The uplink's peer on the router's bridge of the node's segment.
     pub router_port: String,
+    /// The node's VXLAN device in an [`overlay`](ClusterBuilder::overlay) lab.
+    pub vtep: Option<Vtep>,
     pub pod_cidr: Ipv4Net,
     /// The shape of the node's pods; for a [`plugin`](Self::plugin) node, the plugin's.
     pub pod_style: PodStyle,
@@ -198,6 +251,7 @@ pub struct Cluster {
     settings: ClusterBuilder,
     router_ip: Ipv4Addr,
     ext_ip: Ipv4Addr,
+    segments: Vec<Segment>,
     nodes: Vec<LabNode>,
     pods: Vec<LabPod>,
     objects: Objects,
@@ -263,6 +317,7 @@ impl Cluster {
             settings,
             router_ip: plan.router_ip,
             ext_ip: plan.ext_ip,
+            segments: plan.segments.clone(),
             nodes: Vec::new(),
             pods: Vec::new(),
             objects: Objects::default(),
@@ -287,14 +342,20 @@ impl Cluster {
             self.link_cni_plugins()?;
         }
 
-        let node_len = s.node_subnet.prefix_len();
-        let br = &s.router_bridge;
-        add_bridge(&router, br)?;
-        ip_in(
-            &router,
-            &format!("addr add {}/{node_len} dev {br}", self.router_ip),
-        )?;
-        ip_in(&router, &format!("link set {br} up"))?;
+        let mtu = s.fabric_mtu;
+        for segment in &plan.segments {
+            let br = &segment.bridge;
+            let len = segment.subnet.prefix_len();
+            add_bridge(&router, br)?;
+            // Set, not left to follow the ports: a bridge without ports has 1500 and takes the
+            // lowest MTU of its ports as they join, unless it was given one.
+            ip_in(&router, &format!("link set {br} mtu {mtu}"))?;
+            ip_in(
+                &router,
+                &format!("addr add {}/{len} dev {br}", segment.router_ip),
+            )?;
+            ip_in(&router, &format!("link set {br} up"))?;
+        }
 
         let ext_len = s.ext_subnet.prefix_len();
         let router_ext_ip = plan.router_ext_ip;
@@ -302,11 +363,13 @@ impl Cluster {
             &router,
             &format!("link add ext0 type veth peer name eth0 netns {ext}"),
         )?;
+        ip_in(&router, &format!("link set ext0 mtu {mtu}"))?;
         ip_in(
             &router,
             &format!("addr add {router_ext_ip}/{ext_len} dev ext0"),
         )?;
         ip_in(&router, "link set ext0 up")?;
+        ip_in(&ext, &format!("link set eth0 mtu {mtu}"))?;
         ip_in(
             &ext,
             &format!("addr add {}/{ext_len} dev eth0", self.ext_ip),
@@ -315,7 +378,7 @@ impl Cluster {
         ip_in(&ext, &format!("route add default via {router_ext_ip}"))?;
 
         for node in &plan.nodes {
-            let lab_node = self.create_node(node, node_len)?;
+            let lab_node = self.create_node(node)?;
             self.objects.set_node(
                 objects::Node {
                     name: lab_node.name.clone(),
@@ -329,22 +392,115 @@ impl Cluster {
             );
             self.nodes.push(lab_node);
         }
-        // host-gw: every node reaches the other nodes' pods through those nodes' addresses.
-        for node in &self.nodes {
-            for other in self.nodes.iter().filter(|o| o.name != node.name) {
-                let route = format!(
-                    "route add {} via {} dev {}",
-                    other.pod_cidr, other.ip, node.uplink
-                );
-                ip_in(&node.netns, &route)?;
-            }
+        if self.settings.overlay {
+            self.connect_vteps()?;
+        } else {
+            self.add_host_gw_routes()?;
+        }
+        if self.settings.fabric_drops_pod_sources {
+            self.add_fabric_filter()?;
         }
         self.start_ext_server()?;
         self.write_objects()?;
         Ok(())
     }
 
-    fn create_node(&self, plan: &NodePlan, prefix_len: u8) -> Result<LabNode> {
+    /// host-gw: every node reaches the other nodes' pods through those nodes' addresses, which
+    /// works only on a shared segment. Pods behind another segment are routed via the router,
+    /// which then needs a route to every pod CIDR via its node, as a routed fabric that peers
+    /// with the nodes (BGP) has. A single-segment lab gives the router none, so that pod
+    /// addresses stay unroutable from `ext` as they are in most clusters.
+    fn add_host_gw_routes(&self) -> Result<()> {
+        for node in &self.nodes {
+            for other in self.nodes.iter().filter(|o| o.name != node.name) {
+                let via = if other.segment == node.segment {
+                    other.ip
+                } else {
+                    node.gateway
+                };
+                let route = format!("route add {} via {via} dev {}", other.pod_cidr, node.uplink);
+                ip_in(&node.netns, &route)?;
+            }
+        }
+        let first = self.nodes.first().map(|n| n.segment);
+        if self.nodes.iter().any(|n| Some(n.segment) != first) {
+            for node in &self.nodes {
+                let route = format!("route add {} via {}", node.pod_cidr, node.ip);
+                ip_in(&self.router_netns, &route)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Flannel's static programming of every peer's VXLAN endpoint (see [`Vtep`]): route, ARP
+    /// and FDB entries. The FDB entry names the peer's node address whatever its segment:
+    /// the encapsulated packet follows the node's ordinary routes, via the router if need be.
+    fn connect_vteps(&self) -> Result<()> {
+        for node in &self.nodes {
+            let dev = Vtep::DEVICE;
+            for other in self.nodes.iter().filter(|o| o.name != node.name) {
+                let peer = other
+                    .vtep
+                    .as_ref()
+                    .ok_or_else(|| anyhow!("{} has no VXLAN device", other.name))?;
+                ip_in(
+                    &node.netns,
+                    &format!(
+                        "neigh add {} lladdr {} dev {dev} nud permanent",
+                        peer.address, peer.mac
+                    ),
+                )?;
+                let fdb = format!(
+                    "fdb append {} dev {dev} dst {} self permanent",
+                    peer.mac, other.ip
+                );
+                exec(
+                    &node.netns,
+                    std::iter::once("bridge").chain(fdb.split_whitespace()),
+                )?;
+                ip_in(
+                    &node.netns,
+                    &format!(
+                        "route add {} via {} dev {dev} onlink",
+                        other.pod_cidr, peer.address
+                    ),
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The router's filter of pod sources (see [`ClusterBuilder::fabric_drops_pod_sources`]).
+    ///
+    /// Two tables, because the router both routes and switches: the `ip` one sees what it
+    /// forwards between segments and to `ext`, the `bridge` one what passes between ports of
+    /// one segment's bridge. Whether the `ip` hooks also see bridged frames depends on the
+    /// host (`br_netfilter`, which once present is on in every new namespace), so the lab does
+    /// not rely on it; where it is on, the bridge chain's `filter` priority (-200) comes before
+    /// the hook (0) that hands frames to `ip`, so a dropped frame is counted once.
+    fn add_fabric_filter(&self) -> Result<()> {
+        let pods = self.settings.pod_supernet;
+        let chain = |family: &str| {
+            format!(
+                "table {family} {FABRIC_TABLE} {{\n\
+                 \tchain forward {{\n\
+                 \t\ttype filter hook forward priority filter; policy accept;\n\
+                 \t\tip saddr {pods} counter drop comment \"pod source on the fabric\"\n\
+                 \t}}\n\
+                 }}\n"
+            )
+        };
+        let rules = format!("{}{}", chain("ip"), chain("bridge"));
+        let path = self.dir.join("fabric.nft");
+        std::fs::write(&path, rules).with_context(|| format!("cannot write {}", path.display()))?;
+        exec(
+            &self.router_netns,
+            [OsStr::new("nft"), OsStr::new("-f"), path.as_os_str()],
+        )?;
+        Ok(())
+    }
+
+    fn create_node(&self, plan: &NodePlan) -> Result<LabNode> {
         let s = &self.settings;
         let name = &plan.spec.name;
         let netns = format!("{}-{name}", self.prefix);
@@ -356,13 +512,18 @@ impl Cluster {
 
         let port = format!("port{}", plan.number);
         let (uplink, router) = (plan.uplink.as_str(), self.router_netns.as_str());
+        let segment = &plan.segment;
+        let prefix_len = segment.subnet.prefix_len();
+        let mtu = s.fabric_mtu;
         ip_in(
             &netns,
             &format!("link add {uplink} type veth peer name {port} netns {router}"),
         )?;
+        ip_in(&netns, &format!("link set {uplink} mtu {mtu}"))?;
+        ip_in(router, &format!("link set {port} mtu {mtu}"))?;
         ip_in(
             router,
-            &format!("link set {port} master {} up", s.router_bridge),
+            &format!("link set {port} master {} up", segment.bridge),
         )?;
         write_sysctls(&netns, &rp_filter_settings(&[uplink], plan.rp_filter))?;
         ip_in(
@@ -372,8 +533,30 @@ impl Cluster {
         ip_in(&netns, &format!("link set {uplink} up"))?;
         ip_in(
             &netns,
-            &format!("route add default via {} dev {uplink}", self.router_ip),
+            &format!("route add default via {} dev {uplink}", segment.router_ip),
         )?;
+        let vtep = if s.overlay {
+            let vtep = Vtep::for_node(plan.ip, plan.pod_cidr, mtu);
+            let dev = &vtep.device;
+            ip_in(
+                &netns,
+                &format!(
+                    "link add {dev} type vxlan id {} local {} dev {uplink} dstport {} nolearning",
+                    Vtep::VNI,
+                    plan.ip,
+                    Vtep::PORT
+                ),
+            )?;
+            ip_in(
+                &netns,
+                &format!("link set {dev} address {} mtu {}", vtep.mac, vtep.mtu),
+            )?;
+            ip_in(&netns, &format!("addr add {}/32 dev {dev}", vtep.address))?;
+            ip_in(&netns, &format!("link set {dev} up"))?;
+            Some(vtep)
+        } else {
+            None
+        };
 
         match plan.pod_style {
             // The plugin makes its bridge or routes with the first pod, and masquerades itself.
@@ -415,8 +598,11 @@ impl Cluster {
             netns,
             ip: plan.ip,
             prefix_len,
+            segment: segment.number,
+            gateway: segment.router_ip,
             uplink: plan.uplink.clone(),
             router_port: port,
+            vtep,
             pod_cidr: plan.pod_cidr,
             pod_style: plan.pod_style,
             plugin: plan.spec.plugin,
@@ -487,9 +673,47 @@ impl Cluster {
         &self.router_netns
     }
 
-    /// The router's bridge for the node segment.
+    /// The router's bridge for the main node segment.
     pub fn router_bridge(&self) -> &str {
         &self.settings.router_bridge
+    }
+
+    /// The fabric's segments: the main one first, then those nodes were put on (see
+    /// [`NodeSpec::segment`](crate::NodeSpec::segment)).
+    pub fn segments(&self) -> &[Segment] {
+        &self.segments
+    }
+
+    /// The segment `node` sits on.
+    pub fn node_segment(&self, node: &str) -> Result<&Segment> {
+        let number = self.node(node)?.segment;
+        self.segments
+            .iter()
+            .find(|s| s.number == number)
+            .ok_or_else(|| anyhow!("the lab has no segment {number}"))
+    }
+
+    /// How many packets the fabric has dropped for their pod source, on the router's bridges
+    /// and in its forwarding together (see [`ClusterBuilder::fabric_drops_pod_sources`]): a
+    /// test that expects pod traffic to be stopped, or to never reach the fabric unwrapped,
+    /// can check that the filter saw it, rather than trusting a silence that has other
+    /// explanations.
+    pub fn fabric_drops(&self) -> Result<u64> {
+        ensure!(
+            self.settings.fabric_drops_pod_sources,
+            "the lab's fabric does not drop pod sources: build it with fabric_drops_pod_sources"
+        );
+        let mut total = 0;
+        for family in ["ip", "bridge"] {
+            let out = exec(
+                &self.router_netns,
+                ["nft", "-j", "list", "table", family, FABRIC_TABLE],
+            )?;
+            let json: Value = serde_json::from_str(&out)
+                .with_context(|| format!("odd output of nft -j: {out}"))?;
+            total += counted_packets(&json);
+        }
+        Ok(total)
     }
 
     pub fn ext_netns(&self) -> &str {
@@ -898,6 +1122,9 @@ impl Cluster {
             &self.router_netns,
             &format!("link add {port} type veth peer name eth0 netns {netns}"),
         )?;
+        let mtu = self.settings.fabric_mtu;
+        ip_in(&self.router_netns, &format!("link set {port} mtu {mtu}"))?;
+        ip_in(&netns, &format!("link set eth0 mtu {mtu}"))?;
         ip_in(
             &self.router_netns,
             &format!("link set {port} master {} up", self.settings.router_bridge),
@@ -1318,8 +1545,21 @@ impl Drop for Cluster {
     }
 }
 
-/// `ip -n NETNS <command>`, the command split at spaces: every name in it was checked to have
-/// none, which keeps the topology code readable.
+/// The packets of every `counter` in `nft -j` output.
+fn counted_packets(json: &Value) -> u64 {
+    match json {
+        Value::Object(map) => map
+            .iter()
+            .map(|(key, value)| match (key.as_str(), value.get("packets")) {
+                ("counter", Some(packets)) => packets.as_u64().unwrap_or(0),
+                _ => counted_packets(value),
+            })
+            .sum(),
+        Value::Array(items) => items.iter().map(counted_packets).sum(),
+        _ => 0,
+    }
+}
+
 /// A bridge whose link-layer address stays what it is when ports join: left to itself, a
 /// bridge takes the lowest of its ports' addresses, so a host added to a running lab now and
 /// then changed it, and the neighbours' cached address for the bridge's IP went nowhere.
@@ -1383,6 +1623,8 @@ fn undo_attach(
     }
 }
 
+/// `ip -n NETNS <command>`, the command split at spaces: every name in it was checked to have
+/// none, which keeps the topology code readable.
 fn ip_in(netns: &str, command: &str) -> Result<String> {
     ip(["-n", netns].into_iter().chain(command.split_whitespace()))
 }

@@ -4,10 +4,15 @@
 //! nodes with a CNI-like setup (host-gw routes, masquerade via iptables-nft) and pods in either
 //! the routed (Calico-like) or the bridged (flannel-like) style. A node can instead leave its
 //! pods to a real CNI plugin ([`CniPlugin`], run as a container runtime runs it: [`cni`]), with
-//! more plugins chained after it. The cluster also keeps a model of the Kubernetes objects it
-//! stands for ([`objects::Objects`]) and writes it to the file the agent reads. Everything lives
-//! in namespaces and a temporary directory that carry a per-instance prefix, so tests run in
-//! parallel, and dropping the [`Cluster`] removes all of it.
+//! more plugins chained after it. The fabric between the nodes can be made harder on them:
+//! pods reaching other nodes through a Flannel-like VXLAN overlay instead of host-gw routes
+//! ([`ClusterBuilder::overlay`]), a router that drops whatever carries a pod source
+//! ([`ClusterBuilder::fabric_drops_pod_sources`]), nodes on subnets of their own behind the
+//! router ([`NodeSpec::segment`]), jumbo frames ([`ClusterBuilder::fabric_mtu`]). The cluster
+//! also keeps a model of the Kubernetes objects it stands for ([`objects::Objects`]) and writes
+//! it to the file the agent reads. Everything lives in namespaces and a temporary directory
+//! that carry a per-instance prefix, so tests run in parallel, and dropping the [`Cluster`]
+//! removes all of it.
 //!
 //! Nothing here touches the network configuration of the namespace it is called from.
 //!
@@ -67,8 +72,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 
 pub use arp::{ArpSeen, ArpWatch};
-pub use builder::{ClusterBuilder, CniPlugin, NodeSpec, PodStyle};
-pub use cluster::{Cluster, Kept, LabNode, LabPod, PodSpec};
+pub use builder::{ClusterBuilder, CniPlugin, NodeSpec, PodStyle, Segment};
+pub use cluster::{Cluster, Kept, LabNode, LabPod, PodSpec, Vtep};
 pub use cmd::{exec, exec_output};
 pub use digest::digest;
 pub use process::{

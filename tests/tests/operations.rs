@@ -366,3 +366,146 @@ fn get(cluster: &Cluster, node: &str, path: &str) -> Result<(u16, String)> {
         .parse()?;
     Ok((code, body.to_owned()))
 }
+
+/// A reader that does not keep up with the audit log costs lines, never connections: the holder
+/// logs into a pipe (4 KiB, a dozen lines) whose reader waits while 40 connections end at once,
+/// with 4 lines allowed to queue (`--audit-queue 4`). Every connection is answered with the
+/// egress IP; every line the reader gets later plus every line the agent says it dropped make
+/// exactly the connections conntrack tracked.
+#[test]
+fn a_slow_audit_reader_loses_lines_never_connections() -> Result<()> {
+    let mut cluster = three_nodes(env!("CARGO_BIN_EXE_se-probe").as_ref())?;
+    let pod = api_pod(&mut cluster, "api-1", "node1")?;
+    cluster.write_objects()?;
+    let dir = cluster.dir().to_owned();
+    let fifo = dir.join("audit.fifo");
+    let go = dir.join("audit.go");
+    let out = dir.join("audit.read");
+    netlab::exec(cluster.router_netns(), ["mkfifo", &fifo.to_string_lossy()])?;
+    let mut reader = Command::new("python3")
+        .args(["-c", SLOW_READER])
+        .args([&fifo, &go, &out])
+        .spawn()?;
+    let queue = "4";
+    let agents = vec![
+        cluster.start_agent("node1", Vec::<String>::new())?,
+        cluster.start_agent(
+            "node2",
+            [
+                "--audit-log",
+                &fifo.to_string_lossy(),
+                "--audit-queue",
+                queue,
+            ],
+        )?,
+        cluster.start_agent("node3", Vec::<String>::new())?,
+    ];
+    let result = netlab::fixture::wait_all_applied(&cluster)
+        .and_then(|()| slow_reader(&cluster, &pod, &agents[1], (&go, &out), &mut reader));
+    let _ = reader.kill();
+    with_agent_logs(&agents, result)
+}
+
+/// Opens the pipe, shrinks it to one page, reads nothing until the second file exists, then
+/// reads until nothing came for 2 s and writes what it read to the third file.
+const SLOW_READER: &str = r#"
+import fcntl, os, sys, time
+path, go, out = sys.argv[1:4]
+fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+fcntl.fcntl(fd, 1031, 4096)  # F_SETPIPE_SZ
+while not os.path.exists(go):
+    time.sleep(0.05)
+data, idle = b"", time.time()
+while time.time() - idle < 2:
+    try:
+        chunk = os.read(fd, 65536)
+    except BlockingIOError:
+        chunk = b""
+    if chunk:
+        data, idle = data + chunk, time.time()
+    else:
+        time.sleep(0.05)
+open(out, "wb").write(data)
+"#;
+
+fn slow_reader(
+    cluster: &Cluster,
+    pod: &LabPod,
+    holder_agent: &AgentHandle,
+    (go, out): (&std::path::Path, &std::path::Path),
+    reader: &mut std::process::Child,
+) -> Result<()> {
+    ensure!(
+        netlab::fixture::has_address(cluster, "node2", EGRESS_IP)?,
+        "the test expects node2 to hold {EGRESS_IP}"
+    );
+    expect_source(cluster, pod, EGRESS_IP)?;
+    let connections = 40;
+    for _ in 0..connections {
+        ensure!(
+            cluster.ask(pod)? == EGRESS_IP,
+            "a connection left otherwise"
+        );
+    }
+    let holder = cluster.node("node2")?;
+    let forgotten = netlab::exec_output(
+        &holder.netns,
+        [
+            "conntrack",
+            "-D",
+            "-p",
+            "tcp",
+            "--reply-dst",
+            &EGRESS_IP.to_string(),
+        ],
+    )?;
+    let forgotten = String::from_utf8_lossy(&forgotten.stderr).into_owned();
+    let tracked: u64 = forgotten
+        .split_whitespace()
+        .rev()
+        .nth(5)
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no count in {forgotten:?}"))?;
+    ensure!(
+        tracked >= connections,
+        "only {tracked} connections were tracked"
+    );
+    // The events are read and the pipe and queue fill while the reader waits.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    // The connections still work meanwhile.
+    ensure!(
+        cluster.ask(pod)? == EGRESS_IP,
+        "a connection failed while the log was stuck"
+    );
+    std::fs::write(go, "")?;
+    reader.wait()?;
+    let read = std::fs::read_to_string(out)?;
+    let lines = read
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["protocol"] == "tcp")
+        .count() as u64;
+    let dropped = || -> Option<u64> {
+        let log = holder_agent.log().ok()?;
+        log.lines()
+            .filter(|l| l.contains("audit lines dropped"))
+            .filter_map(|l| {
+                l.split("dropped=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .max()
+    };
+    wait_until(APPLY, || dropped().is_some()).context("the agent never said it dropped lines")?;
+    let dropped = dropped().unwrap_or_default();
+    eprintln!("{tracked} connections: {lines} lines read, {dropped} dropped");
+    ensure!(dropped > 0 && lines > 0, "{lines} read, {dropped} dropped");
+    ensure!(
+        lines + dropped == tracked,
+        "{lines} lines read and {dropped} dropped for {tracked} connections"
+    );
+    Ok(())
+}

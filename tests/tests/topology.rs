@@ -1,6 +1,8 @@
 //! The lab without any agent: pods of both styles, and pods wired by real CNI plugins, reach
 //! `ext` through the CNI's masquerade (so `ext` sees node addresses), and removing the lab
-//! leaves nothing behind.
+//! leaves nothing behind. The fabric's options do what they say: the VXLAN overlay carries pods
+//! past a router that drops pod sources, nodes on another segment are reached through the
+//! router, and the fabric MTU decides whether jumbo frames cross.
 
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -425,4 +427,352 @@ fi
     });
     std::fs::remove_file(&script)?;
     outcome
+}
+
+// ---- the fabric: overlay, pod-source filter, segments, MTU ----------------------------------
+
+/// Runs `args` in `netns`, expecting it to fail; returns what it printed, so the test can check
+/// it failed for the expected reason.
+fn fails(netns: &str, args: &[&str]) -> Result<String> {
+    let out = netlab::exec_output(netns, args)?;
+    ensure!(
+        !out.status.success(),
+        "`{}` in {netns} succeeded: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    Ok(format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
+}
+
+fn ping(netns: &str, to: Ipv4Addr) -> Result<()> {
+    netlab::exec(netns, ["ping", "-c", "1", "-W", "2", &to.to_string()])?;
+    Ok(())
+}
+
+fn ping_fails(netns: &str, to: Ipv4Addr) -> Result<()> {
+    fails(netns, &["ping", "-c", "1", "-W", "1", &to.to_string()])?;
+    Ok(())
+}
+
+fn addr(text: &str) -> Ipv4Addr {
+    text.parse().expect("address")
+}
+
+/// The MTU of `device` in `netns`.
+fn mtu(netns: &str, device: &str) -> Result<u32> {
+    let shown = netlab::exec(netns, ["ip", "-o", "link", "show", "dev", device])?;
+    let mut words = shown.split_whitespace();
+    words
+        .by_ref()
+        .find(|w| *w == "mtu")
+        .context("no mtu shown")?;
+    Ok(words.next().context("no mtu value")?.parse()?)
+}
+
+/// Flannel's VXLAN overlay carries pods across a fabric that drops pod sources: the pod's own
+/// address arrives at the other pod, the filter never sees it, and the same packet sent
+/// unwrapped over the uplink is dropped and counted.
+#[test]
+fn an_overlay_carries_pods_across_a_fabric_that_drops_pod_sources() -> Result<()> {
+    let mut cluster = Cluster::builder()
+        .nodes(2)
+        .with_node("node2", |n| n.pod_style(PodStyle::Bridged))
+        .overlay(true)
+        .fabric_drops_pod_sources(true)
+        .probe_bin(env!("CARGO_BIN_EXE_se-probe"))
+        .build()?;
+    let node1 = cluster.node("node1")?.clone();
+    let node2 = cluster.node("node2")?.clone();
+    let (vtep1, vtep2) = (
+        node1.vtep.clone().context("node1 has no VXLAN device")?,
+        node2.vtep.clone().context("node2 has no VXLAN device")?,
+    );
+    assert_eq!(
+        (vtep1.device.as_str(), vtep1.address, vtep1.mtu),
+        ("flannel.1", addr("10.244.1.0"), 1450)
+    );
+    assert_eq!(vtep2.mac, "0e:fe:0a:63:00:0c");
+
+    // What Flannel leaves on a node, peer by peer.
+    let device = node1.exec(["ip", "-d", "-o", "link", "show", "dev", "flannel.1"])?;
+    for part in [
+        "mtu 1450",
+        "link/ether 0e:fe:0a:63:00:0b",
+        "vxlan id 1 local 10.99.0.11 dev eth0",
+        "dstport 8472",
+        "nolearning",
+    ] {
+        ensure!(device.contains(part), "{part:?} missing from {device}");
+    }
+    let addresses = node1.exec(["ip", "-o", "-4", "addr", "show", "dev", "flannel.1"])?;
+    ensure!(addresses.contains("inet 10.244.1.0/32"), "{addresses}");
+    let route = node1.exec(["ip", "route", "show", "10.244.2.0/24"])?;
+    assert_eq!(
+        route.trim(),
+        "10.244.2.0/24 via 10.244.2.0 dev flannel.1 onlink"
+    );
+    let neigh = node1.exec(["ip", "neigh", "show", "dev", "flannel.1"])?;
+    ensure!(
+        neigh.contains("10.244.2.0 lladdr 0e:fe:0a:63:00:0c PERMANENT"),
+        "{neigh}"
+    );
+    let fdb = node1.exec(["bridge", "fdb", "show", "dev", "flannel.1"])?;
+    ensure!(
+        fdb.contains("0e:fe:0a:63:00:0c dst 10.99.0.12 self permanent"),
+        "{fdb}"
+    );
+
+    let a = cluster.add_pod(PodSpec::new("default", "a", "node1"))?;
+    let b = cluster.add_pod(PodSpec::new("default", "b", "node2"))?;
+    ping(&a.netns, b.ip)?;
+    let (_in_b, server_b) = serve_in(&cluster, &b, 7000)?;
+    assert_eq!(ask_from(&cluster, &a, server_b)?, a.ip);
+    // The nodes talk to each other's pods over the overlay too, from their VXLAN address.
+    ping(&node1.netns, b.ip)?;
+    assert_eq!(cluster.ask(&a)?, node1.ip);
+    assert_eq!(cluster.ask(&b)?, node2.ip);
+    assert_eq!(cluster.fabric_drops()?, 0);
+
+    // A more specific host-gw route takes b out of the overlay: a's packets now cross the
+    // fabric with a's address, and the router's bridge drops them.
+    let detour = ["ip", "route", "add", "10.244.2.2/32", "via", "10.99.0.12"];
+    node1.exec(detour)?;
+    ping_fails(&a.netns, b.ip)?;
+    let dropped = cluster.fabric_drops()?;
+    ensure!(dropped >= 1, "the fabric dropped {dropped} packets");
+    node1.exec(["ip", "route", "del", "10.244.2.2/32"])?;
+    ping(&a.netns, b.ip)?;
+    assert_eq!(cluster.fabric_drops()?, dropped);
+    Ok(())
+}
+
+/// Without an overlay, host-gw routes put pod sources on the fabric, and a fabric that drops
+/// them stops pod-to-pod traffic across nodes, on one segment (the router's bridge) as between
+/// segments (its forwarding); masqueraded traffic and the nodes themselves pass.
+#[test]
+fn a_fabric_that_drops_pod_sources_stops_host_gw_pod_traffic() -> Result<()> {
+    let mut cluster = Cluster::builder()
+        .nodes(3)
+        .with_node("node3", |n| n.segment(1))
+        .fabric_drops_pod_sources(true)
+        .probe_bin(env!("CARGO_BIN_EXE_se-probe"))
+        .build()?;
+    let node1 = cluster.node("node1")?.clone();
+    let a = cluster.add_pod(PodSpec::new("default", "a", "node1"))?;
+    let b = cluster.add_pod(PodSpec::new("default", "b", "node2"))?;
+    let c = cluster.add_pod(PodSpec::new("default", "c", "node3"))?;
+    assert_eq!(cluster.fabric_drops()?, 0);
+
+    ping_fails(&a.netns, b.ip)?;
+    let on_the_bridge = cluster.fabric_drops()?;
+    ensure!(
+        on_the_bridge >= 1,
+        "nothing dropped between node1 and node2"
+    );
+    ping_fails(&a.netns, c.ip)?;
+    let routed = cluster.fabric_drops()?;
+    ensure!(
+        routed > on_the_bridge,
+        "nothing dropped between the segments ({routed} in all)"
+    );
+
+    assert_eq!(cluster.ask(&a)?, node1.ip);
+    assert_eq!(cluster.ask(&c)?, cluster.node("node3")?.ip);
+    ping(&node1.netns, cluster.node("node2")?.ip)?;
+    ping(&node1.netns, cluster.node("node3")?.ip)?;
+    assert_eq!(cluster.fabric_drops()?, routed);
+    Ok(())
+}
+
+/// node3 sits on a subnet of its own behind the router. Nodes, pods to pods (with their own
+/// addresses) and pods to `ext` all get through; host-gw routes to its pods go via the router,
+/// which routes pod CIDRs as a routed fabric does, while an overlay needs none of that.
+fn a_node_on_another_segment_is_reached_through_the_router(overlay: bool) -> Result<()> {
+    let mut cluster = Cluster::builder()
+        .nodes(3)
+        .with_node("node2", |n| n.pod_style(PodStyle::Bridged))
+        .with_node("node3", |n| n.segment(1))
+        .overlay(overlay)
+        // With the overlay, pod sources never cross the fabric unwrapped, routed hop or not.
+        .fabric_drops_pod_sources(overlay)
+        .probe_bin(env!("CARGO_BIN_EXE_se-probe"))
+        .build()?;
+    let node1 = cluster.node("node1")?.clone();
+    let node3 = cluster.node("node3")?.clone();
+    let segment = cluster.node_segment("node3")?.clone();
+    assert_eq!(
+        (
+            segment.number,
+            segment.subnet.to_string(),
+            segment.router_ip,
+            segment.bridge.as_str()
+        ),
+        (1, "10.99.1.0/24".to_owned(), addr("10.99.1.1"), "seg1")
+    );
+    assert_eq!(
+        (node3.ip, node3.gateway),
+        (addr("10.99.1.13"), segment.router_ip)
+    );
+    assert_eq!(
+        cluster.node_segment("node1")?.bridge,
+        cluster.router_bridge()
+    );
+    assert_eq!(cluster.segments().len(), 2);
+    let object = cluster
+        .objects()
+        .nodes
+        .iter()
+        .find(|n| n.name == "node3")
+        .context("no Node object for node3")?;
+    assert_eq!(object.internal_ip, Some(node3.ip));
+
+    ping(&node3.netns, node1.ip)?;
+    let path = node3.exec(["ip", "route", "get", &node1.ip.to_string()])?;
+    ensure!(path.contains("via 10.99.1.1 dev eth0"), "{path}");
+
+    let a = cluster.add_pod(PodSpec::new("default", "a", "node1"))?;
+    let b = cluster.add_pod(PodSpec::new("default", "b", "node2"))?;
+    let c = cluster.add_pod(PodSpec::new("default", "c", "node3"))?;
+    assert_eq!(c.ip, addr("10.244.3.2"));
+    assert_eq!(cluster.ask(&c)?, node3.ip);
+    ping(&c.netns, a.ip)?;
+    ping(&c.netns, b.ip)?;
+    ping(&b.netns, c.ip)?;
+    let (_in_a, server_a) = serve_in(&cluster, &a, 7000)?;
+    let (_in_c, server_c) = serve_in(&cluster, &c, 7000)?;
+    assert_eq!(ask_from(&cluster, &c, server_a)?, c.ip);
+    assert_eq!(ask_from(&cluster, &b, server_c)?, b.ip);
+
+    let router_routes = netlab::exec(cluster.router_netns(), ["ip", "route", "show"])?;
+    let to_node3_pods = node1.exec(["ip", "route", "show", "10.244.3.0/24"])?;
+    if overlay {
+        let fdb = node1.exec(["bridge", "fdb", "show", "dev", "flannel.1"])?;
+        ensure!(fdb.contains("dst 10.99.1.13 self permanent"), "{fdb}");
+        ensure!(
+            to_node3_pods.contains("dev flannel.1 onlink"),
+            "{to_node3_pods}"
+        );
+        ensure!(!router_routes.contains("10.244."), "{router_routes}");
+        assert_eq!(cluster.fabric_drops()?, 0);
+    } else {
+        assert_eq!(to_node3_pods.trim(), "10.244.3.0/24 via 10.99.0.1 dev eth0");
+        let to_node2_pods = node1.exec(["ip", "route", "show", "10.244.2.0/24"])?;
+        assert_eq!(
+            to_node2_pods.trim(),
+            "10.244.2.0/24 via 10.99.0.12 dev eth0"
+        );
+        for route in [
+            "10.244.1.0/24 via 10.99.0.11 dev br0",
+            "10.244.3.0/24 via 10.99.1.13 dev seg1",
+        ] {
+            ensure!(
+                router_routes.contains(route),
+                "{route:?} missing from {router_routes}"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_node_on_another_segment_is_reached_through_the_router_by_host_gw_routes() -> Result<()> {
+    a_node_on_another_segment_is_reached_through_the_router(false)
+}
+
+#[test]
+fn a_node_on_another_segment_is_reached_through_the_router_by_the_overlay() -> Result<()> {
+    a_node_on_another_segment_is_reached_through_the_router(true)
+}
+
+/// Every link of the fabric takes the fabric's MTU, and the VXLAN devices 50 bytes less: an
+/// 8000-byte ping that may not be fragmented crosses a 9000 fabric (on a segment, through the
+/// router, to ext, and inside the overlay) and is refused by a 1500 one, where the overlay
+/// carries at most 1450.
+#[test]
+fn the_fabric_mtu_decides_whether_jumbo_frames_cross() -> Result<()> {
+    let jumbo = |mtu: u32| {
+        Cluster::builder()
+            .nodes(3)
+            .with_node("node3", |n| n.segment(1))
+            .overlay(true)
+            .fabric_mtu(mtu)
+            .probe_bin(env!("CARGO_BIN_EXE_se-probe"))
+            .build()
+    };
+    let big = ["ping", "-M", "do", "-s", "8000", "-c", "1", "-W", "2"];
+
+    let cluster = jumbo(9000)?;
+    let node1 = cluster.node("node1")?.clone();
+    let router = cluster.router_netns();
+    let mut mtus = vec![
+        mtu(&node1.netns, &node1.uplink)?,
+        mtu(router, &node1.router_port)?,
+        mtu(router, cluster.router_bridge())?,
+        mtu(router, "seg1")?,
+        mtu(router, "ext0")?,
+        mtu(cluster.ext_netns(), "eth0")?,
+    ];
+    mtus.dedup();
+    assert_eq!(mtus, [9000]);
+    assert_eq!(mtu(&node1.netns, "flannel.1")?, 8950);
+    for to in [
+        cluster.node("node2")?.ip,
+        cluster.node("node3")?.ip,
+        cluster.ext_ip(),
+        addr("10.244.2.0"),
+        addr("10.244.3.0"),
+    ] {
+        let target = to.to_string();
+        node1
+            .exec(big.iter().copied().chain([target.as_str()]))
+            .with_context(|| format!("8000 bytes to {to} on a 9000 fabric"))?;
+    }
+    drop(cluster);
+
+    let cluster = jumbo(1500)?;
+    let node1 = cluster.node("node1")?.clone();
+    assert_eq!(mtu(&node1.netns, &node1.uplink)?, 1500);
+    assert_eq!(mtu(&node1.netns, "flannel.1")?, 1450);
+    let node2 = cluster.node("node2")?.ip.to_string();
+    let refused = fails(
+        &node1.netns,
+        &big.iter()
+            .copied()
+            .chain([node2.as_str()])
+            .collect::<Vec<_>>(),
+    )?;
+    ensure!(refused.contains("message too long"), "{refused}");
+    // The largest ICMP payload flannel.1 carries whole is 1450 - 28 bytes of IPv4 and ICMP.
+    let fits = [
+        "ping",
+        "-M",
+        "do",
+        "-c",
+        "1",
+        "-W",
+        "2",
+        "-s",
+        "1422",
+        "10.244.2.0",
+    ];
+    node1.exec(fits)?;
+    let too_big = [
+        "ping",
+        "-M",
+        "do",
+        "-c",
+        "1",
+        "-W",
+        "2",
+        "-s",
+        "1423",
+        "10.244.2.0",
+    ];
+    let refused = fails(&node1.netns, &too_big)?;
+    ensure!(refused.contains("message too long"), "{refused}");
+    Ok(())
 }

@@ -36,23 +36,34 @@ pub struct MapContents {
     pub egress: BTreeMap<u32, EgressEntry>,
     /// (prefix length, address) -> `RANGE_*` bits.
     pub ranges: BTreeMap<(u32, u32), u8>,
+    /// (prefix length, address) of another node's pod CIDR -> that node's address.
+    pub peers: BTreeMap<(u32, u32), u32>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Hook {
     PodIngress,
+    /// The uplink's ingress, and the tunnel device's: packets of other nodes' pods arrive on
+    /// either.
     UplinkIngress,
     UplinkEgress,
+    TunnelEgress,
 }
 
 impl Hook {
-    const ALL: [Hook; 3] = [Hook::PodIngress, Hook::UplinkIngress, Hook::UplinkEgress];
+    const ALL: [Hook; 4] = [
+        Hook::PodIngress,
+        Hook::UplinkIngress,
+        Hook::UplinkEgress,
+        Hook::TunnelEgress,
+    ];
 
     fn prefix(self) -> &'static str {
         match self {
             Hook::PodIngress => "ingress-",
             Hook::UplinkIngress => "uplink-ingress-",
             Hook::UplinkEgress => "egress-",
+            Hook::TunnelEgress => "tunnel-egress-",
         }
     }
     fn program(self) -> &'static str {
@@ -60,12 +71,13 @@ impl Hook {
             Hook::PodIngress => names::PROG_POD_INGRESS,
             Hook::UplinkIngress => names::PROG_UPLINK_INGRESS,
             Hook::UplinkEgress => names::PROG_UPLINK_EGRESS,
+            Hook::TunnelEgress => names::PROG_TUNNEL_EGRESS,
         }
     }
     fn attach_type(self) -> TcAttachType {
         match self {
             Hook::PodIngress | Hook::UplinkIngress => TcAttachType::Ingress,
-            Hook::UplinkEgress => TcAttachType::Egress,
+            Hook::UplinkEgress | Hook::TunnelEgress => TcAttachType::Egress,
         }
     }
 }
@@ -87,6 +99,7 @@ pub struct Bpf {
     counters: PerCpuHashMap<MapData, u32, Counters>,
     config: Array<MapData, Config>,
     ranges: LpmTrie<MapData, u32, u8>,
+    peers: LpmTrie<MapData, u32, u32>,
     guard: PerCpuArray<MapData, Guard>,
     lease: Array<MapData, Lease>,
     heard: Array<MapData, Heard>,
@@ -145,6 +158,7 @@ impl Bpf {
         Ok(Self {
             config: take(&mut ebpf, names::CONFIG)?,
             ranges: take(&mut ebpf, names::RANGES)?,
+            peers: take(&mut ebpf, names::PEERS)?,
             guard: take(&mut ebpf, names::GUARD)?,
             lease: take(&mut ebpf, names::LEASE)?,
             heard: take(&mut ebpf, names::HEARD)?,
@@ -229,6 +243,23 @@ impl Bpf {
                     .insert(ip, entry, 0)
                     .map_err(map_err(names::EGRESS))?;
             }
+        }
+        for (&(len, addr), node) in &want.peers {
+            let k = Key::new(len, addr);
+            if self.peers.get(&k, 0).ok() != Some(*node) {
+                self.peers
+                    .insert(&k, node, 0)
+                    .map_err(map_err(names::PEERS))?;
+            }
+        }
+        let stale: Vec<Key<u32>> = self
+            .peers
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !want.peers.contains_key(&(k.prefix_len(), k.data())))
+            .collect();
+        for key in stale {
+            self.peers.remove(&key).map_err(map_err(names::PEERS))?;
         }
         for ((len, key), verdict) in &want.dests {
             let k = Key::new(*len, *key);

@@ -18,6 +18,10 @@ pub struct DatapathConfig {
     pub probe_port: u16,
     /// What the kernel programs log (off: nothing; their log calls cost one branch then).
     pub kernel_log: KernelLog,
+    /// When marked packets go to their holder through the tunnel.
+    pub tunnel: super::tunnel::TunnelMode,
+    /// The tunnel's UDP port (VXLAN), the same on every node.
+    pub tunnel_port: u16,
 }
 
 /// How much the kernel programs log into the agent's log (`--kernel-log`, or a Node's

@@ -10,6 +10,7 @@ pub mod nft;
 mod ours;
 mod rule;
 mod state;
+pub mod tunnel;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -17,8 +18,8 @@ use std::path::PathBuf;
 
 use static_egress_common::{
     Config, DEST_EXCLUDED, DEST_GATEWAY_BITS, DEST_VIA_GATEWAY, DestKey, EGRESS_LOCAL,
-    EGRESS_ROUTED, EgressEntry, GATEWAY_FAIL_CLOSED, GATEWAY_HOLD, GatewayEntry, Guard, Heard,
-    Lease, PodEntry, RANGE_CLUSTER, RANGE_REMOTE_PODS,
+    EGRESS_ROUTED, EGRESS_TUNNEL, EgressEntry, GATEWAY_FAIL_CLOSED, GATEWAY_HOLD, GatewayEntry,
+    Guard, Heard, Lease, PodEntry, RANGE_CLUSTER, RANGE_REMOTE_PODS,
 };
 
 use crate::model::FailurePolicy;
@@ -175,6 +176,8 @@ pub struct Datapath {
     nft: Option<NftApplied>,
     /// The egress IPs on the uplink now, for the repeated announcements of those just taken.
     held_now: tokio::sync::watch::Sender<BTreeSet<Ipv4Addr>>,
+    /// The holders reached through the tunnel, as last applied.
+    tunneled: BTreeSet<Ipv4Addr>,
     /// The state dir is ours while the data path is: one agent per node and state dir.
     _lock: crate::fsutil::DirLock,
 }
@@ -193,6 +196,7 @@ impl Datapath {
             state,
             nft: None,
             held_now: tokio::sync::watch::Sender::new(BTreeSet::new()),
+            tunneled: BTreeSet::new(),
             _lock: lock,
         })
     }
@@ -275,9 +279,28 @@ impl Datapath {
         let macs = self
             .sender_macs(&uplink, &plan.senders, &mut applied)
             .await?;
+        // Every node has the tunnel's device: any may receive through it, as holder or as
+        // origin of the replies.
+        self.record(|s| s.tunnel = true)?;
+        let tunnel_index = tunnel::device(&self.nl, &uplink, self.config.tunnel_port).await?;
+        let tunneled = self.tunneled(plan, &uplink).await?;
+        let peers: Vec<Ipv4Addr> = plan
+            .peers
+            .iter()
+            .map(|(_, ip)| *ip)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
         let senders = nft::Senders {
             uplink: &uplink.name,
             macs: &macs,
+            tunnel: Some(nft::Tunnel {
+                device: static_egress_common::tunnel::DEVICE,
+                port: self.config.tunnel_port,
+                peers: &peers,
+                mark: rule.mark,
+                mss: tunnel::mss(uplink.mtu.unwrap_or(1500)),
+            }),
         };
         // Before the SNAT for an egress IP taken now goes in: from then on its entries are new.
         let present: BTreeSet<Ipv4Addr> = self
@@ -317,26 +340,29 @@ impl Datapath {
         }
 
         self.nl.sync_rule(rule).await?;
-        let via = single_remote_holder(plan);
-        self.nl.sync_table(rule.table, uplink.index, via).await?;
+        let via = single_remote_holder(plan).filter(|h| !tunneled.contains(h));
+        self.nl
+            .sync_table(
+                rule.table,
+                uplink.index,
+                via,
+                Some((tunnel_index, &plan.remote_pod_cidrs)),
+            )
+            .await?;
         // The programs switch to our bit only once its rule and table are in place.
         self.bpf.set_config(Config {
             mark: rule.mark,
             node_ip: plan.node_ip.map(wire).unwrap_or_default(),
             probe_port: self.config.probe_port.to_be(),
             _reserved: 0,
+            tunnel_ifindex: tunnel_index,
         })?;
-        let holders: BTreeSet<Ipv4Addr> = plan
-            .gateways
-            .iter()
-            .flat_map(|g| g.egress.iter().filter_map(|e| e.holder.as_ref()))
-            .filter(|h| h.node != plan.node)
-            .map(|h| h.node_ip)
-            .collect();
+        let holders = plan.remote_holders();
         // The nodes that would send here after a takeover too: it then finds their link-layer
         // addresses known instead of waiting for them (a cut-off holder's replacement waited up
         // to half a second).
-        for ip in holders.iter().chain(&plan.standby_senders) {
+        let direct = holders.iter().filter(|h| !tunneled.contains(h));
+        for ip in direct.chain(&plan.standby_senders) {
             self.record(|s| {
                 s.neighbours.insert(*ip);
             })?;
@@ -347,15 +373,26 @@ impl Datapath {
             .nl
             .neighbour_macs(uplink.index, &holders.iter().copied().collect::<Vec<_>>())
             .await?;
-        self.bpf.sync_maps(&map_contents(plan, via, &holder_macs))?;
+        self.bpf
+            .sync_maps(&map_contents(plan, via, &holder_macs, &tunneled))?;
         let pod_ifaces = self.pod_interfaces(plan, &uplink, warnings).await;
         // The uplink program first: a packet marked before it is in place would leave through
         // the router with the pod's address instead of going to the holder.
         let uplink_only = BTreeMap::from([(uplink.index, uplink.name.clone())]);
+        let tunnel_only = BTreeMap::from([(
+            tunnel_index,
+            static_egress_common::tunnel::DEVICE.to_owned(),
+        )]);
+        let arriving: BTreeMap<u32, String> = uplink_only
+            .clone()
+            .into_iter()
+            .chain(tunnel_only.clone())
+            .collect();
         if check == Check::Everything {
             for (hook, interfaces) in [
                 (Hook::UplinkEgress, &uplink_only),
-                (Hook::UplinkIngress, &uplink_only),
+                (Hook::UplinkIngress, &arriving),
+                (Hook::TunnelEgress, &tunnel_only),
                 (Hook::PodIngress, &pod_ifaces),
             ] {
                 for name in self.bpf.forget_detached(hook, interfaces)? {
@@ -365,8 +402,9 @@ impl Datapath {
                 }
             }
         }
+        self.bpf.sync_links(Hook::TunnelEgress, &tunnel_only)?;
         self.bpf.sync_links(Hook::UplinkEgress, &uplink_only)?;
-        self.bpf.sync_links(Hook::UplinkIngress, &uplink_only)?;
+        self.bpf.sync_links(Hook::UplinkIngress, &arriving)?;
         self.bpf.sync_links(Hook::PodIngress, &pod_ifaces)?;
         self.bpf.forget_old_maps()?;
 
@@ -375,7 +413,7 @@ impl Datapath {
             .neighbours
             .iter()
             .filter(|ip| {
-                !holders.contains(ip)
+                (!holders.contains(ip) || tunneled.contains(ip))
                     && plan.senders.binary_search(ip).is_err()
                     && plan.standby_senders.binary_search(ip).is_err()
             })
@@ -547,6 +585,39 @@ impl Datapath {
             in_force: in_force.clone(),
         });
         Ok(in_force)
+    }
+
+    /// The other nodes holding egress IPs of this node's pods that packets reach through the
+    /// tunnel (see [`tunnel::TunnelMode`]); a change is logged.
+    async fn tunneled(
+        &mut self,
+        plan: &NodePlan,
+        uplink: &netlink::Interface,
+    ) -> Result<BTreeSet<Ipv4Addr>, DatapathError> {
+        let holders = plan.remote_holders();
+        let mut tunneled = BTreeSet::new();
+        if !holders.is_empty() && self.config.tunnel != tunnel::TunnelMode::Never {
+            let pods_routed = tunnel::pods_routed(&self.nl, uplink, &plan.remote_pod_cidrs).await?;
+            for holder in holders {
+                let on_link = tunnel::on_link(&self.nl, uplink, holder).await?;
+                let reach = tunnel::Reach {
+                    on_link,
+                    pods_routed,
+                };
+                if self.config.tunnel.tunneled(reach) {
+                    tunneled.insert(holder);
+                }
+            }
+        }
+        if tunneled != self.tunneled {
+            tracing::info!(
+                tunneled = ?tunneled,
+                mode = ?self.config.tunnel,
+                "holders reached through the tunnel"
+            );
+            self.tunneled = tunneled.clone();
+        }
+        Ok(tunneled)
     }
 
     /// The interface holding this node's InternalIP.
@@ -724,11 +795,13 @@ pub fn single_remote_holder(plan: &NodePlan) -> Option<Ipv4Addr> {
 }
 
 /// The BPF map contents a plan asks for; `routed` is the holder our table routes to, `macs`
-/// the holders' link-layer addresses known now.
+/// the holders' link-layer addresses known now, `tunneled` the holders reached through the
+/// tunnel.
 pub fn map_contents(
     plan: &NodePlan,
     routed: Option<Ipv4Addr>,
     macs: &BTreeMap<Ipv4Addr, [u8; 6]>,
+    tunneled: &BTreeSet<Ipv4Addr>,
 ) -> MapContents {
     let mut maps = MapContents::default();
     for gw in &plan.gateways {
@@ -743,6 +816,8 @@ pub fn map_contents(
                     holder: wire(h.node_ip),
                     flags: if h.node == plan.node {
                         EGRESS_LOCAL
+                    } else if tunneled.contains(&h.node_ip) {
+                        EGRESS_TUNNEL
                     } else if routed == Some(h.node_ip) {
                         EGRESS_ROUTED
                     } else {
@@ -792,6 +867,12 @@ pub fn map_contents(
                 gateway: pod.gateway_id,
                 egress_ip: wire(pod.egress_ip),
             },
+        );
+    }
+    for (cidr, node) in &plan.peers {
+        maps.peers.insert(
+            (u32::from(cidr.prefix_len()), wire(cidr.network())),
+            wire(*node),
         );
     }
     for pod in &plan.held {
@@ -875,7 +956,12 @@ mod tests {
     fn routes_to_the_holder_only_when_every_local_pod_uses_that_one_remote_node() {
         let one = plan(["node2", "node3"], &["10.99.0.200", "10.99.0.200"]);
         assert_eq!(single_remote_holder(&one), Some(ip("10.99.0.12")));
-        let routed = map_contents(&one, single_remote_holder(&one), &BTreeMap::new());
+        let routed = map_contents(
+            &one,
+            single_remote_holder(&one),
+            &BTreeMap::new(),
+            &BTreeSet::new(),
+        );
         assert_eq!(routed.egress[&wire(ip("10.99.0.200"))].flags, EGRESS_ROUTED);
         assert_eq!(routed.egress[&wire(ip("10.99.0.201"))].flags, 0);
 
@@ -885,9 +971,29 @@ mod tests {
         let local = plan(["node2", "node1"], &["10.99.0.200", "10.99.0.201"]);
         assert_eq!(single_remote_holder(&local), None);
         assert_eq!(
-            map_contents(&local, None, &BTreeMap::new()).egress[&wire(ip("10.99.0.201"))].flags,
+            map_contents(&local, None, &BTreeMap::new(), &BTreeSet::new()).egress
+                [&wire(ip("10.99.0.201"))]
+                .flags,
             EGRESS_LOCAL
         );
         assert_eq!(single_remote_holder(&plan(["node2", "node3"], &[])), None);
+    }
+
+    #[test]
+    fn tunneled_holders_are_flagged_and_the_peers_known() {
+        let mut one = plan(["node2", "node3"], &["10.99.0.200", "10.99.0.201"]);
+        one.peers = vec![("10.244.2.0/24".parse().expect("net"), ip("10.99.0.12"))];
+        let tunneled = BTreeSet::from([ip("10.99.0.13")]);
+        let maps = map_contents(&one, None, &BTreeMap::new(), &tunneled);
+        assert_eq!(maps.egress[&wire(ip("10.99.0.200"))].flags, 0);
+        assert_eq!(maps.egress[&wire(ip("10.99.0.201"))].flags, EGRESS_TUNNEL);
+        assert_eq!(
+            maps.peers,
+            BTreeMap::from([((24, wire(ip("10.244.2.0"))), wire(ip("10.99.0.12")))])
+        );
+        assert_eq!(
+            one.remote_holders(),
+            BTreeSet::from([ip("10.99.0.12"), ip("10.99.0.13")])
+        );
     }
 }

@@ -5,10 +5,11 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 
 use futures_util::TryStreamExt as _;
+use ipnet::Ipv4Net;
 use rtnetlink::packet_route::{
     AddressFamily,
     address::{AddressAttribute, AddressMessage},
-    link::LinkAttribute,
+    link::{LinkAttribute, LinkFlags},
     neighbour::{
         NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourMessage, NeighbourState,
     },
@@ -28,6 +29,8 @@ pub struct Interface {
     pub index: u32,
     pub name: String,
     pub mac: Option<[u8; 6]>,
+    pub mtu: Option<u32>,
+    pub up: bool,
 }
 
 pub struct Netlink {
@@ -55,11 +58,14 @@ impl Netlink {
                     index,
                     name: String::new(),
                     mac: None,
+                    mtu: None,
+                    up: msg.header.flags.contains(LinkFlags::Up),
                 };
                 for attr in msg.attributes {
                     match attr {
                         LinkAttribute::IfName(name) => iface.name = name,
                         LinkAttribute::Address(bytes) => iface.mac = bytes.try_into().ok(),
+                        LinkAttribute::Mtu(mtu) => iface.mtu = Some(mtu),
                         _ => {}
                     }
                 }
@@ -102,6 +108,14 @@ impl Netlink {
 
     /// The output interface of the kernel's route to `ip`, as `ip route get` would say.
     pub async fn route_oif(&self, ip: Ipv4Addr) -> Result<Option<u32>, DatapathError> {
+        Ok(self.route_to(ip).await?.map(|(oif, _)| oif))
+    }
+
+    /// The output interface and the gateway, if any, of the kernel's route to `ip`.
+    pub async fn route_to(
+        &self,
+        ip: Ipv4Addr,
+    ) -> Result<Option<(u32, Option<Ipv4Addr>)>, DatapathError> {
         let mut msg = RouteMessage::default();
         msg.header.address_family = AddressFamily::Inet;
         msg.header.destination_prefix_length = 32;
@@ -109,10 +123,13 @@ impl Netlink {
             .push(RouteAttribute::Destination(RouteAddress::Inet(ip)));
         let mut answers = self.handle.route().get(msg).execute();
         match answers.try_next().await {
-            Ok(Some(route)) => Ok(route.attributes.iter().find_map(|a| match a {
-                RouteAttribute::Oif(i) => Some(*i),
-                _ => None,
-            })),
+            Ok(Some(route)) => {
+                let gateway = route.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Gateway(RouteAddress::Inet(gw)) => Some(*gw),
+                    _ => None,
+                });
+                Ok(route_oif(&route).map(|oif| (oif, gateway)))
+            }
             Ok(None) => Ok(None),
             // Unreachable, prohibit and blackhole routes (CNIs put one on a node's pod CIDR)
             // answer with an error: no interface leads to the address.
@@ -148,16 +165,17 @@ impl Netlink {
             .collect())
     }
 
-    /// Makes `table` hold exactly the main table's unicast routes through `uplink`, so that
-    /// marked packets leave through it whatever other routes the node has.
     /// Makes `table` hold the main table's unicast routes through `uplink`, so that marked
     /// packets leave through it whatever other routes the node has. With `via`, the default
-    /// route goes to that node instead: the holder every local selected pod uses.
+    /// route goes to that node instead: the holder every local selected pod uses. With
+    /// `tunnel`, the other nodes' pod CIDRs go through that device (index, CIDRs): the way
+    /// back for replies to pods whose packets came through it.
     pub async fn sync_table(
         &self,
         table: u32,
         uplink: u32,
         via: Option<Ipv4Addr>,
+        tunnel: Option<(u32, &[Ipv4Net])>,
     ) -> Result<(), DatapathError> {
         let mut wanted: Vec<RouteMessage> = self
             .table_routes(MAIN_TABLE)
@@ -169,6 +187,9 @@ impl Netlink {
         if let Some(holder) = via {
             wanted.retain(|r| r.header.destination_prefix_length != 0);
             wanted.push(default_via(holder, uplink, table));
+        }
+        if let Some((device, cidrs)) = tunnel {
+            wanted.extend(cidrs.iter().map(|cidr| through(*cidr, device, table)));
         }
         // Replacing first: a default route that changes gateway is swapped in place, so marked
         // packets never find the table without one.
@@ -195,6 +216,68 @@ impl Netlink {
             }
         }
         Ok(())
+    }
+
+    /// Creates our tunnel device (VXLAN, collect-metadata, on UDP `port`, no ARP, `mac`,
+    /// `mtu`) unless it exists, and brings it up; its index.
+    pub async fn ensure_vxlan(
+        &self,
+        name: &str,
+        port: u16,
+        mac: [u8; 6],
+        mtu: u32,
+    ) -> Result<u32, DatapathError> {
+        if self.interface_index(name).await?.is_none() {
+            let message = rtnetlink::LinkMessageBuilder::<rtnetlink::LinkVxlan>::new(name)
+                .port(port)
+                .learning(false)
+                .collect_metadata(true)
+                .arp(false)
+                .address(mac.to_vec())
+                .mtu(mtu)
+                .build();
+            self.handle
+                .link()
+                .add(message)
+                .execute()
+                .await
+                .map_err(nl("add tunnel device"))?;
+        }
+        let index = self
+            .interface_index(name)
+            .await?
+            .ok_or_else(|| DatapathError::Netlink {
+                what: "find the tunnel device just created",
+                source: rtnetlink::Error::RequestFailed,
+            })?;
+        let iface = self.interface(index).await?;
+        if iface.as_ref().and_then(|i| i.mtu) != Some(mtu) || !iface.is_some_and(|i| i.up) {
+            let message = rtnetlink::LinkUnspec::new_with_index(index)
+                .mtu(mtu)
+                .up()
+                .build();
+            self.handle
+                .link()
+                .set(message)
+                .execute()
+                .await
+                .map_err(nl("set tunnel device up"))?;
+        }
+        Ok(index)
+    }
+
+    /// Deletes the interface `name` if it exists.
+    pub async fn remove_interface(&self, name: &str) -> Result<bool, DatapathError> {
+        let Some(index) = self.interface_index(name).await? else {
+            return Ok(false);
+        };
+        self.handle
+            .link()
+            .del(index)
+            .execute()
+            .await
+            .map_err(nl("delete link"))?;
+        Ok(true)
     }
 
     pub async fn flush_table(&self, table: u32) -> Result<(), DatapathError> {
@@ -463,6 +546,22 @@ fn is_path(attr: &RouteAttribute) -> bool {
         attr,
         RouteAttribute::Destination(_) | RouteAttribute::Gateway(_) | RouteAttribute::Oif(_)
     )
+}
+
+/// `cidr` straight out of `device` (no next hop: the device does not resolve any).
+fn through(cidr: Ipv4Net, device: u32, table: u32) -> RouteMessage {
+    let mut route = RouteMessage::default();
+    route.header.address_family = AddressFamily::Inet;
+    route.header.destination_prefix_length = cidr.prefix_len();
+    route.header.kind = RouteType::Unicast;
+    route.header.scope = RouteScope::Link;
+    route.header.table = u8::try_from(table).unwrap_or(RouteHeader::RT_TABLE_UNSPEC);
+    route.attributes = vec![
+        RouteAttribute::Destination(RouteAddress::Inet(cidr.network())),
+        RouteAttribute::Oif(device),
+        RouteAttribute::Table(table),
+    ];
+    route
 }
 
 /// A copy of a main-table route for our table, keeping only what identifies the path.

@@ -24,6 +24,21 @@ const PRIORITY: &str = "srcnat - 10";
 pub struct Senders<'a> {
     pub uplink: &'a str,
     pub macs: &'a [[u8; 6]],
+    /// The tunnel between nodes, when this node has its device.
+    pub tunnel: Option<Tunnel<'a>>,
+}
+
+/// The rules of the tunnel (see `datapath::tunnel`).
+#[derive(Clone, Copy, Debug)]
+pub struct Tunnel<'a> {
+    pub device: &'a str,
+    pub port: u16,
+    /// The other nodes' addresses: the only ones the tunnel takes packets from.
+    pub peers: &'a [std::net::Ipv4Addr],
+    /// Our bit, kept in the connection's mark for connections that came through the tunnel.
+    pub mark: u32,
+    /// The largest TCP segment that fits the tunnel.
+    pub mss: u32,
 }
 
 /// Our table for `snat`; `marks` are the fwmark bits that mean "selected" (ours, and while
@@ -102,6 +117,9 @@ pub fn render(snat: &[SnatPlan], marks: u32, senders: Senders<'_>) -> String {
             "  chain input {{\n    type filter hook input priority filter; policy accept;\n    ip daddr @held meta l4proto {{ tcp, udp }} ct state new,invalid counter drop comment \"not a connection of this holder\"\n  }}"
         );
     }
+    if let Some(tunnel) = senders.tunnel {
+        render_tunnel(&mut s, senders.uplink, tunnel);
+    }
     let _ = writeln!(
         s,
         "  chain postrouting {{\n    type nat hook postrouting priority {PRIORITY}; policy accept;"
@@ -112,6 +130,13 @@ pub fn render(snat: &[SnatPlan], marks: u32, senders: Senders<'_>) -> String {
             "    ip saddr @pods_{i} ip daddr @dst_{i} ip daddr != @excl_{i} snat ip to {} comment \"{}\"",
             rule.egress_ip,
             comment(&rule.gateway)
+        );
+    }
+    if let Some(tunnel) = senders.tunnel {
+        let _ = writeln!(
+            s,
+            "    iifname \"{}\" meta mark & {marks:#x} != 0 counter drop comment \"not translated here\"",
+            tunnel.device
         );
     }
     // Another node's pod, sent here to leave with an egress IP this node does not (or no
@@ -128,6 +153,33 @@ pub fn render(snat: &[SnatPlan], marks: u32, senders: Senders<'_>) -> String {
         "    meta mark & {marks:#x} != 0 snat ip to ip saddr comment \"keep source of marked pod traffic\"\n  }}\n}}"
     );
     s
+}
+
+/// Tunnel packets come from other nodes only (before connection tracking, as the spoof check
+/// above). A connection that came through the tunnel keeps our bit in its conntrack mark, so
+/// that its replies get it too and our table sends them back through the tunnel (its routes
+/// for the other nodes' pod CIDRs); their SYNs are clamped to what fits the tunnel, both ways.
+fn render_tunnel(s: &mut String, uplink: &str, tunnel: Tunnel<'_>) {
+    let Tunnel {
+        device,
+        port,
+        peers,
+        mark,
+        mss,
+    } = tunnel;
+    set(s, "peers", false, peers.iter().map(ToString::to_string));
+    let _ = writeln!(
+        s,
+        "  chain tunnel_in {{\n    type filter hook prerouting priority raw; policy accept;\n    iifname \"{uplink}\" udp dport {port} ip saddr != @peers counter drop comment \"tunnel packet not from a node\"\n  }}"
+    );
+    let _ = writeln!(
+        s,
+        "  chain tunnel_mark {{\n    type filter hook prerouting priority mangle; policy accept;\n    iifname \"{device}\" ct mark set ct mark or {mark:#x}\n    iifname != \"{device}\" ct direction reply ct mark & {mark:#x} == {mark:#x} meta mark set meta mark or {mark:#x}\n  }}"
+    );
+    let _ = writeln!(
+        s,
+        "  chain tunnel_mss {{\n    type filter hook forward priority mangle; policy accept;\n    ct mark & {mark:#x} == {mark:#x} tcp flags syn tcp option maxseg size > {mss} tcp option maxseg size set {mss}\n  }}"
+    );
 }
 
 fn set(s: &mut String, name: &str, interval: bool, elements: impl Iterator<Item = String>) {
@@ -243,6 +295,7 @@ mod tests {
         let senders = Senders {
             uplink: "eth0",
             macs: &[[0x02, 0, 0, 0, 0, 0x0b]],
+            tunnel: None,
         };
         let text = render(&[plan], 0x2000, senders);
         assert!(text.starts_with("add table ip static_egress\ndelete table ip static_egress\n"));
@@ -266,6 +319,25 @@ mod tests {
         ));
         let none = render(&[], 0x2000, senders);
         assert!(!none.contains("prerouting") && !none.contains("input"));
+        let peers = ["10.0.0.2".parse().expect("ip")];
+        let tunneled = Senders {
+            tunnel: Some(Tunnel {
+                device: "se-tunnel",
+                port: 8475,
+                peers: &peers,
+                mark: 0x2000,
+                mss: 1410,
+            }),
+            ..senders
+        };
+        let text = render(&[], 0x2000, tunneled);
+        assert!(text.contains("iifname \"eth0\" udp dport 8475 ip saddr != @peers counter drop"));
+        assert!(text.contains("iifname \"se-tunnel\" ct mark set ct mark or 0x2000"));
+        assert!(text.contains("tcp option maxseg size set 1410"));
+        assert!(text.contains(
+            "iifname \"se-tunnel\" meta mark & 0x2000 != 0 counter drop comment \"not translated here\""
+        ));
+        check(&text).expect("nftables accepts the tunnel's rules");
     }
 
     #[test]

@@ -16,6 +16,7 @@ use super::rule::Removal;
 use super::state::{Record, State};
 use super::{DatapathConfig, DatapathError, RuleSpec, bpf, nft};
 use crate::fsutil::{DirLock, LOCK_FILE};
+use static_egress_common::tunnel;
 
 /// What [`remove_by_name`] found.
 #[derive(Debug, Default)]
@@ -42,6 +43,7 @@ pub(super) async fn remove_by_name(
     nl.flush_table(rule.table).await?;
     result.found |= nft::remove()?;
     result.found |= bpf::remove_pins(bpffs)?;
+    result.found |= nl.remove_interface(tunnel::DEVICE).await?;
     Ok(result)
 }
 
@@ -105,6 +107,9 @@ pub(super) async fn cleanup(
                 for ip in &state.neighbours {
                     nl.forget_neighbour(index, *ip).await?;
                 }
+            }
+            if state.tunnel {
+                nl.remove_interface(tunnel::DEVICE).await?;
             }
             removed = true;
         }

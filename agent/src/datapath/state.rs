@@ -32,6 +32,9 @@ pub struct State {
     /// Holders' node IPs we keep resolved on the uplink.
     #[serde(default)]
     pub neighbours: BTreeSet<Ipv4Addr>,
+    /// Whether we created the tunnel device (`static_egress_common::tunnel::DEVICE`).
+    #[serde(default)]
+    pub tunnel: bool,
 }
 
 /// What the state directory holds.

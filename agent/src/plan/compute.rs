@@ -242,6 +242,7 @@ pub fn plan(snapshot: &Snapshot, node: &str, config: &PlanConfig) -> NodePlan {
         standby_senders: standby_senders.difference(&senders).copied().collect(),
         senders: senders.into_iter().collect(),
         remote_pod_cidrs: remote_pod_cidrs(snapshot, node),
+        peers: peers(snapshot, node),
         cluster_cidrs,
         problems,
     }
@@ -374,6 +375,19 @@ fn remote_pod_cidrs(snapshot: &Snapshot, node: &str) -> Vec<Ipv4Net> {
     cidrs.sort_unstable();
     cidrs.dedup();
     cidrs
+}
+
+fn peers(snapshot: &Snapshot, node: &str) -> Vec<(Ipv4Net, Ipv4Addr)> {
+    let mut peers: Vec<(Ipv4Net, Ipv4Addr)> = snapshot
+        .nodes
+        .values()
+        .filter(|n| n.name != node)
+        .filter_map(|n| Some((n, n.internal_ip?)))
+        .flat_map(|(n, ip)| n.pod_cidrs.iter().map(move |c| (*c, ip)))
+        .collect();
+    peers.sort_unstable();
+    peers.dedup_by_key(|(cidr, _)| *cidr);
+    peers
 }
 
 fn cluster_ranges(snapshot: &Snapshot, config: &PlanConfig) -> Vec<Ipv4Net> {

@@ -182,6 +182,16 @@ impl NodePlan {
             .collect()
     }
 
+    /// The InternalIPs of the other nodes that hold egress IPs.
+    pub fn remote_holders(&self) -> BTreeSet<Ipv4Addr> {
+        self.gateways
+            .iter()
+            .flat_map(|g| g.egress.iter().filter_map(|e| e.holder.as_ref()))
+            .filter(|h| h.node != self.node)
+            .map(|h| h.node_ip)
+            .collect()
+    }
+
     /// The egress IPs `node` holds.
     pub fn held_by(&self, node: &str) -> BTreeSet<Ipv4Addr> {
         self.holders()

@@ -80,6 +80,9 @@ pub struct NodePlan {
     /// The other nodes' pod CIDRs, sorted: their packets to outside the cluster that reach this
     /// node are on their way to an egress IP it holds (or should, during a handover).
     pub remote_pod_cidrs: Vec<Ipv4Net>,
+    /// The other nodes' pod CIDRs with each node's InternalIP, sorted: where the tunnel takes
+    /// replies to their pods (see [`crate::datapath::tunnel`]).
+    pub peers: Vec<(Ipv4Net, Ipv4Addr)>,
     /// Inconsistencies between gateways that the planner resolved by leaving something out.
     pub problems: Vec<PlanProblem>,
 }

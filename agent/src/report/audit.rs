@@ -9,10 +9,9 @@ use std::io::Write as _;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::sync::{mpsc, watch};
@@ -20,8 +19,8 @@ use tokio::sync::{mpsc, watch};
 use crate::model::Snapshot;
 use crate::plan::NodePlan;
 
-/// Lines waiting for the writer; beyond that they are dropped.
-const QUEUE: usize = 4096;
+/// Lines waiting for the writer by default (`--audit-queue`); beyond that they are dropped.
+pub const QUEUE: usize = 4096;
 /// Connections seen starting and not yet ended; beyond that the starts known so far are
 /// forgotten (those connections' lines then have no start), which bounds the memory.
 const OPEN_MAX: usize = 262_144;
@@ -96,15 +95,15 @@ struct Line {
     bytes_in: Option<u64>,
 }
 
-/// Starts the log; the agent sends it the view after every apply.
-pub fn start(target: AuditTarget) -> watch::Sender<AuditView> {
+/// Starts the log, with up to `queue` lines waiting for a slow writer (more are dropped and
+/// counted in `dropped`); the agent sends it the view after every apply.
+pub fn start(target: AuditTarget, queue: usize, dropped: Counter) -> watch::Sender<AuditView> {
     let (view_tx, view) = watch::channel(AuditView::default());
     if let Err(error) = std::fs::write(ACCT_SYSCTL, "1") {
         tracing::warn!(%error, "cannot turn conntrack accounting on ({ACCT_SYSCTL}): audit lines will have no byte counts");
     }
-    let (lines_tx, lines) = mpsc::channel::<Line>(QUEUE);
-    let dropped = Arc::new(AtomicU64::new(0));
-    tokio::spawn(read_events(view, lines_tx, Arc::clone(&dropped)));
+    let (lines_tx, lines) = mpsc::channel::<Line>(queue.max(1));
+    tokio::spawn(read_events(view, lines_tx, dropped.clone()));
     tokio::task::spawn_blocking(move || write_lines(target, lines, &dropped));
     view_tx
 }
@@ -113,7 +112,7 @@ pub fn start(target: AuditTarget) -> watch::Sender<AuditView> {
 async fn read_events(
     view: watch::Receiver<AuditView>,
     lines: mpsc::Sender<Line>,
-    dropped: Arc<AtomicU64>,
+    dropped: Counter,
 ) {
     loop {
         let child = tokio::process::Command::new("conntrack")
@@ -153,7 +152,7 @@ async fn read_events(
             let line = parsed.line(start, &current.pods);
             drop(current);
             if lines.try_send(line).is_err() {
-                dropped.fetch_add(1, Ordering::Relaxed);
+                dropped.inc();
             }
         }
         if lines.is_closed() {
@@ -164,7 +163,7 @@ async fn read_events(
     }
 }
 
-fn write_lines(target: AuditTarget, mut lines: mpsc::Receiver<Line>, dropped: &AtomicU64) {
+fn write_lines(target: AuditTarget, mut lines: mpsc::Receiver<Line>, dropped: &Counter) {
     let mut out: Box<dyn std::io::Write> = match &target {
         AuditTarget::Stdout => Box::new(std::io::stdout()),
         AuditTarget::File(path) => {
@@ -190,7 +189,7 @@ fn write_lines(target: AuditTarget, mut lines: mpsc::Receiver<Line>, dropped: &A
         if let Err(error) = written {
             tracing::warn!(%error, "writing the audit log");
         }
-        let now = dropped.load(Ordering::Relaxed);
+        let now = dropped.get();
         if now > reported {
             tracing::warn!(
                 dropped = now,

@@ -80,7 +80,8 @@ struct Latest {
 }
 
 impl Metrics {
-    pub fn new(bpffs: PathBuf) -> Self {
+    /// `audit_dropped`: the audit log's dropped lines, when it runs.
+    pub fn new(bpffs: PathBuf, audit_dropped: Option<Counter>) -> Self {
         let latest = Arc::new(Mutex::new(Latest::default()));
         let applies = Histogram::new(exponential_buckets(0.001, 2.0, 14));
         let apply_errors = Family::<StepLabels, Counter>::default();
@@ -101,6 +102,13 @@ impl Metrics {
             "Times the holder of an egress IP changed in the plans this node applied",
             holder_changes.clone(),
         );
+        if let Some(dropped) = audit_dropped {
+            registry.register(
+                "audit_lines_dropped",
+                "Audit log lines dropped because the log's writer did not keep up",
+                dropped,
+            );
+        }
         registry.register_collector(Box::new(FromStatus(Arc::clone(&latest))));
         Self {
             bpffs,

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::watch;
 
 use super::audit::{self, AuditTarget, AuditView};
@@ -24,25 +25,30 @@ pub struct Outputs {
 
 impl Outputs {
     /// The status file in `state_dir`; metrics served on `metrics_addr` (the kernel's
-    /// counters read from the maps pinned under `bpffs`) and the audit log, when asked for.
+    /// counters read from the maps pinned under `bpffs`) and the audit log (with up to its
+    /// `queue` of lines waiting for a slow writer), when asked for.
     pub async fn start(
         state_dir: PathBuf,
         bpffs: PathBuf,
         metrics_addr: Option<SocketAddr>,
-        audit_log: Option<AuditTarget>,
+        audit_log: Option<(AuditTarget, usize)>,
     ) -> Result<Self, MetricsError> {
+        let audit_dropped = audit_log.as_ref().map(|_| Counter::default());
         let metrics = match metrics_addr {
             Some(addr) => {
-                let metrics = Metrics::new(bpffs);
+                let metrics = Metrics::new(bpffs, audit_dropped.clone());
                 metrics.clone().serve(addr).await?;
                 Some(metrics)
             }
             None => None,
         };
+        let audit = audit_log
+            .zip(audit_dropped)
+            .map(|((target, queue), dropped)| audit::start(target, queue, dropped));
         Ok(Self {
             state_dir,
             metrics,
-            audit: audit_log.map(audit::start),
+            audit,
         })
     }
 
