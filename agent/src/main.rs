@@ -140,6 +140,11 @@ struct AgentArgs {
     /// and Cilium use 8472, Calico 4789).
     #[arg(long, default_value_t = 8475)]
     tunnel_port: u16,
+    /// Routing table (ours alone) that holds a route to each egress IP this node holds for a
+    /// gateway with `announce: Bgp`: the node's BGP daemon announces what it finds there (BIRD's
+    /// `protocol kernel { kernel table N; learn; }`, FRR's `ip import-table N`).
+    #[arg(long, default_value = "1491", value_parser = datapath::check_route_table)]
+    announce_table: u32,
     /// How often each node probes the nodes that may hold egress IPs.
     #[arg(long, default_value = "50ms", value_parser = parse_interval)]
     probe_interval: Duration,
@@ -330,6 +335,7 @@ fn main() -> ExitCode {
                 kernel_log: args.kernel_log,
                 tunnel: args.tunnel,
                 tunnel_port: args.tunnel_port,
+                announce_table: args.announce_table,
             },
         })),
         Command::Plan(args) => commands::print_plan(

@@ -179,6 +179,7 @@ spec:
   destinationCIDRs: [203.0.113.0/24, 198.51.100.0/24, 203.0.113.0/24]
   excludedCIDRs: [203.0.113.128/25]
   failurePolicy: FailOpen
+  announce: Bgp
   notYetKnown: 1
 status: {holders: []}
 "#;
@@ -303,6 +304,7 @@ impl RawGateway {
             destinations: self.destinations.clone(),
             excluded: self.excluded.clone(),
             failure_policy: self.failure_policy,
+            announce: Default::default(),
         }
     }
 }

@@ -124,6 +124,9 @@ pub struct EgressEntry {
 
 /// `EgressEntry::flags`: this node holds the address, packets leave straight from the uplink.
 pub const EGRESS_LOCAL: u32 = 1;
+/// `EgressEntry::flags` with `EGRESS_LOCAL`: the address is announced otherwise than by ARP
+/// (BGP, or by the operator), so this node's ARP answers for it are dropped.
+pub const EGRESS_QUIET: u32 = 8;
 /// `EgressEntry::flags`: packets go to the holder through the tunnel (see [`tunnel`]).
 pub const EGRESS_TUNNEL: u32 = 4;
 /// `EgressEntry::flags`: our routing table already sends packets to this holder (checked

@@ -32,10 +32,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use static_egress_common::{
-    Config, Counters, DEST_GATEWAY_BITS, DEST_VIA_GATEWAY, DestKey, EGRESS_LOCAL, EGRESS_ROUTED,
-    EGRESS_TUNNEL, EgressEntry, GATEWAY_FAIL_CLOSED, GATEWAY_HOLD, GatewayEntry, Guard, Heard,
-    LEASE_DRAINING, Lease, PodEntry, Prober, RANGE_CLUSTER, RANGE_REMOTE_PODS, capacity, probe,
-    tunnel,
+    Config, Counters, DEST_GATEWAY_BITS, DEST_VIA_GATEWAY, DestKey, EGRESS_LOCAL, EGRESS_QUIET,
+    EGRESS_ROUTED, EGRESS_TUNNEL, EgressEntry, GATEWAY_FAIL_CLOSED, GATEWAY_HOLD, GatewayEntry,
+    Guard, Heard, LEASE_DRAINING, Lease, PodEntry, Prober, RANGE_CLUSTER, RANGE_REMOTE_PODS,
+    capacity, probe, tunnel,
 };
 
 #[map(name = "SE_PODS")]
@@ -376,8 +376,15 @@ fn fence_arp(ctx: &TcContext) -> Option<i32> {
     }
     let sender: u32 = ctx.load(ARP_SPA_OFF).ok()?;
     // SAFETY: entries are plain integers written whole by the agent.
-    let held = unsafe { SE_EGRESS.get(&sender) }.is_some_and(|e| e.flags & EGRESS_LOCAL != 0);
-    if !held || lease_state() == probe::SERVING {
+    let flags = unsafe { SE_EGRESS.get(&sender) }.map_or(0, |e| e.flags);
+    if flags & EGRESS_LOCAL == 0 {
+        return None;
+    }
+    if flags & EGRESS_QUIET != 0 {
+        // Announced by BGP or by the operator: ARP must not draw its traffic here too.
+        return Some(TC_ACT_SHOT);
+    }
+    if lease_state() == probe::SERVING {
         return None;
     }
     count(|g| &mut g.fenced);

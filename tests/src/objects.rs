@@ -466,6 +466,8 @@ pub struct EgressGateway {
     pub destination_cidrs: Option<Vec<Ipv4Net>>,
     pub excluded_cidrs: Vec<Ipv4Net>,
     pub failure_policy: Option<FailurePolicy>,
+    /// `Arp`, `Bgp` or `None`; absent: the agent's default (`Arp`).
+    pub announce: Option<&'static str>,
 }
 
 impl EgressGateway {
@@ -480,6 +482,7 @@ impl EgressGateway {
             destination_cidrs: None,
             excluded_cidrs: Vec::new(),
             failure_policy: None,
+            announce: None,
         }
     }
 
@@ -518,6 +521,11 @@ impl EgressGateway {
         self
     }
 
+    pub fn announce(mut self, how: &'static str) -> Self {
+        self.announce = Some(how);
+        self
+    }
+
     fn to_document(&self) -> GatewayDocument<'_> {
         let strings = |cidrs: &[Ipv4Net]| cidrs.iter().map(ToString::to_string).collect();
         GatewayDocument {
@@ -532,6 +540,7 @@ impl EgressGateway {
                 destination_cidrs: self.destination_cidrs.as_deref().map(strings),
                 excluded_cidrs: strings(&self.excluded_cidrs),
                 failure_policy: self.failure_policy.map(FailurePolicy::as_str),
+                announce: self.announce,
             },
         }
     }
@@ -567,6 +576,8 @@ struct GatewaySpec<'a> {
     excluded_cidrs: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     failure_policy: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    announce: Option<&'static str>,
 }
 
 #[cfg(test)]

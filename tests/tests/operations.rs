@@ -87,16 +87,10 @@ fn the_audit_log_has_a_line_for_each_connection_the_holder_translated() -> Resul
     with_agent_logs(&agents, audited(&cluster, &pod, &log))
 }
 
-fn audited(cluster: &Cluster, pod: &LabPod, log: &std::path::Path) -> Result<()> {
-    expect_source(cluster, pod, EGRESS_IP)?;
-    let connections = 5;
-    for _ in 0..connections {
-        ensure!(cluster.ask(pod)? == EGRESS_IP);
-    }
-    // conntrack says a connection ended when it forgets it: a closed TCP connection after
-    // TIME_WAIT (2 min by default) and its next garbage collection (up to a minute more).
-    // Here it forgets them now.
-    let holder = cluster.node("node2")?;
+/// Has `holder`'s conntrack forget its TCP connections translated to the egress IP, which ends
+/// them for the audit log; how many there were.
+fn forget_translated(cluster: &Cluster, holder: &str) -> Result<usize> {
+    let holder = cluster.node(holder)?;
     let forgotten = netlab::exec_output(
         &holder.netns,
         [
@@ -111,12 +105,24 @@ fn audited(cluster: &Cluster, pod: &LabPod, log: &std::path::Path) -> Result<()>
     let forgotten = String::from_utf8_lossy(&forgotten.stderr).into_owned();
     eprintln!("{}", forgotten.trim());
     // "conntrack v1.4.7 (conntrack-tools): 6 flow entries have been deleted."
-    let tracked: usize = forgotten
+    forgotten
         .split_whitespace()
         .rev()
         .nth(5)
         .and_then(|n| n.parse().ok())
-        .with_context(|| format!("no count in {forgotten:?}"))?;
+        .with_context(|| format!("no count in {forgotten:?}"))
+}
+
+fn audited(cluster: &Cluster, pod: &LabPod, log: &std::path::Path) -> Result<()> {
+    expect_source(cluster, pod, EGRESS_IP)?;
+    let connections = 5;
+    for _ in 0..connections {
+        ensure!(cluster.ask(pod)? == EGRESS_IP);
+    }
+    // conntrack says a connection ended when it forgets it: a closed TCP connection after
+    // TIME_WAIT (2 min by default) and its next garbage collection (up to a minute more).
+    // Here it forgets them now.
+    let tracked = forget_translated(cluster, "node2")?;
     ensure!(
         tracked >= connections,
         "only {tracked} connections were tracked"
@@ -447,25 +453,7 @@ fn slow_reader(
             "a connection left otherwise"
         );
     }
-    let holder = cluster.node("node2")?;
-    let forgotten = netlab::exec_output(
-        &holder.netns,
-        [
-            "conntrack",
-            "-D",
-            "-p",
-            "tcp",
-            "--reply-dst",
-            &EGRESS_IP.to_string(),
-        ],
-    )?;
-    let forgotten = String::from_utf8_lossy(&forgotten.stderr).into_owned();
-    let tracked: u64 = forgotten
-        .split_whitespace()
-        .rev()
-        .nth(5)
-        .and_then(|n| n.parse().ok())
-        .with_context(|| format!("no count in {forgotten:?}"))?;
+    let tracked = forget_translated(cluster, "node2")? as u64;
     ensure!(
         tracked >= connections,
         "only {tracked} connections were tracked"

@@ -191,3 +191,147 @@ fn transfers(cluster: &Cluster, pod: &LabPod) -> Result<()> {
     );
     Ok(())
 }
+
+/// The BGP side of the router and of each node that may hold: BIRD (Debian's `bird2`), as an
+/// operator runs it. Nodes announce what the agent puts in `--announce-table` (1491); the router
+/// takes it into its main table. Short timers, so that a move shows within a second or two.
+struct Bird {
+    daemons: Vec<std::process::Child>,
+}
+
+impl Drop for Bird {
+    fn drop(&mut self) {
+        for daemon in &mut self.daemons {
+            let _ = daemon.kill();
+            let _ = daemon.wait();
+        }
+    }
+}
+
+const ROUTER_AS: u32 = 65000;
+const NODES_AS: u32 = 65001;
+const BGP_TIMERS: &str = "hold time 3; keepalive time 1; connect retry time 1;";
+
+impl Bird {
+    fn start(cluster: &Cluster, nodes: &[&str]) -> Result<Self> {
+        let router = cluster.router_ip();
+        let mut neighbours = String::new();
+        for node in nodes {
+            let ip = cluster.node(node)?.ip;
+            neighbours.push_str(&format!(
+                "protocol bgp {node} {{ local as {ROUTER_AS}; neighbor {ip} as {NODES_AS}; \
+                 {BGP_TIMERS} ipv4 {{ import all; export none; }}; }}\n"
+            ));
+        }
+        let router_conf = format!(
+            "router id {router};\nprotocol device {{ scan time 1; }}\n\
+             protocol kernel {{ ipv4 {{ import none; export all; }}; }}\n{neighbours}"
+        );
+        let mut bird = Self {
+            daemons: Vec::new(),
+        };
+        bird.spawn(cluster, cluster.router_netns(), "router", &router_conf)?;
+        for node in nodes {
+            let lab_node = cluster.node(node)?;
+            let conf = format!(
+                "router id {ip};\nprotocol device {{ scan time 1; }}\n\
+                 protocol kernel {{ kernel table 1491; learn; scan time 1; \
+                 ipv4 {{ import all; export none; }}; }}\n\
+                 protocol bgp fabric {{ local as {NODES_AS}; neighbor {router} as {ROUTER_AS}; \
+                 {BGP_TIMERS} ipv4 {{ import none; export all; }}; }}\n",
+                ip = lab_node.ip
+            );
+            bird.spawn(cluster, &lab_node.netns, node, &conf)?;
+        }
+        Ok(bird)
+    }
+
+    fn spawn(&mut self, cluster: &Cluster, netns: &str, name: &str, conf: &str) -> Result<()> {
+        let dir = cluster.dir();
+        let conf_path = dir.join(format!("bird-{name}.conf"));
+        std::fs::write(&conf_path, conf)?;
+        let daemon = std::process::Command::new("ip")
+            .args(["netns", "exec", netns, "bird", "-f", "-c"])
+            .arg(&conf_path)
+            .arg("-s")
+            .arg(dir.join(format!("bird-{name}.ctl")))
+            .arg("-P")
+            .arg(dir.join(format!("bird-{name}.pid")))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join(format!("bird-{name}.log")))?)
+            .spawn()
+            .context("running bird (Debian's bird2; `cargo xtask setup` installs it)")?;
+        self.daemons.push(daemon);
+        Ok(())
+    }
+}
+
+/// The router's route to `ip`, if BIRD put one there.
+fn router_route(cluster: &Cluster, ip: Ipv4Addr) -> Result<String> {
+    Ok(exec(
+        cluster.router_netns(),
+        ["ip", "route", "show", "proto", "bird", &ip.to_string()],
+    )?
+    .trim()
+    .to_owned())
+}
+
+/// An egress IP from a range that is on no link, announced by BGP: the holder puts it in the
+/// table its BIRD announces, the router learns the route and sends the replies there; when the
+/// gateway moves to another node, the route moves with it (withdrawn by the first, announced
+/// by the second) and traffic follows. The holders answer no ARP for it.
+#[test]
+fn an_egress_ip_from_a_third_range_follows_its_bgp_announcement() -> Result<()> {
+    let mut cluster = builder()
+        .with_node("node3", |n| n.label("egress", "true"))
+        .build()?;
+    let egress_ip = Ipv4Addr::new(10, 99, 2, 200);
+    let mut pods = pods(&mut cluster, egress_ip)?;
+    pods.truncate(1);
+    cluster.update_objects(|o| o.set_gateway(gateway(GATEWAY, egress_ip).announce("Bgp")))?;
+    let _bird = Bird::start(&cluster, &["node2", "node3"])?;
+    let agents = start_agents(&cluster, &[])?;
+    let result = bgp_moves(&mut cluster, &pods, egress_ip);
+    with_agent_logs(&agents, result)
+}
+
+fn bgp_moves(cluster: &mut Cluster, pods: &[LabPod], egress_ip: Ipv4Addr) -> Result<()> {
+    let via = |node: &str| -> Result<String> { Ok(format!("via {}", cluster.node(node)?.ip)) };
+    let (node2, node3) = (via("node2")?, via("node3")?);
+    netlab::wait_until(Duration::from_secs(20), || {
+        router_route(cluster, egress_ip).is_ok_and(|r| r.contains(&node2))
+    })
+    .with_context(|| format!("the router never learned {egress_ip} via node2"))?;
+    all_leave_with(cluster, pods, egress_ip)?;
+    // Only node3 may hold it now.
+    netlab::fixture::change(cluster, |o| {
+        o.set_gateway(gateway(GATEWAY, egress_ip).announce("Bgp").node_selector(
+            netlab::objects::match_labels([("kubernetes.io/hostname", "node3")]),
+        ));
+    })?;
+    netlab::wait_until(Duration::from_secs(20), || {
+        router_route(cluster, egress_ip).is_ok_and(|r| r.contains(&node3) && !r.contains(&node2))
+    })
+    .with_context(|| {
+        format!(
+            "the router's route did not move to node3: {:?}",
+            router_route(cluster, egress_ip)
+        )
+    })?;
+    let left = exec(
+        &cluster.node("node2")?.netns,
+        ["ip", "route", "show", "table", "1491"],
+    )?;
+    ensure!(left.trim().is_empty(), "node2 still announces: {left}");
+    all_leave_with(cluster, pods, egress_ip)?;
+    // Nobody answers ARP for it: it is routed, not on a link.
+    let neighbours = exec(
+        cluster.router_netns(),
+        ["ip", "neigh", "show", &egress_ip.to_string()],
+    )?;
+    ensure!(
+        neighbours.trim().is_empty(),
+        "the router resolved {egress_ip} by ARP: {neighbours}"
+    );
+    Ok(())
+}

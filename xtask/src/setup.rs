@@ -26,6 +26,10 @@ const PACKAGES: &[&str] = &[
     "ipset",
     // tests/tests/state.rs checks that the agent flushes its records to disk.
     "strace",
+    // tests/tests/reach.rs announces an egress IP by BGP through BIRD, as an operator runs it;
+    // the tests run their own daemons in the lab's namespaces (Debian's default configuration,
+    // which a systemd host starts, has no peer and no route to export).
+    "bird2",
     // Real CNI plugins (bridge, ptp, host-local) that netlab's plugin-wired nodes run.
     "containernetworking-plugins",
 ];

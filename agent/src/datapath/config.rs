@@ -22,6 +22,8 @@ pub struct DatapathConfig {
     pub tunnel: super::tunnel::TunnelMode,
     /// The tunnel's UDP port (VXLAN), the same on every node.
     pub tunnel_port: u16,
+    /// Ours alone: the held egress IPs of `announce: Bgp` gateways, for the node's BGP daemon.
+    pub announce_table: u32,
 }
 
 /// How much the kernel programs log into the agent's log (`--kernel-log`, or a Node's

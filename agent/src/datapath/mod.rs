@@ -18,11 +18,11 @@ use std::path::PathBuf;
 
 use static_egress_common::{
     Config, DEST_EXCLUDED, DEST_GATEWAY_BITS, DEST_VIA_GATEWAY, DestKey, EGRESS_LOCAL,
-    EGRESS_ROUTED, EGRESS_TUNNEL, EgressEntry, GATEWAY_FAIL_CLOSED, GATEWAY_HOLD, GatewayEntry,
-    Guard, Heard, Lease, PodEntry, RANGE_CLUSTER, RANGE_REMOTE_PODS,
+    EGRESS_QUIET, EGRESS_ROUTED, EGRESS_TUNNEL, EgressEntry, GATEWAY_FAIL_CLOSED, GATEWAY_HOLD,
+    GatewayEntry, Guard, Heard, Lease, PodEntry, RANGE_CLUSTER, RANGE_REMOTE_PODS,
 };
 
-use crate::model::FailurePolicy;
+use crate::model::{Announce, FailurePolicy};
 use crate::plan::{NodePlan, SnatPlan};
 pub use bpf::{Bpf, Hook, MapContents};
 pub use config::{ConfigError, DatapathConfig, KernelLog, check_route_table, check_rule_priority};
@@ -101,6 +101,8 @@ pub enum DatapathError {
     NoNodeIp(String),
     #[error("no interface holds this node's InternalIP {0}")]
     NoUplink(Ipv4Addr),
+    #[error("--announce-table and --route-table must be different tables, not both {0}")]
+    SameTable(u32),
     #[error("state file {path}: {source}")]
     State {
         path: PathBuf,
@@ -125,7 +127,7 @@ impl DatapathError {
             Self::Io { .. } | Self::Lock(_) | Self::State { .. } => "state",
             Self::RuleInTheWay { .. } | Self::NetlinkSocket(_) | Self::Netlink { .. } => "routing",
             Self::NftSpawn(_) | Self::Nft(_) => "nftables",
-            Self::NoNodeIp(_) | Self::NoUplink(_) => "node",
+            Self::NoNodeIp(_) | Self::NoUplink(_) | Self::SameTable(_) => "node",
         }
     }
 }
@@ -185,6 +187,9 @@ pub struct Datapath {
 impl Datapath {
     /// Loads (or adopts) the kernel programs; changes nothing else yet.
     pub async fn open(config: DatapathConfig) -> Result<Self, DatapathError> {
+        if config.announce_table == config.route_table {
+            return Err(DatapathError::SameTable(config.route_table));
+        }
         let lock = crate::fsutil::DirLock::acquire(&config.state_dir)?;
         let bpf = Bpf::load(&config.bpffs, config.kernel_log.level())?;
         let nl = Netlink::connect()?;
@@ -324,7 +329,15 @@ impl Datapath {
         let warnings = &mut applied.warnings;
         // An address without its SNAT would only attract traffic this node cannot translate.
         let held: BTreeSet<Ipv4Addr> = in_force.iter().map(|s| s.egress_ip).collect();
-        self.hold_addresses(&uplink, &held, &present, warnings)
+        let announced = |how: fn(Announce) -> bool| -> BTreeSet<Ipv4Addr> {
+            in_force
+                .iter()
+                .filter(|s| how(s.announce))
+                .map(|s| s.egress_ip)
+                .collect()
+        };
+        let by_arp = announced(|a| a == Announce::Arp);
+        self.hold_addresses(&uplink, &held, &present, &by_arp, warnings)
             .await?;
         // Released before the maps change: the kernel answers ARP for an address it has, and
         // the programs stop dropping those answers once the map no longer says the IP is held
@@ -338,6 +351,9 @@ impl Datapath {
                 s.addresses.remove(&ip);
             })?;
         }
+        // Announced once held, withdrawn once released: the BGP daemon follows the table.
+        let by_bgp = announced(|a| a == Announce::Bgp);
+        self.announce(&uplink, &by_bgp).await?;
 
         self.nl.sync_rule(rule).await?;
         let via = single_remote_holder(plan).filter(|h| !tunneled.contains(h));
@@ -587,6 +603,24 @@ impl Datapath {
         Ok(in_force)
     }
 
+    /// Makes `--announce-table` hold a route to each egress IP in `ips` through the uplink, for
+    /// the node's BGP daemon to announce; a table of earlier settings is flushed.
+    async fn announce(
+        &mut self,
+        uplink: &netlink::Interface,
+        ips: &BTreeSet<Ipv4Addr>,
+    ) -> Result<(), DatapathError> {
+        let table = self.config.announce_table;
+        if let Some(old) = self.state.announce_table.filter(|t| *t != table) {
+            self.nl.flush_table(old).await?;
+        }
+        if ips.is_empty() && self.state.announce_table.is_none() {
+            return Ok(());
+        }
+        self.record(|s| s.announce_table = Some(table))?;
+        self.nl.sync_host_routes(table, uplink.index, ips).await
+    }
+
     /// The other nodes holding egress IPs of this node's pods that packets reach through the
     /// tunnel (see [`tunnel::TunnelMode`]); a change is logged.
     async fn tunneled(
@@ -657,6 +691,7 @@ impl Datapath {
         uplink: &netlink::Interface,
         held: &BTreeSet<Ipv4Addr>,
         present: &BTreeSet<Ipv4Addr>,
+        by_arp: &BTreeSet<Ipv4Addr>,
         warnings: &mut Warnings,
     ) -> Result<(), DatapathError> {
         for ip in held.difference(present) {
@@ -665,7 +700,7 @@ impl Datapath {
             })?;
             self.nl.add_address(uplink.index, *ip).await?;
             tracing::info!(egress_ip = %ip, interface = %uplink.name, "holding egress IP");
-            if let Some(mac) = uplink.mac {
+            if let Some(mac) = uplink.mac.filter(|_| by_arp.contains(ip)) {
                 if let Err(e) = arp::announce(uplink.index, mac, *ip) {
                     warnings.push(format!("gratuitous ARP for {ip} on {}: {e}", uplink.name));
                 }
@@ -814,7 +849,9 @@ pub fn map_contents(
             let entry = match &e.holder {
                 Some(h) => EgressEntry {
                     holder: wire(h.node_ip),
-                    flags: if h.node == plan.node {
+                    flags: if h.node == plan.node && gw.announce != Announce::Arp {
+                        EGRESS_LOCAL | EGRESS_QUIET
+                    } else if h.node == plan.node {
                         EGRESS_LOCAL
                     } else if tunneled.contains(&h.node_ip) {
                         EGRESS_TUNNEL
@@ -927,6 +964,7 @@ mod tests {
             dest_entries: vec![],
             destinations: vec![],
             excluded: vec![],
+            announce: Default::default(),
         };
         NodePlan {
             node: "node1".into(),

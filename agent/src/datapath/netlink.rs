@@ -191,10 +191,33 @@ impl Netlink {
         if let Some((device, cidrs)) = tunnel {
             wanted.extend(cidrs.iter().map(|cidr| through(*cidr, device, table)));
         }
+        self.replace_table(table, &wanted).await
+    }
+
+    /// Makes `table` hold exactly a route to each of `ips` out of `device`.
+    pub async fn sync_host_routes(
+        &self,
+        table: u32,
+        device: u32,
+        ips: &std::collections::BTreeSet<Ipv4Addr>,
+    ) -> Result<(), DatapathError> {
+        let wanted: Vec<RouteMessage> = ips
+            .iter()
+            .map(|ip| through(Ipv4Net::from(*ip), device, table))
+            .collect();
+        self.replace_table(table, &wanted).await
+    }
+
+    /// Makes `table` hold exactly `wanted`.
+    async fn replace_table(
+        &self,
+        table: u32,
+        wanted: &[RouteMessage],
+    ) -> Result<(), DatapathError> {
         // Replacing first: a default route that changes gateway is swapped in place, so marked
         // packets never find the table without one.
         let current = self.table_routes(table).await?;
-        for route in &wanted {
+        for route in wanted {
             if !current.iter().any(|c| same_route(c, route)) {
                 self.handle
                     .route()
@@ -231,6 +254,9 @@ impl Netlink {
             let message = rtnetlink::LinkMessageBuilder::<rtnetlink::LinkVxlan>::new(name)
                 .port(port)
                 .learning(false)
+                // Optional for VXLAN over IPv4: the inner packet has its own checksums, and
+                // computing the outer one costs every tunneled packet.
+                .udp_csum(false)
                 .collect_metadata(true)
                 .arp(false)
                 .address(mac.to_vec())
@@ -548,12 +574,14 @@ fn is_path(attr: &RouteAttribute) -> bool {
     )
 }
 
-/// `cidr` straight out of `device` (no next hop: the device does not resolve any).
+/// `cidr` straight out of `device` (no next hop: the device does not resolve any). Marked as
+/// a static route: routing daemons skip routes of no protocol (BIRD's `learn` does).
 fn through(cidr: Ipv4Net, device: u32, table: u32) -> RouteMessage {
     let mut route = RouteMessage::default();
     route.header.address_family = AddressFamily::Inet;
     route.header.destination_prefix_length = cidr.prefix_len();
     route.header.kind = RouteType::Unicast;
+    route.header.protocol = rtnetlink::packet_route::route::RouteProtocol::Static;
     route.header.scope = RouteScope::Link;
     route.header.table = u8::try_from(table).unwrap_or(RouteHeader::RT_TABLE_UNSPEC);
     route.attributes = vec![

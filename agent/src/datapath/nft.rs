@@ -291,6 +291,7 @@ mod tests {
             pods: vec!["10.244.1.2".parse().expect("ip")],
             destinations: vec!["0.0.0.0/0".parse().expect("net")],
             excluded: vec![],
+            announce: Default::default(),
         };
         let senders = Senders {
             uplink: "eth0",

@@ -111,6 +111,9 @@ pub(super) async fn cleanup(
             if state.tunnel {
                 nl.remove_interface(tunnel::DEVICE).await?;
             }
+            if let Some(table) = state.announce_table {
+                nl.flush_table(table).await?;
+            }
             removed = true;
         }
         Record::Missing | Record::Corrupt { .. } => {

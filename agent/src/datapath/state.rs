@@ -35,6 +35,9 @@ pub struct State {
     /// Whether we created the tunnel device (`static_egress_common::tunnel::DEVICE`).
     #[serde(default)]
     pub tunnel: bool,
+    /// The routing table we put held egress IPs announced by BGP in (`--announce-table`).
+    #[serde(default)]
+    pub announce_table: Option<u32>,
 }
 
 /// What the state directory holds.

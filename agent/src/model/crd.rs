@@ -93,6 +93,12 @@ pub struct EgressGatewaySpec {
     /// drops it, FailOpen lets it leave from its own node.
     #[schemars(extend("enum" = ["FailClosed", "FailOpen"]))]
     pub failure_policy: Option<String>,
+    /// How the holder makes an egress IP reachable: Arp (default) answers ARP for it and
+    /// announces it by gratuitous ARP on its uplink's segment; Bgp puts it into the routing
+    /// table the node's BGP daemon announces (the agents' --announce-table) and answers no ARP;
+    /// None answers no ARP and leaves it to the operator (a cloud's or a router's route).
+    #[schemars(extend("enum" = ["Arp", "Bgp", "None"]))]
+    pub announce: Option<String>,
 }
 
 /// The serde default of `egressIPs` only lets the agent report it missing. As a schema default

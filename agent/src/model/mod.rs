@@ -79,6 +79,18 @@ pub enum FailurePolicy {
     FailOpen,
 }
 
+/// How the holder makes an egress IP reachable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Announce {
+    /// ARP answers and gratuitous ARP on the holder's uplink segment.
+    #[default]
+    Arp,
+    /// A /32 route in the table the node's BGP daemon announces; no ARP.
+    Bgp,
+    /// Nothing: the operator routes the address; no ARP.
+    None,
+}
+
 /// A validated `EgressGateway`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Gateway {
@@ -93,4 +105,5 @@ pub struct Gateway {
     pub destinations: Vec<Ipv4Net>,
     pub excluded: Vec<Ipv4Net>,
     pub failure_policy: FailurePolicy,
+    pub announce: Announce,
 }

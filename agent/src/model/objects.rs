@@ -15,8 +15,8 @@ use serde_json::Value;
 
 use super::crd::{EgressGateway, EgressGatewaySpec};
 use super::{
-    FailurePolicy, GATEWAY_ANNOTATION, Gateway, NamespaceInfo, NodeInfo, PodInfo, Selector,
-    SelectorError, Snapshot,
+    Announce, FailurePolicy, GATEWAY_ANNOTATION, Gateway, NamespaceInfo, NodeInfo, PodInfo,
+    Selector, SelectorError, Snapshot,
 };
 
 /// `apiVersion` of our own kinds.
@@ -137,6 +137,8 @@ pub enum FieldProblem {
     HostBitsSet { value: String, suggested: Ipv4Net },
     #[error("{0:?} is not one of FailClosed, FailOpen")]
     UnknownFailurePolicy(String),
+    #[error("{0:?} is not one of Arp, Bgp, None")]
+    UnknownAnnounce(String),
 }
 
 /// The model's value of one identified object; every problem found, each naming its field,
@@ -453,6 +455,19 @@ fn validate_gateway(name: &str, spec: &EgressGatewaySpec) -> Result<Gateway, Vec
         }
     };
 
+    let announce = match spec.announce.as_deref() {
+        None | Some("Arp") => Announce::Arp,
+        Some("Bgp") => Announce::Bgp,
+        Some("None") => Announce::None,
+        Some(other) => {
+            problems.push(field(
+                "spec.announce",
+                FieldProblem::UnknownAnnounce(other.to_owned()),
+            ));
+            Announce::Arp
+        }
+    };
+
     match namespace_selector {
         Some(namespace_selector) if problems.is_empty() => Ok(Gateway {
             name: name.to_owned(),
@@ -463,6 +478,7 @@ fn validate_gateway(name: &str, spec: &EgressGatewaySpec) -> Result<Gateway, Vec
             destinations,
             excluded,
             failure_policy,
+            announce,
         }),
         _ => Err(problems),
     }
@@ -682,6 +698,7 @@ mod tests {
         );
         assert_eq!(gw.excluded, nets(&["203.0.113.128/25"]));
         assert_eq!(gw.failure_policy, FailurePolicy::FailOpen);
+        assert_eq!(gw.announce, Announce::Bgp);
         assert_eq!(docs.objects[0].key().to_string(), "EgressGateway corp-fw");
     }
 
@@ -758,6 +775,7 @@ mod tests {
                 destinations: vec![Ipv4Net::default()],
                 excluded: vec![],
                 failure_policy: FailurePolicy::FailClosed,
+                announce: Default::default(),
             })]
         );
     }
@@ -829,6 +847,10 @@ mod tests {
             (
                 format!("  egressIPs: [192.0.2.1]\n{base}  failurePolicy: Ignore"),
                 r#"document 1: EgressGateway corp-fw: spec.failurePolicy: "Ignore" is not one of FailClosed, FailOpen"#,
+            ),
+            (
+                format!("  egressIPs: [192.0.2.1]\n{base}  announce: Ospf"),
+                r#"document 1: EgressGateway corp-fw: spec.announce: "Ospf" is not one of Arp, Bgp, None"#,
             ),
             (
                 format!("  egressIPs: 192.0.2.1\n{base}"),

@@ -109,6 +109,7 @@ mod tests {
                 destinations: vec!["0.0.0.0/0".parse().unwrap()],
                 excluded: Vec::new(),
                 failure_policy: FailurePolicy::FailClosed,
+                announce: Default::default(),
             },
         );
     }

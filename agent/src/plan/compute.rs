@@ -227,6 +227,7 @@ pub fn plan(snapshot: &Snapshot, node: &str, config: &PlanConfig) -> NodePlan {
                 pods,
                 destinations: plan.destinations.clone(),
                 excluded: plan.excluded.clone(),
+                announce: plan.announce,
             }
         })
         .collect();
@@ -483,6 +484,7 @@ fn gateway_plan(
         name: gateway.name.clone(),
         id,
         failure_policy: gateway.failure_policy,
+        announce: gateway.announce,
         egress,
         dest_entries: dest_entries(&destinations, &excluded),
         destinations,

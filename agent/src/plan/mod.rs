@@ -16,7 +16,7 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
-use crate::model::FailurePolicy;
+use crate::model::{Announce, FailurePolicy};
 
 pub use cluster::{GatewayUsage, gateway_usage};
 pub use compute::{gateway_ids, plan};
@@ -130,6 +130,7 @@ pub struct GatewayPlan {
     /// Stable id used as BPF map key; see [`gateway_ids`].
     pub id: u32,
     pub failure_policy: FailurePolicy,
+    pub announce: Announce,
     pub egress: Vec<EgressPlan>,
     /// Longest-prefix-match entries: `DestEntry::via_gateway == false` are exclusions nested
     /// in a destination. Destinations inside an exclusion are left out (exclusions win).
@@ -230,4 +231,5 @@ pub struct SnatPlan {
     pub pods: Vec<Ipv4Addr>,
     pub destinations: Vec<Ipv4Net>,
     pub excluded: Vec<Ipv4Net>,
+    pub announce: Announce,
 }

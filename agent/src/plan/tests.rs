@@ -35,6 +35,7 @@ fn gateway(name: &str, egress: &[&str]) -> Gateway {
         destinations: nets(&["0.0.0.0/0"]),
         excluded: Vec::new(),
         failure_policy: FailurePolicy::FailClosed,
+        announce: Default::default(),
     }
 }
 
@@ -678,6 +679,7 @@ fn holder_snats_for_pods_on_every_node() {
             pods: vec![ip("10.244.1.10"), ip("10.244.2.10"), ip("10.244.3.10")],
             destinations: nets(&["0.0.0.0/0"]),
             excluded: holder.gateways[0].excluded.clone(),
+            announce: Default::default(),
         }]
     );
     assert!(holder.snat[0].excluded.contains(&net("192.168.0.0/16")));

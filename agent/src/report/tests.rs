@@ -183,6 +183,7 @@ fn lab() -> Snapshot {
             destinations: vec!["0.0.0.0/0".parse().unwrap()],
             excluded: Vec::new(),
             failure_policy: FailurePolicy::FailClosed,
+            announce: Default::default(),
         },
     );
     pod(&mut snapshot, "payments/api-1", "node1", None);

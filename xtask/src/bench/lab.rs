@@ -41,10 +41,18 @@ pub enum Variant {
     Iptables,
     /// static-egress agents on both nodes.
     Ours,
+    /// static-egress agents on both nodes, through the tunnel between them (`--tunnel always`).
+    Tunnel,
 }
 
 impl Variant {
-    pub const ALL: [Self; 4] = [Self::None, Self::Hand, Self::Iptables, Self::Ours];
+    pub const ALL: [Self; 5] = [
+        Self::None,
+        Self::Hand,
+        Self::Iptables,
+        Self::Ours,
+        Self::Tunnel,
+    ];
 
     pub fn key(self) -> &'static str {
         match self {
@@ -52,6 +60,7 @@ impl Variant {
             Self::Hand => "hand",
             Self::Iptables => "iptables",
             Self::Ours => "static-egress",
+            Self::Tunnel => "static-egress-tunnel",
         }
     }
 
@@ -61,12 +70,22 @@ impl Variant {
             Self::Hand => "2 hand-built ip rule + nft SNAT",
             Self::Iptables => "3 iptables MARK + ipset (kube-static-egress-ip style)",
             Self::Ours => "4 static-egress",
+            Self::Tunnel => "5 static-egress through the tunnel (--tunnel always)",
+        }
+    }
+
+    /// The agents' flags of our variants.
+    fn agent_args(self) -> &'static [&'static str] {
+        match self {
+            Self::Tunnel => &["--tunnel", "always"],
+            _ => &[],
         }
     }
 
     pub fn path(self) -> &'static str {
         match self {
             Self::None => "pod > node1 > router > ext",
+            Self::Tunnel => "pod > node1 > VXLAN > node2 > router > ext",
             _ => "pod > node1 > node2 > router > ext",
         }
     }
@@ -139,12 +158,12 @@ impl Bench {
                 }
                 self.iptables_up(pods, dests)?;
             }
-            Variant::Ours => {
+            Variant::Ours | Variant::Tunnel => {
                 self.set_policy(pods, dests)?;
                 if self.agents.is_empty() {
                     for node in ["node1", "node2"] {
                         self.agents
-                            .push(self.cluster.start_agent(node, std::iter::empty::<&str>())?);
+                            .push(self.cluster.start_agent(node, variant.agent_args())?);
                     }
                 }
                 self.wait_agents(APPLY_TIMEOUT)?;
@@ -170,7 +189,7 @@ impl Bench {
             None | Some(Variant::None) => return Ok(()),
             Some(Variant::Hand) => self.hand_down()?,
             Some(Variant::Iptables) => self.iptables_down()?,
-            Some(Variant::Ours) => {
+            Some(Variant::Ours | Variant::Tunnel) => {
                 self.stop_agents()?;
                 for node in ["node1", "node2"] {
                     self.cluster.cleanup(node)?;

@@ -30,7 +30,7 @@ pub struct Options {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Part {
-    /// Throughput, small-packet rate and latency of the four variants.
+    /// Throughput, small-packet rate and latency of the five variants.
     Datapath,
     /// Per-packet cost as selected pods and destination prefixes grow.
     Scale,

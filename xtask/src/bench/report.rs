@@ -322,6 +322,19 @@ fn targets(md: &mut String, results: &Results, medians: &[(Variant, Sample)]) {
             yes(added <= TARGET_ADDED_P50_US),
         ));
     }
+    if let (Some(direct), Some(tunnel)) = (of(medians, Variant::Ours), of(medians, Variant::Tunnel))
+    {
+        let r1 = tunnel.tcp1_gbps / direct.tcp1_gbps;
+        let added = tunnel.rr_p50_us - direct.rr_p50_us;
+        rows.push((
+            "the tunnel costs no more than the direct path (variant 5 vs 4)".into(),
+            format!(
+                "{:.1}% of its throughput (1 stream), {added:+.1} µs RR p50",
+                r1 * 100.0
+            ),
+            yes(r1 >= TARGET_THROUGHPUT && added <= TARGET_ADDED_P50_US),
+        ));
+    }
     for (axis, what) in [(Axis::Pods, "pods"), (Axis::Dests, "prefixes")] {
         if let (Some(ours), Some(ipt)) = (
             growth(results, axis, Variant::Ours),
@@ -407,7 +420,7 @@ fn raw(results: &Results, header: &str) -> Value {
 
 const WIDTH: f64 = 900.0;
 const PANEL_H: f64 = 260.0;
-const COLORS: [&str; 4] = ["#888888", "#4e79a7", "#e15759", "#59a14f"];
+const COLORS: [&str; 5] = ["#888888", "#4e79a7", "#e15759", "#59a14f", "#f28e2b"];
 
 fn chart(results: &Results) -> String {
     let mut panels = Vec::new();
