@@ -150,7 +150,9 @@ impl Bench {
             Variant::None => {}
             Variant::Hand => {
                 ensure!(pods == 1 && dests == 1, "the hand-built variant is one pod");
-                self.hand_up()?;
+                if self.active != Some(variant) {
+                    self.hand_up()?;
+                }
             }
             Variant::Iptables => {
                 if self.active == Some(variant) {

@@ -189,6 +189,15 @@ fn rr(cluster: &Cluster, pod: &LabPod, count: u32) -> Result<(f64, f64)> {
     Ok((field(&line, "p50_us")?, field(&line, "p99_us")?))
 }
 
+/// p50 and p99 of `count` round trips, and the busy CPU of the whole machine per round trip,
+/// all in microseconds.
+pub fn rr_with_cpu(cluster: &Cluster, pod: &LabPod, count: u32) -> Result<(f64, f64, f64)> {
+    let busy_before = busy_cpu_seconds()?;
+    let (p50, p99) = rr(cluster, pod, count)?;
+    let busy = busy_cpu_seconds()? - busy_before;
+    Ok((p50, p99, busy * 1e6 / f64::from(count.max(1))))
+}
+
 /// The number after `name=` in a `se-probe rr` line.
 pub fn field(line: &str, name: &str) -> Result<f64> {
     line.split_whitespace()

@@ -4,6 +4,7 @@
 mod failover;
 mod lab;
 mod measure;
+mod paired;
 mod report;
 
 use std::time::Duration;
@@ -32,6 +33,9 @@ pub struct Options {
 pub enum Part {
     /// Throughput, small-packet rate and latency of the five variants.
     Datapath,
+    /// Latency of the hand-built path and of static-egress, alternated in pairs, with the
+    /// difference's confidence interval.
+    Latency,
     /// Per-packet cost as selected pods and destination prefixes grow.
     Scale,
     /// Change-to-data-path time, start-up and memory of the agent.
@@ -52,6 +56,11 @@ struct Settings {
     idle_window: Duration,
     /// Rounds of one unplanned and one planned move each.
     failover_rounds: usize,
+    /// Pairs of latency rounds (hand-built, static-egress), round trips in each, and the quiet
+    /// time after a variant is set up.
+    latency_pairs: usize,
+    latency_round_trips: u32,
+    latency_settle: Duration,
 }
 
 const QUICK: Settings = Settings {
@@ -72,6 +81,9 @@ const QUICK: Settings = Settings {
     memory_pods: &[10_000],
     idle_window: Duration::from_secs(10),
     failover_rounds: 20,
+    latency_pairs: 8,
+    latency_round_trips: 3_000,
+    latency_settle: Duration::from_secs(2),
 };
 
 const FULL: Settings = Settings {
@@ -92,6 +104,9 @@ const FULL: Settings = Settings {
     memory_pods: &[10_000, 100_000],
     idle_window: Duration::from_secs(35),
     failover_rounds: 50,
+    latency_pairs: 20,
+    latency_round_trips: 10_000,
+    latency_settle: Duration::from_secs(6),
 };
 
 /// Pause between object changes, so each is its own file event and reconcile.
@@ -136,6 +151,7 @@ pub struct Results {
     pub change_ms: Vec<f64>,
     pub startups: Vec<Startup>,
     pub failover: Option<failover::FailoverResults>,
+    pub latency: Vec<paired::Pair>,
 }
 
 pub fn run(options: &Options) -> Result<()> {
@@ -158,7 +174,7 @@ pub fn run(options: &Options) -> Result<()> {
         settings: describe(settings),
         ..Results::default()
     };
-    if [Part::Datapath, Part::Scale, Part::Control]
+    if [Part::Datapath, Part::Latency, Part::Scale, Part::Control]
         .into_iter()
         .any(wanted)
     {
@@ -167,6 +183,14 @@ pub fn run(options: &Options) -> Result<()> {
         let _servers = measure::start_servers(&bench.cluster)?;
         if wanted(Part::Datapath) {
             datapath(&mut bench, settings, &mut results)?;
+        }
+        if wanted(Part::Latency) {
+            results.latency = paired::run(
+                &mut bench,
+                settings.latency_pairs,
+                settings.latency_round_trips,
+                settings.latency_settle,
+            )?;
         }
         if wanted(Part::Scale) {
             scale(&mut bench, settings, &mut results)?;

@@ -93,6 +93,38 @@ fn cell(value: f64, base: f64, unit: &str, decimals: usize) -> String {
     format!("{value:.decimals$} {unit} ({:.2})", value / base)
 }
 
+/// The paired latency rounds: each variant's medians, and the mean difference of the pairs with
+/// its 95% confidence interval (the target is judged on the interval's upper end).
+fn latency(md: &mut String, pairs: &[super::paired::Pair]) {
+    use super::paired::{mean_ci, median};
+    if pairs.is_empty() {
+        return;
+    }
+    let col = |f: fn(&super::paired::Pair) -> f64| pairs.iter().map(f).collect::<Vec<f64>>();
+    let (d50, h50) = mean_ci(&col(|p| p.ours.p50_us - p.hand.p50_us));
+    let (d99, h99) = mean_ci(&col(|p| p.ours.p99_us - p.hand.p99_us));
+    let (dcpu, hcpu) = mean_ci(&col(|p| p.ours.cpu_us - p.hand.cpu_us));
+    let _ = writeln!(
+        md,
+        "**Latency, paired** ({} pairs of rounds, hand-built and static-egress alternated, each \
+         pair in the other order than the last; 64 B round trips):\n\n\
+         | | hand-built (median of rounds) | static-egress (median of rounds) | difference (mean of pairs, 95% CI) |\n\
+         |---|---|---|---|\n\
+         | RR p50 | {:.1} µs | {:.1} µs | {d50:+.1} ± {h50:.1} µs |\n\
+         | RR p99 | {:.1} µs | {:.1} µs | {d99:+.1} ± {h99:.1} µs |\n\
+         | CPU per round trip (whole machine) | {:.1} µs | {:.1} µs | {dcpu:+.1} ± {hcpu:.1} µs |\n\n\
+         Added p50 latency <= {TARGET_ADDED_P50_US} µs with the interval's upper end: {}.\n",
+        pairs.len(),
+        median(&col(|p| p.hand.p50_us)),
+        median(&col(|p| p.ours.p50_us)),
+        median(&col(|p| p.hand.p99_us)),
+        median(&col(|p| p.ours.p99_us)),
+        median(&col(|p| p.hand.cpu_us)),
+        median(&col(|p| p.ours.cpu_us)),
+        yes(d50 + h50 <= TARGET_ADDED_P50_US),
+    );
+}
+
 fn yes(ok: bool) -> &'static str {
     if ok { "met" } else { "**missed**" }
 }
@@ -124,6 +156,7 @@ fn markdown(results: &Results, header: &str) -> String {
         }
         md.push('\n');
     }
+    latency(&mut md, &results.latency);
     for (axis, what) in [
         (Axis::Pods, "selected pod IPs"),
         (Axis::Dests, "destination prefixes"),

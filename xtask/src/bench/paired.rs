@@ -1,0 +1,118 @@
+//! `cargo xtask bench latency`: request/response latency of the hand-built path and of
+//! static-egress, alternated many times in one run (hand, ours, ours, hand, ...: each pair in
+//! the other order than the last, so that a drift of the machine weighs on both alike), each
+//! round's p50 and p99 paired with its neighbour's. The difference of the pairs, with a 95%
+//! confidence interval, tells a gap of a few microseconds from the noise of one run, which the
+//! medians of single runs could not (`datapath` showed -3 to +14.7 µs for the same code).
+
+use std::time::Duration;
+
+use anyhow::Result;
+
+use super::lab::{Bench, Variant};
+use super::measure;
+
+/// One round: both variants measured back to back.
+#[derive(Clone, Copy, Debug)]
+pub struct Pair {
+    pub hand: Round,
+    pub ours: Round,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Round {
+    pub p50_us: f64,
+    pub p99_us: f64,
+    /// Busy CPU of the whole machine per round trip, in microseconds.
+    pub cpu_us: f64,
+}
+
+/// `pairs` rounds of `round_trips` each, after `settle` in each variant.
+pub fn run(
+    bench: &mut Bench,
+    pairs: usize,
+    round_trips: u32,
+    settle: Duration,
+) -> Result<Vec<Pair>> {
+    let mut out = Vec::with_capacity(pairs);
+    for i in 0..pairs {
+        let order = if i % 2 == 0 {
+            [Variant::Hand, Variant::Ours]
+        } else {
+            [Variant::Ours, Variant::Hand]
+        };
+        let mut hand = None;
+        let mut ours = None;
+        for variant in order {
+            println!("latency pair {}: {}", i + 1, variant.title());
+            bench.enter(variant, 1, 1)?;
+            std::thread::sleep(settle);
+            let (p50_us, p99_us, cpu_us) =
+                measure::rr_with_cpu(&bench.cluster, &bench.pod, round_trips)?;
+            let round = Round {
+                p50_us,
+                p99_us,
+                cpu_us,
+            };
+            match variant {
+                Variant::Hand => hand = Some(round),
+                _ => ours = Some(round),
+            }
+        }
+        if let (Some(hand), Some(ours)) = (hand, ours) {
+            out.push(Pair { hand, ours });
+        }
+    }
+    bench.leave()?;
+    Ok(out)
+}
+
+/// Mean of `values` and the half-width of its 95% confidence interval (Student's t).
+pub fn mean_ci(values: &[f64]) -> (f64, f64) {
+    let n = values.len();
+    if n == 0 {
+        return (f64::NAN, f64::NAN);
+    }
+    let mean = values.iter().sum::<f64>() / n as f64;
+    if n < 2 {
+        return (mean, f64::INFINITY);
+    }
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    (mean, t_975(n - 1) * (var / n as f64).sqrt())
+}
+
+/// The 97.5th percentile of Student's t with `dof` degrees of freedom.
+fn t_975(dof: usize) -> f64 {
+    const TABLE: [f64; 30] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+        2.052, 2.048, 2.045, 2.042,
+    ];
+    TABLE.get(dof.saturating_sub(1)).copied().unwrap_or(1.96)
+}
+
+/// The middle value (the mean of the two middle ones for an even count).
+pub fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intervals_follow_students_t() {
+        let (mean, half) = mean_ci(&[1.0, 2.0, 3.0, 4.0, 5.0]);
+        assert!((mean - 3.0).abs() < 1e-9);
+        // s = 1.5811, s/sqrt(5) = 0.7071, t(4) = 2.776.
+        assert!((half - 1.963).abs() < 1e-3, "{half}");
+        assert_eq!(median(&[3.0, 1.0, 2.0, 10.0]), 2.5);
+        assert!(mean_ci(&[1.0]).1.is_infinite());
+    }
+}
