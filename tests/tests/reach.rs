@@ -335,3 +335,54 @@ fn bgp_moves(cluster: &mut Cluster, pods: &[LabPod], egress_ip: Ipv4Addr) -> Res
     );
     Ok(())
 }
+
+/// `announce: None`: the holder answers no ARP for the egress IP, even inside its segment (the
+/// router cannot resolve it, nothing comes back), until the operator routes the address to the
+/// holder; then every connection leaves with it.
+#[test]
+fn an_egress_ip_announced_by_nobody_needs_the_operators_route() -> Result<()> {
+    let mut cluster = builder().build()?;
+    let egress_ip = Ipv4Addr::new(10, 99, 0, 210);
+    let mut pods = pods(&mut cluster, egress_ip)?;
+    pods.truncate(1);
+    cluster.update_objects(|o| o.set_gateway(gateway(GATEWAY, egress_ip).announce("None")))?;
+    let agents = start_agents(&cluster, &[])?;
+    let result = operator_routes(&cluster, &pods, egress_ip);
+    with_agent_logs(&agents, result)
+}
+
+fn operator_routes(cluster: &Cluster, pods: &[LabPod], egress_ip: Ipv4Addr) -> Result<()> {
+    let holder = cluster.node("node2")?;
+    ensure!(
+        netlab::fixture::has_address(cluster, "node2", egress_ip)?,
+        "node2 does not hold {egress_ip}"
+    );
+    let ip = egress_ip.to_string();
+    let pinged = netlab::exec_output(
+        cluster.router_netns(),
+        ["ping", "-c", "2", "-W", "1", ip.as_str()],
+    )?;
+    ensure!(
+        !pinged.status.success(),
+        "the router reached {egress_ip} by ARP: the holder answered for it"
+    );
+    let answers = cluster
+        .start_loop_with_timeout(&pods[0], LOOP_INTERVAL, 5, Duration::from_millis(300))?
+        .wait(Duration::from_secs(30))?;
+    ensure!(
+        answers.iter().all(|a| matches!(a, Answer::Failed(_))),
+        "answers came back without a route to {egress_ip}: {answers:?}"
+    );
+    exec(
+        cluster.router_netns(),
+        [
+            "ip",
+            "route",
+            "add",
+            ip.as_str(),
+            "via",
+            &holder.ip.to_string(),
+        ],
+    )?;
+    all_leave_with(cluster, pods, egress_ip)
+}
