@@ -11,6 +11,7 @@ use static_egress::agent::{self, AgentOptions, FailoverOptions};
 use static_egress::cni::Unclassified;
 use static_egress::cni::install::CniInstall;
 use static_egress::commands;
+use static_egress::datapath::aws::AwsConfig;
 use static_egress::datapath::tunnel::TunnelMode;
 use static_egress::datapath::{self, DatapathConfig, KernelLog};
 use static_egress::model::EgressGateway;
@@ -145,6 +146,8 @@ struct AgentArgs {
     /// `protocol kernel { kernel table N; learn; }`, FRR's `ip import-table N`).
     #[arg(long, default_value = "1491", value_parser = datapath::check_route_table)]
     announce_table: u32,
+    #[command(flatten)]
+    aws: AwsArgs,
     /// How often each node probes the nodes that may hold egress IPs.
     #[arg(long, default_value = "50ms", value_parser = parse_interval)]
     probe_interval: Duration,
@@ -199,6 +202,40 @@ struct AgentArgs {
     /// not answer, keep it from starting), or `allow` it to start unclassified.
     #[arg(long, value_enum, default_value = "hold")]
     cni_unclassified: Unclassified,
+}
+
+/// `announce: Aws` (see "Objects" in the README): off unless `--aws-interface` is given.
+#[derive(Args)]
+struct AwsArgs {
+    /// This node's network interface in its VPC (`eni-...`): the holder assigns its egress IPs
+    /// of `announce: Aws` gateways to it. Credentials from `AWS_ACCESS_KEY_ID`,
+    /// `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN`.
+    #[arg(long)]
+    aws_interface: Option<String>,
+    #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
+    aws_region: String,
+    /// The EC2 endpoint (default `https://ec2.<region>.amazonaws.com`).
+    #[arg(long)]
+    aws_endpoint: Option<String>,
+    /// `EGRESS_IP=eipalloc-...`: the Elastic IP to associate with that egress IP wherever it is
+    /// held (repeat for each).
+    #[arg(long = "aws-elastic-ip", value_name = "IP=ALLOCATION", value_parser = parse_elastic_ip)]
+    aws_elastic_ips: Vec<(std::net::Ipv4Addr, String)>,
+}
+
+fn parse_elastic_ip(s: &str) -> Result<(std::net::Ipv4Addr, String), String> {
+    let (ip, allocation) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not EGRESS_IP=ALLOCATION_ID"))?;
+    let ip = ip
+        .parse()
+        .map_err(|e| format!("{ip:?} is not an IPv4 address: {e}"))?;
+    if !allocation.starts_with("eipalloc-") {
+        return Err(format!(
+            "{allocation:?} is not an allocation id (eipalloc-...)"
+        ));
+    }
+    Ok((ip, allocation.to_owned()))
 }
 
 #[derive(Args)]
@@ -300,44 +337,53 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Agent(args) => runtime.block_on(agent::run(AgentOptions {
-            cni: args.cni.cni_conf_dir.clone().map(|conf_dir| CniInstall {
-                conf_dir,
-                bin_dir: args.cni.cni_bin_dir.clone(),
-                socket: args.state_dir.join(static_egress::cni::SOCKET),
-                unclassified: args.cni_unclassified,
-            }),
-            node: args.common.node,
-            from_file: args.from_file,
-            cluster_cidrs: args.common.cluster_cidrs,
-            resync: args.resync_interval,
-            holder_lease: args.holder_lease,
-            lease_namespace: args.lease_namespace,
-            metrics_addr: args.metrics_addr,
-            audit_log: args.audit_log.map(|target| (target, args.audit_queue)),
-            failover: FailoverOptions {
-                probes: ProbeConfig {
-                    port: args.probe_port,
-                    interval: args.probe_interval,
-                    misses: args.probe_misses,
-                    rejoin: args.rejoin_after,
+        Command::Agent(args) => {
+            let args = *args;
+            runtime.block_on(agent::run(AgentOptions {
+                cni: args.cni.cni_conf_dir.clone().map(|conf_dir| CniInstall {
+                    conf_dir,
+                    bin_dir: args.cni.cni_bin_dir.clone(),
+                    socket: args.state_dir.join(static_egress::cni::SOCKET),
+                    unclassified: args.cni_unclassified,
+                }),
+                node: args.common.node,
+                from_file: args.from_file,
+                cluster_cidrs: args.common.cluster_cidrs,
+                resync: args.resync_interval,
+                holder_lease: args.holder_lease,
+                lease_namespace: args.lease_namespace,
+                metrics_addr: args.metrics_addr,
+                audit_log: args.audit_log.map(|target| (target, args.audit_queue)),
+                failover: FailoverOptions {
+                    probes: ProbeConfig {
+                        port: args.probe_port,
+                        interval: args.probe_interval,
+                        misses: args.probe_misses,
+                        rejoin: args.rejoin_after,
+                    },
+                    lease: args.lease,
+                    drain_on_stop: args.drain_on_stop,
                 },
-                lease: args.lease,
-                drain_on_stop: args.drain_on_stop,
-            },
-            datapath: DatapathConfig {
-                bpffs: args.bpffs,
-                state_dir: args.state_dir,
-                fwmark: args.fwmark,
-                route_table: args.route_table,
-                rule_priority: args.rule_priority,
-                probe_port: args.probe_port,
-                kernel_log: args.kernel_log,
-                tunnel: args.tunnel,
-                tunnel_port: args.tunnel_port,
-                announce_table: args.announce_table,
-            },
-        })),
+                datapath: DatapathConfig {
+                    bpffs: args.bpffs,
+                    state_dir: args.state_dir,
+                    fwmark: args.fwmark,
+                    route_table: args.route_table,
+                    rule_priority: args.rule_priority,
+                    probe_port: args.probe_port,
+                    kernel_log: args.kernel_log,
+                    tunnel: args.tunnel,
+                    tunnel_port: args.tunnel_port,
+                    announce_table: args.announce_table,
+                    aws: args.aws.aws_interface.map(|interface| AwsConfig {
+                        region: args.aws.aws_region,
+                        endpoint: args.aws.aws_endpoint,
+                        interface,
+                        elastic_ips: args.aws.aws_elastic_ips.into_iter().collect(),
+                    }),
+                },
+            }))
+        }
         Command::Plan(args) => commands::print_plan(
             &args.common.node,
             &args.from_file,

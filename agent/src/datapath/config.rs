@@ -24,6 +24,8 @@ pub struct DatapathConfig {
     pub tunnel_port: u16,
     /// Ours alone: the held egress IPs of `announce: Bgp` gateways, for the node's BGP daemon.
     pub announce_table: u32,
+    /// This node in AWS, for `announce: Aws` gateways.
+    pub aws: Option<super::aws::AwsConfig>,
 }
 
 /// How much the kernel programs log into the agent's log (`--kernel-log`, or a Node's

@@ -2,6 +2,7 @@
 //! BPF maps and TCX links, each brought to the plan by diffing what is there.
 
 mod arp;
+pub mod aws;
 pub mod bpf;
 mod config;
 pub mod conntrack;
@@ -103,6 +104,8 @@ pub enum DatapathError {
     NoUplink(Ipv4Addr),
     #[error("--announce-table and --route-table must be different tables, not both {0}")]
     SameTable(u32),
+    #[error(transparent)]
+    Aws(#[from] aws::AwsError),
     #[error("state file {path}: {source}")]
     State {
         path: PathBuf,
@@ -128,6 +131,7 @@ impl DatapathError {
             Self::RuleInTheWay { .. } | Self::NetlinkSocket(_) | Self::Netlink { .. } => "routing",
             Self::NftSpawn(_) | Self::Nft(_) => "nftables",
             Self::NoNodeIp(_) | Self::NoUplink(_) | Self::SameTable(_) => "node",
+            Self::Aws(_) => "cloud",
         }
     }
 }
@@ -180,6 +184,10 @@ pub struct Datapath {
     held_now: tokio::sync::watch::Sender<BTreeSet<Ipv4Addr>>,
     /// The holders reached through the tunnel, as last applied.
     tunneled: BTreeSet<Ipv4Addr>,
+    /// The EC2 client, with `--aws-interface`.
+    ec2: Option<aws::Ec2>,
+    /// The egress IPs claimed in EC2 since the agent started.
+    in_ec2: BTreeSet<Ipv4Addr>,
     /// The state dir is ours while the data path is: one agent per node and state dir.
     _lock: crate::fsutil::DirLock,
 }
@@ -190,6 +198,7 @@ impl Datapath {
         if config.announce_table == config.route_table {
             return Err(DatapathError::SameTable(config.route_table));
         }
+        let ec2 = config.aws.clone().map(aws::Ec2::new).transpose()?;
         let lock = crate::fsutil::DirLock::acquire(&config.state_dir)?;
         let bpf = Bpf::load(&config.bpffs, config.kernel_log.level())?;
         let nl = Netlink::connect()?;
@@ -202,6 +211,8 @@ impl Datapath {
             nft: None,
             held_now: tokio::sync::watch::Sender::new(BTreeSet::new()),
             tunneled: BTreeSet::new(),
+            ec2,
+            in_ec2: BTreeSet::new(),
             _lock: lock,
         })
     }
@@ -336,7 +347,7 @@ impl Datapath {
                 .map(|s| s.egress_ip)
                 .collect()
         };
-        let by_arp = announced(|a| a == Announce::Arp);
+        let by_arp = announced(|a| !a.quiet());
         self.hold_addresses(&uplink, &held, &present, &by_arp, warnings)
             .await?;
         // Released before the maps change: the kernel answers ARP for an address it has, and
@@ -351,9 +362,11 @@ impl Datapath {
                 s.addresses.remove(&ip);
             })?;
         }
-        // Announced once held, withdrawn once released: the BGP daemon follows the table.
+        // Announced once held, withdrawn once released: the BGP daemon follows the table, EC2
+        // the calls.
         let by_bgp = announced(|a| a == Announce::Bgp);
         self.announce(&uplink, &by_bgp).await?;
+        self.announce_in_ec2(announced(|a| a == Announce::Aws), warnings);
 
         self.nl.sync_rule(rule).await?;
         let via = single_remote_holder(plan).filter(|h| !tunneled.contains(h));
@@ -621,6 +634,37 @@ impl Datapath {
         self.nl.sync_host_routes(table, uplink.index, ips).await
     }
 
+    /// Claims the egress IPs held here for `announce: Aws` gateways in EC2 (each from a task of
+    /// its own that retries while the node holds it), and gives up those it no longer holds.
+    fn announce_in_ec2(&mut self, held: BTreeSet<Ipv4Addr>, warnings: &mut Warnings) {
+        let Some(ec2) = &self.ec2 else {
+            if !held.is_empty() {
+                warnings.push(format!(
+                    "egress IPs {held:?} are to be announced in AWS, but this agent has no \
+                     --aws-interface: they are announced by ARP only"
+                ));
+            }
+            return;
+        };
+        for ip in held.difference(&self.in_ec2) {
+            tokio::spawn(aws::keep_claimed(
+                ec2.clone(),
+                *ip,
+                self.held_now.subscribe(),
+            ));
+        }
+        for ip in self.in_ec2.difference(&held) {
+            let (ec2, ip) = (ec2.clone(), *ip);
+            tokio::spawn(async move {
+                if let Err(error) = ec2.release(ip).await {
+                    // The next holder's claim takes it anyway.
+                    tracing::warn!(egress_ip = %ip, %error, "unassigning in EC2");
+                }
+            });
+        }
+        self.in_ec2 = held;
+    }
+
     /// The other nodes holding egress IPs of this node's pods that packets reach through the
     /// tunnel (see [`tunnel::TunnelMode`]); a change is logged.
     async fn tunneled(
@@ -849,7 +893,7 @@ pub fn map_contents(
             let entry = match &e.holder {
                 Some(h) => EgressEntry {
                     holder: wire(h.node_ip),
-                    flags: if h.node == plan.node && gw.announce != Announce::Arp {
+                    flags: if h.node == plan.node && gw.announce.quiet() {
                         EGRESS_LOCAL | EGRESS_QUIET
                     } else if h.node == plan.node {
                         EGRESS_LOCAL

@@ -96,8 +96,10 @@ pub struct EgressGatewaySpec {
     /// How the holder makes an egress IP reachable: Arp (default) answers ARP for it and
     /// announces it by gratuitous ARP on its uplink's segment; Bgp puts it into the routing
     /// table the node's BGP daemon announces (the agents' --announce-table) and answers no ARP;
-    /// None answers no ARP and leaves it to the operator (a cloud's or a router's route).
-    #[schemars(extend("enum" = ["Arp", "Bgp", "None"]))]
+    /// None answers no ARP and leaves it to the operator (a cloud's or a router's route); Aws
+    /// assigns it to the holder's network interface through the EC2 API (with its Elastic IP,
+    /// when the agents map it to one) and announces it by ARP as well.
+    #[schemars(extend("enum" = ["Arp", "Bgp", "None", "Aws"]))]
     pub announce: Option<String>,
 }
 

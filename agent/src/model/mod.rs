@@ -89,6 +89,16 @@ pub enum Announce {
     Bgp,
     /// Nothing: the operator routes the address; no ARP.
     None,
+    /// Assigned to the holder's network interface through the EC2 API, and ARP as for `Arp`.
+    Aws,
+}
+
+impl Announce {
+    /// Whether the holder must not answer ARP for the address: something else brings its
+    /// traffic, and ARP would draw it to a second place.
+    pub fn quiet(self) -> bool {
+        matches!(self, Self::Bgp | Self::None)
+    }
 }
 
 /// A validated `EgressGateway`.

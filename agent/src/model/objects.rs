@@ -137,7 +137,7 @@ pub enum FieldProblem {
     HostBitsSet { value: String, suggested: Ipv4Net },
     #[error("{0:?} is not one of FailClosed, FailOpen")]
     UnknownFailurePolicy(String),
-    #[error("{0:?} is not one of Arp, Bgp, None")]
+    #[error("{0:?} is not one of Arp, Bgp, None, Aws")]
     UnknownAnnounce(String),
 }
 
@@ -459,6 +459,7 @@ fn validate_gateway(name: &str, spec: &EgressGatewaySpec) -> Result<Gateway, Vec
         None | Some("Arp") => Announce::Arp,
         Some("Bgp") => Announce::Bgp,
         Some("None") => Announce::None,
+        Some("Aws") => Announce::Aws,
         Some(other) => {
             problems.push(field(
                 "spec.announce",
@@ -850,7 +851,7 @@ mod tests {
             ),
             (
                 format!("  egressIPs: [192.0.2.1]\n{base}  announce: Ospf"),
-                r#"document 1: EgressGateway corp-fw: spec.announce: "Ospf" is not one of Arp, Bgp, None"#,
+                r#"document 1: EgressGateway corp-fw: spec.announce: "Ospf" is not one of Arp, Bgp, None, Aws"#,
             ),
             (
                 format!("  egressIPs: 192.0.2.1\n{base}"),
