@@ -13,7 +13,7 @@ use ipnet::Ipv4Net;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
-use crate::cni::install::{CniInstall, InstallError};
+use crate::cni::install::{CniInstall, Installer};
 use crate::datapath::{Check, Datapath, DatapathConfig, DatapathError, KernelLog};
 pub use crate::membership::FailoverOptions;
 use crate::membership::Membership;
@@ -80,8 +80,9 @@ pub enum AgentError {
     Status(#[from] NodeStatusError),
     #[error("opening the probe socket: {0}")]
     Probes(#[source] std::io::Error),
+    /// `cleanup --cni-conf-dir` could not take the plugin out.
     #[error("CNI plugin: {0}")]
-    Cni(#[from] InstallError),
+    Cni(#[from] crate::cni::install::InstallError),
 }
 
 impl AgentError {
@@ -155,7 +156,7 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
         reports: None,
         held: None,
         announced: Announcements::load(&options.datapath.state_dir),
-        cni: options.cni.clone().map(|install| (install, false)),
+        cni: options.cni.clone().map(Installer::new),
         outputs: Outputs::start(
             options.datapath.state_dir.clone(),
             options.datapath.bpffs.clone(),
@@ -336,8 +337,8 @@ struct Agent {
     held: Option<watch::Sender<BTreeSet<Ipv4Addr>>>,
     /// What the CNI plugin said of the pods starting here.
     announced: Announcements,
-    /// Where to install the plugin, and whether it was since the agent started.
-    cni: Option<(CniInstall, bool)>,
+    /// Keeps the CNI plugin installed, when asked to.
+    cni: Option<Installer>,
     /// The status file, metrics and audit log.
     outputs: Outputs,
 }
@@ -373,8 +374,7 @@ impl Agent {
         let now = loaded.problems.iter().map(ToString::to_string).collect();
         report_new(&mut self.problems, now, |m| tracing::warn!("{m}"));
         self.config.health = self.membership.health(&self.node);
-        self.announced.forget_known(&loaded.snapshot);
-        self.config.starting = self.announced.starting();
+        self.config.starting = self.announced.starting(&loaded.snapshot);
         self.config.not_yet.clear();
         let mut plan = plan::plan(&loaded.snapshot, &self.node, &self.config);
         if let Some((applied, ..)) = &self.applied {
@@ -420,7 +420,9 @@ impl Agent {
                 self.membership.applied(datapath)?;
                 self.failure = None;
                 self.again_soon = applied.incomplete;
-                self.install_cni(check);
+                if let Some(installer) = &mut self.cni {
+                    installer.applied(check == Check::Everything);
+                }
             }
             Err(e) => {
                 tracing::error!("applying the plan failed, the previous data path stays: {e}");
@@ -430,30 +432,6 @@ impl Agent {
         }
         self.planned = Some(plan);
         self.write_status(datapath, objects)
-    }
-
-    /// Puts the CNI plugin in place once this node is programmed (before, pods would wait on
-    /// an agent that cannot answer yet), and back at every resync if a CNI's restart took it
-    /// out. A failure is logged; pods then start as they would without the plugin.
-    fn install_cni(&mut self, check: Check) {
-        let Some((install, installed)) = &mut self.cni else {
-            return;
-        };
-        if *installed && check != Check::Everything {
-            return;
-        }
-        let binary = std::env::current_exe()
-            .map(|exe| exe.with_file_name(crate::cni::install::PLUGIN))
-            .unwrap_or_default();
-        match install.ensure(&binary, !*installed) {
-            Ok(changed) => {
-                if let Some(list) = changed {
-                    tracing::info!(config = %list.display(), "chained the CNI plugin");
-                }
-                *installed = true;
-            }
-            Err(error) => tracing::warn!(%error, "cannot install the CNI plugin"),
-        }
     }
 
     /// Hands this node's egress IPs over: the kernel answers probes as draining at once, so

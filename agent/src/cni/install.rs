@@ -70,6 +70,44 @@ impl CniInstall {
     }
 }
 
+/// Keeps the plugin installed from the agent's loop.
+pub struct Installer {
+    install: CniInstall,
+    /// Whether it was installed since the agent started (then the binary was copied).
+    done: bool,
+}
+
+impl Installer {
+    pub fn new(install: CniInstall) -> Self {
+        Self {
+            install,
+            done: false,
+        }
+    }
+
+    /// After a successful apply: installs the plugin the first time (before, pods would wait
+    /// on an agent that cannot answer yet) and at every full check (`everything`), when a
+    /// CNI's restart may have taken it out. A failure is logged; pods then start as they would
+    /// without the plugin, and the next full check tries again.
+    pub fn applied(&mut self, everything: bool) {
+        if self.done && !everything {
+            return;
+        }
+        let binary = std::env::current_exe()
+            .map(|exe| exe.with_file_name(PLUGIN))
+            .unwrap_or_default();
+        match self.install.ensure(&binary, !self.done) {
+            Ok(changed) => {
+                if let Some(list) = changed {
+                    tracing::info!(config = %list.display(), "chained the CNI plugin");
+                }
+                self.done = true;
+            }
+            Err(error) => tracing::warn!(%error, "cannot install the CNI plugin"),
+        }
+    }
+}
+
 /// Takes our entry out of every list in `conf_dir` and our binary out of `bin_dir`; whether
 /// anything was there.
 pub fn remove(conf_dir: &Path, bin_dir: &Path) -> Result<bool, InstallError> {

@@ -225,8 +225,56 @@ impl Ec2 {
     }
 }
 
+/// The egress IPs of `announce: Aws` gateways this node holds, as claimed in EC2.
+pub struct Announced {
+    /// `None` without `--aws-interface`.
+    ec2: Option<Ec2>,
+    claimed: BTreeSet<Ipv4Addr>,
+}
+
+impl Announced {
+    pub fn new(ec2: Option<Ec2>) -> Self {
+        Self {
+            ec2,
+            claimed: BTreeSet::new(),
+        }
+    }
+
+    /// Claims the newly `held` egress IPs, each from a task of its own that retries while
+    /// `held_now` says the node holds it, and gives up those it no longer holds.
+    pub fn sync(
+        &mut self,
+        held: BTreeSet<Ipv4Addr>,
+        held_now: &watch::Sender<BTreeSet<Ipv4Addr>>,
+        warnings: &mut Vec<String>,
+    ) {
+        let Some(ec2) = &self.ec2 else {
+            if !held.is_empty() {
+                warnings.push(format!(
+                    "egress IPs {held:?} are to be announced in AWS, but this agent has no \
+                     --aws-interface: they are announced by ARP only"
+                ));
+            }
+            return;
+        };
+        for ip in held.difference(&self.claimed) {
+            tokio::spawn(keep_claimed(ec2.clone(), *ip, held_now.subscribe()));
+        }
+        for ip in self.claimed.difference(&held) {
+            let (ec2, ip) = (ec2.clone(), *ip);
+            tokio::spawn(async move {
+                if let Err(error) = ec2.release(ip).await {
+                    // The next holder's claim takes it anyway.
+                    tracing::warn!(egress_ip = %ip, %error, "unassigning in EC2");
+                }
+            });
+        }
+        self.claimed = held;
+    }
+}
+
 /// Claims `ip` for this node until it succeeds, or until `held` says the node let it go.
-pub async fn keep_claimed(ec2: Ec2, ip: Ipv4Addr, mut held: watch::Receiver<BTreeSet<Ipv4Addr>>) {
+async fn keep_claimed(ec2: Ec2, ip: Ipv4Addr, mut held: watch::Receiver<BTreeSet<Ipv4Addr>>) {
     loop {
         if !held.borrow_and_update().contains(&ip) {
             return;

@@ -182,12 +182,10 @@ pub struct Datapath {
     nft: Option<NftApplied>,
     /// The egress IPs on the uplink now, for the repeated announcements of those just taken.
     held_now: tokio::sync::watch::Sender<BTreeSet<Ipv4Addr>>,
-    /// The holders reached through the tunnel, as last applied.
-    tunneled: BTreeSet<Ipv4Addr>,
-    /// The EC2 client, with `--aws-interface`.
-    ec2: Option<aws::Ec2>,
-    /// The egress IPs claimed in EC2 since the agent started.
-    in_ec2: BTreeSet<Ipv4Addr>,
+    /// Which holders packets reach through the tunnel.
+    tunnels: tunnel::Tunnels,
+    /// The egress IPs of `announce: Aws` gateways held here, in EC2.
+    ec2: aws::Announced,
     /// The state dir is ours while the data path is: one agent per node and state dir.
     _lock: crate::fsutil::DirLock,
 }
@@ -210,9 +208,8 @@ impl Datapath {
             state,
             nft: None,
             held_now: tokio::sync::watch::Sender::new(BTreeSet::new()),
-            tunneled: BTreeSet::new(),
-            ec2,
-            in_ec2: BTreeSet::new(),
+            tunnels: tunnel::Tunnels::default(),
+            ec2: aws::Announced::new(ec2),
             _lock: lock,
         })
     }
@@ -299,7 +296,10 @@ impl Datapath {
         // origin of the replies.
         self.record(|s| s.tunnel = true)?;
         let tunnel_index = tunnel::device(&self.nl, &uplink, self.config.tunnel_port).await?;
-        let tunneled = self.tunneled(plan, &uplink).await?;
+        let tunneled = self
+            .tunnels
+            .choose(&self.nl, &uplink, plan, self.config.tunnel)
+            .await?;
         let peers: Vec<Ipv4Addr> = plan
             .peers
             .iter()
@@ -366,7 +366,8 @@ impl Datapath {
         // the calls.
         let by_bgp = announced(|a| a == Announce::Bgp);
         self.announce(&uplink, &by_bgp).await?;
-        self.announce_in_ec2(announced(|a| a == Announce::Aws), warnings);
+        self.ec2
+            .sync(announced(|a| a == Announce::Aws), &self.held_now, warnings);
 
         self.nl.sync_rule(rule).await?;
         let via = single_remote_holder(plan).filter(|h| !tunneled.contains(h));
@@ -632,70 +633,6 @@ impl Datapath {
         }
         self.record(|s| s.announce_table = Some(table))?;
         self.nl.sync_host_routes(table, uplink.index, ips).await
-    }
-
-    /// Claims the egress IPs held here for `announce: Aws` gateways in EC2 (each from a task of
-    /// its own that retries while the node holds it), and gives up those it no longer holds.
-    fn announce_in_ec2(&mut self, held: BTreeSet<Ipv4Addr>, warnings: &mut Warnings) {
-        let Some(ec2) = &self.ec2 else {
-            if !held.is_empty() {
-                warnings.push(format!(
-                    "egress IPs {held:?} are to be announced in AWS, but this agent has no \
-                     --aws-interface: they are announced by ARP only"
-                ));
-            }
-            return;
-        };
-        for ip in held.difference(&self.in_ec2) {
-            tokio::spawn(aws::keep_claimed(
-                ec2.clone(),
-                *ip,
-                self.held_now.subscribe(),
-            ));
-        }
-        for ip in self.in_ec2.difference(&held) {
-            let (ec2, ip) = (ec2.clone(), *ip);
-            tokio::spawn(async move {
-                if let Err(error) = ec2.release(ip).await {
-                    // The next holder's claim takes it anyway.
-                    tracing::warn!(egress_ip = %ip, %error, "unassigning in EC2");
-                }
-            });
-        }
-        self.in_ec2 = held;
-    }
-
-    /// The other nodes holding egress IPs of this node's pods that packets reach through the
-    /// tunnel (see [`tunnel::TunnelMode`]); a change is logged.
-    async fn tunneled(
-        &mut self,
-        plan: &NodePlan,
-        uplink: &netlink::Interface,
-    ) -> Result<BTreeSet<Ipv4Addr>, DatapathError> {
-        let holders = plan.remote_holders();
-        let mut tunneled = BTreeSet::new();
-        if !holders.is_empty() && self.config.tunnel != tunnel::TunnelMode::Never {
-            let pods_routed = tunnel::pods_routed(&self.nl, uplink, &plan.remote_pod_cidrs).await?;
-            for holder in holders {
-                let on_link = tunnel::on_link(&self.nl, uplink, holder).await?;
-                let reach = tunnel::Reach {
-                    on_link,
-                    pods_routed,
-                };
-                if self.config.tunnel.tunneled(reach) {
-                    tunneled.insert(holder);
-                }
-            }
-        }
-        if tunneled != self.tunneled {
-            tracing::info!(
-                tunneled = ?tunneled,
-                mode = ?self.config.tunnel,
-                "holders reached through the tunnel"
-            );
-            self.tunneled = tunneled.clone();
-        }
-        Ok(tunneled)
     }
 
     /// The interface holding this node's InternalIP.

@@ -12,12 +12,14 @@
 //! `se_tunnel_egress` (on the device) gives it its destination node; `se_uplink_ingress` on the
 //! device marks what arrives from other nodes' pods, as on the uplink.
 
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
 use static_egress_common::tunnel;
 
 use super::DatapathError;
 use super::netlink::{Interface, Netlink};
+use crate::plan::NodePlan;
 
 /// `--tunnel`: when marked packets go to their holder through the tunnel.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -52,8 +54,46 @@ impl TunnelMode {
     }
 }
 
+/// Which holders packets reach through the tunnel, as last chosen (to log changes).
+#[derive(Debug, Default)]
+pub struct Tunnels {
+    last: BTreeSet<Ipv4Addr>,
+}
+
+impl Tunnels {
+    /// The other nodes holding egress IPs in `plan` that packets reach through the tunnel, as
+    /// `mode` and this node's routes say; a change is logged.
+    pub async fn choose(
+        &mut self,
+        nl: &Netlink,
+        uplink: &Interface,
+        plan: &NodePlan,
+        mode: TunnelMode,
+    ) -> Result<BTreeSet<Ipv4Addr>, DatapathError> {
+        let holders = plan.remote_holders();
+        let mut tunneled = BTreeSet::new();
+        if !holders.is_empty() && mode != TunnelMode::Never {
+            let pods_routed = pods_routed(nl, uplink, &plan.remote_pod_cidrs).await?;
+            for holder in holders {
+                let reach = Reach {
+                    on_link: on_link(nl, uplink, holder).await?,
+                    pods_routed,
+                };
+                if mode.tunneled(reach) {
+                    tunneled.insert(holder);
+                }
+            }
+        }
+        if tunneled != self.last {
+            tracing::info!(tunneled = ?tunneled, ?mode, "holders reached through the tunnel");
+            self.last = tunneled.clone();
+        }
+        Ok(tunneled)
+    }
+}
+
 /// Whether `holder` is on the uplink's subnet: the kernel's route to it has no gateway.
-pub async fn on_link(
+async fn on_link(
     nl: &Netlink,
     uplink: &Interface,
     holder: Ipv4Addr,
@@ -62,7 +102,7 @@ pub async fn on_link(
 }
 
 /// Whether this node routes the other nodes' pod CIDRs (`pod_cidrs`) over the uplink.
-pub async fn pods_routed(
+async fn pods_routed(
     nl: &Netlink,
     uplink: &Interface,
     pod_cidrs: &[ipnet::Ipv4Net],

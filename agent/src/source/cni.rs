@@ -238,9 +238,19 @@ impl Announcements {
         }
     }
 
+    /// The pods announced and not yet shown by `snapshot`, for the planner; announcements the
+    /// objects now speak for are forgotten first.
+    pub fn starting(&mut self, snapshot: &Snapshot) -> BTreeMap<(String, String), Starting> {
+        self.forget_known(snapshot);
+        self.pods
+            .iter()
+            .map(|(key, (_, starting))| (key.clone(), *starting))
+            .collect()
+    }
+
     /// Forgets the pods the objects now show running with an address (they speak for them),
     /// and those whose address the objects show another pod running with (they are gone).
-    pub fn forget_known(&mut self, snapshot: &Snapshot) {
+    fn forget_known(&mut self, snapshot: &Snapshot) {
         if self.pods.is_empty() {
             return;
         }
@@ -262,13 +272,6 @@ impl Announcements {
         if self.pods.len() != before {
             self.save();
         }
-    }
-
-    pub fn starting(&self) -> BTreeMap<(String, String), Starting> {
-        self.pods
-            .iter()
-            .map(|(key, (_, starting))| (key.clone(), *starting))
-            .collect()
     }
 
     pub fn len(&self) -> usize {
@@ -361,6 +364,23 @@ mod tests {
         }
         announced.forget_known(&snapshot);
         assert!(announced.is_empty(), "{announced:?}");
+    }
+
+    #[test]
+    fn a_restarted_agent_still_knows_the_pods_announced_before() {
+        let dir = std::env::temp_dir().join(format!("se-cni-record-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let mut announced = Announcements::load(&dir);
+        announced.take(&request(Command::Add, "a", "c1", [10, 0, 0, 5]));
+        let again = Announcements::load(&dir);
+        assert_eq!(again.pods, announced.pods);
+        assert_eq!(again.len(), 1);
+        std::fs::write(dir.join(RECORD), "not json").expect("write");
+        assert!(
+            Announcements::load(&dir).is_empty(),
+            "an unreadable record is ignored"
+        );
+        std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 
     #[test]
