@@ -7,7 +7,7 @@
 /// The version of the maps' layouts: bumped whenever one changes, it names their pin directory
 /// (`maps-v<N>`), so an upgraded agent creates maps of the new layout beside the old ones and
 /// swaps programs over without a gap.
-pub const MAPS_LAYOUT: u32 = 4;
+pub const MAPS_LAYOUT: u32 = 5;
 
 /// Names of the pinned maps and programs; the agent and the kernel objects agree on them.
 pub mod names {
@@ -50,6 +50,9 @@ pub const RANGE_CLUSTER: u8 = 1;
 /// `SE_RANGES` value bit: another node's pod CIDR. A packet from there to outside the cluster
 /// that arrives on the uplink is another node's pod's, on its way to an egress IP held here.
 pub const RANGE_REMOTE_PODS: u8 = 2;
+/// `SE_RANGES` value bit (on a /32): another node's address, the only sources whose tunnel
+/// packets the programs take out of the tunnel themselves.
+pub const RANGE_NODE: u8 = 4;
 
 /// The single, per-CPU value of `SE_GUARD`: what the uplink programs did to keep selected
 /// traffic from leaving with any address but its pod's own or an egress IP held here.
@@ -65,6 +68,10 @@ pub struct Guard {
     pub fenced: u64,
     /// Probes answered.
     pub probes: u64,
+    /// Packets the programs put into the tunnel themselves (not left to the kernel's device).
+    pub tunnel_out: u64,
+    /// Packets the programs took out of the tunnel themselves.
+    pub tunnel_in: u64,
 }
 
 /// `PodEntry::gateway` of a starting pod the agent holds: its CNI plugin announced it before
@@ -152,15 +159,20 @@ pub struct Config {
     pub node_ip: u32,
     /// The UDP port of probes, in network byte order; 0 turns answering off.
     pub probe_port: u16,
-    pub _reserved: u16,
+    /// The tunnel's UDP port, in network byte order; 0 when this node has no tunnel.
+    pub tunnel_port: u16,
     /// The interface index of this node's tunnel device (see [`tunnel`]); 0 when it has none.
     pub tunnel_ifindex: u32,
+    /// The uplink's interface index: tunnel packets leave and arrive there.
+    pub uplink_ifindex: u32,
 }
 
-/// The tunnel between nodes: a VXLAN device in collect-metadata mode on every node, through
-/// which the origin sends a selected pod's packet to a holder that pod-sourced packets cannot
-/// reach directly (an overlay pod network, another subnet). The inner frame is addressed to
-/// [`tunnel::MAC`], which every node's device has, so that the holder takes it in.
+/// The tunnel between nodes: VXLAN between node addresses, through which the origin sends a
+/// selected pod's packet to a holder that pod-sourced packets cannot reach directly (an overlay
+/// pod network, another subnet). The programs write and read its headers themselves; a VXLAN
+/// device in collect-metadata mode on every node is where unwrapped packets come in, and
+/// carries what the programs leave to it. The inner frame is addressed to [`tunnel::MAC`],
+/// which every node's device has, so that the holder takes it in.
 pub mod tunnel {
     /// The device's name.
     pub const DEVICE: &str = "se-tunnel";

@@ -22,9 +22,14 @@
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_redir_neigh, bpf_tunnel_key},
+    bindings::{
+        BPF_ADJ_ROOM_ENCAP_L2_SHIFT, BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
+        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_INGRESS, TC_ACT_SHOT,
+        TC_ACT_UNSPEC, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_redir_neigh, bpf_tunnel_key,
+    },
     helpers::generated::{
-        bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh, bpf_skb_set_tunnel_key,
+        bpf_check_mtu, bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect,
+        bpf_redirect_neigh, bpf_skb_set_tunnel_key,
     },
     macros::{classifier, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
@@ -34,8 +39,8 @@ use aya_log_ebpf::debug;
 use static_egress_common::{
     Config, Counters, DEST_GATEWAY_BITS, DEST_VIA_GATEWAY, DestKey, EGRESS_LOCAL, EGRESS_QUIET,
     EGRESS_ROUTED, EGRESS_TUNNEL, EgressEntry, GATEWAY_FAIL_CLOSED, GATEWAY_HOLD, GatewayEntry,
-    Guard, Heard, LEASE_DRAINING, Lease, PodEntry, Prober, RANGE_CLUSTER, RANGE_REMOTE_PODS,
-    capacity, probe, tunnel,
+    Guard, Heard, LEASE_DRAINING, Lease, PodEntry, Prober, RANGE_CLUSTER, RANGE_NODE,
+    RANGE_REMOTE_PODS, capacity, probe, tunnel,
 };
 
 #[map(name = "SE_PODS")]
@@ -96,6 +101,9 @@ pub fn se_pod_ingress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn se_uplink_ingress(ctx: TcContext) -> i32 {
     if let Some(verdict) = answer_probe(&ctx) {
+        return verdict;
+    }
+    if let Some(verdict) = decapsulate(&ctx) {
         return verdict;
     }
     uplink_ingress(&ctx);
@@ -441,13 +449,16 @@ fn uplink_egress(ctx: &TcContext) -> Option<i32> {
     // The redirected packet passes this hook again; without the bit it goes out unchanged.
     ctx.set_mark(mark & !mark_bit);
     if egress.flags & EGRESS_TUNNEL != 0 {
-        // `tunnel_egress` addresses it to the holder.
-        let tunnel = SE_CONFIG.get(0)?.tunnel_ifindex;
-        if tunnel == 0 {
+        let config = SE_CONFIG.get(0)?;
+        if let Some(verdict) = encapsulate(ctx, config, egress.holder) {
+            return Some(verdict);
+        }
+        // The kernel's tunnel device takes it instead; `tunnel_egress` addresses it there.
+        if config.tunnel_ifindex == 0 {
             return Some(TC_ACT_SHOT);
         }
         // SAFETY: a plain helper call.
-        return Some(unsafe { bpf_redirect(tunnel, 0) } as i32);
+        return Some(unsafe { bpf_redirect(config.tunnel_ifindex, 0) } as i32);
     }
     // Every byte written, one word at a time. The verifier refuses to pass uninitialised
     // stack bytes (the unused IPv6 part of the union) to a helper, and `mem::zeroed()` became
@@ -495,10 +506,14 @@ fn tunnel_egress(ctx: &TcContext) -> Option<i32> {
         }
         None => *SE_PEERS.get(&Key::new(32, dst))?,
     };
-    let mark_bit = SE_CONFIG.get(0)?.mark;
+    let config = SE_CONFIG.get(0)?;
     // SAFETY: `skb` is the live context pointer; other bits of the mark belong to others.
     let mark = unsafe { (*ctx.skb.skb).mark };
-    ctx.set_mark(mark & !mark_bit);
+    ctx.set_mark(mark & !config.mark);
+    if let Some(verdict) = encapsulate(ctx, config, remote) {
+        return Some(verdict);
+    }
+    // Left to the kernel's device: addressed to it here.
     let m = tunnel::MAC;
     let src = tunnel::SOURCE_MAC;
     let macs = [
@@ -537,6 +552,168 @@ fn tunnel_egress(ctx: &TcContext) -> Option<i32> {
         return None;
     }
     Some(TCX_NEXT)
+}
+
+/// Wraps a packet for `remote` here and hands it to the uplink, the way the kernel's VXLAN
+/// device would (the same bytes on the wire, so either end may be either), without its cost:
+/// no second device, no route lookup and netfilter pass for the outer packet, no UDP socket.
+/// `None` (packet unchanged) leaves it to the kernel's device: no node address or uplink known
+/// yet, or a packet that would not fit the uplink once wrapped (the device fragments it).
+fn encapsulate(ctx: &TcContext, config: &Config, remote: u32) -> Option<i32> {
+    if config.node_ip == 0 || config.tunnel_port == 0 || config.uplink_ifindex == 0 {
+        return None;
+    }
+    let skb = ctx.skb.skb;
+    let mut mtu = 0u32;
+    // SAFETY: a plain helper call on the live context; `mtu` outlives it. A TCP segment
+    // (GSO) passes: the holder clamps tunneled connections' MSS to fit.
+    let fits = unsafe {
+        bpf_check_mtu(
+            skb.cast(),
+            config.uplink_ifindex,
+            &mut mtu,
+            tunnel::OVERHEAD as i32,
+            0,
+        )
+    } == 0;
+    let total = ctx.len() as usize - ETH_HLEN + tunnel::OVERHEAD as usize;
+    if !fits || total > usize::from(u16::MAX) {
+        return None;
+    }
+    // SAFETY: plain helper calls on the live context.
+    let (hash, id) = unsafe { (bpf_get_hash_recalc(skb), bpf_get_prandom_u32()) };
+    let flags = u64::from(
+        BPF_F_ADJ_ROOM_FIXED_GSO
+            | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
+            | BPF_F_ADJ_ROOM_ENCAP_L4_UDP
+            | BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
+    ) | ((ETH_HLEN as u64) << BPF_ADJ_ROOM_ENCAP_L2_SHIFT);
+    ctx.adjust_room(tunnel::OVERHEAD as i32, BPF_ADJ_ROOM_MAC, flags)
+        .ok()?;
+    let header = tunnel_header(config, remote, total as u16, id as u16, hash);
+    if ctx.store(ETH_HLEN, &header, 0).is_err() {
+        // Room made but not filled: the packet is no longer what it was.
+        return Some(TC_ACT_SHOT);
+    }
+    count(|g| &mut g.tunnel_out);
+    // SAFETY: a plain helper call; no next hop given: the kernel looks the outer destination
+    // up and fills in both link-layer addresses.
+    Some(unsafe { bpf_redirect_neigh(config.uplink_ifindex, core::ptr::null_mut(), 0, 0) } as i32)
+}
+
+/// Outer IPv4 (`total` bytes long, no DF: a smaller path fragments it, as the kernel's
+/// device does), UDP (source port from the inner flow's hash, for the fabric's ECMP; no
+/// checksum, allowed over IPv4), VXLAN and the inner Ethernet header.
+fn tunnel_header(config: &Config, remote: u32, total: u16, id: u16, hash: u32) -> [u8; 50] {
+    let mut h = [0u8; tunnel::OVERHEAD as usize];
+    let [t0, t1] = total.to_be_bytes();
+    let [i0, i1] = id.to_be_bytes();
+    let src = config.node_ip.to_ne_bytes();
+    let dst = remote.to_ne_bytes();
+    h[..20].copy_from_slice(&[
+        0x45,
+        0,
+        t0,
+        t1,
+        i0,
+        i1,
+        0,
+        0,
+        TUNNEL_TTL as u8,
+        IPPROTO_UDP,
+        0,
+        0,
+        src[0],
+        src[1],
+        src[2],
+        src[3],
+        dst[0],
+        dst[1],
+        dst[2],
+        dst[3],
+    ]);
+    let [c0, c1] = ipv4_checksum(&h).to_be_bytes();
+    h[10] = c0;
+    h[11] = c1;
+    let [s0, s1] = (0xc000 | (hash & 0x3fff) as u16).to_be_bytes();
+    let [d0, d1] = config.tunnel_port.to_ne_bytes();
+    let [u0, u1] = (total - 20).to_be_bytes();
+    let vni = (tunnel::VNI << 8).to_be_bytes();
+    let m = tunnel::MAC;
+    let o = tunnel::SOURCE_MAC;
+    h[20..].copy_from_slice(&[
+        s0, s1, d0, d1, u0, u1, 0, 0, // UDP
+        0x08, 0, 0, 0, vni[0], vni[1], vni[2], vni[3], // VXLAN: a VNI follows
+        m[0], m[1], m[2], m[3], m[4], m[5], o[0], o[1], o[2], o[3], o[4], o[5], 0x08, 0x00,
+    ]);
+    h
+}
+
+/// The IPv4 header checksum of the first 20 bytes of `h` (its checksum field zero).
+fn ipv4_checksum(h: &[u8; 50]) -> u16 {
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < 20 {
+        sum += u32::from(u16::from_be_bytes([h[i], h[i + 1]]));
+        i += 2;
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// Takes a tunnel packet from another node out of the tunnel here and hands the inner packet
+/// to the tunnel device as if the device had received it (its programs, nftables rules and
+/// routes see what they would have seen). Anything else, and GRO aggregates (this kernel
+/// cannot clear their tunnel offload state from eBPF, so they would not be segmented right if
+/// forwarded), go on to the kernel's device.
+fn decapsulate(ctx: &TcContext) -> Option<i32> {
+    let config = SE_CONFIG.get(0)?;
+    // SAFETY: `skb` is the live context pointer.
+    let (ifindex, gso_size) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).gso_size) };
+    if config.tunnel_port == 0 || ifindex != config.uplink_ifindex || gso_size != 0 {
+        return None;
+    }
+    if ctx.load::<u16>(12).ok()? != ETH_P_IP_WIRE {
+        return None;
+    }
+    let ip: [u8; 20] = ctx.load(ETH_HLEN).ok()?;
+    // No options, UDP, not a fragment (the kernel reassembles those).
+    if ip[0] != 0x45 || ip[9] != IPPROTO_UDP || ip[6] & 0x3f != 0 || ip[7] != 0 {
+        return None;
+    }
+    let src = u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]);
+    let dst = u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]);
+    if dst != config.node_ip || ctx.load::<u16>(UDP_OFF + 2).ok()? != config.tunnel_port {
+        return None;
+    }
+    if SE_RANGES
+        .get(&Key::new(32, src))
+        .is_none_or(|r| *r & RANGE_NODE == 0)
+    {
+        return None;
+    }
+    let vxlan: [u8; 8] = ctx.load(PAYLOAD_OFF).ok()?;
+    let vni = (tunnel::VNI << 8).to_be_bytes();
+    if vxlan[0] != 0x08 || vxlan[4..] != vni {
+        return None;
+    }
+    if ctx.load::<u16>(PAYLOAD_OFF + 8 + 12).ok()? != ETH_P_IP_WIRE {
+        return None;
+    }
+    ctx.adjust_room(-(tunnel::OVERHEAD as i32), BPF_ADJ_ROOM_MAC, 0)
+        .ok()?;
+    let m = tunnel::MAC;
+    let o = tunnel::SOURCE_MAC;
+    let macs = [
+        m[0], m[1], m[2], m[3], m[4], m[5], o[0], o[1], o[2], o[3], o[4], o[5],
+    ];
+    if ctx.store(0, &macs, 0).is_err() {
+        return Some(TC_ACT_SHOT);
+    }
+    count(|g| &mut g.tunnel_in);
+    // SAFETY: a plain helper call.
+    Some(unsafe { bpf_redirect(config.tunnel_ifindex, u64::from(BPF_F_INGRESS)) } as i32)
 }
 
 fn ipv4_addrs(ctx: &TcContext) -> Option<(u32, u32)> {

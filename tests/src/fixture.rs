@@ -139,6 +139,23 @@ pub fn status(cluster: &Cluster, node: &str) -> Result<serde_json::Value> {
     Ok(serde_json::from_str(&text)?)
 }
 
+/// `static-egress status --output <output>` on `node`, in its namespace: the counters read
+/// from the kernel now.
+pub fn live_status(cluster: &Cluster, node: &str, output: &str) -> Result<String> {
+    let lab_node = cluster.node(node)?;
+    let bin = cluster.agent_bin()?;
+    lab_node.exec([
+        bin.display().to_string(),
+        "status".to_owned(),
+        "--state-dir".to_owned(),
+        lab_node.state_dir.display().to_string(),
+        "--bpffs".to_owned(),
+        lab_node.bpffs.display().to_string(),
+        "--output".to_owned(),
+        output.to_owned(),
+    ])
+}
+
 /// Stops `agent` (SIGTERM), starts a new one on its node with `args` and waits until it has
 /// applied the objects itself (its predecessor's status does not count).
 pub fn restart_agent(

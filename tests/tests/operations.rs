@@ -8,7 +8,8 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use netlab::fixture::{
-    APPLY, EGRESS_IP, api_pod, expect_source, start_agents, three_nodes, with_agent_logs,
+    APPLY, EGRESS_IP, api_pod, expect_source, live_status, start_agents, three_nodes,
+    with_agent_logs,
 };
 use netlab::{AgentHandle, Cluster, LabPod, wait_until};
 
@@ -180,7 +181,7 @@ fn node_status(cluster: &Cluster, pod: &LabPod, agents: &mut [AgentHandle]) -> R
     for _ in 0..10 {
         ensure!(cluster.ask(pod)? == EGRESS_IP);
     }
-    let table = status(cluster, "node1", "table")?;
+    let table = live_status(cluster, "node1", "table")?;
     eprintln!("{table}");
     // Columns are padded: compare with single spaces.
     let words = |text: &str| text.split_whitespace().collect::<Vec<_>>().join(" ");
@@ -202,7 +203,7 @@ fn node_status(cluster: &Cluster, pod: &LabPod, agents: &mut [AgentHandle]) -> R
             .as_u64()
             .with_context(|| format!("no packets in {json}"))
     };
-    let running = packets(&status(cluster, "node1", "json")?)?;
+    let running = packets(&live_status(cluster, "node1", "json")?)?;
     ensure!(
         running >= 30,
         "{running} packets counted for 10 connections"
@@ -218,28 +219,12 @@ fn node_status(cluster: &Cluster, pod: &LabPod, agents: &mut [AgentHandle]) -> R
     for _ in 0..10 {
         ensure!(cluster.ask(pod)? == EGRESS_IP);
     }
-    let stopped = packets(&status(cluster, "node1", "json")?)?;
+    let stopped = packets(&live_status(cluster, "node1", "json")?)?;
     ensure!(
         stopped >= running + 30,
         "the counters went from {running} to {stopped} packets over 10 connections without the agent"
     );
     Ok(())
-}
-
-/// `static-egress status` on `node`, in its namespace.
-fn status(cluster: &Cluster, node: &str, output: &str) -> Result<String> {
-    let lab_node = cluster.node(node)?;
-    let bin = cluster.agent_bin()?;
-    lab_node.exec([
-        bin.display().to_string(),
-        "status".to_owned(),
-        "--state-dir".to_owned(),
-        lab_node.state_dir.display().to_string(),
-        "--bpffs".to_owned(),
-        lab_node.bpffs.display().to_string(),
-        "--output".to_owned(),
-        output.to_owned(),
-    ])
 }
 
 #[test]

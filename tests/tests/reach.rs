@@ -8,7 +8,9 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
-use netlab::fixture::{EGRESS_IP, GATEWAY, api_pod, gateway, start_agents, with_agent_logs};
+use netlab::fixture::{
+    EGRESS_IP, GATEWAY, api_pod, gateway, live_status, start_agents, with_agent_logs,
+};
 use netlab::{Answer, Cluster, ClusterBuilder, LabPod, exec, expect_all_from};
 
 const LOOP_INTERVAL: Duration = Duration::from_millis(20);
@@ -77,9 +79,29 @@ fn an_overlay_over_a_fabric_that_drops_pod_sources_goes_through_the_tunnel() -> 
     let result = all_leave_with(&cluster, &pods, EGRESS_IP).and_then(|()| {
         let drops = cluster.fabric_drops()? - before;
         ensure!(drops == 0, "the fabric dropped {drops} pod-sourced packets");
+        // The programs wrapped and unwrapped the packets themselves, both ways, on the origins
+        // and on the holder.
+        for node in ["node1", "node2", "node3"] {
+            let (tunnel_in, tunnel_out) = tunnel_counts(&cluster, node)?;
+            ensure!(
+                tunnel_in > 0 && tunnel_out > 0,
+                "{node}: {tunnel_in} packets out of the tunnel, {tunnel_out} into it by the programs"
+            );
+        }
         Ok(())
     });
     with_agent_logs(&agents, result)
+}
+
+/// Packets `node`'s programs took out of the tunnel and put into it themselves.
+fn tunnel_counts(cluster: &Cluster, node: &str) -> Result<(u64, u64)> {
+    let status: serde_json::Value = serde_json::from_str(&live_status(cluster, node, "json")?)?;
+    let count = |field: &str| {
+        status["guard"][field]
+            .as_u64()
+            .with_context(|| format!("no guard.{field} in {status}"))
+    };
+    Ok((count("tunnel_in")?, count("tunnel_out")?))
 }
 
 fn never_leaks(cluster: &Cluster, pod: &LabPod) -> Result<()> {

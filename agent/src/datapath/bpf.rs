@@ -583,6 +583,8 @@ fn sum_guard(guard: &PerCpuArray<MapData, Guard>) -> Guard {
             dropped: acc.dropped + g.dropped,
             fenced: acc.fenced + g.fenced,
             probes: acc.probes + g.probes,
+            tunnel_out: acc.tunnel_out + g.tunnel_out,
+            tunnel_in: acc.tunnel_in + g.tunnel_in,
         })
     })
 }

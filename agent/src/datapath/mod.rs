@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use static_egress_common::{
     Config, DEST_EXCLUDED, DEST_GATEWAY_BITS, DEST_VIA_GATEWAY, DestKey, EGRESS_LOCAL,
     EGRESS_QUIET, EGRESS_ROUTED, EGRESS_TUNNEL, EgressEntry, GATEWAY_FAIL_CLOSED, GATEWAY_HOLD,
-    GatewayEntry, Guard, Heard, Lease, PodEntry, RANGE_CLUSTER, RANGE_REMOTE_PODS,
+    GatewayEntry, Guard, Heard, Lease, PodEntry, RANGE_CLUSTER, RANGE_NODE, RANGE_REMOTE_PODS,
 };
 
 use crate::model::{Announce, FailurePolicy};
@@ -264,6 +264,7 @@ impl Datapath {
         self.bpf.set_config(Config {
             node_ip: wire(node_ip),
             probe_port,
+            uplink_ifindex: uplink.index,
             ..config
         })
     }
@@ -384,8 +385,9 @@ impl Datapath {
             mark: rule.mark,
             node_ip: plan.node_ip.map(wire).unwrap_or_default(),
             probe_port: self.config.probe_port.to_be(),
-            _reserved: 0,
+            tunnel_port: self.config.tunnel_port.to_be(),
             tunnel_ifindex: tunnel_index,
+            uplink_ifindex: uplink.index,
         })?;
         let holders = plan.remote_holders();
         // The nodes that would send here after a takeover too: it then finds their link-layer
@@ -887,6 +889,14 @@ pub fn map_contents(
             },
         );
     }
+    // The nodes whose tunnel packets the programs take in themselves: the same as nftables'
+    // (`nft::Tunnel::peers`).
+    for (_, node) in &plan.peers {
+        *maps
+            .ranges
+            .entry((32, wire(*node)))
+            .or_insert(RANGE_CLUSTER) |= RANGE_NODE;
+    }
     for (cidr, node) in &plan.peers {
         maps.peers.insert(
             (u32::from(cidr.prefix_len()), wire(cidr.network())),
@@ -1009,6 +1019,11 @@ mod tests {
         assert_eq!(
             maps.peers,
             BTreeMap::from([((24, wire(ip("10.244.2.0"))), wire(ip("10.99.0.12")))])
+        );
+        // Its tunnel packets are taken in by the programs.
+        assert_eq!(
+            maps.ranges[&(32, wire(ip("10.99.0.12")))] & (RANGE_NODE | RANGE_CLUSTER),
+            RANGE_NODE | RANGE_CLUSTER
         );
         assert_eq!(
             one.remote_holders(),

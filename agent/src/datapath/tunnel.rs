@@ -6,11 +6,15 @@
 //! they arrive on a device of ours whatever the CNI does with pod traffic between nodes.
 //!
 //! This kernel has VXLAN devices (also in collect-metadata mode, which eBPF addresses per
-//! packet with `bpf_skb_set_tunnel_key`) but no GRE, IPIP, Geneve or WireGuard: one VXLAN
-//! device per node, [`tunnel::DEVICE`], carries every tunnel. Our programs address each packet:
-//! `se_uplink_egress` sends a marked packet whose holder is tunneled into the device, and
-//! `se_tunnel_egress` (on the device) gives it its destination node; `se_uplink_ingress` on the
-//! device marks what arrives from other nodes' pods, as on the uplink.
+//! packet with `bpf_skb_set_tunnel_key`) but no GRE, IPIP, Geneve or WireGuard: the tunnel is
+//! VXLAN, and one device per node, [`tunnel::DEVICE`], is where its packets come out. Our
+//! programs wrap and unwrap them themselves: `se_uplink_egress` (a local pod's packet) and
+//! `se_tunnel_egress` (a reply routed into the device) write the outer headers and hand the
+//! packet to the uplink; `se_uplink_ingress` unwraps what other nodes send and hands the inner
+//! packet to the device's ingress, where the same program marks what comes from other nodes'
+//! pods, as on the uplink. The kernel's device does the rest (GRO aggregates, which this kernel
+//! cannot unwrap right from eBPF; packets too large to wrap unfragmented), with the same bytes on
+//! the wire.
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;

@@ -465,6 +465,16 @@ impl Collector for FromStatus {
                 "Probes from other nodes answered by the kernel",
                 guard.probes,
             ),
+            (
+                "tunnel_out_packets",
+                "Packets the programs put into the tunnel themselves",
+                guard.tunnel_out,
+            ),
+            (
+                "tunnel_in_packets",
+                "Packets the programs took out of the tunnel themselves",
+                guard.tunnel_in,
+            ),
         ] {
             let value = ConstCounter::new(value);
             value.encode(e.encode_descriptor(name, help, None, value.metric_type())?)?;

@@ -76,6 +76,25 @@ pub struct GuardStatus {
     pub fenced: u64,
     /// Probes from other nodes answered by the kernel.
     pub probes: u64,
+    /// Packets the programs put into the tunnel, and took out of it, themselves (the rest
+    /// went through the kernel's tunnel device: see "Reach" in the README).
+    #[serde(default)]
+    pub tunnel_out: u64,
+    #[serde(default)]
+    pub tunnel_in: u64,
+}
+
+impl From<Guard> for GuardStatus {
+    fn from(guard: Guard) -> Self {
+        Self {
+            transit: guard.transit,
+            dropped: guard.dropped,
+            fenced: guard.fenced,
+            probes: guard.probes,
+            tunnel_out: guard.tunnel_out,
+            tunnel_in: guard.tunnel_in,
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -172,12 +191,7 @@ impl NodeStatus {
             gateways,
             pods,
             held,
-            guard: GuardStatus {
-                transit: guard.transit,
-                dropped: guard.dropped,
-                fenced: guard.fenced,
-                probes: guard.probes,
-            },
+            guard: guard.into(),
             warnings: warnings.to_vec(),
         }
     }
@@ -195,12 +209,7 @@ impl NodeStatus {
             (gateway.packets, gateway.bytes, gateway.dropped) =
                 (now.packets, now.bytes, now.dropped);
         }
-        self.guard = GuardStatus {
-            transit: guard.transit,
-            dropped: guard.dropped,
-            fenced: guard.fenced,
-            probes: guard.probes,
-        };
+        self.guard = guard.into();
     }
 
     /// Written durably through a temporary file and a rename: a reader, or the node after a
@@ -346,8 +355,15 @@ impl std::fmt::Display for Shown {
         let guard = &status.guard;
         writeln!(
             f,
-            "\ncounters from the {}; guard: {} transit, {} dropped, {} fenced, {} probes answered",
-            self.counters_from, guard.transit, guard.dropped, guard.fenced, guard.probes
+            "\ncounters from the {}; guard: {} transit, {} dropped, {} fenced, {} probes answered; \
+             tunnel: {} packets in, {} out",
+            self.counters_from,
+            guard.transit,
+            guard.dropped,
+            guard.fenced,
+            guard.probes,
+            guard.tunnel_in,
+            guard.tunnel_out
         )?;
         for warning in &status.warnings {
             writeln!(f, "warning: {warning}")?;
