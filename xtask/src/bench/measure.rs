@@ -124,15 +124,25 @@ pub fn sample(cluster: &Cluster, pod: &LabPod, effort: Effort, full_set: bool) -
     Ok(s)
 }
 
-fn in_pod(pod: &LabPod, limit_secs: u64, args: &[&str]) -> Result<String> {
+/// Runs `command` (from [`in_pod`]) for at most `limit_secs` and some grace.
+fn bounded(limit_secs: u64, command: &[String]) -> Result<String> {
     let limit = (limit_secs + GRACE_SECS).to_string();
     let mut cmd = Command::new("timeout");
-    cmd.args([limit.as_str(), "ip", "netns", "exec", &pod.netns])
-        .args(args);
+    cmd.arg(limit).args(command);
     crate::util::output(&mut cmd)
 }
 
-fn iperf(cluster: &Cluster, pod: &LabPod, seconds: u64, extra: &[&str]) -> Result<Value> {
+/// `args` run in the pod's namespace.
+fn in_pod(pod: &LabPod, args: &[&str]) -> Vec<String> {
+    ["ip", "netns", "exec", &pod.netns]
+        .into_iter()
+        .chain(args.iter().copied())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// iperf3 in the pod, to the external server, for `seconds`, JSON out.
+pub fn iperf_command(cluster: &Cluster, pod: &LabPod, seconds: u64, extra: &[&str]) -> Vec<String> {
     let ext = cluster.ext_ip().to_string();
     let (port, secs) = (IPERF_PORT.to_string(), seconds.to_string());
     let mut args = vec![
@@ -148,7 +158,11 @@ fn iperf(cluster: &Cluster, pod: &LabPod, seconds: u64, extra: &[&str]) -> Resul
         "2000",
     ];
     args.extend_from_slice(extra);
-    let text = in_pod(pod, seconds, &args)?;
+    in_pod(pod, &args)
+}
+
+fn iperf(cluster: &Cluster, pod: &LabPod, seconds: u64, extra: &[&str]) -> Result<Value> {
+    let text = bounded(seconds, &iperf_command(cluster, pod, seconds, extra))?;
     serde_json::from_str(&text).context("iperf3 printed no JSON")
 }
 
@@ -176,16 +190,20 @@ fn udp_small(cluster: &Cluster, pod: &LabPod, seconds: u64) -> Result<f64> {
     Ok((packets - lost) / secs.max(1e-9) / 1e3)
 }
 
-/// p50 and p99 of `count` 64-byte round trips on one connection, in microseconds.
-fn rr(cluster: &Cluster, pod: &LabPod, count: u32) -> Result<(f64, f64)> {
+/// `se-probe rr` in the pod: `count` 64-byte round trips on one connection to the echo server.
+pub fn rr_command(cluster: &Cluster, pod: &LabPod, count: u32) -> Vec<String> {
     let probe = cluster.probe_bin().to_string_lossy().into_owned();
     let addr = format!("{}:{ECHO_PORT}", cluster.ext_ip());
     let count = count.to_string();
-    let line = in_pod(
+    in_pod(
         pod,
-        60,
         &[&probe, "rr", &addr, "--count", &count, "--size", RR_SIZE],
-    )?;
+    )
+}
+
+/// p50 and p99 of `count` 64-byte round trips on one connection, in microseconds.
+fn rr(cluster: &Cluster, pod: &LabPod, count: u32) -> Result<(f64, f64)> {
+    let line = bounded(60, &rr_command(cluster, pod, count))?;
     Ok((field(&line, "p50_us")?, field(&line, "p99_us")?))
 }
 

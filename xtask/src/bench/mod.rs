@@ -5,6 +5,7 @@ mod failover;
 mod lab;
 mod measure;
 mod paired;
+mod profile;
 mod report;
 
 use std::time::Duration;
@@ -42,6 +43,10 @@ pub enum Part {
     Control,
     /// Takeover times of unplanned and planned moves, surviving connections, probe cost.
     Failover,
+    /// Where the CPU time goes: the hand-built path and ours (direct and tunneled) sampled
+    /// with perf under request/response and TCP load, symbol by symbol. Not part of a run of
+    /// every part.
+    Profile,
 }
 
 struct Settings {
@@ -61,6 +66,8 @@ struct Settings {
     latency_pairs: usize,
     latency_round_trips: u32,
     latency_settle: Duration,
+    /// Round trips sampled per variant by the profile part.
+    profile_round_trips: u32,
 }
 
 const QUICK: Settings = Settings {
@@ -84,6 +91,7 @@ const QUICK: Settings = Settings {
     latency_pairs: 8,
     latency_round_trips: 3_000,
     latency_settle: Duration::from_secs(2),
+    profile_round_trips: 20_000,
 };
 
 const FULL: Settings = Settings {
@@ -107,6 +115,7 @@ const FULL: Settings = Settings {
     latency_pairs: 20,
     latency_round_trips: 10_000,
     latency_settle: Duration::from_secs(6),
+    profile_round_trips: 100_000,
 };
 
 /// Pause between object changes, so each is its own file event and reconcile.
@@ -152,6 +161,7 @@ pub struct Results {
     pub startups: Vec<Startup>,
     pub failover: Option<failover::FailoverResults>,
     pub latency: Vec<paired::Pair>,
+    pub profile: Vec<profile::Profile>,
 }
 
 pub fn run(options: &Options) -> Result<()> {
@@ -168,15 +178,24 @@ pub fn run(options: &Options) -> Result<()> {
         (artifacts.agent, artifacts.probe)
     };
     let settings = if options.full { &FULL } else { &QUICK };
-    let wanted = |part| options.part.is_none_or(|p| p == part);
+    let wanted = |part| {
+        options.part.is_none_or(|p| p == part)
+            && (part != Part::Profile || options.part == Some(Part::Profile))
+    };
 
     let mut results = Results {
         settings: describe(settings),
         ..Results::default()
     };
-    if [Part::Datapath, Part::Latency, Part::Scale, Part::Control]
-        .into_iter()
-        .any(wanted)
+    if [
+        Part::Datapath,
+        Part::Latency,
+        Part::Scale,
+        Part::Control,
+        Part::Profile,
+    ]
+    .into_iter()
+    .any(wanted)
     {
         let mut bench = Bench::new(&agent, &probe)?;
         println!("bench lab {} is up", bench.cluster.prefix());
@@ -197,6 +216,17 @@ pub fn run(options: &Options) -> Result<()> {
         }
         if wanted(Part::Control) {
             control(&mut bench, settings, &mut results)?;
+        }
+        if wanted(Part::Profile) {
+            results.profile = profile::run(
+                &mut bench,
+                &[Variant::Hand, Variant::Ours, Variant::Tunnel],
+                &[
+                    profile::Load::Rr(settings.profile_round_trips),
+                    profile::Load::Tcp(settings.datapath.seconds),
+                ],
+                &target_dir().join("bench"),
+            )?;
         }
         bench.leave()?;
     }

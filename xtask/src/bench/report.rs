@@ -164,6 +164,9 @@ fn markdown(results: &Results, header: &str) -> String {
         scale_table(&mut md, results, axis, what);
     }
     control_table(&mut md, results);
+    if !results.profile.is_empty() {
+        md.push_str(&super::profile::markdown(&results.profile, 25));
+    }
     if let Some(f) = &results.failover {
         failover_table(&mut md, f);
     }
