@@ -23,6 +23,7 @@ pub mod names {
     pub const HEARD: &str = "SE_HEARD";
     pub const PROBERS: &str = "SE_PROBERS";
     pub const PEERS: &str = "SE_PEERS";
+    pub const SENDERS: &str = "SE_SENDERS";
     pub const PROG_POD_INGRESS: &str = "se_pod_ingress";
     pub const PROG_UPLINK_INGRESS: &str = "se_uplink_ingress";
     pub const PROG_UPLINK_EGRESS: &str = "se_uplink_egress";
@@ -42,6 +43,8 @@ pub mod capacity {
     pub const PROBERS: u32 = 16_384;
     /// The other nodes' pod CIDRs.
     pub const PEERS: u32 = 65_536;
+    /// The other nodes' link-layer addresses on the uplink.
+    pub const SENDERS: u32 = 16_384;
 }
 
 /// `SE_RANGES` value bit: the range is inside the cluster (pod CIDRs, node addresses,
@@ -68,6 +71,10 @@ pub struct Guard {
     pub fenced: u64,
     /// Probes answered.
     pub probes: u64,
+    /// Packets dropped because they came from a host that is not a cluster node: a pod's
+    /// packet on its way out with a link-layer source that is not another node's (a host on
+    /// the segment sending as a pod), or a tunnel packet from an address that is not.
+    pub foreign: u64,
     /// Packets the programs put into the tunnel themselves (not left to the kernel's device).
     pub tunnel_out: u64,
     /// Packets the programs took out of the tunnel themselves.

@@ -69,6 +69,11 @@ static SE_HEARD: Array<Heard> = Array::pinned(1, 0);
 /// order): where the tunnel takes a reply to one of their pods.
 #[map(name = "SE_PEERS")]
 static SE_PEERS: LpmTrie<u32, u32> = LpmTrie::pinned(capacity::PEERS, 0);
+/// The other nodes' link-layer addresses on the uplink: a pod's packet on its way out that
+/// comes in on the uplink from any other host is not a node's (a host on the segment that sends
+/// as a pod, to leave with the egress IP).
+#[map(name = "SE_SENDERS")]
+static SE_SENDERS: HashMap<[u8; 6], u8> = HashMap::pinned(capacity::SENDERS, 0);
 #[map(name = "SE_PROBERS")]
 static SE_PROBERS: LruHashMap<u32, Prober> = LruHashMap::pinned(capacity::PROBERS, 0);
 
@@ -106,8 +111,7 @@ pub fn se_uplink_ingress(ctx: TcContext) -> i32 {
     if let Some(verdict) = decapsulate(&ctx) {
         return verdict;
     }
-    uplink_ingress(&ctx);
-    TCX_NEXT
+    uplink_ingress(&ctx).unwrap_or(TCX_NEXT)
 }
 
 #[classifier]
@@ -356,8 +360,10 @@ fn answer_probe(ctx: &TcContext) -> Option<i32> {
 }
 
 /// Marks a packet from another node's pod to outside the cluster: it is here to leave with an
-/// egress IP, and the guard in [`uplink_egress`] must see it if it would leave otherwise.
-fn uplink_ingress(ctx: &TcContext) -> Option<()> {
+/// egress IP, and the guard in [`uplink_egress`] must see it if it would leave otherwise. On
+/// the uplink it must come from another node (`SE_SENDERS`), or it is dropped: a host on the
+/// segment sending as a pod. (Through the tunnel, [`decapsulate`] checked the outer source.)
+fn uplink_ingress(ctx: &TcContext) -> Option<i32> {
     let (src, dst) = ipv4_addrs(ctx)?;
     if *SE_RANGES.get(&Key::new(32, src))? & RANGE_REMOTE_PODS == 0 {
         return None;
@@ -368,10 +374,25 @@ fn uplink_ingress(ctx: &TcContext) -> Option<()> {
     {
         return None;
     }
-    let mark_bit = SE_CONFIG.get(0)?.mark;
-    // SAFETY: `skb` is the live context pointer; other bits of the mark belong to others.
-    let mark = unsafe { (*ctx.skb.skb).mark };
-    ctx.set_mark(mark | mark_bit);
+    let config = SE_CONFIG.get(0)?;
+    // SAFETY: `skb` is the live context pointer.
+    let (mark, ifindex) = unsafe { ((*ctx.skb.skb).mark, (*ctx.skb.skb).ifindex) };
+    if ifindex == config.uplink_ifindex {
+        let sender: [u8; 6] = ctx.load(6).ok()?;
+        // SAFETY: entries are written whole by the agent.
+        if unsafe { SE_SENDERS.get(&sender) }.is_none() {
+            count(|g| &mut g.foreign);
+            debug!(
+                ctx,
+                "{:i} -> {:i} came from a host that is not a node: dropped",
+                u32::from_be(src),
+                u32::from_be(dst)
+            );
+            return Some(TC_ACT_SHOT);
+        }
+    }
+    // Other bits of the mark belong to others.
+    ctx.set_mark(mark | config.mark);
     count(|g| &mut g.transit);
     None
 }
@@ -664,22 +685,22 @@ fn ipv4_checksum(h: &[u8; 50]) -> u16 {
 
 /// Takes a tunnel packet from another node out of the tunnel here and hands the inner packet
 /// to the tunnel device as if the device had received it (its programs, nftables rules and
-/// routes see what they would have seen). Anything else, and GRO aggregates (this kernel
-/// cannot clear their tunnel offload state from eBPF, so they would not be segmented right if
-/// forwarded), go on to the kernel's device.
+/// routes see what they would have seen). A tunnel packet from anyone else is dropped. GRO
+/// aggregates (this kernel cannot clear their tunnel offload state from eBPF, so they would
+/// not be segmented right if forwarded) and whatever is not ours go on to the kernel.
 fn decapsulate(ctx: &TcContext) -> Option<i32> {
     let config = SE_CONFIG.get(0)?;
     // SAFETY: `skb` is the live context pointer.
     let (ifindex, gso_size) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).gso_size) };
-    if config.tunnel_port == 0 || ifindex != config.uplink_ifindex || gso_size != 0 {
+    if config.tunnel_port == 0 || ifindex != config.uplink_ifindex {
         return None;
     }
     if ctx.load::<u16>(12).ok()? != ETH_P_IP_WIRE {
         return None;
     }
     let ip: [u8; 20] = ctx.load(ETH_HLEN).ok()?;
-    // No options, UDP, not a fragment (the kernel reassembles those).
-    if ip[0] != 0x45 || ip[9] != IPPROTO_UDP || ip[6] & 0x3f != 0 || ip[7] != 0 {
+    // No options, UDP, with its UDP header (a later fragment is nothing without the first).
+    if ip[0] != 0x45 || ip[9] != IPPROTO_UDP || ip[6] & 0x1f != 0 || ip[7] != 0 {
         return None;
     }
     let src = u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]);
@@ -691,6 +712,18 @@ fn decapsulate(ctx: &TcContext) -> Option<i32> {
         .get(&Key::new(32, src))
         .is_none_or(|r| *r & RANGE_NODE == 0)
     {
+        // Only nodes send into the tunnel (a host that forges a node's address as well gets
+        // through, as on the direct path with a node's link-layer address).
+        count(|g| &mut g.foreign);
+        debug!(
+            ctx,
+            "tunnel packet from {:i}, not a node: dropped",
+            u32::from_be(src)
+        );
+        return Some(TC_ACT_SHOT);
+    }
+    // The first fragment of one (the kernel reassembles it), or a GRO aggregate.
+    if ip[6] & 0x20 != 0 || gso_size != 0 {
         return None;
     }
     let vxlan: [u8; 8] = ctx.load(PAYLOAD_OFF).ok()?;

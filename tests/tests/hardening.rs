@@ -9,8 +9,8 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, ensure};
 use ipnet::Ipv4Net;
 use netlab::fixture::{
-    EGRESS_IP, GATEWAY, api_pod, change, expect_source, gateway, has_address, restart_agent,
-    start_agents, status, three_nodes, wait_all_applied, with_agent_logs,
+    EGRESS_IP, GATEWAY, api_pod, change, expect_source, gateway, has_address, live_status,
+    restart_agent, start_agents, status, three_nodes, wait_all_applied, with_agent_logs,
 };
 use netlab::objects::match_labels;
 use netlab::{Cluster, LabNode, LabPod, PodSpec, expect_all_from, expect_none_leaked, wait_until};
@@ -395,6 +395,17 @@ fn echo_requests_from(cluster: &Cluster, source: Ipv4Addr) -> Result<u64> {
     Ok(count.parse()?)
 }
 
+/// The holder (node2) counted `want` packets dropped for coming from a host that is no node.
+fn foreign_dropped(cluster: &Cluster, want: u64) -> Result<()> {
+    let status: serde_json::Value = serde_json::from_str(&live_status(cluster, "node2", "json")?)?;
+    ensure!(
+        status["guard"]["foreign"] == want,
+        "the holder did not count the {want} spoofed packets it dropped: {}",
+        status["guard"]
+    );
+    Ok(())
+}
+
 #[test]
 fn the_holder_translates_only_traffic_from_cluster_nodes() -> Result<()> {
     let mut cluster = cluster()?;
@@ -452,18 +463,45 @@ fn spoofed_and_real(cluster: &Cluster, api: &LabPod) -> Result<()> {
         echo_requests_from(cluster, EGRESS_IP)? == 0,
         "the spoofer's packets left with the egress IP"
     );
-    let dropped = cluster.node("node2")?.exec([
-        "nft",
-        "list",
-        "chain",
-        "ip",
-        "static_egress",
-        "prerouting",
-    ])?;
+    foreign_dropped(cluster, 10)?;
+
+    // The same spoofer sends as api-1 through the tunnel: VXLAN to the holder's tunnel port,
+    // the inner frame addressed as a node's would be. Only nodes may send into the tunnel.
+    let node = |cmd: &str| -> Result<String> {
+        netlab::exec(&spoofer, cmd.split_whitespace().collect::<Vec<_>>())
+    };
+    let mac = |bytes: [u8; 6]| {
+        bytes
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    };
+    node(&format!(
+        "ip link add spoof type vxlan id {} dstport 8475 remote {node2} local 10.99.0.66 dev eth0",
+        static_egress_common::tunnel::VNI
+    ))?;
+    node(&format!(
+        "ip link set spoof address {} up",
+        mac(static_egress_common::tunnel::SOURCE_MAC)
+    ))?;
+    node(&format!(
+        "ip route replace {ext}/32 dev spoof src {}",
+        api.ip
+    ))?;
+    node(&format!(
+        "ip neigh replace {ext} lladdr {} dev spoof nud permanent",
+        mac(static_egress_common::tunnel::MAC)
+    ))?;
+    let _unanswered = netlab::exec_output(
+        &spoofer,
+        ["ping", "-q", "-c", "10", "-i", "0.05", "-W", "1", &ext],
+    )?;
     ensure!(
-        dropped.contains("counter packets 10 "),
-        "the holder did not count the spoofed packets it dropped:\n{dropped}"
+        echo_requests_from(cluster, EGRESS_IP)? == 0,
+        "the spoofer's tunnel packets left with the egress IP"
     );
+    foreign_dropped(cluster, 20)?;
 
     // The real pod still leaves with it.
     let pinged = netlab::exec_output(

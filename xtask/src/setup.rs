@@ -32,6 +32,8 @@ const PACKAGES: &[&str] = &[
     "bird2",
     // Real CNI plugins (bridge, ptp, host-local) that netlab's plugin-wired nodes run.
     "containernetworking-plugins",
+    // `cargo xtask bench profile` samples the machine with `perf record`.
+    "linux-perf",
 ];
 
 /// Commands the manifest tests (`agent/tests/deploy.rs`) run, with the PyPI package of each:

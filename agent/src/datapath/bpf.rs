@@ -105,6 +105,7 @@ pub struct Bpf {
     heard: Array<MapData, Heard>,
     // An LRU hash in the kernel: aya reads it as a plain hash map.
     probers: HashMap<MapData, u32, Prober>,
+    senders: HashMap<MapData, [u8; 6], u8>,
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
@@ -163,6 +164,7 @@ impl Bpf {
             lease: take(&mut ebpf, names::LEASE)?,
             heard: take(&mut ebpf, names::HEARD)?,
             probers: take(&mut ebpf, names::PROBERS)?,
+            senders: take(&mut ebpf, names::SENDERS)?,
             pods: take(&mut ebpf, names::PODS)?,
             dests: take(&mut ebpf, names::DESTS)?,
             gateways: take(&mut ebpf, names::GATEWAYS)?,
@@ -181,6 +183,29 @@ impl Bpf {
             self.config
                 .set(0, config, 0)
                 .map_err(map_err(names::CONFIG))?;
+        }
+        Ok(())
+    }
+
+    /// The other nodes' link-layer addresses that pods' packets on their way out may come
+    /// from (see `SE_SENDERS`). Added before the rest of an apply, so that a node taking over
+    /// does not drop its new senders' first packets; the ones no longer wanted go.
+    pub fn sync_senders(&mut self, macs: &BTreeSet<[u8; 6]>) -> Result<(), DatapathError> {
+        for mac in macs {
+            if self.senders.get(mac, 0).is_err() {
+                self.senders
+                    .insert(mac, 1, 0)
+                    .map_err(map_err(names::SENDERS))?;
+            }
+        }
+        let stale: Vec<[u8; 6]> = self
+            .senders
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|m| !macs.contains(m))
+            .collect();
+        for mac in stale {
+            self.senders.remove(&mac).map_err(map_err(names::SENDERS))?;
         }
         Ok(())
     }
@@ -583,6 +608,7 @@ fn sum_guard(guard: &PerCpuArray<MapData, Guard>) -> Guard {
             dropped: acc.dropped + g.dropped,
             fenced: acc.fenced + g.fenced,
             probes: acc.probes + g.probes,
+            foreign: acc.foreign + g.foreign,
             tunnel_out: acc.tunnel_out + g.tunnel_out,
             tunnel_in: acc.tunnel_in + g.tunnel_in,
         })

@@ -290,9 +290,17 @@ impl Datapath {
             .iter()
             .fold(rule.mark, |marks, r| marks | r.mark);
         let snat = self.not_taken_from_others(&plan.snat, &mut applied).await?;
-        let macs = self
+        // The standby senders too: after a takeover their pods' first packets find them.
+        let mut macs = self
             .sender_macs(&uplink, &plan.senders, &mut applied)
             .await?;
+        macs.extend(
+            self.nl
+                .neighbour_macs(uplink.index, &plan.standby_senders)
+                .await?
+                .into_values(),
+        );
+        self.bpf.sync_senders(&macs)?;
         // Every node has the tunnel's device: any may receive through it, as holder or as
         // origin of the replies.
         self.record(|s| s.tunnel = true)?;
@@ -301,20 +309,10 @@ impl Datapath {
             .tunnels
             .choose(&self.nl, &uplink, plan, self.config.tunnel)
             .await?;
-        let peers: Vec<Ipv4Addr> = plan
-            .peers
-            .iter()
-            .map(|(_, ip)| *ip)
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let senders = nft::Senders {
+        let devices = nft::Devices {
             uplink: &uplink.name,
-            macs: &macs,
             tunnel: Some(nft::Tunnel {
                 device: static_egress_common::tunnel::DEVICE,
-                port: self.config.tunnel_port,
-                peers: &peers,
                 mark: rule.mark,
                 mss: tunnel::mss(uplink.mtu.unwrap_or(1500)),
             }),
@@ -337,7 +335,7 @@ impl Datapath {
                 ));
             }
         }
-        let in_force = self.sync_nft(&snat, marks, senders, check, &mut applied)?;
+        let in_force = self.sync_nft(&snat, marks, devices, check, &mut applied)?;
         let warnings = &mut applied.warnings;
         // An address without its SNAT would only attract traffic this node cannot translate.
         let held: BTreeSet<Ipv4Addr> = in_force.iter().map(|s| s.egress_ip).collect();
@@ -525,7 +523,7 @@ impl Datapath {
         uplink: &netlink::Interface,
         senders: &[Ipv4Addr],
         applied: &mut Applied,
-    ) -> Result<Vec<[u8; 6]>, DatapathError> {
+    ) -> Result<BTreeSet<[u8; 6]>, DatapathError> {
         let mut known = self.nl.neighbour_macs(uplink.index, senders).await?;
         let missing: Vec<Ipv4Addr> = senders
             .iter()
@@ -553,10 +551,7 @@ impl Datapath {
                 applied.incomplete = true;
             }
         }
-        let mut macs: Vec<[u8; 6]> = known.into_values().collect();
-        macs.sort_unstable();
-        macs.dedup();
-        Ok(macs)
+        Ok(known.into_values().collect())
     }
 
     /// Replaces our table when the plan's SNAT changed or, when checking everything, when the
@@ -568,11 +563,11 @@ impl Datapath {
         &mut self,
         snat: &[SnatPlan],
         marks: u32,
-        senders: nft::Senders<'_>,
+        devices: nft::Devices<'_>,
         check: Check,
         applied: &mut Applied,
     ) -> Result<Vec<SnatPlan>, DatapathError> {
-        let wanted = nft::render(snat, marks, senders);
+        let wanted = nft::render(snat, marks, devices);
         let previous = self.nft.take();
         if let Some(before) = &previous
             && before.wanted == wanted
@@ -592,7 +587,7 @@ impl Datapath {
             Err(whole) => {
                 let last = previous.as_ref().map_or(&[][..], |p| p.in_force.as_slice());
                 let mut refused = BTreeMap::new();
-                let in_force = without_refused(snat, marks, senders, last, &mut refused);
+                let in_force = without_refused(snat, marks, devices, last, &mut refused);
                 if refused.is_empty() {
                     // Not one gateway's doing: keep the last good table whole.
                     self.nft = previous;
@@ -604,7 +599,7 @@ impl Datapath {
                         .push(format!("EgressGateway {gateway}: {why}"));
                     applied.refused.insert(gateway, why);
                 }
-                if let Err(error) = nft::apply(&nft::render(&in_force, marks, senders)) {
+                if let Err(error) = nft::apply(&nft::render(&in_force, marks, devices)) {
                     self.nft = previous;
                     return Err(error);
                 }
@@ -737,13 +732,13 @@ impl Datapath {
 fn without_refused(
     snat: &[SnatPlan],
     marks: u32,
-    senders: nft::Senders<'_>,
+    devices: nft::Devices<'_>,
     last: &[SnatPlan],
     refused: &mut BTreeMap<String, String>,
 ) -> Vec<SnatPlan> {
     let mut in_force = Vec::with_capacity(snat.len());
     for rule in snat {
-        let Err(error) = nft::check(&nft::render(std::slice::from_ref(rule), marks, senders))
+        let Err(error) = nft::check(&nft::render(std::slice::from_ref(rule), marks, devices))
         else {
             in_force.push(rule.clone());
             continue;

@@ -16,15 +16,12 @@ pub const TABLE: &str = "static_egress";
 /// binding made for a connection is the one that stays.
 const PRIORITY: &str = "srcnat - 10";
 
-/// Where the packets this node translates may come from: local pods, or the uplink with one of
-/// these link-layer source addresses (the other nodes whose pods use this node's egress IPs).
-/// A host on the segment that sends with a selected pod's address is not a node: its packets
-/// are dropped instead of leaving with the trusted egress IP.
+/// The devices our rules name: the uplink, and the tunnel's when this node has one. (Whether
+/// a pod's packet on its way out came from another node, on the uplink or through the tunnel,
+/// the uplink's ingress program checks before any rule sees it: `SE_SENDERS`, `RANGE_NODE`.)
 #[derive(Clone, Copy, Debug)]
-pub struct Senders<'a> {
+pub struct Devices<'a> {
     pub uplink: &'a str,
-    pub macs: &'a [[u8; 6]],
-    /// The tunnel between nodes, when this node has its device.
     pub tunnel: Option<Tunnel<'a>>,
 }
 
@@ -32,9 +29,6 @@ pub struct Senders<'a> {
 #[derive(Clone, Copy, Debug)]
 pub struct Tunnel<'a> {
     pub device: &'a str,
-    pub port: u16,
-    /// The other nodes' addresses: the only ones the tunnel takes packets from.
-    pub peers: &'a [std::net::Ipv4Addr],
     /// Our bit, kept in the connection's mark for connections that came through the tunnel.
     pub mark: u32,
     /// The largest TCP segment that fits the tunnel.
@@ -43,7 +37,7 @@ pub struct Tunnel<'a> {
 
 /// Our table for `snat`; `marks` are the fwmark bits that mean "selected" (ours, and while
 /// settings change, the previous one).
-pub fn render(snat: &[SnatPlan], marks: u32, senders: Senders<'_>) -> String {
+pub fn render(snat: &[SnatPlan], marks: u32, devices: Devices<'_>) -> String {
     let mut s = String::new();
     // Adding first makes the delete valid when the table is absent; all three lines are one
     // transaction, so the kernel never runs without the table.
@@ -72,31 +66,6 @@ pub fn render(snat: &[SnatPlan], marks: u32, senders: Senders<'_>) -> String {
         );
     }
     if !snat.is_empty() {
-        let macs: Vec<String> = senders
-            .macs
-            .iter()
-            .map(|m| {
-                m.iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect::<Vec<_>>()
-                    .join(":")
-            })
-            .collect();
-        set_of(&mut s, "senders", "ether_addr", "", macs.into_iter());
-        // At `raw`, before connection tracking: a dropped packet leaves no state behind.
-        let _ = writeln!(
-            s,
-            "  chain prerouting {{\n    type filter hook prerouting priority raw; policy accept;"
-        );
-        for (i, rule) in snat.iter().enumerate() {
-            let _ = writeln!(
-                s,
-                "    iifname \"{}\" ip saddr @pods_{i} ip daddr @dst_{i} ip daddr != @excl_{i} ether saddr != @senders counter drop comment \"{}\"",
-                senders.uplink,
-                comment(&rule.gateway)
-            );
-        }
-        let _ = writeln!(s, "  }}");
         set(
             &mut s,
             "held",
@@ -117,8 +86,8 @@ pub fn render(snat: &[SnatPlan], marks: u32, senders: Senders<'_>) -> String {
             "  chain input {{\n    type filter hook input priority filter; policy accept;\n    ip daddr @held meta l4proto {{ tcp, udp }} ct state new,invalid counter drop comment \"not a connection of this holder\"\n  }}"
         );
     }
-    if let Some(tunnel) = senders.tunnel {
-        render_tunnel(&mut s, senders.uplink, tunnel);
+    if let Some(tunnel) = devices.tunnel {
+        render_tunnel(&mut s, tunnel);
     }
     let _ = writeln!(
         s,
@@ -132,7 +101,7 @@ pub fn render(snat: &[SnatPlan], marks: u32, senders: Senders<'_>) -> String {
             comment(&rule.gateway)
         );
     }
-    if let Some(tunnel) = senders.tunnel {
+    if let Some(tunnel) = devices.tunnel {
         let _ = writeln!(
             s,
             "    iifname \"{}\" meta mark & {marks:#x} != 0 counter drop comment \"not translated here\"",
@@ -146,7 +115,7 @@ pub fn render(snat: &[SnatPlan], marks: u32, senders: Senders<'_>) -> String {
     let _ = writeln!(
         s,
         "    iifname \"{}\" meta mark & {marks:#x} != 0 counter drop comment \"not translated here\"",
-        senders.uplink
+        devices.uplink
     );
     let _ = writeln!(
         s,
@@ -155,26 +124,16 @@ pub fn render(snat: &[SnatPlan], marks: u32, senders: Senders<'_>) -> String {
     s
 }
 
-/// Tunnel packets come from other nodes only (before connection tracking, as the spoof check
-/// above). A connection that came through the tunnel keeps our bit in its conntrack mark, so
-/// that its replies get it too and our table sends them back through the tunnel (its routes
-/// for the other nodes' pod CIDRs); their SYNs are clamped to what fits the tunnel, both ways.
-fn render_tunnel(s: &mut String, uplink: &str, tunnel: Tunnel<'_>) {
-    let Tunnel {
-        device,
-        port,
-        peers,
-        mark,
-        mss,
-    } = tunnel;
-    set(s, "peers", false, peers.iter().map(ToString::to_string));
+/// A connection that came through the tunnel keeps our bit in its conntrack mark, so that its
+/// replies get it too and our table sends them back through the tunnel (its routes for the
+/// other nodes' pod CIDRs); their SYNs are clamped to what fits the tunnel, both ways. These
+/// chains see every packet, so each rule tests the connection first (its state, its mark),
+/// which rules most packets out before the device's name is compared.
+fn render_tunnel(s: &mut String, tunnel: Tunnel<'_>) {
+    let Tunnel { device, mark, mss } = tunnel;
     let _ = writeln!(
         s,
-        "  chain tunnel_in {{\n    type filter hook prerouting priority raw; policy accept;\n    iifname \"{uplink}\" udp dport {port} ip saddr != @peers counter drop comment \"tunnel packet not from a node\"\n  }}"
-    );
-    let _ = writeln!(
-        s,
-        "  chain tunnel_mark {{\n    type filter hook prerouting priority mangle; policy accept;\n    iifname \"{device}\" ct mark set ct mark or {mark:#x}\n    iifname != \"{device}\" ct direction reply ct mark & {mark:#x} == {mark:#x} meta mark set meta mark or {mark:#x}\n  }}"
+        "  chain tunnel_mark {{\n    type filter hook prerouting priority mangle; policy accept;\n    ct state new iifname \"{device}\" ct mark set ct mark or {mark:#x}\n    ct mark & {mark:#x} == {mark:#x} ct direction reply iifname != \"{device}\" meta mark set meta mark or {mark:#x}\n  }}"
     );
     let _ = writeln!(
         s,
@@ -293,23 +252,18 @@ mod tests {
             excluded: vec![],
             announce: Default::default(),
         };
-        let senders = Senders {
+        let devices = Devices {
             uplink: "eth0",
-            macs: &[[0x02, 0, 0, 0, 0, 0x0b]],
             tunnel: None,
         };
-        let text = render(&[plan], 0x2000, senders);
+        let text = render(&[plan], 0x2000, devices);
         assert!(text.starts_with("add table ip static_egress\ndelete table ip static_egress\n"));
         assert!(text.contains("set pods_0 { type ipv4_addr; elements = { 10.244.1.2 }; }"));
         assert!(text.contains("set excl_0 { type ipv4_addr; flags interval; auto-merge; }"));
         assert!(text.contains("snat ip to 10.99.0.200 comment \"corp-fw\""));
         assert!(text.contains("meta mark & 0x2000 != 0 snat ip to ip saddr"));
-        assert!(
-            text.contains("set senders { type ether_addr; elements = { 02:00:00:00:00:0b }; }")
-        );
-        assert!(text.contains(
-            "iifname \"eth0\" ip saddr @pods_0 ip daddr @dst_0 ip daddr != @excl_0 ether saddr != @senders counter drop"
-        ));
+        // Whether a packet came from a node is the programs' to check, before any rule.
+        assert!(!text.contains("prerouting"));
         assert!(text.contains("set held { type ipv4_addr; elements = { 10.99.0.200 }; }"));
         assert!(text.contains(
             "ip daddr @held meta l4proto { tcp, udp } ct state new,invalid counter drop"
@@ -318,22 +272,18 @@ mod tests {
         assert!(text.contains(
             "iifname \"eth0\" meta mark & 0x2000 != 0 counter drop comment \"not translated here\""
         ));
-        let none = render(&[], 0x2000, senders);
+        let none = render(&[], 0x2000, devices);
         assert!(!none.contains("prerouting") && !none.contains("input"));
-        let peers = ["10.0.0.2".parse().expect("ip")];
-        let tunneled = Senders {
+        let tunneled = Devices {
             tunnel: Some(Tunnel {
                 device: "se-tunnel",
-                port: 8475,
-                peers: &peers,
                 mark: 0x2000,
                 mss: 1410,
             }),
-            ..senders
+            ..devices
         };
         let text = render(&[], 0x2000, tunneled);
-        assert!(text.contains("iifname \"eth0\" udp dport 8475 ip saddr != @peers counter drop"));
-        assert!(text.contains("iifname \"se-tunnel\" ct mark set ct mark or 0x2000"));
+        assert!(text.contains("ct state new iifname \"se-tunnel\" ct mark set ct mark or 0x2000"));
         assert!(text.contains("tcp option maxseg size set 1410"));
         assert!(text.contains(
             "iifname \"se-tunnel\" meta mark & 0x2000 != 0 counter drop comment \"not translated here\""

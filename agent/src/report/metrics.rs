@@ -461,6 +461,11 @@ impl Collector for FromStatus {
                 guard.fenced,
             ),
             (
+                "foreign_packets",
+                "Packets dropped because they came from a host that is not a cluster node",
+                guard.foreign,
+            ),
+            (
                 "probes_answered",
                 "Probes from other nodes answered by the kernel",
                 guard.probes,

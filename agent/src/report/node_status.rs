@@ -76,6 +76,10 @@ pub struct GuardStatus {
     pub fenced: u64,
     /// Probes from other nodes answered by the kernel.
     pub probes: u64,
+    /// Packets dropped because they came from a host that is not a cluster node (a host on
+    /// the segment sending as a pod; a tunnel packet from an address that is no node's).
+    #[serde(default)]
+    pub foreign: u64,
     /// Packets the programs put into the tunnel, and took out of it, themselves (the rest
     /// went through the kernel's tunnel device: see "Reach" in the README).
     #[serde(default)]
@@ -91,6 +95,7 @@ impl From<Guard> for GuardStatus {
             dropped: guard.dropped,
             fenced: guard.fenced,
             probes: guard.probes,
+            foreign: guard.foreign,
             tunnel_out: guard.tunnel_out,
             tunnel_in: guard.tunnel_in,
         }
@@ -355,12 +360,13 @@ impl std::fmt::Display for Shown {
         let guard = &status.guard;
         writeln!(
             f,
-            "\ncounters from the {}; guard: {} transit, {} dropped, {} fenced, {} probes answered; \
-             tunnel: {} packets in, {} out",
+            "\ncounters from the {}; guard: {} transit, {} dropped, {} fenced, {} from non-nodes \
+             dropped, {} probes answered; tunnel: {} packets in, {} out",
             self.counters_from,
             guard.transit,
             guard.dropped,
             guard.fenced,
+            guard.foreign,
             guard.probes,
             guard.tunnel_in,
             guard.tunnel_out
