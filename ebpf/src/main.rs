@@ -95,6 +95,18 @@ const _: () = assert!(size_of::<bpf_redir_neigh>() == 20);
 const _: () = assert!(size_of::<bpf_tunnel_key>() == 44);
 /// The outer packet's TTL.
 const TUNNEL_TTL: u32 = 64;
+/// A tunneled frame's link-layer addresses: to the tunnel devices' shared MAC, which the other
+/// end takes in, from another, or it would take the frame for its own come back.
+const TUNNEL_MACS: [u8; 12] = {
+    let mut macs = [0; 12];
+    let mut i = 0;
+    while i < 6 {
+        macs[i] = tunnel::MAC[i];
+        macs[i + 6] = tunnel::SOURCE_MAC[i];
+        i += 1;
+    }
+    macs
+};
 /// `TC_ACT_UNSPEC` is what TCX calls `TCX_NEXT`: the next program (or legacy tc) decides.
 const TCX_NEXT: i32 = TC_ACT_UNSPEC;
 
@@ -535,12 +547,7 @@ fn tunnel_egress(ctx: &TcContext) -> Option<i32> {
         return Some(verdict);
     }
     // Left to the kernel's device: addressed to it here.
-    let m = tunnel::MAC;
-    let src = tunnel::SOURCE_MAC;
-    let macs = [
-        m[0], m[1], m[2], m[3], m[4], m[5], src[0], src[1], src[2], src[3], src[4], src[5],
-    ];
-    ctx.store(0, &macs, 0).ok()?;
+    ctx.store(0, &TUNNEL_MACS, 0).ok()?;
     // Every byte written, one word at a time, for the verifier (see `uplink_egress`).
     let mut key = MaybeUninit::<bpf_tunnel_key>::uninit();
     let words = key.as_mut_ptr().cast::<u32>();
@@ -660,13 +667,13 @@ fn tunnel_header(config: &Config, remote: u32, total: u16, id: u16, hash: u32) -
     let [d0, d1] = config.tunnel_port.to_ne_bytes();
     let [u0, u1] = (total - 20).to_be_bytes();
     let vni = (tunnel::VNI << 8).to_be_bytes();
-    let m = tunnel::MAC;
-    let o = tunnel::SOURCE_MAC;
-    h[20..].copy_from_slice(&[
+    h[20..36].copy_from_slice(&[
         s0, s1, d0, d1, u0, u1, 0, 0, // UDP
         0x08, 0, 0, 0, vni[0], vni[1], vni[2], vni[3], // VXLAN: a VNI follows
-        m[0], m[1], m[2], m[3], m[4], m[5], o[0], o[1], o[2], o[3], o[4], o[5], 0x08, 0x00,
     ]);
+    h[36..48].copy_from_slice(&TUNNEL_MACS);
+    h[48] = 0x08;
+    h[49] = 0x00;
     h
 }
 
@@ -736,12 +743,7 @@ fn decapsulate(ctx: &TcContext) -> Option<i32> {
     }
     ctx.adjust_room(-(tunnel::OVERHEAD as i32), BPF_ADJ_ROOM_MAC, 0)
         .ok()?;
-    let m = tunnel::MAC;
-    let o = tunnel::SOURCE_MAC;
-    let macs = [
-        m[0], m[1], m[2], m[3], m[4], m[5], o[0], o[1], o[2], o[3], o[4], o[5],
-    ];
-    if ctx.store(0, &macs, 0).is_err() {
+    if ctx.store(0, &TUNNEL_MACS, 0).is_err() {
         return Some(TC_ACT_SHOT);
     }
     count(|g| &mut g.tunnel_in);
