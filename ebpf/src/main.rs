@@ -294,20 +294,20 @@ fn count(field: fn(&mut Guard) -> &mut u64) {
 /// `FENCED` once the lease has run out, when the data path has stopped serving too.
 fn answer_probe(ctx: &TcContext) -> Option<i32> {
     let config = SE_CONFIG.get(0)?;
-    if config.probe_port == 0 || ctx.load::<u16>(12).ok()? != ETH_P_IP_WIRE {
+    if config.probe_port == 0 || read::<u16>(ctx, 12)? != ETH_P_IP_WIRE {
         return None;
     }
     // No IP options (version 4, header length 5), UDP, to this node, to the probe port.
-    if ctx.load::<u8>(ETH_HLEN).ok()? != 0x45 || ctx.load::<u8>(ETH_HLEN + 9).ok()? != IPPROTO_UDP {
+    if read::<u8>(ctx, ETH_HLEN)? != 0x45 || read::<u8>(ctx, ETH_HLEN + 9)? != IPPROTO_UDP {
         return None;
     }
-    if ctx.load::<u32>(IP_DST_OFF).ok()? != config.node_ip
-        || ctx.load::<[u8; 4]>(PAYLOAD_OFF).ok()? != probe::MAGIC
+    if read::<u32>(ctx, IP_DST_OFF)? != config.node_ip
+        || read::<[u8; 4]>(ctx, PAYLOAD_OFF)? != probe::MAGIC
     {
         return None;
     }
-    let kind = ctx.load::<u8>(PAYLOAD_OFF + probe::KIND).ok()?;
-    if kind == probe::REPLY && ctx.load::<u16>(UDP_OFF).ok()? == config.probe_port {
+    let kind = read::<u8>(ctx, PAYLOAD_OFF + probe::KIND)?;
+    if kind == probe::REPLY && read::<u16>(ctx, UDP_OFF)? == config.probe_port {
         // An answer to this node's own prober, on its way to the agent: the node can still
         // reach its peers (see `lease_state`). Not once it was silent, though: coming back
         // from a cut-off, answers may come before the peers' probes, and only those say
@@ -325,16 +325,16 @@ fn answer_probe(ctx: &TcContext) -> Option<i32> {
         }
         return None;
     }
-    if kind != probe::REQUEST || ctx.load::<u16>(UDP_OFF + 2).ok()? != config.probe_port {
+    if kind != probe::REQUEST || read::<u16>(ctx, UDP_OFF + 2)? != config.probe_port {
         return None;
     }
     probed(
-        ctx.load(IP_SRC_OFF).ok()?,
-        ctx.load(PAYLOAD_OFF + probe::VIEW).ok()?,
+        read(ctx, IP_SRC_OFF)?,
+        read(ctx, PAYLOAD_OFF + probe::VIEW)?,
     );
-    let macs: [u8; 12] = ctx.load(0).ok()?;
-    let addrs: [u8; 8] = ctx.load(IP_SRC_OFF).ok()?;
-    let ports: [u8; 4] = ctx.load(UDP_OFF).ok()?;
+    let macs: [u8; 12] = read(ctx, 0)?;
+    let addrs: [u8; 8] = read(ctx, IP_SRC_OFF)?;
+    let ports: [u8; 4] = read(ctx, UDP_OFF)?;
     let swapped_macs = [
         macs[6], macs[7], macs[8], macs[9], macs[10], macs[11], macs[0], macs[1], macs[2], macs[3],
         macs[4], macs[5],
@@ -390,7 +390,7 @@ fn uplink_ingress(ctx: &TcContext) -> Option<i32> {
     // SAFETY: `skb` is the live context pointer.
     let (mark, ifindex) = unsafe { ((*ctx.skb.skb).mark, (*ctx.skb.skb).ifindex) };
     if ifindex == config.uplink_ifindex {
-        let sender: [u8; 6] = ctx.load(6).ok()?;
+        let sender: [u8; 6] = read(ctx, 6)?;
         // SAFETY: entries are written whole by the agent.
         if unsafe { SE_SENDERS.get(&sender) }.is_none() {
             count(|g| &mut g.foreign);
@@ -412,10 +412,10 @@ fn uplink_ingress(ctx: &TcContext) -> Option<i32> {
 /// An ARP packet announcing an egress IP held here (an answer, or a gratuitous one), while
 /// the lease does not let this node serve: dropped, so the segment forgets this node for it.
 fn fence_arp(ctx: &TcContext) -> Option<i32> {
-    if ctx.load::<u16>(12).ok()? != ETH_P_ARP_WIRE {
+    if read::<u16>(ctx, 12)? != ETH_P_ARP_WIRE {
         return None;
     }
-    let sender: u32 = ctx.load(ARP_SPA_OFF).ok()?;
+    let sender: u32 = read(ctx, ARP_SPA_OFF)?;
     // SAFETY: entries are plain integers written whole by the agent.
     let flags = unsafe { SE_EGRESS.get(&sender) }.map_or(0, |e| e.flags);
     if flags & EGRESS_LOCAL == 0 {
@@ -476,7 +476,7 @@ fn uplink_egress(ctx: &TcContext) -> Option<i32> {
     }
     // Routed to the holder already: unless routing did not do its part (our rule or table
     // gone), in which case the redirect below takes the packet there anyway.
-    if egress.flags & EGRESS_ROUTED != 0 && ctx.load::<[u8; 6]>(0).ok()? == egress.holder_mac {
+    if egress.flags & EGRESS_ROUTED != 0 && read::<[u8; 6]>(ctx, 0)? == egress.holder_mac {
         return None;
     }
     // The redirected packet passes this hook again; without the bit it goes out unchanged.
@@ -702,17 +702,17 @@ fn decapsulate(ctx: &TcContext) -> Option<i32> {
     if config.tunnel_port == 0 || ifindex != config.uplink_ifindex {
         return None;
     }
-    if ctx.load::<u16>(12).ok()? != ETH_P_IP_WIRE {
+    if read::<u16>(ctx, 12)? != ETH_P_IP_WIRE {
         return None;
     }
-    let ip: [u8; 20] = ctx.load(ETH_HLEN).ok()?;
+    let ip: [u8; 20] = read(ctx, ETH_HLEN)?;
     // No options, UDP, with its UDP header (a later fragment is nothing without the first).
     if ip[0] != 0x45 || ip[9] != IPPROTO_UDP || ip[6] & 0x1f != 0 || ip[7] != 0 {
         return None;
     }
     let src = u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]);
     let dst = u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]);
-    if dst != config.node_ip || ctx.load::<u16>(UDP_OFF + 2).ok()? != config.tunnel_port {
+    if dst != config.node_ip || read::<u16>(ctx, UDP_OFF + 2)? != config.tunnel_port {
         return None;
     }
     if SE_RANGES
@@ -733,12 +733,12 @@ fn decapsulate(ctx: &TcContext) -> Option<i32> {
     if ip[6] & 0x20 != 0 || gso_size != 0 {
         return None;
     }
-    let vxlan: [u8; 8] = ctx.load(PAYLOAD_OFF).ok()?;
+    let vxlan: [u8; 8] = read(ctx, PAYLOAD_OFF)?;
     let vni = (tunnel::VNI << 8).to_be_bytes();
     if vxlan[0] != 0x08 || vxlan[4..] != vni {
         return None;
     }
-    if ctx.load::<u16>(PAYLOAD_OFF + 8 + 12).ok()? != ETH_P_IP_WIRE {
+    if read::<u16>(ctx, PAYLOAD_OFF + 8 + 12)? != ETH_P_IP_WIRE {
         return None;
     }
     ctx.adjust_room(-(tunnel::OVERHEAD as i32), BPF_ADJ_ROOM_MAC, 0)
@@ -751,11 +751,25 @@ fn decapsulate(ctx: &TcContext) -> Option<i32> {
     Some(unsafe { bpf_redirect(config.tunnel_ifindex, u64::from(BPF_F_INGRESS)) } as i32)
 }
 
+/// Reads a `T` at `off` straight from the packet where it lies in the part the program can
+/// see directly (the headers, nearly always), through `bpf_skb_load_bytes` otherwise: the
+/// helper call and its copy cost more than the read.
+#[inline(always)]
+fn read<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + off + size_of::<T>() <= end {
+        // SAFETY: within the packet's directly readable bytes, checked just above.
+        Some(unsafe { ((start + off) as *const T).read_unaligned() })
+    } else {
+        ctx.load(off).ok()
+    }
+}
+
 fn ipv4_addrs(ctx: &TcContext) -> Option<(u32, u32)> {
-    if ctx.load::<u16>(12).ok()? != ETH_P_IP_WIRE {
+    if read::<u16>(ctx, 12)? != ETH_P_IP_WIRE {
         return None;
     }
-    Some((ctx.load(IP_SRC_OFF).ok()?, ctx.load(IP_DST_OFF).ok()?))
+    Some((read(ctx, IP_SRC_OFF)?, read(ctx, IP_DST_OFF)?))
 }
 
 #[cfg(not(test))]

@@ -759,6 +759,10 @@ fn kubectl_views_and_restart(lab: &mut Lab) -> Result<()> {
     api.compact_etcd()?;
     lab.api.restart()?;
     let (cluster, api) = (&lab.cluster, &lab.api);
+    // Back means serving lists of what the agents watch: `/readyz` answers before the
+    // restarted server's watch caches (and its authorizer) have caught up, and lists wait for
+    // them (up to a second or two on these 2 cores).
+    api.kubectl(["get", "namespaces,nodes,pods,egw", "-A", "-o", "name"])?;
     let answering = Instant::now();
     api.kubectl(["label", "pod", "-n", "payments", &lab.pod.name, "app-"])?;
     let node1 = cluster.node("node1")?.ip;

@@ -34,6 +34,8 @@ const PACKAGES: &[&str] = &[
     "containernetworking-plugins",
     // `cargo xtask bench profile` samples the machine with `perf record`.
     "linux-perf",
+    // `cargo xtask bench` writes its small-packet stream with trafgen.
+    "netsniff-ng",
 ];
 
 /// Commands the manifest tests (`agent/tests/deploy.rs`) run, with the PyPI package of each:

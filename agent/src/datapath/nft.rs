@@ -86,7 +86,11 @@ pub fn render(snat: &[SnatPlan], marks: u32, devices: Devices<'_>) -> String {
             "  chain input {{\n    type filter hook input priority filter; policy accept;\n    ip daddr @held meta l4proto {{ tcp, udp }} ct state new,invalid counter drop comment \"not a connection of this holder\"\n  }}"
         );
     }
-    if let Some(tunnel) = devices.tunnel {
+    // Only a node that translates needs them: its tunneled connections' replies go back
+    // through the tunnel. Elsewhere nothing sets the connections' mark.
+    if let Some(tunnel) = devices.tunnel
+        && !snat.is_empty()
+    {
         render_tunnel(&mut s, tunnel);
     }
     let _ = writeln!(
@@ -256,7 +260,7 @@ mod tests {
             uplink: "eth0",
             tunnel: None,
         };
-        let text = render(&[plan], 0x2000, devices);
+        let text = render(std::slice::from_ref(&plan), 0x2000, devices);
         assert!(text.starts_with("add table ip static_egress\ndelete table ip static_egress\n"));
         assert!(text.contains("set pods_0 { type ipv4_addr; elements = { 10.244.1.2 }; }"));
         assert!(text.contains("set excl_0 { type ipv4_addr; flags interval; auto-merge; }"));
@@ -282,7 +286,11 @@ mod tests {
             }),
             ..devices
         };
+        // A node that translates nothing has no connection to send back through the tunnel:
+        // no chain of the tunnel's sees its packets.
         let text = render(&[], 0x2000, tunneled);
+        assert!(!text.contains("tunnel_mark") && !text.contains("tunnel_mss"));
+        let text = render(std::slice::from_ref(&plan), 0x2000, tunneled);
         assert!(text.contains("ct state new iifname \"se-tunnel\" ct mark set ct mark or 0x2000"));
         assert!(text.contains("tcp option maxseg size set 1410"));
         assert!(text.contains(

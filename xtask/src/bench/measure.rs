@@ -2,6 +2,7 @@
 //! `se-probe rr` for request/response latency. Every run is bounded by `timeout(1)`.
 
 use std::fs::File;
+use std::os::unix::process::CommandExt as _;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -12,6 +13,8 @@ use serde_json::Value;
 
 const IPERF_PORT: u16 = 5201;
 const ECHO_PORT: u16 = 7778;
+/// Where the small-packet stream goes; the external host counts and drops it.
+const SMALL_PORT: u16 = 7779;
 /// Added to a run's own duration before `timeout` kills it.
 const GRACE_SECS: u64 = 20;
 const RR_SIZE: &str = "64";
@@ -24,6 +27,8 @@ pub struct Sample {
     pub cpu_s_per_gbit: f64,
     pub tcpn_gbps: f64,
     pub udp_kpps: f64,
+    /// Busy CPU of the whole machine per datagram the external host received, in ns.
+    pub cpu_ns_per_packet: f64,
     pub rr_p50_us: f64,
     pub rr_p99_us: f64,
 }
@@ -83,6 +88,17 @@ pub struct Servers {
 }
 
 pub fn start_servers(cluster: &Cluster) -> Result<Servers> {
+    // Counts (and drops) the small-packet stream, before anything else sees it.
+    netlab::exec(
+        cluster.ext_netns(),
+        [
+            "nft",
+            &format!(
+                "add table ip bench_rx; add chain ip bench_rx small {{ type filter hook prerouting priority raw; }}; \
+                 add rule ip bench_rx small udp dport {SMALL_PORT} counter drop"
+            ),
+        ],
+    )?;
     let ext = cluster.ext_ip().to_string();
     let port = IPERF_PORT.to_string();
     let iperf = Server::start(
@@ -118,7 +134,7 @@ pub fn sample(cluster: &Cluster, pod: &LabPod, effort: Effort, full_set: bool) -
     };
     if full_set {
         s.tcpn_gbps = tcp(cluster, pod, effort.seconds, effort.streams)?;
-        s.udp_kpps = udp_small(cluster, pod, effort.seconds)?;
+        (s.udp_kpps, s.cpu_ns_per_packet) = udp_small(cluster, pod, effort.seconds)?;
     }
     (s.rr_p50_us, s.rr_p99_us) = rr(cluster, pod, effort.round_trips)?;
     Ok(s)
@@ -176,18 +192,114 @@ fn tcp(cluster: &Cluster, pod: &LabPod, seconds: u64, streams: u32) -> Result<f6
     Ok(bps / 1e9)
 }
 
-/// 64-byte UDP datagrams as fast as the client can send; thousands received per second.
-fn udp_small(cluster: &Cluster, pod: &LabPod, seconds: u64) -> Result<f64> {
-    let report = iperf(cluster, pod, seconds, &["-u", "-b", "0", "-l", "64"])?;
-    let sum = &report["end"]["sum"];
-    let (Some(packets), Some(lost), Some(secs)) = (
-        sum["packets"].as_f64(),
-        sum["lost_packets"].as_f64(),
-        sum["seconds"].as_f64(),
-    ) else {
-        bail!("iperf3 UDP JSON without end.sum packets/lost_packets/seconds");
+/// 64-byte UDP datagrams at the rate `trafgen` (Debian's netsniff-ng) writes them into the
+/// pod's interface from one CPU, written whole into its send ring, past the pod's socket layer:
+/// what the path forwards is measured, not the sender's stack (iperf3's UDP client measured
+/// iperf3 more than the path). Thousands the external host received per second, counted by its
+/// own nftables counter over `seconds` once the stream runs, and the machine's busy CPU per
+/// datagram received (ns) over the same time.
+fn udp_small(cluster: &Cluster, pod: &LabPod, seconds: u64) -> Result<(f64, f64)> {
+    let stream = SmallStream::start(cluster, pod)?;
+    let (before, busy, started) = (received(cluster)?, busy_cpu_seconds()?, Instant::now());
+    std::thread::sleep(Duration::from_secs(seconds));
+    let packets = (received(cluster)? - before) as f64;
+    let busy = busy_cpu_seconds()? - busy;
+    if packets == 0.0 {
+        bail!(
+            "the external host received none of trafgen's datagrams: {}",
+            stream.log()
+        );
+    }
+    Ok((
+        packets / started.elapsed().as_secs_f64() / 1e3,
+        busy * 1e9 / packets,
+    ))
+}
+
+/// trafgen sending 64-byte UDP datagrams from the pod to the external host, from half a second
+/// after [`SmallStream::start`] until dropped.
+pub struct SmallStream {
+    sender: Child,
+    log: std::path::PathBuf,
+}
+
+impl SmallStream {
+    pub fn start(cluster: &Cluster, pod: &LabPod) -> Result<Self> {
+        let config = cluster.dir().join("small.trafgen");
+        std::fs::write(&config, trafgen_config(cluster, pod)?)?;
+        let log = cluster.dir().join("trafgen.out");
+        let out = File::create(&log)?;
+        // Its own process group: trafgen sends from a child per CPU, which must stop with it
+        // (a sender left behind would send on through the next variant).
+        let sender = Command::new("ip")
+            .args([
+                "netns", "exec", &pod.netns, "trafgen", "--dev", "eth0", "--cpus", "1",
+            ])
+            .arg("--conf")
+            .arg(&config)
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .process_group(0)
+            .spawn()
+            .context("cannot start trafgen in the pod")?;
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(Self { sender, log })
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    }
+}
+
+impl Drop for SmallStream {
+    fn drop(&mut self) {
+        if let Ok(group) = i32::try_from(self.sender.id()) {
+            // SAFETY: signals the process group `start` made; no memory is involved.
+            unsafe { libc::kill(-group, libc::SIGKILL) };
+        }
+        let _ = self.sender.wait();
+    }
+}
+
+/// One 64-byte UDP datagram from the pod to the external host's [`SMALL_PORT`], Ethernet
+/// header included (to the pod's next hop, which the earlier runs resolved).
+fn trafgen_config(cluster: &Cluster, pod: &LabPod) -> Result<String> {
+    let ext = cluster.ext_ip();
+    let json = |args: &[&str]| -> Result<Value> {
+        serde_json::from_str(&pod.exec(args)?).context("ip printed no JSON")
     };
-    Ok((packets - lost) / secs.max(1e-9) / 1e3)
+    let route = json(&["ip", "-j", "route", "get", &ext.to_string()])?;
+    let hop = route[0]["gateway"]
+        .as_str()
+        .map_or(ext.to_string(), str::to_owned);
+    let neighbour = json(&["ip", "-j", "neigh", "show", &hop, "dev", "eth0"])?;
+    let link = json(&["ip", "-j", "link", "show", "eth0"])?;
+    let (Some(da), Some(sa)) = (neighbour[0]["lladdr"].as_str(), link[0]["address"].as_str())
+    else {
+        bail!("no link-layer address for the pod's next hop {hop}: {neighbour}");
+    };
+    Ok(format!(
+        "{{ eth(da={da}, sa={sa}), ipv4(saddr={}, daddr={ext}, ttl=64), udp(sport=40000, dport={SMALL_PORT}), fill(0x41, 64) }}\n",
+        pod.ip
+    ))
+}
+
+/// Datagrams the external host counted on [`SMALL_PORT`] so far.
+pub fn received(cluster: &Cluster) -> Result<u64> {
+    let listing = netlab::exec(
+        cluster.ext_netns(),
+        ["nft", "list", "chain", "ip", "bench_rx", "small"],
+    )?;
+    listing
+        .split("counter packets ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .context("no counter in the external host's bench_rx table")?
+        .parse()
+        .context("odd counter")
 }
 
 /// `se-probe rr` in the pod: `count` 64-byte round trips on one connection to the echo server.

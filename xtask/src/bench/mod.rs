@@ -224,6 +224,7 @@ pub fn run(options: &Options) -> Result<()> {
                 &[
                     profile::Load::Rr(settings.profile_round_trips),
                     profile::Load::Tcp(settings.datapath.seconds),
+                    profile::Load::Small(settings.datapath.seconds),
                 ],
                 &target_dir().join("bench"),
             )?;

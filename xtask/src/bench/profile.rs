@@ -1,7 +1,7 @@
 //! `cargo xtask bench profile`: where the time goes. The whole machine is sampled with `perf
 //! record -e cpu-clock` (these machines have no hardware counters) while one variant carries a
 //! load, for the hand-built path and for ours, and each kernel or user symbol's CPU time is
-//! divided by the work done (round trips, or megabytes moved): the symbols whose cost differs
+//! divided by the work done (round trips, megabytes moved, datagrams): the symbols whose cost differs
 //! most between the two are where our path spends what the hand-built one does not.
 
 use std::collections::BTreeMap;
@@ -26,6 +26,8 @@ pub enum Load {
     Rr(u32),
     /// One TCP stream for this many seconds; costs per megabyte moved.
     Tcp(u64),
+    /// 64-byte UDP datagrams from trafgen for this many seconds; costs per datagram received.
+    Small(u64),
 }
 
 impl Load {
@@ -33,6 +35,7 @@ impl Load {
         match self {
             Self::Rr(_) => "round trip",
             Self::Tcp(_) => "MB",
+            Self::Small(_) => "64 B packet",
         }
     }
 }
@@ -96,6 +99,13 @@ fn record(bench: &Bench, load: Load, data: &Path) -> Result<f64> {
                 count,
             )))?;
             measure::field(&line, "n")
+        }
+        Load::Small(seconds) => {
+            let _stream = measure::SmallStream::start(&bench.cluster, &bench.pod)?;
+            let before = measure::received(&bench.cluster)?;
+            let secs = seconds.to_string();
+            crate::util::output(perf.args(["sleep", &secs]))?;
+            Ok((measure::received(&bench.cluster)? - before) as f64)
         }
         Load::Tcp(seconds) => {
             let report = crate::util::output(perf.args(measure::iperf_command(

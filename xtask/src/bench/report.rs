@@ -72,6 +72,7 @@ fn median_sample(samples: &[Sample]) -> Sample {
         cpu_s_per_gbit: median(samples.iter().map(|s| s.cpu_s_per_gbit)),
         tcpn_gbps: median(samples.iter().map(|s| s.tcpn_gbps)),
         udp_kpps: median(samples.iter().map(|s| s.udp_kpps)),
+        cpu_ns_per_packet: median(samples.iter().map(|s| s.cpu_ns_per_packet)),
         rr_p50_us: median(samples.iter().map(|s| s.rr_p50_us)),
         rr_p99_us: median(samples.iter().map(|s| s.rr_p99_us)),
     }
@@ -137,19 +138,20 @@ fn markdown(results: &Results, header: &str) -> String {
         md.push_str(
             "**Data path** (same pod, same traffic; ratios to variant 1 in parentheses; variant 1 \
              leaves from node1 and skips the gateway hop, so it is the ceiling):\n\n\
-             | variant | path | TCP 1 stream | CPU per Gbit (1 stream, whole machine) | TCP multi-stream | UDP 64 B rate | RR p50 | RR p99 |\n\
-             |---|---|---|---|---|---|---|---|\n",
+             | variant | path | TCP 1 stream | CPU per Gbit (1 stream, whole machine) | TCP multi-stream | UDP 64 B rate (trafgen) | CPU per 64 B packet | RR p50 | RR p99 |\n\
+             |---|---|---|---|---|---|---|---|---|\n",
         );
         for (variant, s) in &medians {
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 variant.title(),
                 variant.path(),
                 cell(s.tcp1_gbps, base.tcp1_gbps, "Gbit/s", 2),
                 cell(s.cpu_s_per_gbit, base.cpu_s_per_gbit, "CPU-s", 3),
                 cell(s.tcpn_gbps, base.tcpn_gbps, "Gbit/s", 2),
                 cell(s.udp_kpps, base.udp_kpps, "kpps", 0),
+                cell(s.cpu_ns_per_packet, base.cpu_ns_per_packet, "ns", 0),
                 cell(s.rr_p50_us, base.rr_p50_us, "µs", 1),
                 cell(s.rr_p99_us, base.rr_p99_us, "µs", 1),
             );
@@ -414,6 +416,7 @@ fn sample_json(s: &Sample) -> Value {
         "cpu_s_per_gbit": s.cpu_s_per_gbit,
         "tcpn_gbps": s.tcpn_gbps,
         "udp_kpps": s.udp_kpps,
+        "cpu_ns_per_packet": s.cpu_ns_per_packet,
         "rr_p50_us": s.rr_p50_us,
         "rr_p99_us": s.rr_p99_us,
     })
@@ -677,6 +680,7 @@ mod tests {
             cpu_s_per_gbit: 0.1,
             tcpn_gbps: t,
             udp_kpps: 100.0,
+            cpu_ns_per_packet: 5_000.0,
             rr_p50_us: l,
             rr_p99_us: l * 2.0,
         };
