@@ -274,8 +274,8 @@ struct ExplainArgs {
 }
 
 /// Without a readable record in the state dir, `cleanup` removes what is ours by name: give it
-/// the agent's `--bpffs`, `--fwmark`, `--route-table` and `--rule-priority` if they were not the
-/// defaults.
+/// the agent's `--bpffs`, `--fwmark`, `--route-table`, `--rule-priority` and `--announce-table`
+/// if they were not the defaults.
 #[derive(Args)]
 struct CleanupArgs {
     /// The agent's state dir (its record of what it created, and its lock).
@@ -294,6 +294,9 @@ struct CleanupArgs {
     /// The agent's rule priority (used only without a readable record).
     #[arg(long, default_value = "1490", value_parser = datapath::check_rule_priority)]
     rule_priority: u32,
+    /// The agent's `--announce-table`, flushed (used only without a readable record).
+    #[arg(long, default_value = "1491", value_parser = datapath::check_route_table)]
+    announce_table: u32,
     #[command(flatten)]
     cni: CniArgs,
 }
@@ -409,10 +412,13 @@ fn main() -> ExitCode {
         Command::Health(args) => commands::health(&args.state_dir, args.max_age, args.ready),
         Command::Crd => return print_crd(),
         Command::Cleanup(args) => runtime.block_on(async {
-            let by_name = datapath::RuleSpec {
-                priority: args.rule_priority,
-                mark: args.fwmark,
-                table: args.route_table,
+            let by_name = datapath::ByName {
+                rule: datapath::RuleSpec {
+                    priority: args.rule_priority,
+                    mark: args.fwmark,
+                    table: args.route_table,
+                },
+                announce_table: args.announce_table,
             };
             let mut removed = datapath::cleanup(&args.state_dir, &args.bpffs, by_name).await?;
             if let Some(conf_dir) = &args.cni.cni_conf_dir {
@@ -486,8 +492,13 @@ mod tests {
         assert_eq!(args.state_dir, PathBuf::from("/var/lib/static-egress"));
         assert_eq!(args.bpffs, PathBuf::from("/sys/fs/bpf"));
         assert_eq!(
-            (args.fwmark, args.route_table, args.rule_priority),
-            (0x2000, 1490, 1490)
+            (
+                args.fwmark,
+                args.route_table,
+                args.rule_priority,
+                args.announce_table
+            ),
+            (0x2000, 1490, 1490, 1491)
         );
         for flags in [
             ["--fwmark", "0x3000"],

@@ -353,6 +353,21 @@ fn a_corrupt_or_missing_record_blocks_neither_the_agent_nor_cleanup() -> Result<
     }
     fs::write(&record, b"\0\0\0")?;
     fs::remove_file(cluster.node("node2")?.state_dir.join("state.json"))?;
+    // What an agent holding an egress IP with `announce: Bgp` leaves in its announce table:
+    // ours by name too.
+    let node2 = cluster.node("node2")?;
+    node2.exec([
+        "ip",
+        "route",
+        "add",
+        &format!("{EGRESS_IP}/32"),
+        "dev",
+        &node2.uplink,
+        "table",
+        "1491",
+        "proto",
+        "static",
+    ])?;
     let mut node1_args = lab_paths(&cluster, "node1")?;
     node1_args.extend(NODE1_FLAGS.map(OsString::from));
     for (node, args) in [

@@ -28,6 +28,7 @@ use crate::plan::{NodePlan, SnatPlan};
 pub use bpf::{Bpf, Hook, MapContents};
 pub use config::{ConfigError, DatapathConfig, KernelLog, check_route_table, check_rule_priority};
 use netlink::Netlink;
+pub use ours::ByName;
 use rule::Removal;
 pub use state::{RuleSpec, State};
 
@@ -912,13 +913,13 @@ pub fn map_contents(
 
 /// Removes everything an agent recorded in `state_dir`, our nftables table and our pins under
 /// `bpffs` (which detaches our programs). Without a readable record (none, or a corrupt one,
-/// which is set aside), it removes what is ours by name instead: also the rule and table of
+/// which is set aside), it removes what is ours by name instead: also the rule and tables of
 /// `by_name` (the agent's flags). Refuses while an agent (or another cleanup) holds the state
 /// dir. Returns whether anything was there.
 pub async fn cleanup(
     state_dir: &std::path::Path,
     bpffs: &std::path::Path,
-    by_name: RuleSpec,
+    by_name: ByName,
 ) -> Result<bool, DatapathError> {
     ours::cleanup(state_dir, bpffs, by_name).await
 }

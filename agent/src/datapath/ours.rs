@@ -18,9 +18,17 @@ use super::{DatapathConfig, DatapathError, RuleSpec, bpf, nft};
 use crate::fsutil::{DirLock, LOCK_FILE};
 use static_egress_common::tunnel;
 
+/// What is ours by name, from the agent's flags: its rule (and that rule's table) and its
+/// `--announce-table`.
+#[derive(Clone, Copy, Debug)]
+pub struct ByName {
+    pub rule: RuleSpec,
+    pub announce_table: u32,
+}
+
 /// What [`remove_by_name`] found.
 #[derive(Debug, Default)]
-pub(super) struct ByName {
+pub(super) struct Found {
     /// Something of ours was there.
     pub found: bool,
     /// Our rule stays: someone else's rule would be deleted in its place (described).
@@ -31,16 +39,18 @@ pub(super) struct ByName {
 /// priority, and every other table, stay.
 pub(super) async fn remove_by_name(
     nl: &Netlink,
-    rule: RuleSpec,
+    by_name: ByName,
     bpffs: &Path,
-) -> Result<ByName, DatapathError> {
-    let mut result = ByName::default();
-    match nl.remove_rule(rule).await? {
+) -> Result<Found, DatapathError> {
+    let mut result = Found::default();
+    match nl.remove_rule(by_name.rule).await? {
         Removal::Removed(n) => result.found |= n > 0,
         Removal::Blocked(theirs) => result.blocked = Some(theirs),
     }
-    result.found |= !nl.table_routes(rule.table).await?.is_empty();
-    nl.flush_table(rule.table).await?;
+    for table in [by_name.rule.table, by_name.announce_table] {
+        result.found |= !nl.table_routes(table).await?.is_empty();
+        nl.flush_table(table).await?;
+    }
     result.found |= nft::remove()?;
     result.found |= bpf::remove_pins(bpffs)?;
     result.found |= nl.remove_interface(tunnel::DEVICE).await?;
@@ -75,7 +85,7 @@ pub(super) fn starting_record(config: &DatapathConfig) -> Result<State, Datapath
 pub(super) async fn cleanup(
     state_dir: &Path,
     bpffs: &Path,
-    by_name: RuleSpec,
+    by_name: ByName,
 ) -> Result<bool, DatapathError> {
     // An agent would put back what we remove, or keep running on a data path taken away.
     let lock = if state_dir.exists() {
@@ -127,21 +137,22 @@ pub(super) async fn cleanup(
             }
             let found = remove_by_name(&nl, by_name, bpffs).await?;
             if let Some(theirs) = found.blocked {
-                blocked.push((by_name, theirs));
+                blocked.push((by_name.rule, theirs));
             }
             if found.found {
                 removed = true;
                 tracing::warn!(
                     "no record of what the agent created: removed what is ours by name (nftables \
-                     table {}, rule fwmark {:#x}/{:#x} lookup {} at priority {}, table {}, pins \
-                     under {}); egress IPs it added cannot be found by name: look for them with \
-                     `ip -4 addr` and remove them with `ip addr del IP/32 dev UPLINK`",
+                     table {}, rule fwmark {:#x}/{:#x} lookup {} at priority {}, tables {} and {}, \
+                     pins under {}); egress IPs it added cannot be found by name: look for them \
+                     with `ip -4 addr` and remove them with `ip addr del IP/32 dev UPLINK`",
                     nft::TABLE,
-                    by_name.mark,
-                    by_name.mark,
-                    by_name.table,
-                    by_name.priority,
-                    by_name.table,
+                    by_name.rule.mark,
+                    by_name.rule.mark,
+                    by_name.rule.table,
+                    by_name.rule.priority,
+                    by_name.rule.table,
+                    by_name.announce_table,
                     bpf::pin_root(bpffs).display()
                 );
             }
