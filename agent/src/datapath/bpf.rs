@@ -269,23 +269,7 @@ impl Bpf {
                     .map_err(map_err(names::EGRESS))?;
             }
         }
-        for (&(len, addr), node) in &want.peers {
-            let k = Key::new(len, addr);
-            if self.peers.get(&k, 0).ok() != Some(*node) {
-                self.peers
-                    .insert(&k, node, 0)
-                    .map_err(map_err(names::PEERS))?;
-            }
-        }
-        let stale: Vec<Key<u32>> = self
-            .peers
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !want.peers.contains_key(&(k.prefix_len(), k.data())))
-            .collect();
-        for key in stale {
-            self.peers.remove(&key).map_err(map_err(names::PEERS))?;
-        }
+        sync_prefixes(&mut self.peers, &want.peers, names::PEERS)?;
         for ((len, key), verdict) in &want.dests {
             let k = Key::new(*len, *key);
             if self.dests.get(&k, 0).ok() != Some(*verdict) {
@@ -294,23 +278,7 @@ impl Bpf {
                     .map_err(map_err(names::DESTS))?;
             }
         }
-        for (&(len, addr), bits) in &want.ranges {
-            let k = Key::new(len, addr);
-            if self.ranges.get(&k, 0).ok() != Some(*bits) {
-                self.ranges
-                    .insert(&k, bits, 0)
-                    .map_err(map_err(names::RANGES))?;
-            }
-        }
-        let stale: Vec<Key<u32>> = self
-            .ranges
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !want.ranges.contains_key(&(k.prefix_len(), k.data())))
-            .collect();
-        for key in stale {
-            self.ranges.remove(&key).map_err(map_err(names::RANGES))?;
-        }
+        sync_prefixes(&mut self.ranges, &want.ranges, names::RANGES)?;
         for (ip, entry) in &want.pods {
             if self.pods.get(ip, 0).ok().as_ref() != Some(entry) {
                 self.pods
@@ -599,6 +567,30 @@ pub fn pinned_counters(bpffs: &Path) -> Result<(BTreeMap<u32, Counters>, Guard),
         .try_into()
         .map_err(map_err(names::GUARD))?;
     Ok((sum_counters(&counters), sum_guard(&guard)))
+}
+
+/// Brings a map keyed by IPv4 prefixes to `want` ((prefix length, address) -> value): changed
+/// entries written, then the ones no longer wanted removed.
+fn sync_prefixes<V: aya::Pod + PartialEq>(
+    map: &mut LpmTrie<MapData, u32, V>,
+    want: &BTreeMap<(u32, u32), V>,
+    name: &'static str,
+) -> Result<(), DatapathError> {
+    for (&(len, addr), value) in want {
+        let key = Key::new(len, addr);
+        if map.get(&key, 0).ok().as_ref() != Some(value) {
+            map.insert(&key, value, 0).map_err(map_err(name))?;
+        }
+    }
+    let stale: Vec<Key<u32>> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !want.contains_key(&(k.prefix_len(), k.data())))
+        .collect();
+    for key in stale {
+        map.remove(&key).map_err(map_err(name))?;
+    }
+    Ok(())
 }
 
 fn sum_guard(guard: &PerCpuArray<MapData, Guard>) -> Guard {
