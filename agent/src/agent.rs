@@ -3,7 +3,7 @@
 //! repair drift. Errors are logged and the last applied data path stays; nothing here waits
 //! on the API server.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -310,7 +310,9 @@ async fn connect(
 /// Reports what it has not reported yet: an editor's save may deliver the same file twice,
 /// and the periodic resync must not repeat every warning.
 fn report_new(seen: &mut Vec<String>, now: Vec<String>, report: impl Fn(&str)) {
-    for message in now.iter().filter(|m| !seen.contains(m)) {
+    // A set: a node with thousands of pods may have thousands of messages.
+    let before: HashSet<&str> = seen.iter().map(String::as_str).collect();
+    for message in now.iter().filter(|m| !before.contains(m.as_str())) {
         report(message);
     }
     *seen = now;

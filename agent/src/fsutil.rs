@@ -8,23 +8,31 @@ use std::os::fd::AsRawFd as _;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 
-/// Replaces `path` with `bytes`: written to `<path>.tmp`, flushed to disk, renamed over `path`,
-/// then the directory flushed so the rename itself is durable. Readers see the old file or
-/// the new one, whole; after a crash the file is the old or the new one, never empty or half
-/// written.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+/// Replaces `path` with what `write` produces: written to `<path>.tmp` (buffered, so a large
+/// document can be serialized straight into it instead of into memory first), flushed to disk,
+/// renamed over `path`, then the directory flushed so the rename itself is durable. Readers
+/// see the old file or the new one, whole; after a crash the file is the old or the new one,
+/// never empty or half written.
+pub fn write_atomically(
+    path: &Path,
+    write: impl FnOnce(&mut dyn io::Write) -> io::Result<()>,
+) -> io::Result<()> {
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
     let mut tmp_name = name.to_owned();
     tmp_name.push(".tmp");
     let tmp = path.with_file_name(tmp_name);
-    let mut file = OpenOptions::new()
+    let file = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .open(&tmp)?;
-    file.write_all(bytes)?;
+    let mut buffered = io::BufWriter::new(file);
+    write(&mut buffered)?;
+    let file = buffered
+        .into_inner()
+        .map_err(io::IntoInnerError::into_error)?;
     file.sync_all()?;
     drop(file);
     fs::rename(&tmp, path)?;
@@ -161,8 +169,8 @@ mod tests {
     fn write_atomically_replaces_the_file_and_leaves_no_temporary() {
         let dir = TempDir::new("write");
         let path = dir.0.join("state.json");
-        write_atomically(&path, b"first").expect("write");
-        write_atomically(&path, b"second, longer").expect("rewrite");
+        write_atomically(&path, |w| w.write_all(b"first")).expect("write");
+        write_atomically(&path, |w| w.write_all(b"second, longer")).expect("rewrite");
         assert_eq!(fs::read(&path).expect("read"), b"second, longer");
         let names: Vec<_> = fs::read_dir(&dir.0)
             .expect("list")

@@ -202,7 +202,7 @@ pub fn label_value() -> impl Strategy<Value = String> {
 }
 
 pub fn arb_labels() -> impl Strategy<Value = Labels> {
-    btree_map(label_key(), label_value(), 0..=LABEL_KEYS.len())
+    btree_map(label_key(), label_value(), 0..=LABEL_KEYS.len()).prop_map(Labels::from)
 }
 
 /// A `matchExpressions` entry as it may be written: values unsorted and repeated, an operator

@@ -224,9 +224,11 @@ fn read_list(path: &Path) -> Result<Value, InstallError> {
 fn write_list(path: &Path, list: &Value) -> Result<(), InstallError> {
     let mut bytes = serde_json::to_vec_pretty(list).unwrap_or_default();
     bytes.push(b'\n');
-    crate::fsutil::write_atomically(path, &bytes).map_err(|source| InstallError::Write {
-        path: path.to_owned(),
-        source,
+    crate::fsutil::write_atomically(path, |w| w.write_all(&bytes)).map_err(|source| {
+        InstallError::Write {
+            path: path.to_owned(),
+            source,
+        }
     })
 }
 

@@ -9,11 +9,12 @@ pub mod conntrack;
 mod netlink;
 pub mod nft;
 mod ours;
+mod routes;
 mod rule;
 mod state;
 pub mod tunnel;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
@@ -29,6 +30,7 @@ pub use bpf::{Bpf, Hook, MapContents};
 pub use config::{ConfigError, DatapathConfig, KernelLog, check_route_table, check_rule_priority};
 use netlink::Netlink;
 pub use ours::ByName;
+use routes::{Hop, MainTable};
 use rule::Removal;
 pub use state::{RuleSpec, State};
 
@@ -703,24 +705,49 @@ impl Datapath {
         warnings: &mut Warnings,
     ) -> BTreeMap<u32, String> {
         let mut found = BTreeMap::new();
+        // Without the dumps every pod is asked about on its own: slower, same answers.
+        let table = match self.nl.main_table().await {
+            Ok(routes) => MainTable::new(routes),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot dump the main table; asking per pod");
+                MainTable::default()
+            }
+        };
+        let names = self.nl.interface_names().await.unwrap_or_else(|e| {
+            tracing::debug!(error = %e, "cannot list the interfaces; asking per pod");
+            HashMap::new()
+        });
         let pods = plan.pods.iter().map(|p| (&p.namespace, &p.name, p.ip));
         let held = plan.held.iter().map(|p| (&p.namespace, &p.name, p.ip));
         for (namespace, pod_name, ip) in pods.chain(held) {
-            let iface = match self.nl.route_oif(ip).await {
-                Ok(Some(index)) if index != uplink.index => self.nl.interface(index).await,
+            let oif = match table.lookup(ip) {
+                Some(Hop::Out(index)) => Ok(Some(index)),
+                Some(Hop::Nowhere) => Ok(None),
+                Some(Hop::Ask) | None => self.nl.route_oif(ip).await,
+            };
+            let iface = match oif {
+                Ok(Some(index)) if index != uplink.index => match names.get(&index) {
+                    Some(name) => Ok(Some((index, name.clone()))),
+                    None => self
+                        .nl
+                        .interface(index)
+                        .await
+                        .map(|i| i.map(|i| (i.index, i.name))),
+                },
                 Ok(_) => Ok(None),
                 Err(e) => Err(e),
             };
-            let name = format!("Pod {namespace}/{pod_name}");
             match iface {
-                Ok(Some(iface)) => {
-                    found.insert(iface.index, iface.name);
+                Ok(Some((index, iface))) => {
+                    found.insert(index, iface);
                 }
                 Ok(None) => warnings.push(format!(
-                    "{name}: no local interface routes to its IP {ip}; its traffic is not marked"
+                    "Pod {namespace}/{pod_name}: no local interface routes to its IP {ip}; its \
+                     traffic is not marked"
                 )),
                 Err(e) => warnings.push(format!(
-                    "{name}: looking up the interface of {ip}: {e}; its traffic is not marked"
+                    "Pod {namespace}/{pod_name}: looking up the interface of {ip}: {e}; its \
+                     traffic is not marked"
                 )),
             }
         }

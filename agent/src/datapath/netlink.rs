@@ -1,7 +1,8 @@
 //! Routes, rules and addresses through rtnetlink: the uplink, the pod interfaces (found by
-//! asking the kernel for the route to each pod), our rule and table, and the egress IPs.
+//! from the main table, or by asking the kernel for the route to a pod the table does not
+//! settle), our rule and table, and the egress IPs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 
 use futures_util::TryStreamExt as _;
@@ -18,6 +19,7 @@ use rtnetlink::packet_route::{
 };
 use rtnetlink::{Handle, IpVersion};
 
+use super::routes::{self, Hop};
 use super::rule::{self, Next, Removal};
 use super::{DatapathError, RuleSpec};
 
@@ -146,6 +148,66 @@ impl Netlink {
             }
             Err(e) => Err(nl("get route")(e)),
         }
+    }
+
+    /// The main table's IPv4 routes, for answering "which interface leads to this pod" without
+    /// asking the kernel once per pod.
+    pub async fn main_table(&self) -> Result<Vec<routes::Route>, DatapathError> {
+        Ok(self
+            .table_routes(MAIN_TABLE)
+            .await?
+            .iter()
+            .map(|r| {
+                let destination = r
+                    .attributes
+                    .iter()
+                    .find_map(|a| match a {
+                        RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(*ip),
+                        _ => None,
+                    })
+                    .unwrap_or(Ipv4Addr::UNSPECIFIED);
+                let metric = r
+                    .attributes
+                    .iter()
+                    .find_map(|a| match a {
+                        RouteAttribute::Priority(p) => Some(*p),
+                        _ => None,
+                    })
+                    .unwrap_or(0);
+                let hop = match (r.header.kind, route_oif(r)) {
+                    (RouteType::Unicast, Some(oif)) => Hop::Out(oif),
+                    (RouteType::Unreachable | RouteType::BlackHole | RouteType::Prohibit, _) => {
+                        Hop::Nowhere
+                    }
+                    _ => Hop::Ask,
+                };
+                let net = Ipv4Net::new(destination, r.header.destination_prefix_length)
+                    .unwrap_or_default();
+                (net, metric, hop)
+            })
+            .collect())
+    }
+
+    /// Every interface's name, by index.
+    pub async fn interface_names(&self) -> Result<HashMap<u32, String>, DatapathError> {
+        let links: Vec<_> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("dump links"))?;
+        Ok(links
+            .into_iter()
+            .filter_map(|msg| {
+                let index = msg.header.index;
+                msg.attributes.into_iter().find_map(|a| match a {
+                    LinkAttribute::IfName(name) => Some((index, name)),
+                    _ => None,
+                })
+            })
+            .collect())
     }
 
     pub async fn table_routes(&self, table: u32) -> Result<Vec<RouteMessage>, DatapathError> {

@@ -140,7 +140,7 @@ impl State {
             path: path.clone(),
             source,
         })?;
-        write_atomically(&path, &bytes).map_err(io_err(&path))
+        write_atomically(&path, |w| w.write_all(&bytes)).map_err(io_err(&path))
     }
 
     /// Removes the record and the agent's status file beside it (and what a write cut short

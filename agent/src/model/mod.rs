@@ -2,6 +2,7 @@
 //! objects (`Namespace`, `Node`, `Pod`, and our `EgressGateway` defined in `crd`) by `objects`.
 
 mod crd;
+mod labels;
 pub(crate) mod objects;
 mod selector;
 
@@ -11,6 +12,7 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 
 pub use crd::{EgressGateway, EgressGatewaySpec, EgressGatewayStatus, EgressIpHolder};
+pub use labels::Labels;
 pub(crate) use objects::convert;
 pub use objects::{
     API_VERSION, FieldProblem, GatewayError, Invalid, ObjectKey, ParsedObject, gateway_from_object,
@@ -19,8 +21,6 @@ pub use selector::{Selector, SelectorError};
 
 /// Annotation by which a pod or a namespace asks for a gateway by name.
 pub const GATEWAY_ANNOTATION: &str = "static-egress.io/gateway";
-
-pub type Labels = BTreeMap<String, String>;
 
 /// Everything the planner needs, keyed for deterministic iteration.
 #[derive(Clone, Debug, Default, PartialEq)]

@@ -64,26 +64,55 @@ impl ParsedObject {
     }
 }
 
+impl Snapshot {
+    /// Adds `object`, replacing the one of the same kind and name.
+    pub fn insert(&mut self, object: ParsedObject) {
+        match object {
+            ParsedObject::Namespace(ns) => {
+                self.namespaces.insert(ns.name.clone(), ns);
+            }
+            ParsedObject::Node(node) => {
+                self.nodes.insert(node.name.clone(), node);
+            }
+            ParsedObject::Pod(pod) => {
+                self.pods
+                    .insert((pod.namespace.clone(), pod.name.clone()), pod);
+            }
+            ParsedObject::Gateway(gw) => {
+                self.gateways.insert(gw.name.clone(), gw);
+            }
+        }
+    }
+
+    /// A copy of the object `key` names, if the snapshot holds it.
+    pub fn object(&self, key: &ObjectKey) -> Option<ParsedObject> {
+        match (key.kind.as_str(), &key.namespace) {
+            ("Namespace", None) => self
+                .namespaces
+                .get(&key.name)
+                .cloned()
+                .map(ParsedObject::Namespace),
+            ("Node", None) => self.nodes.get(&key.name).cloned().map(ParsedObject::Node),
+            ("Pod", Some(namespace)) => self
+                .pods
+                .get(&(namespace.clone(), key.name.clone()))
+                .cloned()
+                .map(ParsedObject::Pod),
+            ("EgressGateway", None) => self
+                .gateways
+                .get(&key.name)
+                .cloned()
+                .map(ParsedObject::Gateway),
+            _ => None,
+        }
+    }
+}
+
 impl FromIterator<ParsedObject> for Snapshot {
     fn from_iter<I: IntoIterator<Item = ParsedObject>>(objects: I) -> Self {
         let mut snapshot = Self::default();
         for object in objects {
-            match object {
-                ParsedObject::Namespace(ns) => {
-                    snapshot.namespaces.insert(ns.name.clone(), ns);
-                }
-                ParsedObject::Node(node) => {
-                    snapshot.nodes.insert(node.name.clone(), node);
-                }
-                ParsedObject::Pod(pod) => {
-                    snapshot
-                        .pods
-                        .insert((pod.namespace.clone(), pod.name.clone()), pod);
-                }
-                ParsedObject::Gateway(gw) => {
-                    snapshot.gateways.insert(gw.name.clone(), gw);
-                }
-            }
+            snapshot.insert(object);
         }
         snapshot
     }
@@ -191,7 +220,7 @@ fn gateway_annotation(annotations: Option<BTreeMap<String, String>>) -> Option<S
 pub(crate) fn namespace(key: &ObjectKey, raw: Namespace) -> NamespaceInfo {
     NamespaceInfo {
         name: key.name.clone(),
-        labels: raw.metadata.labels.unwrap_or_default(),
+        labels: raw.metadata.labels.unwrap_or_default().into(),
         gateway_annotation: gateway_annotation(raw.metadata.annotations),
     }
 }
@@ -253,7 +282,7 @@ pub(crate) fn node(key: &ObjectKey, raw: Node) -> Result<NodeInfo, Vec<Invalid>>
     }
     Ok(NodeInfo {
         name: key.name.clone(),
-        labels: raw.metadata.labels.unwrap_or_default(),
+        labels: raw.metadata.labels.unwrap_or_default().into(),
         ready,
         unschedulable: spec.unschedulable.unwrap_or(false),
         internal_ip,
@@ -296,7 +325,7 @@ pub(crate) fn pod(key: &ObjectKey, raw: Pod) -> Result<PodInfo, Vec<Invalid>> {
     Ok(PodInfo {
         namespace: key.namespace.clone().unwrap_or_default(),
         name: key.name.clone(),
-        labels: raw.metadata.labels.unwrap_or_default(),
+        labels: raw.metadata.labels.unwrap_or_default().into(),
         gateway_annotation: gateway_annotation(raw.metadata.annotations),
         node: spec.node_name.filter(|n| !n.is_empty()),
         ip,

@@ -263,6 +263,8 @@ mod tests {
 /// Properties of selectors over generated labels and selectors (`crate::testing`'s alphabets).
 #[cfg(test)]
 mod props {
+    use std::collections::BTreeMap;
+
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
     use proptest::collection::vec;
     use proptest::prelude::*;
@@ -382,12 +384,14 @@ mod props {
             keep in any::<bool>(),
         ) {
             // Half the time the candidate includes what is wanted, plus whatever `other` adds.
-            let mut candidate = other.clone();
-            if keep {
-                candidate.extend(wanted.clone());
-            }
+            let added = if keep { Some(wanted.iter()) } else { None };
+            let candidate: Labels = other
+                .iter()
+                .chain(added.into_iter().flatten())
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
             let raw = LabelSelector {
-                match_labels: Some(wanted.clone()),
+                match_labels: Some(wanted.iter().map(|(k, v)| (k.clone(), v.clone())).collect()),
                 match_expressions: None,
             };
             let includes = wanted.iter().all(|(k, v)| candidate.get(k) == Some(v));
@@ -418,7 +422,7 @@ mod props {
         #[test]
         fn the_empty_selector_matches_everything(labels in arb_labels()) {
             let empty_lists = LabelSelector {
-                match_labels: Some(Labels::new()),
+                match_labels: Some(BTreeMap::new()),
                 match_expressions: Some(Vec::new()),
             };
             for raw in [LabelSelector::default(), empty_lists] {

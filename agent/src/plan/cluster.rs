@@ -119,7 +119,7 @@ mod tests {
             name.to_owned(),
             NamespaceInfo {
                 name: name.to_owned(),
-                labels: [("team".to_owned(), team.to_owned())].into(),
+                labels: [("team".to_owned(), team.to_owned())].into_iter().collect(),
                 gateway_annotation: annotation.map(str::to_owned),
             },
         );
@@ -132,7 +132,7 @@ mod tests {
             PodInfo {
                 namespace: namespace.to_owned(),
                 name: name.to_owned(),
-                labels: [("app".to_owned(), "api".to_owned())].into(),
+                labels: [("app".to_owned(), "api".to_owned())].into_iter().collect(),
                 gateway_annotation: annotation.map(str::to_owned),
                 // Nodes do not matter: the view is the same from every node.
                 node: Some(format!("node{}", n % 3)),

@@ -226,8 +226,12 @@ impl NodeStatus {
             source,
         };
         std::fs::create_dir_all(dir).map_err(err)?;
-        let bytes = serde_json::to_vec_pretty(self).map_err(|e| err(std::io::Error::other(e)))?;
-        crate::fsutil::write_atomically(&path, &bytes).map_err(err)
+        // Streamed into the file: at 10,000 pods the document is megabytes, and a buffer that
+        // size every few seconds is what the agent's heap would grow to keep.
+        crate::fsutil::write_atomically(&path, |w| {
+            serde_json::to_writer_pretty(w, self).map_err(std::io::Error::other)
+        })
+        .map_err(err)
     }
 }
 

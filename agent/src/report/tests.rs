@@ -126,7 +126,12 @@ fn answer(seen: &Seen) -> Value {
 
 fn selector(pairs: &[(&str, &str)]) -> Selector {
     Selector::try_from(&LabelSelector {
-        match_labels: Some(labels(pairs)),
+        match_labels: Some(
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        ),
         ..LabelSelector::default()
     })
     .unwrap()
@@ -142,10 +147,11 @@ fn lab() -> Snapshot {
         ("node2", [10, 0, 0, 2], true),
         ("node3", [10, 0, 0, 3], true),
     ] {
-        let mut node_labels = labels(&[("kubernetes.io/hostname", name)]);
-        if egress {
-            node_labels.insert("egress".to_owned(), "true".to_owned());
-        }
+        let node_labels = if egress {
+            labels(&[("kubernetes.io/hostname", name), ("egress", "true")])
+        } else {
+            labels(&[("kubernetes.io/hostname", name)])
+        };
         snapshot.nodes.insert(
             name.to_owned(),
             NodeInfo {

@@ -196,7 +196,7 @@ impl Announcements {
             .collect();
         let written = serde_json::to_vec(&recorded)
             .map_err(io::Error::other)
-            .and_then(|bytes| crate::fsutil::write_atomically(path, &bytes));
+            .and_then(|bytes| crate::fsutil::write_atomically(path, |w| w.write_all(&bytes)));
         if let Err(error) = written {
             tracing::warn!(record = %path.display(), %error, "cannot record the pods starting here");
         }

@@ -1,7 +1,6 @@
 //! The objects file: loaded whole, merged with the last good version of each object, and
 //! watched so an edit reaches the agent within tens of milliseconds.
 
-use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
@@ -13,9 +12,9 @@ use notify::event::{AccessKind, AccessMode, MetadataKind, ModifyKind};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
-use super::documents::{ObjectError, parse_documents};
+use super::documents::{Documents, ObjectError, parse_documents};
 use super::{Problem, SourceError, fnv1a_64};
-use crate::model::{ObjectKey, ParsedObject, Snapshot};
+use crate::model::{ParsedObject, Snapshot};
 
 /// The largest objects file the agent reads: several times a 100,000-pod cluster's objects.
 pub const MAX_FILE_BYTES: u64 = 256 << 20;
@@ -36,7 +35,8 @@ fn read_capped(path: &Path) -> Result<Vec<u8>, SourceError> {
     if size > MAX_FILE_BYTES {
         return Err(too_large(size));
     }
-    let mut bytes = Vec::new();
+    // Sized to the file: reading into a growing buffer leaves up to as much again unused.
+    let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0).saturating_add(1));
     // One byte more than allowed tells a file at the limit from one beyond it, even if it
     // grows while being read.
     file.take(MAX_FILE_BYTES + 1)
@@ -46,6 +46,19 @@ fn read_capped(path: &Path) -> Result<Vec<u8>, SourceError> {
         read if read > MAX_FILE_BYTES => Err(too_large(read)),
         _ => Ok(bytes),
     }
+}
+
+/// The objects in `bytes`, which are dropped before the caller merges them: on a large file
+/// the text is as big as the objects it holds.
+fn parse(path: &Path, bytes: Vec<u8>) -> Result<Documents, SourceError> {
+    let text = std::str::from_utf8(&bytes).map_err(|source| SourceError::NotText {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_documents(text).map_err(|source| SourceError::Syntax {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Result of one (re)load.
@@ -64,9 +77,9 @@ pub struct Loaded {
 #[derive(Debug)]
 pub struct FileSource {
     path: PathBuf,
-    /// The snapshot is built from this on demand rather than kept beside it: at 10,000 pods a
-    /// second copy costs megabytes.
-    last_good: BTreeMap<ObjectKey, ParsedObject>,
+    /// Handed out as it is (the agent and its reports share it): at 10,000 pods a second copy
+    /// costs megabytes.
+    last_good: Arc<Snapshot>,
     digest: u64,
 }
 
@@ -75,18 +88,12 @@ impl FileSource {
     pub fn open(path: impl Into<PathBuf>) -> Result<(Self, Loaded), SourceError> {
         let path = path.into();
         let bytes = read_capped(&path)?;
-        let text = std::str::from_utf8(&bytes).map_err(|source| SourceError::NotText {
-            path: path.clone(),
-            source,
-        })?;
-        let documents = parse_documents(text).map_err(|source| SourceError::Syntax {
-            path: path.clone(),
-            source,
-        })?;
+        let digest = fnv1a_64(&bytes);
+        let documents = parse(&path, bytes)?;
         let mut source = Self {
             path,
-            last_good: BTreeMap::new(),
-            digest: fnv1a_64(&bytes),
+            last_good: Arc::default(),
+            digest,
         };
         let problems = source.merge(documents.objects, documents.errors);
         let loaded = source.loaded(problems);
@@ -109,31 +116,26 @@ impl FileSource {
             Err(e) => return self.loaded(vec![whole(e.to_string())]),
         };
         self.digest = fnv1a_64(&bytes);
-        let problem = match std::str::from_utf8(&bytes) {
-            Err(e) => whole(format!("{} is not UTF-8 text: {e}", self.path.display())),
-            Ok(text) => match parse_documents(text) {
-                Err(e) => whole(format!("{}: {e}", self.path.display())),
-                Ok(documents) => {
-                    let problems = self.merge(documents.objects, documents.errors);
-                    return self.loaded(problems);
-                }
-            },
-        };
-        self.loaded(vec![problem])
+        match parse(&self.path, bytes) {
+            Err(e) => self.loaded(vec![whole(e.to_string())]),
+            Ok(documents) => {
+                let problems = self.merge(documents.objects, documents.errors);
+                self.loaded(problems)
+            }
+        }
     }
 
     /// Replaces the object set, keeping the previous version of objects now invalid.
     fn merge(&mut self, objects: Vec<ParsedObject>, errors: Vec<ObjectError>) -> Vec<Problem> {
-        let mut next: BTreeMap<ObjectKey, ParsedObject> =
-            objects.into_iter().map(|o| (o.key(), o)).collect();
+        let mut next: Snapshot = objects.into_iter().collect();
         let mut problems = Vec::with_capacity(errors.len());
         for error in errors {
             let outcome = match &error.object {
                 // A valid copy elsewhere in the file wins; the error still deserves a report.
-                Some(key) if next.contains_key(key) => "",
-                Some(key) => match self.last_good.get(key) {
+                Some(key) if next.object(key).is_some() => "",
+                Some(key) => match self.last_good.object(key) {
                     Some(previous) => {
-                        next.insert(key.clone(), previous.clone());
+                        next.insert(previous);
                         "; keeping its last valid version"
                     }
                     None => "; skipped",
@@ -145,13 +147,13 @@ impl FileSource {
                 message: format!("{}: {error}{outcome}", self.path.display()),
             });
         }
-        self.last_good = next;
+        self.last_good = Arc::new(next);
         problems
     }
 
     fn loaded(&self, problems: Vec<Problem>) -> Loaded {
         Loaded {
-            snapshot: Arc::new(self.last_good.values().cloned().collect()),
+            snapshot: Arc::clone(&self.last_good),
             problems,
             digest: self.digest,
         }
@@ -254,6 +256,7 @@ fn debounce(raw: &std_mpsc::Receiver<()>, tx: &mpsc::Sender<()>) {
 #[cfg(test)]
 #[expect(clippy::unwrap_used, reason = "tests fail loudly")]
 mod tests {
+    use std::collections::BTreeMap;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;

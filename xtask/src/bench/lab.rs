@@ -19,6 +19,8 @@ const NAMESPACE: &str = "bench";
 const GATEWAY: &str = "bench-gw";
 /// Filler pods and prefixes are named this way so they can be replaced as a group.
 const FILL: &str = "fill-";
+/// The device node1's filler pods are routed through.
+const FILL_DEVICE: &str = "fill0";
 /// Table and rule priority of the hand-built and iptables variants (not the agent's 1490).
 const HAND_TABLE: &str = "100";
 const IPT_TABLE: &str = "101";
@@ -91,6 +93,25 @@ impl Variant {
     }
 }
 
+/// How much policy a variant carries besides the bench pod's own: selected pod IPs,
+/// destination prefixes of its gateway, gateways (each further one with its own egress IP and
+/// one selected pod on node1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Size {
+    pub pods: u32,
+    pub dests: u32,
+    pub gateways: u32,
+}
+
+impl Size {
+    /// The bench pod, one prefix (the external segment), one gateway.
+    pub const ONE: Self = Self {
+        pods: 1,
+        dests: 1,
+        gateways: 1,
+    };
+}
+
 /// The lab plus whatever variant is set up on it.
 pub struct Bench {
     pub cluster: Cluster,
@@ -119,6 +140,17 @@ impl Bench {
                 .labels
                 .insert("team".into(), NAMESPACE.into());
         })?;
+        // The filler pods on node1 sit behind one bridge-like device, as a bridge CNI's pods
+        // do: the agent finds their interface (without it, every filler is a warning in every
+        // apply and in the status file, which is not what a node with that many pods costs).
+        let n1 = node_ns(&cluster, "node1")?;
+        exec(n1, &["ip", "link", "add", FILL_DEVICE, "type", "bridge"])?;
+        exec(n1, &["ip", "link", "set", FILL_DEVICE, "up"])?;
+        let local_fillers = net(Ipv4Addr::new(10, 5, 0, 0), 16)?.to_string();
+        exec(
+            n1,
+            &["ip", "route", "add", &local_fillers, "dev", FILL_DEVICE],
+        )?;
         let before = ["node1", "node2"]
             .iter()
             .map(|n| cluster.snapshot(n))
@@ -140,16 +172,16 @@ impl Bench {
         &self.agents
     }
 
-    /// Sets up `variant` with `pods` selected pod IPs and `dests` destination prefixes (the real
-    /// pod and the external segment among them) and checks the server sees the expected source.
-    pub fn enter(&mut self, variant: Variant, pods: u32, dests: u32) -> Result<()> {
+    /// Sets up `variant` with `size` (the real pod, the external segment and the bench's gateway
+    /// among them) and checks the server sees the expected source.
+    pub fn enter(&mut self, variant: Variant, size: Size) -> Result<()> {
         if self.active != Some(variant) {
             self.leave()?;
         }
         match variant {
             Variant::None => {}
             Variant::Hand => {
-                ensure!(pods == 1 && dests == 1, "the hand-built variant is one pod");
+                ensure!(size == Size::ONE, "the hand-built variant is one pod");
                 if self.active != Some(variant) {
                     self.hand_up()?;
                 }
@@ -158,10 +190,11 @@ impl Bench {
                 if self.active == Some(variant) {
                     self.iptables_down()?;
                 }
-                self.iptables_up(pods, dests)?;
+                ensure!(size.gateways == 1, "the iptables variant is one gateway");
+                self.iptables_up(size.pods, size.dests)?;
             }
             Variant::Ours | Variant::Tunnel => {
-                self.set_policy(pods, dests)?;
+                self.set_policy(size)?;
                 if self.agents.is_empty() {
                     for node in ["node1", "node2"] {
                         self.agents
@@ -226,7 +259,7 @@ impl Bench {
     /// returns how long that took, and leaves the agents running.
     pub fn cold_start(&mut self, pods: u32) -> Result<Duration> {
         self.leave()?;
-        self.set_policy(pods, 1)?;
+        self.set_policy(Size { pods, ..Size::ONE })?;
         let started = Instant::now();
         for node in ["node1", "node2"] {
             self.agents
@@ -268,21 +301,28 @@ impl Bench {
         Ok(())
     }
 
-    /// The gateway for the bench pods plus `pods - 1` filler pods and `dests - 1` filler
-    /// prefixes; written to the objects file.
-    fn set_policy(&mut self, pods: u32, dests: u32) -> Result<()> {
-        self.set_policy_objects(Some((pods, dests)));
+    /// The gateway for the bench pods plus `pods - 1` filler pods, `dests - 1` filler prefixes
+    /// and `gateways - 1` filler gateways; written to the objects file.
+    fn set_policy(&mut self, size: Size) -> Result<()> {
+        self.set_policy_objects(Some(size));
         self.cluster.write_objects()?;
         Ok(())
     }
 
-    fn set_policy_objects(&mut self, policy: Option<(u32, u32)>) {
+    fn set_policy_objects(&mut self, policy: Option<Size>) {
         let objects = self.cluster.objects_mut();
         objects.pods.retain(|p| !p.name.starts_with(FILL));
         objects.nodes.retain(|n| n.name != SHADOW_NODE);
+        objects.gateways.retain(|g| !g.name.starts_with(FILL));
         objects.remove_gateway(GATEWAY);
-        if let Some((pods, dests)) = policy {
+        if let Some(Size {
+            pods,
+            dests,
+            gateways,
+        }) = policy
+        {
             add_fillers(objects, pods);
+            add_filler_gateways(objects, gateways);
             let cidrs = destinations(dests);
             objects.set_gateway(
                 EgressGateway::new(GATEWAY)
@@ -596,8 +636,9 @@ pub fn destinations(n: u32) -> Vec<Ipv4Net> {
     out
 }
 
-/// Addresses of `n - 1` filler pods: node1's range from 10.5.0.0 (the real pod is in 10.4.0.0),
-/// the shadow node's from 10.64.0.0.
+/// Addresses of `n - 1` filler pods: the first [`PODS_PER_NODE`] on node1, from 10.5.0.0 (the
+/// real pod is in 10.4.0.0; 10.5.0.0/16 is behind [`FILL_DEVICE`]), the rest on the shadow
+/// node, from 10.64.0.0.
 fn filler_ips(n: u32) -> impl Iterator<Item = Ipv4Addr> {
     (0..n.saturating_sub(1)).map(|i| {
         if i < PODS_PER_NODE {
@@ -606,6 +647,33 @@ fn filler_ips(n: u32) -> impl Iterator<Item = Ipv4Addr> {
             Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 64, 0, 0)) + i - PODS_PER_NODE)
         }
     })
+}
+
+/// `n - 1` gateways besides the bench's (at most 99), each with its own egress IP held by node2
+/// (10.99.0.101 on), so its own address, SNAT rule and sets there, and one pod on node1
+/// (10.5.255.1 on, behind [`FILL_DEVICE`]).
+fn add_filler_gateways(objects: &mut Objects, n: u32) {
+    for i in 1..n.min(100) {
+        let app = format!("{FILL}gw-{i:03}");
+        let Ok(offset) = u8::try_from(i) else {
+            continue;
+        };
+        objects.pods.push(
+            Pod::new(NAMESPACE, app.clone())
+                .label("app", &app)
+                .node("node1")
+                .ip(Ipv4Addr::new(10, 5, 255, offset)),
+        );
+        objects.set_gateway(
+            EgressGateway::new(app.clone())
+                .egress_ip(Ipv4Addr::new(10, 99, 0, 100 + offset))
+                .node_selector(match_labels([("egress", "true")]))
+                .namespace_selector(Some(match_labels([("team", NAMESPACE)])))
+                .pod_selector(Some(match_labels([("app", app.as_str())])))
+                .destination_cidrs(Some(destinations(1)))
+                .failure_policy(FailurePolicy::FailClosed),
+        );
+    }
 }
 
 fn add_fillers(objects: &mut Objects, pods: u32) {

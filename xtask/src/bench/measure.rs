@@ -33,6 +33,34 @@ pub struct Sample {
     pub rr_p99_us: f64,
 }
 
+impl Sample {
+    /// Each figure's median over `samples` (rounds of one variant or one scale point).
+    pub fn median(samples: &[Self]) -> Self {
+        let of = |f: fn(&Self) -> f64| median(samples.iter().map(f));
+        Self {
+            tcp1_gbps: of(|s| s.tcp1_gbps),
+            cpu_s_per_gbit: of(|s| s.cpu_s_per_gbit),
+            tcpn_gbps: of(|s| s.tcpn_gbps),
+            udp_kpps: of(|s| s.udp_kpps),
+            cpu_ns_per_packet: of(|s| s.cpu_ns_per_packet),
+            rr_p50_us: of(|s| s.rr_p50_us),
+            rr_p99_us: of(|s| s.rr_p99_us),
+        }
+    }
+}
+
+/// The middle of the finite values (the mean of the two middle ones for an even count); NaN
+/// without any.
+pub fn median(values: impl IntoIterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.into_iter().filter(|x| x.is_finite()).collect();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
 /// How long and how often to measure.
 #[derive(Clone, Copy, Debug)]
 pub struct Effort {

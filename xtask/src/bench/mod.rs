@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 
 use crate::util::target_dir;
 use crate::{build, setup};
-use lab::{Bench, Variant};
+use lab::{Bench, Size, Variant};
 use measure::{Effort, Sample};
 
 #[derive(clap::Args)]
@@ -37,7 +37,7 @@ pub enum Part {
     /// Latency of the hand-built path and of static-egress, alternated in pairs, with the
     /// difference's confidence interval.
     Latency,
-    /// Per-packet cost as selected pods and destination prefixes grow.
+    /// Per-packet cost as selected pods, destination prefixes and gateways grow.
     Scale,
     /// Change-to-data-path time, start-up and memory of the agent.
     Control,
@@ -55,6 +55,7 @@ struct Settings {
     scale: Effort,
     pods: &'static [u32],
     dests: &'static [u32],
+    gateways: &'static [u32],
     changes: u32,
     memory_pods: &'static [u32],
     /// How long idle CPU is sampled; 30 s or more includes one full re-check of the host.
@@ -84,6 +85,7 @@ const QUICK: Settings = Settings {
     },
     pods: &[1, 100, 1_000, 10_000],
     dests: &[1, 10, 100, 1_000],
+    gateways: &[1, 10, 100],
     changes: 30,
     memory_pods: &[10_000],
     idle_window: Duration::from_secs(10),
@@ -106,8 +108,9 @@ const FULL: Settings = Settings {
         streams: 1,
         round_trips: 10_000,
     },
-    pods: &[1, 100, 1_000, 10_000],
-    dests: &[1, 10, 100, 1_000],
+    pods: &[1, 100, 1_000, 10_000, 100_000],
+    dests: &[1, 10, 100, 1_000, 10_000],
+    gateways: &[1, 10, 100],
     changes: 100,
     memory_pods: &[10_000, 100_000],
     idle_window: Duration::from_secs(35),
@@ -133,6 +136,36 @@ const SETTLE: Duration = Duration::from_secs(6);
 pub enum Axis {
     Pods,
     Dests,
+    Gateways,
+}
+
+impl Axis {
+    pub const ALL: [Self; 3] = [Self::Pods, Self::Dests, Self::Gateways];
+
+    pub fn key(self) -> &'static str {
+        match self {
+            Self::Pods => "pods",
+            Self::Dests => "dests",
+            Self::Gateways => "gateways",
+        }
+    }
+
+    fn size(self, n: u32) -> Size {
+        match self {
+            Self::Pods => Size {
+                pods: n,
+                ..Size::ONE
+            },
+            Self::Dests => Size {
+                dests: n,
+                ..Size::ONE
+            },
+            Self::Gateways => Size {
+                gateways: n,
+                ..Size::ONE
+            },
+        }
+    }
 }
 
 pub struct ScalePoint {
@@ -272,7 +305,7 @@ fn datapath(bench: &mut Bench, settings: &Settings, results: &mut Results) -> Re
     for round in 1..=settings.rounds {
         for (variant, list) in &mut samples {
             println!("datapath round {round}: {}", variant.title());
-            bench.enter(*variant, 1, 1)?;
+            bench.enter(*variant, Size::ONE)?;
             std::thread::sleep(SETTLE);
             list.push(measure::sample(
                 &bench.cluster,
@@ -288,32 +321,56 @@ fn datapath(bench: &mut Bench, settings: &Settings, results: &mut Results) -> Re
 }
 
 fn scale(bench: &mut Bench, settings: &Settings, results: &mut Results) -> Result<()> {
-    // Variant outermost: the agents then only see object changes, not restarts.
-    for variant in [Variant::Iptables, Variant::Ours] {
-        for (axis, points) in [(Axis::Pods, settings.pods), (Axis::Dests, settings.dests)] {
-            for &n in points {
-                let (pods, dests) = match axis {
-                    Axis::Pods => (n, 1),
-                    Axis::Dests => (1, n),
-                };
-                println!(
-                    "scale: {} with {pods} pod(s), {dests} prefix(es)",
-                    variant.key()
-                );
-                let fresh = bench.active() != Some(variant);
-                bench.enter(variant, pods, dests)?;
-                if fresh {
-                    std::thread::sleep(SETTLE);
+    // Rounds outermost and the variant next: the agents then only see object changes, not
+    // restarts, within a round; each point's figure is the median of its rounds.
+    let mut rounds: Vec<Vec<ScalePoint>> = Vec::new();
+    for round in 1..=settings.rounds {
+        let mut points = Vec::new();
+        for variant in [Variant::Iptables, Variant::Ours] {
+            for axis in Axis::ALL {
+                // The iptables variant is kube-static-egress-ip's single gateway.
+                if variant == Variant::Iptables && axis == Axis::Gateways {
+                    continue;
                 }
-                let sample = measure::sample(&bench.cluster, &bench.pod, settings.scale, false)?;
-                results.scale.push(ScalePoint {
-                    axis,
-                    n,
-                    variant,
-                    sample,
-                });
+                let ns = match axis {
+                    Axis::Pods => settings.pods,
+                    Axis::Dests => settings.dests,
+                    Axis::Gateways => settings.gateways,
+                };
+                for &n in ns {
+                    println!(
+                        "scale round {round}: {} with {n} {}",
+                        variant.key(),
+                        axis.key()
+                    );
+                    let fresh = bench.active() != Some(variant);
+                    bench.enter(variant, axis.size(n))?;
+                    if fresh {
+                        std::thread::sleep(SETTLE);
+                    }
+                    let sample =
+                        measure::sample(&bench.cluster, &bench.pod, settings.scale, false)?;
+                    points.push(ScalePoint {
+                        axis,
+                        n,
+                        variant,
+                        sample,
+                    });
+                }
             }
         }
+        rounds.push(points);
+    }
+    if let Some(first) = rounds.first() {
+        results.scale = (0..first.len())
+            .map(|i| {
+                let samples: Vec<Sample> = rounds.iter().map(|r| r[i].sample).collect();
+                ScalePoint {
+                    sample: Sample::median(&samples),
+                    ..first[i]
+                }
+            })
+            .collect();
     }
     bench.leave()
 }
@@ -343,7 +400,7 @@ fn idle_cpu(bench: &Bench, window: Duration) -> Result<Vec<(String, f64)>> {
 
 fn control(bench: &mut Bench, settings: &Settings, results: &mut Results) -> Result<()> {
     println!("control: {} object changes", settings.changes);
-    bench.enter(Variant::Ours, 1, 1)?;
+    bench.enter(Variant::Ours, Size::ONE)?;
     for i in 0..settings.changes {
         std::thread::sleep(CHANGE_GAP);
         let started = std::time::Instant::now();

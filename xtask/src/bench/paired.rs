@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use super::lab::{Bench, Variant};
+use super::lab::{Bench, Size, Variant};
 use super::measure;
 
 /// One round: both variants measured back to back.
@@ -45,7 +45,7 @@ pub fn run(
         let mut ours = None;
         for variant in order {
             println!("latency pair {}: {}", i + 1, variant.title());
-            bench.enter(variant, 1, 1)?;
+            bench.enter(variant, Size::ONE)?;
             std::thread::sleep(settle);
             let (p50_us, p99_us, cpu_us) =
                 measure::rr_with_cpu(&bench.cluster, &bench.pod, round_trips)?;
@@ -91,17 +91,6 @@ fn t_975(dof: usize) -> f64 {
     TABLE.get(dof.saturating_sub(1)).copied().unwrap_or(1.96)
 }
 
-/// The middle value (the mean of the two middle ones for an even count).
-pub fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,7 +101,6 @@ mod tests {
         assert!((mean - 3.0).abs() < 1e-9);
         // s = 1.5811, s/sqrt(5) = 0.7071, t(4) = 2.776.
         assert!((half - 1.963).abs() < 1e-3, "{half}");
-        assert_eq!(median(&[3.0, 1.0, 2.0, 10.0]), 2.5);
         assert!(mean_ci(&[1.0]).1.is_infinite());
     }
 }

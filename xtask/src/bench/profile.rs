@@ -11,7 +11,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use super::lab::{Bench, Variant};
+use super::lab::{Bench, Size, Variant};
 use super::measure;
 
 /// One sample per 100 µs of CPU time on each CPU.
@@ -65,7 +65,7 @@ pub fn run(
     for &load in loads {
         for &variant in variants {
             println!("profile: {} under {load:?}", variant.title());
-            bench.enter(variant, 1, 1)?;
+            bench.enter(variant, Size::ONE)?;
             std::thread::sleep(super::SETTLE);
             let data = dir.join(format!(
                 "perf-{}-{}.data",

@@ -14,7 +14,8 @@ use super::{Axis, Results};
 
 const TARGET_THROUGHPUT: f64 = 0.97;
 const TARGET_ADDED_P50_US: f64 = 5.0;
-/// "Flat": the largest scale point's p50 within this factor of the smallest one's.
+/// "Flat": the largest scale point's RR p50 within this factor of the smallest one's, and its throughput
+/// within the inverse.
 const FLAT_FACTOR: f64 = 1.10;
 const TARGET_CHANGE_P99_MS: f64 = 100.0;
 const TARGET_RSS_MIB: f64 = 50.0;
@@ -56,33 +57,11 @@ fn machine(command: &str) -> String {
     )
 }
 
-fn median(values: impl Iterator<Item = f64>) -> f64 {
-    let mut v: Vec<f64> = values.filter(|x| x.is_finite()).collect();
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
-fn median_sample(samples: &[Sample]) -> Sample {
-    Sample {
-        tcp1_gbps: median(samples.iter().map(|s| s.tcp1_gbps)),
-        cpu_s_per_gbit: median(samples.iter().map(|s| s.cpu_s_per_gbit)),
-        tcpn_gbps: median(samples.iter().map(|s| s.tcpn_gbps)),
-        udp_kpps: median(samples.iter().map(|s| s.udp_kpps)),
-        cpu_ns_per_packet: median(samples.iter().map(|s| s.cpu_ns_per_packet)),
-        rr_p50_us: median(samples.iter().map(|s| s.rr_p50_us)),
-        rr_p99_us: median(samples.iter().map(|s| s.rr_p99_us)),
-    }
-}
-
 fn medians(results: &Results) -> Vec<(Variant, Sample)> {
     results
         .datapath
         .iter()
-        .map(|(v, s)| (*v, median_sample(s)))
+        .map(|(v, s)| (*v, Sample::median(s)))
         .collect()
 }
 
@@ -97,7 +76,8 @@ fn cell(value: f64, base: f64, unit: &str, decimals: usize) -> String {
 /// The paired latency rounds: each variant's medians, and the mean difference of the pairs with
 /// its 95% confidence interval (the target is judged on the interval's upper end).
 fn latency(md: &mut String, pairs: &[super::paired::Pair]) {
-    use super::paired::{mean_ci, median};
+    use super::measure::median;
+    use super::paired::mean_ci;
     if pairs.is_empty() {
         return;
     }
@@ -116,12 +96,12 @@ fn latency(md: &mut String, pairs: &[super::paired::Pair]) {
          | CPU per round trip (whole machine) | {:.1} µs | {:.1} µs | {dcpu:+.1} ± {hcpu:.1} µs |\n\n\
          Added p50 latency <= {TARGET_ADDED_P50_US} µs with the interval's upper end: {}.\n",
         pairs.len(),
-        median(&col(|p| p.hand.p50_us)),
-        median(&col(|p| p.ours.p50_us)),
-        median(&col(|p| p.hand.p99_us)),
-        median(&col(|p| p.ours.p99_us)),
-        median(&col(|p| p.hand.cpu_us)),
-        median(&col(|p| p.ours.cpu_us)),
+        median(col(|p| p.hand.p50_us)),
+        median(col(|p| p.ours.p50_us)),
+        median(col(|p| p.hand.p99_us)),
+        median(col(|p| p.ours.p99_us)),
+        median(col(|p| p.hand.cpu_us)),
+        median(col(|p| p.ours.cpu_us)),
         yes(d50 + h50 <= TARGET_ADDED_P50_US),
     );
 }
@@ -159,11 +139,8 @@ fn markdown(results: &Results, header: &str) -> String {
         md.push('\n');
     }
     latency(&mut md, &results.latency);
-    for (axis, what) in [
-        (Axis::Pods, "selected pod IPs"),
-        (Axis::Dests, "destination prefixes"),
-    ] {
-        scale_table(&mut md, results, axis, what);
+    for axis in Axis::ALL {
+        scale_table(&mut md, results, axis);
     }
     control_table(&mut md, results);
     if !results.profile.is_empty() {
@@ -243,38 +220,88 @@ fn scale_points(results: &Results, axis: Axis, variant: Variant) -> Vec<(u32, Sa
         .collect()
 }
 
-fn scale_table(md: &mut String, results: &Results, axis: Axis, what: &str) {
-    let ipt = scale_points(results, axis, Variant::Iptables);
-    let ours = scale_points(results, axis, Variant::Ours);
-    if ipt.is_empty() || ours.is_empty() {
-        return;
+impl Axis {
+    /// What grows along the axis, for headings.
+    fn what(self) -> &'static str {
+        match self {
+            Self::Pods => "selected pod IPs",
+            Self::Dests => "destination prefixes",
+            Self::Gateways => "gateways",
+        }
     }
-    let note = match axis {
-        Axis::Pods => {
-            "variant 3: entries of the ipset (hash:ip) on node1 and node2; variant 4: selected \
-             Pod objects on node1 (the pod map on node1, the SNAT set on node2)"
+
+    /// How each variant carries the axis' entries.
+    fn note(self) -> &'static str {
+        match self {
+            Self::Pods => {
+                "variant 3: entries of the ipset (hash:ip) on node1 and node2; variant 4: selected \
+                 Pod objects, 50,000 on node1 behind one bridge (the pod map on node1, the SNAT \
+                 set on node2) and the rest on a node without agent"
+            }
+            Self::Dests => {
+                "variant 3: one iptables MARK rule per prefix in mangle PREROUTING on node1, the \
+                 matching one last; variant 4: the gateway's destinationCIDRs (an LPM trie)"
+            }
+            Self::Gateways => {
+                "variant 4 only (kube-static-egress-ip has one gateway): each further gateway \
+                 with its own egress IP on node2 and one selected pod on node1"
+            }
         }
-        Axis::Dests => {
-            "variant 3: one iptables MARK rule per prefix in mangle PREROUTING on node1, the \
-             matching one last; variant 4: the gateway's destinationCIDRs (an LPM trie)"
-        }
+    }
+}
+
+/// A figure of a sample as the tables show it: label, value, unit, decimals.
+type Figure = (&'static str, fn(&Sample) -> f64, &'static str, usize);
+
+const SCALE_FIGURES: [Figure; 2] = [
+    ("RR p50", |s| s.rr_p50_us, "µs", 1),
+    ("TCP 1 stream", |s| s.tcp1_gbps, "Gbit/s", 2),
+];
+
+fn scale_table(md: &mut String, results: &Results, axis: Axis) {
+    let series: Vec<(Variant, Vec<(u32, Sample)>)> = [Variant::Iptables, Variant::Ours]
+        .into_iter()
+        .map(|v| (v, scale_points(results, axis, v)))
+        .filter(|(_, points)| !points.is_empty())
+        .collect();
+    let Some((_, rows)) = series.last() else {
+        return;
     };
+    let what = axis.what();
+    let mut header = format!("| {what} |");
+    let mut rule = "|---|".to_owned();
+    for (label, ..) in SCALE_FIGURES {
+        for (variant, _) in &series {
+            let short = match variant {
+                Variant::Iptables => "3 iptables",
+                _ => "4 static-egress",
+            };
+            let _ = write!(header, " {short} {label} |");
+            rule.push_str("---|");
+        }
+    }
     let _ = write!(
         md,
-        "**Scale: {what}** ({note}; ratios to the first row of the same variant):\n\n\
-         | {what} | 3 iptables RR p50 | 4 static-egress RR p50 | 3 iptables TCP 1 stream | \
-         4 static-egress TCP 1 stream |\n|---|---|---|---|---|\n"
+        "**Scale: {what}** ({}; ratios to the first row of the same variant):\n\n{header}\n{rule}\n",
+        axis.note()
     );
-    let (ipt0, ours0) = (ipt[0].1, ours[0].1);
-    for ((n, a), (_, b)) in ipt.iter().zip(&ours) {
-        let _ = writeln!(
-            md,
-            "| {n} | {} | {} | {} | {} |",
-            cell(a.rr_p50_us, ipt0.rr_p50_us, "µs", 1),
-            cell(b.rr_p50_us, ours0.rr_p50_us, "µs", 1),
-            cell(a.tcp1_gbps, ipt0.tcp1_gbps, "Gbit/s", 2),
-            cell(b.tcp1_gbps, ours0.tcp1_gbps, "Gbit/s", 2),
-        );
+    for (row, (n, _)) in rows.iter().enumerate() {
+        let _ = write!(md, "| {n} |");
+        for (_, value, unit, decimals) in SCALE_FIGURES {
+            for (_, points) in &series {
+                match (points.first(), points.get(row)) {
+                    (Some((_, first)), Some((_, point))) => {
+                        let _ = write!(
+                            md,
+                            " {} |",
+                            cell(value(point), value(first), unit, decimals)
+                        );
+                    }
+                    _ => md.push_str(" - |"),
+                }
+            }
+        }
+        md.push('\n');
     }
     md.push('\n');
 }
@@ -330,11 +357,14 @@ fn control_table(md: &mut String, results: &Results) {
     md.push('\n');
 }
 
-/// Growth of RR p50 from the first to the last scale point.
-fn growth(results: &Results, axis: Axis, variant: Variant) -> Option<f64> {
+/// Growth of RR p50 and of one-stream throughput from the first to the last scale point.
+fn growth(results: &Results, axis: Axis, variant: Variant) -> Option<(f64, f64)> {
     let points = scale_points(results, axis, variant);
-    let (first, last) = (points.first()?, points.last()?);
-    Some(last.1.rr_p50_us / first.1.rr_p50_us)
+    let (first, last) = (points.first()?.1, points.last()?.1);
+    Some((
+        last.rr_p50_us / first.rr_p50_us,
+        last.tcp1_gbps / first.tcp1_gbps,
+    ))
 }
 
 fn targets(md: &mut String, results: &Results, medians: &[(Variant, Sample)]) {
@@ -373,17 +403,22 @@ fn targets(md: &mut String, results: &Results, medians: &[(Variant, Sample)]) {
             yes(r1 >= TARGET_THROUGHPUT && added <= TARGET_ADDED_P50_US),
         ));
     }
-    for (axis, what) in [(Axis::Pods, "pods"), (Axis::Dests, "prefixes")] {
-        if let (Some(ours), Some(ipt)) = (
-            growth(results, axis, Variant::Ours),
-            growth(results, axis, Variant::Iptables),
-        ) {
-            rows.push((
-                format!("flat per-packet cost over {what} (RR p50 last/first <= {FLAT_FACTOR})"),
-                format!("static-egress x{ours:.2}, iptables x{ipt:.2}"),
-                yes(ours <= FLAT_FACTOR),
-            ));
-        }
+    for axis in Axis::ALL {
+        let Some((rr, tcp)) = growth(results, axis, Variant::Ours) else {
+            continue;
+        };
+        let iptables = growth(results, axis, Variant::Iptables)
+            .map(|(rr, tcp)| format!("; iptables x{rr:.2}, x{tcp:.2}"))
+            .unwrap_or_default();
+        rows.push((
+            format!(
+                "flat cost over {} (last/first: RR p50 <= {FLAT_FACTOR}, TCP 1 stream >= {:.2})",
+                axis.what(),
+                1.0 / FLAT_FACTOR
+            ),
+            format!("static-egress RR x{rr:.2}, TCP x{tcp:.2}{iptables}"),
+            yes(rr <= FLAT_FACTOR && tcp >= 1.0 / FLAT_FACTOR),
+        ));
     }
     if !results.change_ms.is_empty() {
         let p99 = percentile(&results.change_ms, 0.99);
@@ -431,7 +466,7 @@ fn raw(results: &Results, header: &str) -> Value {
             "samples": samples.iter().map(sample_json).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "scale": results.scale.iter().map(|p| json!({
-            "axis": match p.axis { Axis::Pods => "pods", Axis::Dests => "dests" },
+            "axis": p.axis.key(),
             "n": p.n,
             "variant": p.variant.key(),
             "sample": sample_json(&p.sample),
@@ -467,17 +502,14 @@ fn chart(results: &Results) -> String {
     if !medians.is_empty() {
         panels.push(bars(&medians));
     }
-    for (axis, what) in [
-        (Axis::Pods, "selected pod IPs"),
-        (Axis::Dests, "destination prefixes"),
-    ] {
-        let ipt = scale_points(results, axis, Variant::Iptables);
-        let ours = scale_points(results, axis, Variant::Ours);
-        if !ipt.is_empty() && !ours.is_empty() {
-            panels.push(lines(
-                what,
-                &[(Variant::Iptables, ipt), (Variant::Ours, ours)],
-            ));
+    for axis in Axis::ALL {
+        let series: Vec<Series> = [Variant::Iptables, Variant::Ours]
+            .into_iter()
+            .map(|v| (v, scale_points(results, axis, v)))
+            .filter(|(_, points)| !points.is_empty())
+            .collect();
+        if !series.is_empty() {
+            panels.push(lines(axis.what(), &series));
         }
     }
     let height = PANEL_H * panels.len().max(1) as f64;
@@ -661,13 +693,14 @@ fn legend(g: &mut String, left: f64, y: f64, variants: Vec<Variant>) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::measure::median;
     use super::*;
 
     #[test]
     fn median_and_percentile_pick_the_middle_and_the_tail() {
-        assert_eq!(median([3.0, 1.0, 2.0].into_iter()), 2.0);
-        assert_eq!(median([4.0, 1.0, 2.0, 3.0].into_iter()), 2.5);
-        assert!(median(std::iter::empty()).is_nan());
+        assert_eq!(median([3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median([4.0, 1.0, 2.0, 3.0, f64::NAN]), 2.5);
+        assert!(median([]).is_nan());
         let values: Vec<f64> = (1..=100).map(f64::from).collect();
         assert_eq!(percentile(&values, 0.5), 51.0);
         assert_eq!(percentile(&values, 0.99), 99.0);
