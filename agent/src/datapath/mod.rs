@@ -160,6 +160,8 @@ struct NftApplied {
     /// last accepted version or left out.
     in_force: Vec<SnatPlan>,
     listing: Option<String>,
+    /// The ruleset's generation read just before `listing`: while it stays, so does the table.
+    generation: Option<u32>,
 }
 
 /// What an apply did beyond the plan.
@@ -571,11 +573,27 @@ impl Datapath {
         applied: &mut Applied,
     ) -> Result<Vec<SnatPlan>, DatapathError> {
         let wanted = nft::render(snat, marks, devices);
-        let previous = self.nft.take();
-        if let Some(before) = &previous
+        let mut previous = self.nft.take();
+        if let Some(before) = &mut previous
             && before.wanted == wanted
         {
-            if check == Check::Changes || nft::list()? == before.listing {
+            let unchanged = match check {
+                Check::Changes => true,
+                Check::Everything => {
+                    let generation = nft::generation().ok();
+                    if generation.is_some() && generation == before.generation {
+                        true
+                    } else {
+                        // Some table changed, maybe another's: ours is compared whole.
+                        let same = nft::list()? == before.listing;
+                        if same {
+                            before.generation = generation;
+                        }
+                        same
+                    }
+                }
+            };
+            if unchanged {
                 let in_force = before.in_force.clone();
                 self.nft = previous;
                 return Ok(in_force);
@@ -609,9 +627,11 @@ impl Datapath {
                 in_force
             }
         };
+        let generation = nft::generation().ok();
         self.nft = Some(NftApplied {
             wanted,
             listing: nft::list()?,
+            generation,
             in_force: in_force.clone(),
         });
         Ok(in_force)

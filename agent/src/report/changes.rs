@@ -5,6 +5,9 @@ use std::net::Ipv4Addr;
 
 use crate::plan::{Health, NodePlan};
 
+/// More changed pods than this in one plan are counted in one line instead of one line each.
+const PODS_LOGGED_ONE_BY_ONE: usize = 100;
+
 /// Logs what `new` changes from `old` (everything, at the first plan).
 pub fn log(old: Option<&NodePlan>, new: &NodePlan, health: &Health) {
     let holders = |p: &NodePlan| -> BTreeMap<Ipv4Addr, Option<String>> {
@@ -37,13 +40,39 @@ pub fn log(old: Option<&NodePlan>, new: &NodePlan, health: &Health) {
         p.pods.iter().map(|x| (x.ip, x.gateway.clone())).collect()
     };
     let (before, after) = (old.map(pods).unwrap_or_default(), pods(new));
-    for pod in &new.pods {
-        if before.get(&pod.ip) != Some(&pod.gateway) {
-            tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name), ip = %pod.ip, gateway = %pod.gateway, egress_ip = %pod.egress_ip, reason = ?pod.reason, "pod selected");
+    let selected: Vec<_> = new
+        .pods
+        .iter()
+        .filter(|pod| before.get(&pod.ip) != Some(&pod.gateway))
+        .collect();
+    let unselected: Vec<_> = before
+        .iter()
+        .filter(|(ip, _)| !after.contains_key(ip))
+        .collect();
+    // A line per pod while they are few; a start or a change of thousands (a gateway's
+    // selector edited) would otherwise write megabytes of log: counts, the pods in debug.
+    let each = selected.len() + unselected.len() <= PODS_LOGGED_ONE_BY_ONE;
+    for pod in &selected {
+        let name = format!("{}/{}", pod.namespace, pod.name);
+        if each {
+            tracing::info!(pod = %name, ip = %pod.ip, gateway = %pod.gateway, egress_ip = %pod.egress_ip, reason = ?pod.reason, "pod selected");
+        } else {
+            tracing::debug!(pod = %name, ip = %pod.ip, gateway = %pod.gateway, egress_ip = %pod.egress_ip, reason = ?pod.reason, "pod selected");
         }
     }
-    for (ip, gateway) in before.iter().filter(|(ip, _)| !after.contains_key(ip)) {
-        tracing::info!(ip = %ip, gateway = %gateway, "pod no longer selected");
+    for (ip, gateway) in &unselected {
+        if each {
+            tracing::info!(ip = %ip, gateway = %gateway, "pod no longer selected");
+        } else {
+            tracing::debug!(ip = %ip, gateway = %gateway, "pod no longer selected");
+        }
+    }
+    if !each {
+        tracing::info!(
+            selected = selected.len(),
+            no_longer_selected = unselected.len(),
+            "pods selected or no longer selected (each in the debug log)"
+        );
     }
     let old_rejected = old.map(|p| p.rejected.as_slice()).unwrap_or_default();
     for r in new.rejected.iter().filter(|r| !old_rejected.contains(r)) {

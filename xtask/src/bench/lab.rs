@@ -30,6 +30,8 @@ const IPT_CHAIN: &str = "SE-BENCH";
 /// Pods this many and beyond go to an objects-only node: one node's pod map holds 65,536.
 const PODS_PER_NODE: u32 = 50_000;
 const SHADOW_NODE: &str = "shadow";
+/// The shadow node's InternalIP, on the nodes' segment.
+const SHADOW_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 50);
 const APPLY_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// What stands between the pod and the external server.
@@ -150,6 +152,18 @@ impl Bench {
         exec(
             n1,
             &["ip", "route", "add", &local_fillers, "dev", FILL_DEVICE],
+        )?;
+        // The shadow node's address answers ARP (the router's), as a live node's does: node2
+        // translates its pods and keeps its link-layer address, and would otherwise apply
+        // again and again waiting for it.
+        let prefix_len = cluster
+            .segments()
+            .first()
+            .map_or(24, |s| s.subnet.prefix_len());
+        let shadow = format!("{SHADOW_IP}/{prefix_len}");
+        exec(
+            cluster.router_netns(),
+            &["ip", "addr", "add", &shadow, "dev", cluster.router_bridge()],
         )?;
         let before = ["node1", "node2"]
             .iter()
@@ -678,7 +692,7 @@ fn add_filler_gateways(objects: &mut Objects, n: u32) {
 
 fn add_fillers(objects: &mut Objects, pods: u32) {
     if pods > PODS_PER_NODE {
-        let mut shadow = Node::new(SHADOW_NODE).internal_ip(Ipv4Addr::new(10, 99, 0, 50));
+        let mut shadow = Node::new(SHADOW_NODE).internal_ip(SHADOW_IP);
         if let Ok(cidr) = Ipv4Net::new(Ipv4Addr::new(10, 64, 0, 0), 14) {
             shadow = shadow.pod_cidr(cidr);
         }
