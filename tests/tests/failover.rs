@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, ensure};
 use netlab::fixture::{
     APPLY, EGRESS_IP, api_pod, expect_source, has_address, holds_alone, three_nodes,
-    with_agent_logs,
+    wait_all_applied, with_agent_logs,
 };
+use netlab::objects::Pod;
 use netlab::{AgentHandle, Answer, ArpSeen, Cluster, LabPod, ProbeLoop, Stream, wait_until};
 
 /// Probes every 50 ms, down after 3 misses: detection within 200 ms, as the defaults. A short
@@ -356,6 +357,44 @@ fn a_killed_agent_moves_nothing_within_its_lease_and_is_fenced_after() -> Result
         ensure!(
             gap < Duration::from_millis(600),
             "new connections went unanswered for {gap:?}"
+        );
+        Ok(())
+    })
+}
+
+/// Reading a large objects file takes the agents seconds (20,000 more pods, in a debug build:
+/// longer than the 2 s lease): their loops go on renewing the lease meanwhile, so the holder
+/// is not fenced for it, nothing moves, and new connections keep leaving with the egress IP.
+#[test]
+fn a_large_objects_file_is_read_without_fencing_the_holder() -> Result<()> {
+    Scene::run(|scene| {
+        let loop_ = probe(&scene.cluster, &scene.pod, 20)?;
+        std::thread::sleep(Duration::from_millis(300));
+        let written = Instant::now();
+        scene.cluster.update_objects(|o| {
+            let base = u32::from(std::net::Ipv4Addr::new(10, 200, 0, 0));
+            for i in 0..20_000 {
+                o.pods.push(
+                    Pod::new("payments", format!("bulk-{i}"))
+                        .label("app", "batch")
+                        .node("elsewhere")
+                        .ip(std::net::Ipv4Addr::from(base + i)),
+                );
+            }
+        })?;
+        wait_all_applied(&scene.cluster)?;
+        let took = written.elapsed();
+        std::thread::sleep(Duration::from_millis(300));
+        let answers = loop_.stop_timed()?;
+        let gap = longest_gap(&answers)?;
+        eprintln!("20,000 pods more read and applied in {took:?}; longest gap {gap:?}");
+        ensure!(
+            scene.holds("node2") && !scene.holds("node3"),
+            "the egress IP moved while the agents read the file"
+        );
+        ensure!(
+            gap < Duration::from_millis(300),
+            "new connections went unanswered for {gap:?} while the agents read the file"
         );
         Ok(())
     })
