@@ -342,7 +342,7 @@ pub fn rr_command(cluster: &Cluster, pod: &LabPod, count: u32) -> Vec<String> {
 }
 
 /// p50 and p99 of `count` 64-byte round trips on one connection, in microseconds.
-fn rr(cluster: &Cluster, pod: &LabPod, count: u32) -> Result<(f64, f64)> {
+pub fn rr(cluster: &Cluster, pod: &LabPod, count: u32) -> Result<(f64, f64)> {
     let line = bounded(60, &rr_command(cluster, pod, count))?;
     Ok((field(&line, "p50_us")?, field(&line, "p99_us")?))
 }

@@ -4,8 +4,12 @@
 //! round's p50 and p99 paired with its neighbour's. The difference of the pairs, with a 95%
 //! confidence interval, tells a gap of a few microseconds from the noise of one run, which the
 //! medians of single runs could not (`datapath` showed -3 to +14.7 µs for the same code).
+//!
+//! The quiet time after each set-up is measured too, in short windows: whether the first
+//! seconds after the agents start are slower than the steady state, and than the hand-built
+//! path's first seconds.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
@@ -13,19 +17,25 @@ use super::lab::{Bench, Size, Variant};
 use super::measure;
 
 /// One round: both variants measured back to back.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Pair {
     pub hand: Round,
     pub ours: Round,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Round {
     pub p50_us: f64,
     pub p99_us: f64,
     /// Busy CPU of the whole machine per round trip, in microseconds.
     pub cpu_us: f64,
+    /// The quiet time after set-up, in windows: (seconds from set-up to the window's end, its
+    /// RR p50 in microseconds).
+    pub start: Vec<(f64, f64)>,
 }
+
+/// Round trips in one window of the quiet time: about 50 ms of them.
+const WINDOW_ROUND_TRIPS: u32 = 2_000;
 
 /// `pairs` rounds of `round_trips` each, after `settle` in each variant.
 pub fn run(
@@ -46,13 +56,19 @@ pub fn run(
         for variant in order {
             println!("latency pair {}: {}", i + 1, variant.title());
             bench.enter(variant, Size::ONE)?;
-            std::thread::sleep(settle);
+            let set_up = Instant::now();
+            let mut start = Vec::new();
+            while set_up.elapsed() < settle {
+                let (p50, _) = measure::rr(&bench.cluster, &bench.pod, WINDOW_ROUND_TRIPS)?;
+                start.push((set_up.elapsed().as_secs_f64(), p50));
+            }
             let (p50_us, p99_us, cpu_us) =
                 measure::rr_with_cpu(&bench.cluster, &bench.pod, round_trips)?;
             let round = Round {
                 p50_us,
                 p99_us,
                 cpu_us,
+                start,
             };
             match variant {
                 Variant::Hand => hand = Some(round),

@@ -106,6 +106,48 @@ fn latency(md: &mut String, pairs: &[super::paired::Pair]) {
     );
 }
 
+/// The quiet time after set-up, second by second: the median of the windows' RR p50 that ended
+/// in each second, over every round of the variant, beside its steady p50.
+fn start_up(md: &mut String, pairs: &[super::paired::Pair]) {
+    use super::measure::median;
+    let seconds = pairs
+        .iter()
+        .flat_map(|p| p.hand.start.iter().chain(&p.ours.start))
+        .map(|(t, _)| t.ceil() as usize)
+        .max()
+        .unwrap_or(0);
+    if seconds == 0 {
+        return;
+    }
+    let in_second = |rounds: Vec<&super::paired::Round>, s: usize| {
+        median(rounds.iter().flat_map(|r| {
+            r.start
+                .iter()
+                .filter(move |(t, _)| t.ceil() as usize == s)
+                .map(|(_, p50)| *p50)
+        }))
+    };
+    let hand: Vec<_> = pairs.iter().map(|p| &p.hand).collect();
+    let ours: Vec<_> = pairs.iter().map(|p| &p.ours).collect();
+    let steady = |rounds: &[&super::paired::Round]| median(rounds.iter().map(|r| r.p50_us));
+    let (hand_steady, ours_steady) = (steady(&hand), steady(&ours));
+    md.push_str(
+        "**The first seconds** after each set-up (round trips in windows of 2,000 while the \
+         variant settles; RR p50, the median of the windows ending in that second over all \
+         rounds; ratio to the variant's steady p50 above):\n\n\
+         | second after set-up | hand-built | static-egress |\n|---|---|---|\n",
+    );
+    for s in 1..=seconds {
+        let _ = writeln!(
+            md,
+            "| {s} | {} | {} |",
+            cell(in_second(hand.clone(), s), hand_steady, "µs", 1),
+            cell(in_second(ours.clone(), s), ours_steady, "µs", 1),
+        );
+    }
+    md.push('\n');
+}
+
 fn yes(ok: bool) -> &'static str {
     if ok { "met" } else { "**missed**" }
 }
@@ -139,6 +181,7 @@ fn markdown(results: &Results, header: &str) -> String {
         md.push('\n');
     }
     latency(&mut md, &results.latency);
+    start_up(&mut md, &results.latency);
     for axis in Axis::ALL {
         scale_table(&mut md, results, axis);
     }
