@@ -131,6 +131,9 @@ const CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// steady states.
 const SETTLE: Duration = Duration::from_secs(6);
 
+/// Quiet time after a scale point's policy is in place, before it is measured.
+const POINT_SETTLE: Duration = Duration::from_secs(3);
+
 /// Which axis a scale point grows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Axis {
@@ -345,9 +348,9 @@ fn scale(bench: &mut Bench, settings: &Settings, results: &mut Results) -> Resul
                     );
                     let fresh = bench.active() != Some(variant);
                     bench.enter(variant, axis.size(n))?;
-                    if fresh {
-                        std::thread::sleep(SETTLE);
-                    }
+                    // Steady states are compared, not the moments right after a change of up
+                    // to 100,000 pods, which the datapath part's settling time also leaves out.
+                    std::thread::sleep(if fresh { SETTLE } else { POINT_SETTLE });
                     let sample =
                         measure::sample(&bench.cluster, &bench.pod, settings.scale, false)?;
                     points.push(ScalePoint {
