@@ -1,6 +1,8 @@
 //! Which interface leads to each local pod, answered from one dump of the main table instead of
 //! one kernel lookup per pod: at 50,000 local pods the lookups (two netlink round trips each)
-//! were most of the agent's idle CPU, spent again at every apply.
+//! were most of the agent's idle CPU, spent again at every apply. The CNIs put their routes to
+//! local pods in the main table (a route per pod, or one per bridge); policy rules that would
+//! send unmarked traffic to pods through another table are not followed here.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
