@@ -399,7 +399,13 @@ mod tests {
         let second = source.reload();
         assert_eq!(second.digest, fnv1a_64(text.as_bytes()));
         assert_eq!(second.snapshot.gateways.get("gw"), Some(&good_gateway));
-        assert_eq!(second.snapshot.namespaces["shop"].labels["v"], "2");
+        assert_eq!(
+            second.snapshot.namespaces["shop"]
+                .labels
+                .get("v")
+                .map(String::as_str),
+            Some("2")
+        );
         assert!(second.snapshot.pods.is_empty());
         let path = dir.file().display().to_string();
         assert_eq!(
