@@ -141,6 +141,14 @@ struct AgentArgs {
     /// and Cilium use 8472, Calico 4789).
     #[arg(long, default_value_t = 8475)]
     tunnel_port: u16,
+    /// Hand selected pods' packets for a holder on another node straight from the pod's
+    /// interface to the uplink (or the tunnel), and the holder's replies straight back to the
+    /// pod: faster, but the origin's routing, netfilter and conntrack never see them, so a
+    /// NetworkPolicy enforced there (iptables or nftables rules, or a CNI's own tc programs on
+    /// the pod's interface, which run after ours) does not apply to that traffic. Off by
+    /// default; for nodes whose pods' egress is not policed on the node.
+    #[arg(long)]
+    fast_path: bool,
     /// Routing table (ours alone) that holds a route to each egress IP this node holds for a
     /// gateway with `announce: Bgp`: the node's BGP daemon announces what it finds there (BIRD's
     /// `protocol kernel { kernel table N; learn; }`, FRR's `ip import-table N`).
@@ -377,6 +385,7 @@ fn main() -> ExitCode {
                     kernel_log: args.kernel_log,
                     tunnel: args.tunnel,
                     tunnel_port: args.tunnel_port,
+                    fast_path: args.fast_path,
                     announce_table: args.announce_table,
                     aws: args.aws.aws_interface.map(|interface| AwsConfig {
                         region: args.aws.aws_region,

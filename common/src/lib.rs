@@ -7,7 +7,7 @@
 /// The version of the maps' layouts: bumped whenever one changes, it names their pin directory
 /// (`maps-v<N>`), so an upgraded agent creates maps of the new layout beside the old ones and
 /// swaps programs over without a gap.
-pub const MAPS_LAYOUT: u32 = 5;
+pub const MAPS_LAYOUT: u32 = 6;
 
 /// Names of the pinned maps and programs; the agent and the kernel objects agree on them.
 pub mod names {
@@ -95,7 +95,16 @@ pub struct PodEntry {
     pub gateway: u32,
     /// The egress IP this pod leaves with: key of `SE_EGRESS`.
     pub egress_ip: u32,
+    /// The interface the node routes the pod's address to (its veth, or the bridge it sits
+    /// behind): where the fast path hands the pod its replies (see [`CONFIG_FAST_PATH`]).
+    pub ifindex: u32,
+    /// `POD_*` bits.
+    pub flags: u32,
 }
+
+/// `PodEntry::flags`: `ifindex` is the node's end of a veth pair whose other end is the pod's:
+/// the fast path puts a reply straight into the pod (`bpf_redirect_peer`), past the veth.
+pub const POD_VETH: u32 = 1;
 
 /// Data part of the `SE_DESTS` longest-prefix-match key. The prefix length always covers all
 /// of `gateway` (32 bits) plus the destination prefix.
@@ -172,7 +181,14 @@ pub struct Config {
     pub tunnel_ifindex: u32,
     /// The uplink's interface index: tunnel packets leave and arrive there.
     pub uplink_ifindex: u32,
+    /// `CONFIG_*` bits.
+    pub flags: u32,
 }
+
+/// `Config::flags`: the fast path. A selected pod's packet on its way to a holder elsewhere goes
+/// from the pod's interface straight to the uplink (or into the tunnel), and the holder's reply
+/// straight back to the pod: the origin's routing and netfilter never see either.
+pub const CONFIG_FAST_PATH: u32 = 1;
 
 /// The tunnel between nodes: VXLAN between node addresses, through which the origin sends a
 /// selected pod's packet to a holder that pod-sourced packets cannot reach directly (an overlay

@@ -13,6 +13,12 @@
 //! only with its pod's own address (to its holder) or an egress IP held here; with any other
 //! source (a CNI's masquerade got to it because our SNAT is missing) it is dropped.
 //!
+//! With the fast path on (`CONFIG_FAST_PATH`), `se_pod_ingress` hands a selected pod's packet
+//! for a holder elsewhere straight to the uplink (or wraps it for the tunnel) instead of marking
+//! it, and `se_uplink_ingress` hands the holder's replies straight to the pod's interface: the
+//! origin's routing, netfilter and conntrack see neither (nor does a NetworkPolicy enforced
+//! there, which is why it is the operator's choice).
+//!
 //! All share their hook with other programs (a CNI's, a bandwidth manager's, a probe's, and
 //! legacy tc filters after the TCX chain): every packet they neither drop nor redirect goes on
 //! to the next program with `TCX_NEXT`, never `TCX_PASS`, which would end the chain.
@@ -24,12 +30,14 @@ use core::mem::MaybeUninit;
 use aya_ebpf::{
     bindings::{
         BPF_ADJ_ROOM_ENCAP_L2_SHIFT, BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
-        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_INGRESS, TC_ACT_SHOT,
-        TC_ACT_UNSPEC, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_redir_neigh, bpf_tunnel_key,
+        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_INGRESS,
+        BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        bpf_fib_lookup, bpf_redir_neigh, bpf_tunnel_key,
     },
     helpers::generated::{
-        bpf_check_mtu, bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect,
-        bpf_redirect_neigh, bpf_skb_set_tunnel_key,
+        bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_get_hash_recalc, bpf_get_prandom_u32,
+        bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer,
+        bpf_skb_set_tunnel_key,
     },
     macros::{classifier, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
@@ -37,10 +45,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use static_egress_common::{
-    Config, Counters, DEST_GATEWAY_BITS, DEST_VIA_GATEWAY, DestKey, EGRESS_LOCAL, EGRESS_QUIET,
-    EGRESS_ROUTED, EGRESS_TUNNEL, EgressEntry, GATEWAY_FAIL_CLOSED, GATEWAY_HOLD, GatewayEntry,
-    Guard, Heard, LEASE_DRAINING, Lease, PodEntry, Prober, RANGE_CLUSTER, RANGE_NODE,
-    RANGE_REMOTE_PODS, capacity, probe, tunnel,
+    CONFIG_FAST_PATH, Config, Counters, DEST_GATEWAY_BITS, DEST_VIA_GATEWAY, DestKey, EGRESS_LOCAL,
+    EGRESS_QUIET, EGRESS_ROUTED, EGRESS_TUNNEL, EgressEntry, GATEWAY_FAIL_CLOSED, GATEWAY_HOLD,
+    GatewayEntry, Guard, Heard, LEASE_DRAINING, Lease, POD_VETH, PodEntry, Prober, RANGE_CLUSTER,
+    RANGE_NODE, RANGE_REMOTE_PODS, capacity, probe, tunnel,
 };
 
 #[map(name = "SE_PODS")]
@@ -93,6 +101,8 @@ const AF_INET: u32 = 2;
 // eleven.
 const _: () = assert!(size_of::<bpf_redir_neigh>() == 20);
 const _: () = assert!(size_of::<bpf_tunnel_key>() == 44);
+// `into_peer` writes a `bpf_fib_lookup` as sixteen words.
+const _: () = assert!(size_of::<bpf_fib_lookup>() == 64);
 /// The outer packet's TTL.
 const TUNNEL_TTL: u32 = 64;
 /// A tunneled frame's link-layer addresses: to the tunnel devices' shared MAC, which the other
@@ -121,6 +131,9 @@ pub fn se_uplink_ingress(ctx: TcContext) -> i32 {
         return verdict;
     }
     if let Some(verdict) = decapsulate(&ctx) {
+        return verdict;
+    }
+    if let Some(verdict) = SE_CONFIG.get(0).and_then(|c| fast_back(&ctx, c, false)) {
         return verdict;
     }
     uplink_ingress(&ctx).unwrap_or(TCX_NEXT)
@@ -156,7 +169,6 @@ fn pod_ingress(ctx: &TcContext) -> Option<i32> {
     if *SE_DESTS.get(&key)? != DEST_VIA_GATEWAY {
         return None;
     }
-    let mark_bit = SE_CONFIG.get(0)?.mark;
     let counters = SE_COUNTERS.get_ptr_mut(&pod.gateway);
     // SAFETY: as above.
     let held = unsafe { SE_EGRESS.get(&pod.egress_ip) }.is_some_and(|e| e.holder != 0);
@@ -181,9 +193,6 @@ fn pod_ingress(ctx: &TcContext) -> Option<i32> {
         );
         return Some(TC_ACT_SHOT as i32);
     }
-    // SAFETY: `skb` is the live context pointer; other bits of the mark belong to others.
-    let mark = unsafe { (*ctx.skb.skb).mark };
-    ctx.set_mark(mark | mark_bit);
     if let Some(c) = counters {
         // SAFETY: per-CPU value, only this CPU writes it while we run.
         unsafe {
@@ -191,7 +200,196 @@ fn pod_ingress(ctx: &TcContext) -> Option<i32> {
             (*c).bytes += u64::from(ctx.len());
         }
     }
+    let config = SE_CONFIG.get(0)?;
+    if config.flags & CONFIG_FAST_PATH != 0
+        && let Some(verdict) = fast_out(ctx, config, pod.egress_ip)
+    {
+        return Some(verdict);
+    }
+    // SAFETY: `skb` is the live context pointer; other bits of the mark belong to others.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    ctx.set_mark(mark | config.mark);
     None
+}
+
+/// The fast path out: a selected pod's packet goes from its interface straight to the holder
+/// of its egress IP on another node (through the tunnel when that is the way there), as the
+/// origin's forwarding would send it, with its TTL one lower. `None` leaves it to the origin's
+/// stack: held here (the SNAT is here), a TTL that ends here (the stack says so to the
+/// sender), a packet too big for the uplink (the stack tells the sender or fragments it).
+fn fast_out(ctx: &TcContext, config: &Config, egress_ip: u32) -> Option<i32> {
+    // SAFETY: entries are plain integers written whole by the agent.
+    let egress = unsafe { SE_EGRESS.get(&egress_ip) }?;
+    if egress.holder == 0 || egress.flags & EGRESS_LOCAL != 0 || config.uplink_ifindex == 0 {
+        return None;
+    }
+    let ttl = forwardable(ctx)?;
+    if egress.flags & EGRESS_TUNNEL != 0 {
+        let verdict = encapsulate(ctx, config, egress.holder)?;
+        return Some(
+            if decrement_ttl(ctx, ETH_HLEN + tunnel::OVERHEAD as usize, ttl) {
+                verdict
+            } else {
+                TC_ACT_SHOT
+            },
+        );
+    }
+    let mut mtu = 0u32;
+    // SAFETY: a plain helper call on the live context; `mtu` outlives it.
+    let fits =
+        unsafe { bpf_check_mtu(ctx.skb.skb.cast(), config.uplink_ifindex, &mut mtu, 0, 0) } == 0;
+    if !fits {
+        return None;
+    }
+    if !decrement_ttl(ctx, ETH_HLEN, ttl) {
+        return Some(TC_ACT_SHOT);
+    }
+    Some(redirect_neigh(config.uplink_ifindex, egress.holder))
+}
+
+/// The fast path back: a reply from the holder of a local pod's egress IP (on the uplink from
+/// the holder's link-layer address, or unwrapped from the tunnel, where only nodes send) to
+/// that pod, from one of its gateway's destinations, goes straight to the pod's interface.
+fn fast_back(ctx: &TcContext, config: &Config, tunneled: bool) -> Option<i32> {
+    if config.flags & CONFIG_FAST_PATH == 0 {
+        return None;
+    }
+    let (src, dst) = ipv4_addrs(ctx)?;
+    // SAFETY: entries are plain integers written whole by the agent.
+    let pod = unsafe { SE_PODS.get(&dst) }?;
+    if pod.gateway == GATEWAY_HOLD || pod.ifindex == 0 {
+        return None;
+    }
+    // SAFETY: as above.
+    let egress = unsafe { SE_EGRESS.get(&pod.egress_ip) }?;
+    if egress.holder == 0 || egress.flags & EGRESS_LOCAL != 0 {
+        return None;
+    }
+    if !tunneled && read::<[u8; 6]>(ctx, 6)? != egress.holder_mac {
+        return None;
+    }
+    let key = Key::new(
+        DEST_GATEWAY_BITS + 32,
+        DestKey {
+            gateway: pod.gateway,
+            addr: src,
+        },
+    );
+    if *SE_DESTS.get(&key)? != DEST_VIA_GATEWAY {
+        return None;
+    }
+    let ttl = forwardable(ctx)?;
+    if !decrement_ttl(ctx, ETH_HLEN, ttl) {
+        return Some(TC_ACT_SHOT);
+    }
+    if pod.flags & POD_VETH != 0
+        && let Some(verdict) = into_peer(ctx, pod.ifindex, src, dst)
+    {
+        return Some(verdict);
+    }
+    Some(redirect_neigh(pod.ifindex, dst))
+}
+
+/// Puts the packet straight into the other end of the veth `ifindex` (the pod's), addressed
+/// as the node would address it there: no transmit on the node's end, no second pass through
+/// the backlog. `None` when the route to `dst` is not that veth or its neighbour is not known
+/// yet (`bpf_redirect_neigh` resolves it).
+fn into_peer(ctx: &TcContext, ifindex: u32, src: u32, dst: u32) -> Option<i32> {
+    // Every byte written, one word at a time, for the verifier (see `redirect_neigh`).
+    let mut fib = MaybeUninit::<bpf_fib_lookup>::uninit();
+    let words = fib.as_mut_ptr().cast::<u32>();
+    // SAFETY: `skb` is the live context pointer.
+    let arrived = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: bpf_fib_lookup is sixteen u32 words: family, protocol and ports, then the length,
+    // the input interface, TOS, the source and destination (16-byte unions each), VLAN, and the
+    // link-layer addresses it answers with.
+    unsafe {
+        words.write_volatile(AF_INET);
+        words.add(1).write_volatile(0);
+        words.add(2).write_volatile(arrived);
+        words.add(3).write_volatile(0);
+        words.add(4).write_volatile(src);
+        let mut i = 5;
+        while i < 8 {
+            words.add(i).write_volatile(0);
+            i += 1;
+        }
+        words.add(8).write_volatile(dst);
+        let mut i = 9;
+        while i < 16 {
+            words.add(i).write_volatile(0);
+            i += 1;
+        }
+    }
+    // SAFETY: `fib` is initialised, lives across the call and its size is passed along.
+    let found = unsafe {
+        fib_lookup(
+            ctx.skb.skb.cast(),
+            fib.as_mut_ptr(),
+            size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    // SAFETY: written whole by us, then by the helper (both addresses on success).
+    let fib = unsafe { fib.assume_init_ref() };
+    if found != i64::from(BPF_FIB_LKUP_RET_SUCCESS) || fib.ifindex != ifindex {
+        return None;
+    }
+    if ctx.store(0, &fib.dmac, 0).is_err() || ctx.store(6, &fib.smac, 0).is_err() {
+        return Some(TC_ACT_SHOT);
+    }
+    // SAFETY: a plain helper call.
+    Some(unsafe { bpf_redirect_peer(ifindex, 0) } as i32)
+}
+
+/// The TTL of an IPv4 packet that may be forwarded (more than one hop left).
+fn forwardable(ctx: &TcContext) -> Option<u8> {
+    let ttl: u8 = read(ctx, ETH_HLEN + 8)?;
+    (ttl > 1).then_some(ttl)
+}
+
+/// Lowers the TTL (`ttl`, read before) of the IPv4 header at `ip`, checksum too, as a router
+/// does. `false`: the header may be half written (never seen: the offsets were read before),
+/// and the packet must not go on.
+fn decrement_ttl(ctx: &TcContext, ip: usize, ttl: u8) -> bool {
+    let Some(protocol) = read::<u8>(ctx, ip + 9) else {
+        return false;
+    };
+    let from = u16::from_ne_bytes([ttl, protocol]);
+    let to = u16::from_ne_bytes([ttl - 1, protocol]);
+    ctx.store(ip + 8, &(ttl - 1), 0).is_ok()
+        && ctx
+            .l3_csum_replace(ip + 10, u64::from(from), u64::from(to), 2)
+            .is_ok()
+}
+
+/// Hands the packet to `next_hop`'s link-layer address on `ifindex`, resolved as the kernel
+/// resolves neighbours.
+fn redirect_neigh(ifindex: u32, next_hop: u32) -> i32 {
+    // Every byte written, one word at a time. The verifier refuses to pass uninitialised
+    // stack bytes (the unused IPv6 part of the union) to a helper, and `mem::zeroed()` became
+    // a byte loop over the stack at a variable offset, which it refuses too; both are allowed
+    // only to loaders with CAP_PERFMON, which the DaemonSet does not give.
+    let mut nh = MaybeUninit::<bpf_redir_neigh>::uninit();
+    let words = nh.as_mut_ptr().cast::<u32>();
+    // SAFETY: bpf_redir_neigh is five u32 words (the family, then a 16-byte union whose first
+    // word is the IPv4 next hop), each written once within the value.
+    unsafe {
+        words.write_volatile(AF_INET);
+        words.add(1).write_volatile(next_hop);
+        words.add(2).write_volatile(0);
+        words.add(3).write_volatile(0);
+        words.add(4).write_volatile(0);
+    }
+    // SAFETY: `nh` is initialised, lives across the call and its size is passed along.
+    (unsafe {
+        bpf_redirect_neigh(
+            ifindex,
+            nh.as_mut_ptr(),
+            size_of::<bpf_redir_neigh>() as i32,
+            0,
+        )
+    }) as i32
 }
 
 /// A starting pod the agent holds may reach the cluster; anything else it sends is dropped
@@ -493,31 +691,7 @@ fn uplink_egress(ctx: &TcContext) -> Option<i32> {
         // SAFETY: a plain helper call.
         return Some(unsafe { bpf_redirect(config.tunnel_ifindex, 0) } as i32);
     }
-    // Every byte written, one word at a time. The verifier refuses to pass uninitialised
-    // stack bytes (the unused IPv6 part of the union) to a helper, and `mem::zeroed()` became
-    // a byte loop over the stack at a variable offset, which it refuses too; both are allowed
-    // only to loaders with CAP_PERFMON, which the DaemonSet does not give.
-    let mut nh = MaybeUninit::<bpf_redir_neigh>::uninit();
-    let words = nh.as_mut_ptr().cast::<u32>();
-    // SAFETY: bpf_redir_neigh is five u32 words (the family, then a 16-byte union whose first
-    // word is the IPv4 next hop), each written once within the value.
-    unsafe {
-        words.write_volatile(AF_INET);
-        words.add(1).write_volatile(egress.holder);
-        words.add(2).write_volatile(0);
-        words.add(3).write_volatile(0);
-        words.add(4).write_volatile(0);
-    }
-    // SAFETY: `nh` is initialised, lives across the call and its size is passed along.
-    let verdict = unsafe {
-        bpf_redirect_neigh(
-            ifindex,
-            nh.as_mut_ptr(),
-            size_of::<bpf_redir_neigh>() as i32,
-            0,
-        )
-    };
-    Some(verdict as i32)
+    Some(redirect_neigh(ifindex, egress.holder))
 }
 
 /// Addresses a packet leaving through the tunnel device to the node it goes to: a local pod's
@@ -743,10 +917,13 @@ fn decapsulate(ctx: &TcContext) -> Option<i32> {
     }
     ctx.adjust_room(-(tunnel::OVERHEAD as i32), BPF_ADJ_ROOM_MAC, 0)
         .ok()?;
+    count(|g| &mut g.tunnel_in);
+    if let Some(verdict) = fast_back(ctx, config, true) {
+        return Some(verdict);
+    }
     if ctx.store(0, &TUNNEL_MACS, 0).is_err() {
         return Some(TC_ACT_SHOT);
     }
-    count(|g| &mut g.tunnel_in);
     // SAFETY: a plain helper call.
     Some(unsafe { bpf_redirect(config.tunnel_ifindex, u64::from(BPF_F_INGRESS)) } as i32)
 }

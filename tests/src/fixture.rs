@@ -40,13 +40,34 @@ pub fn three_nodes_from(builder: ClusterBuilder) -> Result<Cluster> {
         })
         .with_node("node3", |n| n.label("egress", "true"))
         .build()?;
+    payments_gateway(&mut cluster, EGRESS_IP)?;
+    Ok(cluster)
+}
+
+/// Namespace `payments` admitted by [`GATEWAY`], which leaves with `egress_ip`.
+pub fn payments_gateway(cluster: &mut Cluster, egress_ip: Ipv4Addr) -> Result<()> {
     cluster.update_objects(|o| {
         o.namespace("payments")
             .labels
             .insert("team".into(), "payments".into());
-        o.set_gateway(gateway(GATEWAY, EGRESS_IP));
+        o.set_gateway(gateway(GATEWAY, egress_ip));
     })?;
-    Ok(cluster)
+    Ok(())
+}
+
+/// 30 connections from each of `pods`, 20 ms apart, all at once: every one answered, with
+/// `egress_ip`.
+pub fn all_leave_with(cluster: &Cluster, pods: &[LabPod], egress_ip: Ipv4Addr) -> Result<()> {
+    let loops = pods
+        .iter()
+        .map(|p| cluster.start_loop(p, Duration::from_millis(20), 30))
+        .collect::<Result<Vec<_>>>()?;
+    for (pod, answers) in pods.iter().zip(loops) {
+        let answers = answers.wait(Duration::from_secs(60))?;
+        crate::expect_all_from(&answers, egress_ip)
+            .with_context(|| format!("pod {} on {}", pod.name, pod.node))?;
+    }
+    Ok(())
 }
 
 /// A pod labelled `app=api` in namespace `payments` (selected by [`GATEWAY`]).
@@ -196,4 +217,51 @@ pub fn health(cluster: &Cluster, node: &str, ready: bool) -> Result<String> {
     } else {
         anyhow::bail!("{}", String::from_utf8_lossy(&out.stderr).trim())
     }
+}
+
+/// 4 MB from `pod` to the external server and 4 MB back with iperf3 on `port` (segmentation
+/// offload on, as a pod's TCP stack sends): both complete, and the server saw both connections
+/// come from the egress IP.
+pub fn transfers(cluster: &Cluster, pod: &LabPod, port: u16) -> Result<()> {
+    let log = cluster.dir().join("iperf3.log");
+    let port = port.to_string();
+    crate::exec(
+        cluster.ext_netns(),
+        ["iperf3", "-s", "-D", "-p", &port, "--logfile"]
+            .iter()
+            .map(std::ffi::OsStr::new)
+            .chain([log.as_os_str()]),
+    )?;
+    std::thread::sleep(Duration::from_millis(300));
+    let ext = cluster.ext_ip().to_string();
+    for reverse in [false, true] {
+        let mut args = vec![
+            "timeout",
+            "30",
+            "iperf3",
+            "-c",
+            &ext,
+            "-p",
+            &port,
+            "-n",
+            "4M",
+            "--connect-timeout",
+            "3000",
+        ];
+        if reverse {
+            args.push("-R");
+        }
+        pod.exec(&args)
+            .with_context(|| format!("iperf3 {}", if reverse { "-R" } else { "" }))?;
+    }
+    let said = std::fs::read_to_string(&log)?;
+    let from = said
+        .lines()
+        .filter(|l| l.contains("Accepted connection from"))
+        .collect::<Vec<_>>();
+    anyhow::ensure!(
+        from.len() == 2 && from.iter().all(|l| l.contains(&EGRESS_IP.to_string())),
+        "the server saw: {from:?}"
+    );
+    Ok(())
 }

@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
 use netlab::fixture::{
-    EGRESS_IP, GATEWAY, api_pod, gateway, live_status, start_agents, with_agent_logs,
+    EGRESS_IP, GATEWAY, all_leave_with, api_pod, gateway, live_status, payments_gateway,
+    start_agents, with_agent_logs,
 };
-use netlab::{Answer, Cluster, ClusterBuilder, LabPod, exec, expect_all_from};
+use netlab::{Answer, Cluster, ClusterBuilder, LabPod, exec};
 
 const LOOP_INTERVAL: Duration = Duration::from_millis(20);
-const LOOP_COUNT: u32 = 30;
 const IPERF_PORT: u16 = 5201;
 
 fn builder() -> ClusterBuilder {
@@ -27,31 +27,12 @@ fn builder() -> ClusterBuilder {
 /// The gateway of the fixture, held by node2 (the only node labelled `egress=true`), and an
 /// `api` pod on each node.
 fn pods(cluster: &mut Cluster, egress_ip: Ipv4Addr) -> Result<Vec<LabPod>> {
-    cluster.update_objects(|o| {
-        o.namespace("payments")
-            .labels
-            .insert("team".into(), "payments".into());
-        o.set_gateway(gateway(GATEWAY, egress_ip));
-    })?;
+    payments_gateway(cluster, egress_ip)?;
     ["node1", "node2", "node3"]
         .iter()
         .enumerate()
         .map(|(i, node)| api_pod(cluster, &format!("api-{}", i + 1), node))
         .collect()
-}
-
-/// Every connection of every pod answered, with the egress IP.
-fn all_leave_with(cluster: &Cluster, pods: &[LabPod], egress_ip: Ipv4Addr) -> Result<()> {
-    let loops = pods
-        .iter()
-        .map(|p| cluster.start_loop(p, LOOP_INTERVAL, LOOP_COUNT))
-        .collect::<Result<Vec<_>>>()?;
-    for (pod, answers) in pods.iter().zip(loops) {
-        let answers = answers.wait(Duration::from_secs(60))?;
-        expect_all_from(&answers, egress_ip)
-            .with_context(|| format!("pod {} on {}", pod.name, pod.node))?;
-    }
-    Ok(())
 }
 
 /// Flannel-like overlay over a fabric that drops every packet with a pod source: the direct
@@ -171,47 +152,7 @@ fn transfers(cluster: &Cluster, pod: &LabPod) -> Result<()> {
              add rule ip lab input icmp type destination-unreachable drop",
         ],
     )?;
-    let log = cluster.dir().join("iperf3.log");
-    let port = IPERF_PORT.to_string();
-    exec(
-        cluster.ext_netns(),
-        ["iperf3", "-s", "-D", "-p", &port, "--logfile"]
-            .iter()
-            .map(std::ffi::OsStr::new)
-            .chain([log.as_os_str()]),
-    )?;
-    std::thread::sleep(Duration::from_millis(300));
-    let ext = cluster.ext_ip().to_string();
-    for reverse in [false, true] {
-        let mut args = vec![
-            "timeout",
-            "30",
-            "iperf3",
-            "-c",
-            &ext,
-            "-p",
-            &port,
-            "-n",
-            "4M",
-            "--connect-timeout",
-            "3000",
-        ];
-        if reverse {
-            args.push("-R");
-        }
-        pod.exec(&args)
-            .with_context(|| format!("iperf3 {}", if reverse { "-R" } else { "" }))?;
-    }
-    let said = std::fs::read_to_string(&log)?;
-    let from = said
-        .lines()
-        .filter(|l| l.contains("Accepted connection from"))
-        .collect::<Vec<_>>();
-    ensure!(
-        from.len() == 2 && from.iter().all(|l| l.contains(&EGRESS_IP.to_string())),
-        "the server saw: {from:?}"
-    );
-    Ok(())
+    netlab::fixture::transfers(cluster, pod, IPERF_PORT)
 }
 
 /// The router's route to `ip`, if BIRD put one there.

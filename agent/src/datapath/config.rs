@@ -22,6 +22,9 @@ pub struct DatapathConfig {
     pub tunnel: super::tunnel::TunnelMode,
     /// The tunnel's UDP port (VXLAN), the same on every node.
     pub tunnel_port: u16,
+    /// Whether selected pods' packets and their replies skip the origin's routing and
+    /// netfilter (`--fast-path`).
+    pub fast_path: bool,
     /// Ours alone: the held egress IPs of `announce: Bgp` gateways, for the node's BGP daemon.
     pub announce_table: u32,
     /// This node in AWS, for `announce: Aws` gateways.

@@ -19,9 +19,10 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use static_egress_common::{
-    Config, DEST_EXCLUDED, DEST_GATEWAY_BITS, DEST_VIA_GATEWAY, DestKey, EGRESS_LOCAL,
-    EGRESS_QUIET, EGRESS_ROUTED, EGRESS_TUNNEL, EgressEntry, GATEWAY_FAIL_CLOSED, GATEWAY_HOLD,
-    GatewayEntry, Guard, Heard, Lease, PodEntry, RANGE_CLUSTER, RANGE_NODE, RANGE_REMOTE_PODS,
+    CONFIG_FAST_PATH, Config, DEST_EXCLUDED, DEST_GATEWAY_BITS, DEST_VIA_GATEWAY, DestKey,
+    EGRESS_LOCAL, EGRESS_QUIET, EGRESS_ROUTED, EGRESS_TUNNEL, EgressEntry, GATEWAY_FAIL_CLOSED,
+    GATEWAY_HOLD, GatewayEntry, Guard, Heard, Lease, POD_VETH, PodEntry, RANGE_CLUSTER, RANGE_NODE,
+    RANGE_REMOTE_PODS,
 };
 
 use crate::model::{Announce, FailurePolicy};
@@ -391,6 +392,11 @@ impl Datapath {
             tunnel_port: self.config.tunnel_port.to_be(),
             tunnel_ifindex: tunnel_index,
             uplink_ifindex: uplink.index,
+            flags: if self.config.fast_path {
+                CONFIG_FAST_PATH
+            } else {
+                0
+            },
         })?;
         let holders = plan.remote_holders();
         // The nodes that would send here after a takeover too: it then finds their link-layer
@@ -408,9 +414,15 @@ impl Datapath {
             .nl
             .neighbour_macs(uplink.index, &holders.iter().copied().collect::<Vec<_>>())
             .await?;
-        self.bpf
-            .sync_maps(&map_contents(plan, via, &holder_macs, &tunneled))?;
-        let pod_ifaces = self.pod_interfaces(plan, &uplink, warnings).await;
+        let pod_links = self.pod_interfaces(plan, &uplink, warnings).await;
+        self.bpf.sync_maps(&map_contents(
+            plan,
+            via,
+            &holder_macs,
+            &tunneled,
+            &pod_links.of_pod,
+        ))?;
+        let pod_ifaces = pod_links.interfaces;
         // The uplink program first: a packet marked before it is in place would leave through
         // the router with the pod's address instead of going to the holder.
         let uplink_only = BTreeMap::from([(uplink.index, uplink.name.clone())]);
@@ -716,15 +728,15 @@ impl Datapath {
         Ok(())
     }
 
-    /// The interfaces the kernel routes the local selected and held pods to (index -> name). A
-    /// pod without one is reported and left unmarked; the others are still served.
+    /// The interfaces the kernel routes the local selected and held pods to. A pod without one
+    /// is reported and left unmarked; the others are still served.
     async fn pod_interfaces(
         &self,
         plan: &NodePlan,
         uplink: &netlink::Interface,
         warnings: &mut Warnings,
-    ) -> BTreeMap<u32, String> {
-        let mut found = BTreeMap::new();
+    ) -> PodLinks {
+        let mut found = PodLinks::default();
         // Without the dumps every pod is asked about on its own: slower, same answers.
         let table = match self.nl.main_table().await {
             Ok(routes) => MainTable::new(routes),
@@ -733,7 +745,7 @@ impl Datapath {
                 MainTable::default()
             }
         };
-        let names = self.nl.interface_names().await.unwrap_or_else(|e| {
+        let links = self.nl.interfaces().await.unwrap_or_else(|e| {
             tracing::debug!(error = %e, "cannot list the interfaces; asking per pod");
             HashMap::new()
         });
@@ -746,20 +758,23 @@ impl Datapath {
                 Some(Hop::Ask) | None => self.nl.route_oif(ip).await,
             };
             let iface = match oif {
-                Ok(Some(index)) if index != uplink.index => match names.get(&index) {
-                    Some(name) => Ok(Some((index, name.clone()))),
-                    None => self
-                        .nl
-                        .interface(index)
-                        .await
-                        .map(|i| i.map(|i| (i.index, i.name))),
+                Ok(Some(index)) if index != uplink.index => match links.get(&index) {
+                    Some(link) => Ok(Some(link.clone())),
+                    None => self.nl.interface(index).await,
                 },
                 Ok(_) => Ok(None),
                 Err(e) => Err(e),
             };
             match iface {
-                Ok(Some((index, iface))) => {
-                    found.insert(index, iface);
+                Ok(Some(iface)) => {
+                    found.of_pod.insert(
+                        ip,
+                        PodLink {
+                            ifindex: iface.index,
+                            veth: iface.veth,
+                        },
+                    );
+                    found.interfaces.insert(iface.index, iface.name);
                 }
                 Ok(None) => warnings.push(format!(
                     "Pod {namespace}/{pod_name}: no local interface routes to its IP {ip}; its \
@@ -773,6 +788,23 @@ impl Datapath {
         }
         found
     }
+}
+
+/// Where the local selected and held pods are.
+#[derive(Default)]
+struct PodLinks {
+    /// The interfaces the programs watch (index -> name).
+    interfaces: BTreeMap<u32, String>,
+    /// Each pod's interface, by its address.
+    of_pod: HashMap<Ipv4Addr, PodLink>,
+}
+
+/// The interface the node routes a pod's address to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodLink {
+    pub ifindex: u32,
+    /// The node's end of a veth pair (whose other end the pod has, being routed to it).
+    pub veth: bool,
 }
 
 /// `snat` with each gateway whose rules nftables refuses on their own replaced by its rules in
@@ -863,6 +895,7 @@ pub fn map_contents(
     routed: Option<Ipv4Addr>,
     macs: &BTreeMap<Ipv4Addr, [u8; 6]>,
     tunneled: &BTreeSet<Ipv4Addr>,
+    pod_links: &HashMap<Ipv4Addr, PodLink>,
 ) -> MapContents {
     let mut maps = MapContents::default();
     for gw in &plan.gateways {
@@ -924,11 +957,14 @@ pub fn map_contents(
             .insert((u32::from(cidr.prefix_len()), wire(cidr.network())), bits);
     }
     for pod in &plan.pods {
+        let link = pod_links.get(&pod.ip).copied().unwrap_or_default();
         maps.pods.insert(
             wire(pod.ip),
             PodEntry {
                 gateway: pod.gateway_id,
                 egress_ip: wire(pod.egress_ip),
+                ifindex: link.ifindex,
+                flags: if link.veth { POD_VETH } else { 0 },
             },
         );
     }
@@ -952,6 +988,8 @@ pub fn map_contents(
             PodEntry {
                 gateway: GATEWAY_HOLD,
                 egress_ip: 0,
+                ifindex: 0,
+                flags: 0,
             },
         );
     }
@@ -1033,6 +1071,7 @@ mod tests {
             single_remote_holder(&one),
             &BTreeMap::new(),
             &BTreeSet::new(),
+            &HashMap::new(),
         );
         assert_eq!(routed.egress[&wire(ip("10.99.0.200"))].flags, EGRESS_ROUTED);
         assert_eq!(routed.egress[&wire(ip("10.99.0.201"))].flags, 0);
@@ -1043,8 +1082,14 @@ mod tests {
         let local = plan(["node2", "node1"], &["10.99.0.200", "10.99.0.201"]);
         assert_eq!(single_remote_holder(&local), None);
         assert_eq!(
-            map_contents(&local, None, &BTreeMap::new(), &BTreeSet::new()).egress
-                [&wire(ip("10.99.0.201"))]
+            map_contents(
+                &local,
+                None,
+                &BTreeMap::new(),
+                &BTreeSet::new(),
+                &HashMap::new()
+            )
+            .egress[&wire(ip("10.99.0.201"))]
                 .flags,
             EGRESS_LOCAL
         );
@@ -1056,7 +1101,7 @@ mod tests {
         let mut one = plan(["node2", "node3"], &["10.99.0.200", "10.99.0.201"]);
         one.peers = vec![("10.244.2.0/24".parse().expect("net"), ip("10.99.0.12"))];
         let tunneled = BTreeSet::from([ip("10.99.0.13")]);
-        let maps = map_contents(&one, None, &BTreeMap::new(), &tunneled);
+        let maps = map_contents(&one, None, &BTreeMap::new(), &tunneled, &HashMap::new());
         assert_eq!(maps.egress[&wire(ip("10.99.0.200"))].flags, 0);
         assert_eq!(maps.egress[&wire(ip("10.99.0.201"))].flags, EGRESS_TUNNEL);
         assert_eq!(
@@ -1072,5 +1117,39 @@ mod tests {
             one.remote_holders(),
             BTreeSet::from([ip("10.99.0.12"), ip("10.99.0.13")])
         );
+    }
+
+    #[test]
+    fn each_pod_entry_names_the_interface_its_replies_go_to() {
+        let links = HashMap::from([
+            (
+                ip("10.244.1.2"),
+                PodLink {
+                    ifindex: 7,
+                    veth: true,
+                },
+            ),
+            (
+                ip("10.244.1.3"),
+                PodLink {
+                    ifindex: 8,
+                    veth: false,
+                },
+            ),
+        ]);
+        let two = plan(["node2", "node3"], &["10.99.0.200"; 3]);
+        let maps = map_contents(&two, None, &BTreeMap::new(), &BTreeSet::new(), &links);
+        let entry = |i| maps.pods[&wire(ip(i))];
+        assert_eq!(
+            (entry("10.244.1.2").ifindex, entry("10.244.1.2").flags),
+            (7, POD_VETH)
+        );
+        // Behind a bridge: its replies go to the bridge.
+        assert_eq!(
+            (entry("10.244.1.3").ifindex, entry("10.244.1.3").flags),
+            (8, 0)
+        );
+        // A pod no interface routes to: the fast path leaves its replies to the stack.
+        assert_eq!(entry("10.244.1.4").ifindex, 0);
     }
 }

@@ -10,7 +10,7 @@ use ipnet::Ipv4Net;
 use rtnetlink::packet_route::{
     AddressFamily,
     address::{AddressAttribute, AddressMessage},
-    link::{LinkAttribute, LinkFlags},
+    link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
     neighbour::{
         NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourMessage, NeighbourState,
     },
@@ -33,6 +33,35 @@ pub struct Interface {
     pub mac: Option<[u8; 6]>,
     pub mtu: Option<u32>,
     pub up: bool,
+    /// One end of a veth pair (a routed pod's, when the pod has the other).
+    pub veth: bool,
+}
+
+impl From<LinkMessage> for Interface {
+    fn from(msg: LinkMessage) -> Self {
+        let mut iface = Interface {
+            index: msg.header.index,
+            name: String::new(),
+            mac: None,
+            mtu: None,
+            up: msg.header.flags.contains(LinkFlags::Up),
+            veth: false,
+        };
+        for attr in msg.attributes {
+            match attr {
+                LinkAttribute::IfName(name) => iface.name = name,
+                LinkAttribute::Address(bytes) => iface.mac = bytes.try_into().ok(),
+                LinkAttribute::Mtu(mtu) => iface.mtu = Some(mtu),
+                LinkAttribute::LinkInfo(infos) => {
+                    iface.veth = infos
+                        .iter()
+                        .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)));
+                }
+                _ => {}
+            }
+        }
+        iface
+    }
 }
 
 pub struct Netlink {
@@ -55,24 +84,7 @@ impl Netlink {
     pub async fn interface(&self, index: u32) -> Result<Option<Interface>, DatapathError> {
         let mut links = self.handle.link().get().match_index(index).execute();
         match links.try_next().await {
-            Ok(Some(msg)) => {
-                let mut iface = Interface {
-                    index,
-                    name: String::new(),
-                    mac: None,
-                    mtu: None,
-                    up: msg.header.flags.contains(LinkFlags::Up),
-                };
-                for attr in msg.attributes {
-                    match attr {
-                        LinkAttribute::IfName(name) => iface.name = name,
-                        LinkAttribute::Address(bytes) => iface.mac = bytes.try_into().ok(),
-                        LinkAttribute::Mtu(mtu) => iface.mtu = Some(mtu),
-                        _ => {}
-                    }
-                }
-                Ok(Some(iface))
-            }
+            Ok(Some(msg)) => Ok(Some(msg.into())),
             Ok(None) => Ok(None),
             // The kernel answers ENODEV for an index that does not exist.
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
@@ -189,8 +201,8 @@ impl Netlink {
     }
 
     /// Every interface's name, by index.
-    pub async fn interface_names(&self) -> Result<HashMap<u32, String>, DatapathError> {
-        let links: Vec<_> = self
+    pub async fn interfaces(&self) -> Result<HashMap<u32, Interface>, DatapathError> {
+        let links: Vec<LinkMessage> = self
             .handle
             .link()
             .get()
@@ -200,13 +212,7 @@ impl Netlink {
             .map_err(nl("dump links"))?;
         Ok(links
             .into_iter()
-            .filter_map(|msg| {
-                let index = msg.header.index;
-                msg.attributes.into_iter().find_map(|a| match a {
-                    LinkAttribute::IfName(name) => Some((index, name)),
-                    _ => None,
-                })
-            })
+            .map(|msg| (msg.header.index, Interface::from(msg)))
             .collect())
     }
 

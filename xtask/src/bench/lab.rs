@@ -47,15 +47,19 @@ pub enum Variant {
     Ours,
     /// static-egress agents on both nodes, through the tunnel between them (`--tunnel always`).
     Tunnel,
+    /// static-egress agents on both nodes with `--fast-path`: node1's programs hand the pod's
+    /// packets to node2 and the replies back to the pod, past node1's routing and netfilter.
+    Fast,
 }
 
 impl Variant {
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::None,
         Self::Hand,
         Self::Iptables,
         Self::Ours,
         Self::Tunnel,
+        Self::Fast,
     ];
 
     pub fn key(self) -> &'static str {
@@ -65,6 +69,7 @@ impl Variant {
             Self::Iptables => "iptables",
             Self::Ours => "static-egress",
             Self::Tunnel => "static-egress-tunnel",
+            Self::Fast => "static-egress-fast",
         }
     }
 
@@ -75,6 +80,7 @@ impl Variant {
             Self::Iptables => "3 iptables MARK + ipset (kube-static-egress-ip style)",
             Self::Ours => "4 static-egress",
             Self::Tunnel => "5 static-egress through the tunnel (--tunnel always)",
+            Self::Fast => "6 static-egress --fast-path",
         }
     }
 
@@ -82,6 +88,7 @@ impl Variant {
     fn agent_args(self) -> &'static [&'static str] {
         match self {
             Self::Tunnel => &["--tunnel", "always"],
+            Self::Fast => &["--fast-path"],
             _ => &[],
         }
     }
@@ -90,6 +97,7 @@ impl Variant {
         match self {
             Self::None => "pod > node1 > router > ext",
             Self::Tunnel => "pod > node1 > VXLAN > node2 > router > ext",
+            Self::Fast => "pod > node1 (tc only) > node2 > router > ext",
             _ => "pod > node1 > node2 > router > ext",
         }
     }
@@ -207,7 +215,7 @@ impl Bench {
                 ensure!(size.gateways == 1, "the iptables variant is one gateway");
                 self.iptables_up(size.pods, size.dests)?;
             }
-            Variant::Ours | Variant::Tunnel => {
+            Variant::Ours | Variant::Tunnel | Variant::Fast => {
                 self.set_policy(size)?;
                 if self.agents.is_empty() {
                     for node in ["node1", "node2"] {
@@ -238,7 +246,7 @@ impl Bench {
             None | Some(Variant::None) => return Ok(()),
             Some(Variant::Hand) => self.hand_down()?,
             Some(Variant::Iptables) => self.iptables_down()?,
-            Some(Variant::Ours | Variant::Tunnel) => {
+            Some(Variant::Ours | Variant::Tunnel | Variant::Fast) => {
                 self.stop_agents()?;
                 for node in ["node1", "node2"] {
                     self.cluster.cleanup(node)?;

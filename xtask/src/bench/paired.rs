@@ -1,7 +1,7 @@
-//! `cargo xtask bench latency`: request/response latency of the hand-built path and of
-//! static-egress, alternated many times in one run (hand, ours, ours, hand, ...: each pair in
-//! the other order than the last, so that a drift of the machine weighs on both alike), each
-//! round's p50 and p99 paired with its neighbour's. The difference of the pairs, with a 95%
+//! `cargo xtask bench latency`: request/response latency of the hand-built path, of
+//! static-egress and of its fast path, alternated many times in one run (hand, ours, fast,
+//! fast, ours, hand, ...: each round in the other order than the last, so that a drift of the
+//! machine weighs on all alike), each round's p50 and p99 paired with the hand-built path's. The difference of the pairs, with a 95%
 //! confidence interval, tells a gap of a few microseconds from the noise of one run, which the
 //! medians of single runs could not (`datapath` showed -3 to +14.7 µs for the same code).
 //!
@@ -16,11 +16,13 @@ use anyhow::Result;
 use super::lab::{Bench, Size, Variant};
 use super::measure;
 
-/// One round: both variants measured back to back.
+/// One round: the variants measured back to back.
 #[derive(Clone, Debug)]
 pub struct Pair {
     pub hand: Round,
     pub ours: Round,
+    /// `--fast-path`.
+    pub fast: Round,
 }
 
 #[derive(Clone, Debug)]
@@ -46,13 +48,11 @@ pub fn run(
 ) -> Result<Vec<Pair>> {
     let mut out = Vec::with_capacity(pairs);
     for i in 0..pairs {
-        let order = if i % 2 == 0 {
-            [Variant::Hand, Variant::Ours]
-        } else {
-            [Variant::Ours, Variant::Hand]
-        };
-        let mut hand = None;
-        let mut ours = None;
+        let mut order = [Variant::Hand, Variant::Ours, Variant::Fast];
+        if i % 2 == 1 {
+            order.reverse();
+        }
+        let (mut hand, mut ours, mut fast) = (None, None, None);
         for variant in order {
             println!("latency pair {}: {}", i + 1, variant.title());
             bench.enter(variant, Size::ONE)?;
@@ -72,11 +72,12 @@ pub fn run(
             };
             match variant {
                 Variant::Hand => hand = Some(round),
+                Variant::Fast => fast = Some(round),
                 _ => ours = Some(round),
             }
         }
-        if let (Some(hand), Some(ours)) = (hand, ours) {
-            out.push(Pair { hand, ours });
+        if let (Some(hand), Some(ours), Some(fast)) = (hand, ours, fast) {
+            out.push(Pair { hand, ours, fast });
         }
     }
     bench.leave()?;

@@ -1,0 +1,101 @@
+//! The fast path (`--fast-path`): a selected pod's packets for a holder on another node go from
+//! the pod's interface straight to the uplink (or into the tunnel), and the holder's replies
+//! straight back to the pod. The origins' conntrack never sees them, yet every connection
+//! leaves with the egress IP (every answer the external server gave is counted), transfers
+//! larger than a packet cross both ways, and the path has as many hops as without it.
+
+use std::net::Ipv4Addr;
+
+use anyhow::{Context as _, Result, ensure};
+use netlab::fixture::{
+    EGRESS_IP, all_leave_with, api_pod, payments_gateway, start_agents, transfers, with_agent_logs,
+};
+use netlab::{Cluster, LabPod, PodStyle, exec, exec_output};
+
+const IPERF_PORT: u16 = 5201;
+
+/// Three nodes, node2 the only one that may hold the egress IP, an `api` pod on each: routed
+/// (its own veth) on node1 and node2, behind a bridge on node3.
+fn lab(overlay: bool) -> Result<(Cluster, Vec<LabPod>)> {
+    let mut cluster = Cluster::builder()
+        .probe_bin(env!("CARGO_BIN_EXE_se-probe"))
+        .nodes(3)
+        .with_node("node2", |n| n.label("egress", "true"))
+        .with_node("node3", |n| n.pod_style(PodStyle::Bridged))
+        .overlay(overlay)
+        .fabric_drops_pod_sources(overlay)
+        .build()?;
+    payments_gateway(&mut cluster, EGRESS_IP)?;
+    let pods = ["node1", "node2", "node3"]
+        .iter()
+        .enumerate()
+        .map(|(i, node)| api_pod(&mut cluster, &format!("api-{}", i + 1), node))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((cluster, pods))
+}
+
+/// Directly to the holder on the segment, and through the tunnel over an overlay whose fabric
+/// drops pod sources.
+#[test]
+fn selected_traffic_skips_the_origins_netfilter_both_ways() -> Result<()> {
+    for overlay in [false, true] {
+        let (cluster, pods) = lab(overlay)?;
+        let agents = start_agents(&cluster, &["--fast-path"])?;
+        let result = fast(&cluster, &pods).with_context(|| format!("overlay: {overlay}"));
+        with_agent_logs(&agents, result)?;
+    }
+    Ok(())
+}
+
+fn fast(cluster: &Cluster, pods: &[LabPod]) -> Result<()> {
+    all_leave_with(cluster, pods, EGRESS_IP)?;
+    let origin = &pods[0];
+    transfers(cluster, origin, IPERF_PORT)?;
+    // Pod -> origin -> holder -> router -> server: three hops lower the TTL, on the fast path
+    // as on the slow one.
+    let ext = cluster.ext_ip().to_string();
+    let ping = |ttl: &str| {
+        exec_output(
+            &origin.netns,
+            ["ping", "-c", "1", "-W", "2", "-t", ttl, &ext],
+        )
+        .map(|o| o.status.success())
+    };
+    ensure!(
+        !ping("3")?,
+        "a ping with TTL 3 reached the server: the origin did not count as a hop"
+    );
+    ensure!(ping("4")?, "a ping with TTL 4 did not reach the server");
+    // The holder translated all of it; the origins never tracked any of it.
+    for pod in pods.iter().filter(|p| p.node != "node2") {
+        let tracked = tracked(cluster, &pod.node, pod.ip)?;
+        ensure!(
+            tracked.is_empty(),
+            "{}'s conntrack saw {}'s traffic to the server: {tracked:?}",
+            pod.node,
+            pod.name
+        );
+    }
+    ensure!(
+        !tracked(cluster, "node2", origin.ip)?.is_empty(),
+        "the holder tracked none of {}'s connections",
+        origin.name
+    );
+    Ok(())
+}
+
+/// The connections `node`'s conntrack tracks from `ip` to the server.
+fn tracked(cluster: &Cluster, node: &str, ip: Ipv4Addr) -> Result<Vec<String>> {
+    let listed = exec(
+        &cluster.node(node)?.netns,
+        [
+            "conntrack",
+            "-L",
+            "-s",
+            &ip.to_string(),
+            "-d",
+            &cluster.ext_ip().to_string(),
+        ],
+    )?;
+    Ok(listed.lines().map(str::to_owned).collect())
+}
