@@ -74,6 +74,22 @@ fn an_overlay_over_a_fabric_that_drops_pod_sources_goes_through_the_tunnel() -> 
     with_agent_logs(&agents, result)
 }
 
+/// `--tunnel always` where the nodes also route pods over the uplink (main's table has a route
+/// to each other node's pods through it): our table's route to those pods goes through the
+/// tunnel after every apply and every re-check, not only after the first. Every connection
+/// over several re-checks is answered with the egress IP.
+#[test]
+fn the_tunnel_route_to_other_nodes_pods_holds_across_rechecks() -> Result<()> {
+    let mut cluster = builder().build()?;
+    let pods = pods(&mut cluster, EGRESS_IP)?;
+    let agents = start_agents(
+        &cluster,
+        &["--tunnel", "always", "--resync-interval", "500ms"],
+    )?;
+    let result = (0..4).try_for_each(|_| all_leave_with(&cluster, &pods, EGRESS_IP));
+    with_agent_logs(&agents, result)
+}
+
 /// Packets `node`'s programs took out of the tunnel and put into it themselves.
 fn tunnel_counts(cluster: &Cluster, node: &str) -> Result<(u64, u64)> {
     let status: serde_json::Value = serde_json::from_str(&live_status(cluster, node, "json")?)?;

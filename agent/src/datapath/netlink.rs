@@ -170,14 +170,6 @@ impl Netlink {
             .await?
             .iter()
             .map(|r| {
-                let destination = r
-                    .attributes
-                    .iter()
-                    .find_map(|a| match a {
-                        RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(*ip),
-                        _ => None,
-                    })
-                    .unwrap_or(Ipv4Addr::UNSPECIFIED);
                 let metric = r
                     .attributes
                     .iter()
@@ -193,9 +185,7 @@ impl Netlink {
                     }
                     _ => Hop::Ask,
                 };
-                let net = Ipv4Net::new(destination, r.header.destination_prefix_length)
-                    .unwrap_or_default();
-                (net, metric, hop)
+                (destination(r), metric, hop)
             })
             .collect())
     }
@@ -257,6 +247,9 @@ impl Netlink {
             wanted.push(default_via(holder, uplink, table));
         }
         if let Some((device, cidrs)) = tunnel {
+            // The tunnel's route replaces main's copy to the same pods: both in the list, each
+            // write would replace the other, and every other sync would leave main's.
+            wanted.retain(|r| !cidrs.contains(&destination(r)));
             wanted.extend(cidrs.iter().map(|cidr| through(*cidr, device, table)));
         }
         self.replace_table(table, &wanted).await
@@ -644,6 +637,19 @@ fn is_path(attr: &RouteAttribute) -> bool {
 
 /// `cidr` straight out of `device` (no next hop: the device does not resolve any). Marked as
 /// a static route: routing daemons skip routes of no protocol (BIRD's `learn` does).
+/// Where a route leads (0.0.0.0/0 for a default route).
+fn destination(route: &RouteMessage) -> Ipv4Net {
+    let address = route
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(*ip),
+            _ => None,
+        })
+        .unwrap_or(Ipv4Addr::UNSPECIFIED);
+    Ipv4Net::new(address, route.header.destination_prefix_length).unwrap_or_default()
+}
+
 fn through(cidr: Ipv4Net, device: u32, table: u32) -> RouteMessage {
     let mut route = RouteMessage::default();
     route.header.address_family = AddressFamily::Inet;
