@@ -170,14 +170,6 @@ impl Netlink {
             .await?
             .iter()
             .map(|r| {
-                let metric = r
-                    .attributes
-                    .iter()
-                    .find_map(|a| match a {
-                        RouteAttribute::Priority(p) => Some(*p),
-                        _ => None,
-                    })
-                    .unwrap_or(0);
                 let hop = match (r.header.kind, route_oif(r)) {
                     (RouteType::Unicast, Some(oif)) => Hop::Out(oif),
                     (RouteType::Unreachable | RouteType::BlackHole | RouteType::Prohibit, _) => {
@@ -185,7 +177,7 @@ impl Netlink {
                     }
                     _ => Hop::Ask,
                 };
-                (destination(r), metric, hop)
+                (destination(r), metric(r), hop)
             })
             .collect())
     }
@@ -223,11 +215,7 @@ impl Netlink {
             .collect())
     }
 
-    /// Makes `table` hold the main table's unicast routes through `uplink`, so that marked
-    /// packets leave through it whatever other routes the node has. With `via`, the default
-    /// route goes to that node instead: the holder every local selected pod uses. With
-    /// `tunnel`, the other nodes' pod CIDRs go through that device (index, CIDRs): the way
-    /// back for replies to pods whose packets came through it.
+    /// Makes `table` hold what [`table_routes_for`] says, from the main table as it is now.
     pub async fn sync_table(
         &self,
         table: u32,
@@ -235,23 +223,8 @@ impl Netlink {
         via: Option<Ipv4Addr>,
         tunnel: Option<(u32, &[Ipv4Net])>,
     ) -> Result<(), DatapathError> {
-        let mut wanted: Vec<RouteMessage> = self
-            .table_routes(MAIN_TABLE)
-            .await?
-            .into_iter()
-            .filter(|r| r.header.kind == RouteType::Unicast && route_oif(r) == Some(uplink))
-            .map(|r| retable(r, table))
-            .collect();
-        if let Some(holder) = via {
-            wanted.retain(|r| r.header.destination_prefix_length != 0);
-            wanted.push(default_via(holder, uplink, table));
-        }
-        if let Some((device, cidrs)) = tunnel {
-            // The tunnel's route replaces main's copy to the same pods: both in the list, each
-            // write would replace the other, and every other sync would leave main's.
-            wanted.retain(|r| !cidrs.contains(&destination(r)));
-            wanted.extend(cidrs.iter().map(|cidr| through(*cidr, device, table)));
-        }
+        let main = self.table_routes(MAIN_TABLE).await?;
+        let wanted = table_routes_for(main, table, uplink, via, tunnel);
         self.replace_table(table, &wanted).await
     }
 
@@ -619,6 +592,64 @@ fn route_table(route: &RouteMessage) -> u32 {
         .unwrap_or(u32::from(route.header.table))
 }
 
+/// Our table: the main table's unicast routes through `uplink`, so that marked packets leave
+/// through it whatever other routes the node has. With `via`, the default route goes to that
+/// node instead: the holder every local selected pod uses. With `tunnel`, the other nodes' pod
+/// CIDRs go through that device (index, CIDRs): the way back for replies to pods whose packets
+/// came through it. One route per destination: two (main's to one prefix at two metrics, or
+/// main's beside the tunnel's) would replace each other at every write, and every other sync
+/// would leave the wrong one.
+fn table_routes_for(
+    main: Vec<RouteMessage>,
+    table: u32,
+    uplink: u32,
+    via: Option<Ipv4Addr>,
+    tunnel: Option<(u32, &[Ipv4Net])>,
+) -> Vec<RouteMessage> {
+    let mut main: Vec<RouteMessage> = main
+        .into_iter()
+        .filter(|r| r.header.kind == RouteType::Unicast && route_oif(r) == Some(uplink))
+        .collect();
+    // The copies carry no metric: of several to one destination, the one main prefers.
+    main.sort_by_key(|r| (destination(r), metric(r)));
+    main.dedup_by_key(|r| destination(r));
+    let mut wanted: Vec<RouteMessage> = main.into_iter().map(|r| retable(r, table)).collect();
+    if let Some(holder) = via {
+        wanted.retain(|r| r.header.destination_prefix_length != 0);
+        wanted.push(default_via(holder, uplink, table));
+    }
+    if let Some((device, cidrs)) = tunnel {
+        wanted.retain(|r| !cidrs.contains(&destination(r)));
+        wanted.extend(cidrs.iter().map(|cidr| through(*cidr, device, table)));
+    }
+    wanted
+}
+
+/// Where a route leads (0.0.0.0/0 for a default route).
+fn destination(route: &RouteMessage) -> Ipv4Net {
+    let address = route
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(*ip),
+            _ => None,
+        })
+        .unwrap_or(Ipv4Addr::UNSPECIFIED);
+    Ipv4Net::new(address, route.header.destination_prefix_length).unwrap_or_default()
+}
+
+/// A route's metric (0 when it has none).
+fn metric(route: &RouteMessage) -> u32 {
+    route
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Priority(p) => Some(*p),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
 fn route_oif(route: &RouteMessage) -> Option<u32> {
     route.attributes.iter().find_map(|a| match a {
         RouteAttribute::Oif(i) => Some(*i),
@@ -637,19 +668,6 @@ fn is_path(attr: &RouteAttribute) -> bool {
 
 /// `cidr` straight out of `device` (no next hop: the device does not resolve any). Marked as
 /// a static route: routing daemons skip routes of no protocol (BIRD's `learn` does).
-/// Where a route leads (0.0.0.0/0 for a default route).
-fn destination(route: &RouteMessage) -> Ipv4Net {
-    let address = route
-        .attributes
-        .iter()
-        .find_map(|a| match a {
-            RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(*ip),
-            _ => None,
-        })
-        .unwrap_or(Ipv4Addr::UNSPECIFIED);
-    Ipv4Net::new(address, route.header.destination_prefix_length).unwrap_or_default()
-}
-
 fn through(cidr: Ipv4Net, device: u32, table: u32) -> RouteMessage {
     let mut route = RouteMessage::default();
     route.header.address_family = AddressFamily::Inet;
@@ -715,4 +733,89 @@ fn same_route(a: &RouteMessage, b: &RouteMessage) -> bool {
         (r.header.destination_prefix_length, attrs)
     };
     key(a) == key(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UPLINK: u32 = 2;
+    const TABLE: u32 = 1490;
+
+    fn route(cidr: &str, gateway: Option<&str>, oif: u32, metric: Option<u32>) -> RouteMessage {
+        let cidr: Ipv4Net = cidr.parse().expect("cidr");
+        let mut r = RouteMessage::default();
+        r.header.address_family = AddressFamily::Inet;
+        r.header.destination_prefix_length = cidr.prefix_len();
+        r.header.kind = RouteType::Unicast;
+        if cidr.prefix_len() > 0 {
+            r.attributes
+                .push(RouteAttribute::Destination(RouteAddress::Inet(
+                    cidr.network(),
+                )));
+        }
+        if let Some(gw) = gateway {
+            r.attributes
+                .push(RouteAttribute::Gateway(RouteAddress::Inet(
+                    gw.parse().expect("gateway"),
+                )));
+        }
+        r.attributes.push(RouteAttribute::Oif(oif));
+        if let Some(m) = metric {
+            r.attributes.push(RouteAttribute::Priority(m));
+        }
+        r
+    }
+
+    fn gateway_of(r: &RouteMessage) -> Option<Ipv4Addr> {
+        r.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Gateway(RouteAddress::Inet(ip)) => Some(*ip),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn one_route_per_destination_the_one_main_prefers() {
+        let main = vec![
+            route("0.0.0.0/0", Some("10.99.0.254"), UPLINK, Some(200)),
+            route("0.0.0.0/0", Some("10.99.0.1"), UPLINK, Some(100)),
+            route("10.99.0.0/24", None, UPLINK, None),
+            // Not through the uplink: not copied.
+            route("10.244.1.2/32", None, 7, None),
+        ];
+        let ours = table_routes_for(main, TABLE, UPLINK, None, None);
+        assert_eq!(ours.len(), 2);
+        let default = ours
+            .iter()
+            .find(|r| destination(r).prefix_len() == 0)
+            .expect("a default route");
+        assert_eq!(gateway_of(default), Some("10.99.0.1".parse().expect("ip")));
+    }
+
+    #[test]
+    fn the_tunnel_replaces_mains_route_to_another_nodes_pods() {
+        let main = vec![
+            route("0.0.0.0/0", Some("10.99.0.1"), UPLINK, None),
+            route("10.244.2.0/24", Some("10.99.0.12"), UPLINK, None),
+        ];
+        let pods: Vec<Ipv4Net> = vec!["10.244.2.0/24".parse().expect("cidr")];
+        let ours = table_routes_for(main, TABLE, UPLINK, None, Some((9, &pods)));
+        let to_pods: Vec<&RouteMessage> =
+            ours.iter().filter(|r| destination(r) == pods[0]).collect();
+        assert_eq!(to_pods.len(), 1);
+        assert_eq!(route_oif(to_pods[0]), Some(9));
+        // With a single remote holder, the default route goes to it.
+        let ours = table_routes_for(
+            vec![route("0.0.0.0/0", Some("10.99.0.1"), UPLINK, None)],
+            TABLE,
+            UPLINK,
+            Some("10.99.0.12".parse().expect("ip")),
+            None,
+        );
+        assert_eq!(ours.len(), 1);
+        assert_eq!(
+            gateway_of(&ours[0]),
+            Some("10.99.0.12".parse().expect("ip"))
+        );
+    }
 }
