@@ -159,14 +159,7 @@ fn pod_ingress(ctx: &TcContext) -> Option<i32> {
     if pod.gateway == GATEWAY_HOLD {
         return hold(ctx, src, dst);
     }
-    let key = Key::new(
-        DEST_GATEWAY_BITS + 32,
-        DestKey {
-            gateway: pod.gateway,
-            addr: dst,
-        },
-    );
-    if *SE_DESTS.get(&key)? != DEST_VIA_GATEWAY {
+    if !via_gateway(pod.gateway, dst) {
         return None;
     }
     let counters = SE_COUNTERS.get_ptr_mut(&pod.gateway);
@@ -268,14 +261,7 @@ fn fast_back(ctx: &TcContext, config: &Config, tunneled: bool) -> Option<i32> {
     if !tunneled && read::<[u8; 6]>(ctx, 6)? != egress.holder_mac {
         return None;
     }
-    let key = Key::new(
-        DEST_GATEWAY_BITS + 32,
-        DestKey {
-            gateway: pod.gateway,
-            addr: src,
-        },
-    );
-    if *SE_DESTS.get(&key)? != DEST_VIA_GATEWAY {
+    if !via_gateway(pod.gateway, src) {
         return None;
     }
     let ttl = forwardable(ctx)?;
@@ -390,6 +376,12 @@ fn redirect_neigh(ifindex: u32, next_hop: u32) -> i32 {
             0,
         )
     }) as i32
+}
+
+/// Whether `addr` is one of `gateway`'s destinations (not excluded from them).
+fn via_gateway(gateway: u32, addr: u32) -> bool {
+    let key = Key::new(DEST_GATEWAY_BITS + 32, DestKey { gateway, addr });
+    SE_DESTS.get(&key).is_some_and(|v| *v == DEST_VIA_GATEWAY)
 }
 
 /// A starting pod the agent holds may reach the cluster; anything else it sends is dropped
