@@ -24,6 +24,7 @@ use crate::report::node_status::{AppliedPlan, NodeStatus, NodeStatusError};
 use crate::report::outputs::Outputs;
 use crate::report::{Report, Reporter};
 use crate::source::cni::{self, Announcements};
+use crate::source::flows::FlowSync;
 use crate::source::kube::ClusterSource;
 use crate::source::leases::{self, LeaseOptions, Lost};
 use crate::source::objects::Objects;
@@ -137,6 +138,15 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
     let mut signals = Signals::new()?;
     let failover = options.failover.clone();
     let (asks, probe_asks) = watch::channel(Asks::default());
+    datapath.restore_from(crate::source::flows::start(
+        FlowSync {
+            port: failover.probes.port,
+            interval: failover.flow_sync,
+            mark: datapath.mark(),
+        },
+        datapath.held(),
+        probe_asks.clone(),
+    ));
     let mut liveness = crate::source::probes::start(failover.probes.clone(), probe_asks)
         .map_err(AgentError::Probes)?;
     let mut agent = Agent {

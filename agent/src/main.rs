@@ -175,6 +175,11 @@ struct AgentArgs {
     /// the data path in place for a restart.
     #[arg(long)]
     drain_on_stop: bool,
+    /// How often a holder tells the nodes that may take its egress IPs over which connections
+    /// SNAT gave another source port than their own, so that those survive a takeover too
+    /// (the others keep their port anyway); `0s` turns it off. Sent to the probe port.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    flow_sync_interval: Duration,
     /// In cluster mode, how long a holder's claim on an egress IP's Lease stands after its
     /// last renewal (renewed every fifth of it): a node that lost an egress IP to a later
     /// claim stays away from it that long after the claim's last renewal.
@@ -374,6 +379,7 @@ fn main() -> ExitCode {
                     },
                     lease: args.lease,
                     drain_on_stop: args.drain_on_stop,
+                    flow_sync: args.flow_sync_interval,
                 },
                 datapath: DatapathConfig {
                     bpffs: args.bpffs,

@@ -32,6 +32,9 @@ pub struct FailoverOptions {
     pub lease: Duration,
     /// On SIGTERM, hand the egress IPs over before stopping.
     pub drain_on_stop: bool,
+    /// How often a holder tells the others its remapped connections (see
+    /// [`crate::source::flows`]); zero: never.
+    pub flow_sync: Duration,
 }
 
 impl FailoverOptions {

@@ -1242,6 +1242,17 @@ impl Cluster {
         interval: Duration,
         duration: Duration,
     ) -> Result<Stream> {
+        self.start_stream_from(pod, 0, interval, duration)
+    }
+
+    /// [`Self::start_stream`] from `source_port` (any when 0).
+    pub fn start_stream_from(
+        &mut self,
+        pod: &LabPod,
+        source_port: u16,
+        interval: Duration,
+        duration: Duration,
+    ) -> Result<Stream> {
         let echo = SocketAddrV4::new(self.ext_ip, self.settings.probe_port + 1);
         if self.ext_echo.is_none() {
             let mut cmd = netns_command(&self.ext_netns, [self.probe_bin.as_os_str()]);
@@ -1266,7 +1277,8 @@ impl Cluster {
         cmd.arg("stream")
             .arg(echo.to_string())
             .args(["--interval-ms", &interval.as_millis().to_string()])
-            .args(["--seconds", &duration.as_secs().to_string()]);
+            .args(["--seconds", &duration.as_secs().to_string()])
+            .args(["--source-port", &source_port.to_string()]);
         let what = format!("se-probe stream in {}/{}", pod.namespace, pod.name);
         Ok(Stream {
             process: Background::spawn(cmd, &out, what)?,

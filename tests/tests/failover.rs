@@ -238,6 +238,103 @@ fn a_holder_cut_off_hands_over_within_300_ms_and_streams_survive() -> Result<()>
     })
 }
 
+/// Two pods' connections from one source port to one server: the holder's SNAT gives one of
+/// them another port, which node3 cannot guess when it takes over. node2 tells it (every
+/// second, `--flow-sync-interval`), node3 restores that translation before its SNAT goes in,
+/// and both connections keep flowing across the takeover, and across the planned move back
+/// to node2 once it is reachable again.
+#[test]
+fn connections_snat_gave_another_port_survive_a_takeover_and_the_move_back() -> Result<()> {
+    const PORT: u16 = 40_123;
+    Scene::run(|scene| {
+        let other = api_pod(&mut scene.cluster, "api-2", "node1")?;
+        scene.cluster.write_objects()?;
+        wait_all_applied(&scene.cluster)?;
+        expect_source(&scene.cluster, &other, EGRESS_IP)?;
+        let streams = [&scene.pod, &other]
+            .into_iter()
+            .map(|pod| {
+                scene.cluster.start_stream_from(
+                    pod,
+                    PORT,
+                    Duration::from_millis(10),
+                    Duration::from_secs(9),
+                )
+            })
+            .collect::<Result<Vec<Stream>>>()?;
+        // node2 lists its remapped connections every second, or less often when a listing was
+        // slow (a loaded machine): let it tell node3 at least once.
+        std::thread::sleep(Duration::from_millis(2500));
+        // What makes this test: on node2, one of the two left with another port.
+        let translated = translated_ports(&scene.cluster, "node2")?;
+        ensure!(
+            translated.len() == 2 && translated.iter().any(|p| *p != PORT),
+            "expected two connections on node2, one translated to another port than {PORT}: {translated:?}"
+        );
+
+        scene.cluster.cut_off("node2", true)?;
+        let took = scene.until_holds("node3")?;
+        eprintln!(
+            "node2 cut off: node3 holds the egress IP after {took:?}; ports on node2 {translated:?}"
+        );
+        // Once both connections sent again (every 10 ms).
+        std::thread::sleep(Duration::from_millis(300));
+        let on_node3 = translated_ports(&scene.cluster, "node3")?;
+        ensure!(
+            on_node3 == translated,
+            "node3 translated the connections to {on_node3:?}, node2 to {translated:?}"
+        );
+        // node3 tells node2 in turn, which takes its egress IP back after the rejoin time.
+        scene.cluster.cut_off("node2", false)?;
+        let back = scene.until_held_by("node2", "node3")?;
+        eprintln!("node2 back: holds the egress IP again after {back:?}");
+        std::thread::sleep(Duration::from_millis(300));
+        let back_on_node2 = translated_ports(&scene.cluster, "node2")?;
+        for stream in streams {
+            let outcome = stream.wait(Duration::from_secs(30))?;
+            eprintln!("stream across the takeover: {outcome:?}");
+            ensure!(
+                outcome.survived,
+                "a long-lived connection broke: {outcome:?}"
+            );
+        }
+        ensure!(
+            back_on_node2 == translated,
+            "back on node2, the connections are translated to {back_on_node2:?}, before to {translated:?}"
+        );
+        Ok(())
+    })
+}
+
+/// The source ports `node` translates the pods' connections to the echo server to, sorted.
+fn translated_ports(cluster: &Cluster, node: &str) -> Result<Vec<u16>> {
+    let listed = netlab::exec(
+        &cluster.node(node)?.netns,
+        [
+            "conntrack",
+            "-L",
+            "-p",
+            "tcp",
+            "--state",
+            "ESTABLISHED",
+            "--reply-dst",
+            &EGRESS_IP.to_string(),
+        ],
+    )?;
+    let mut ports: Vec<u16> = listed
+        .lines()
+        .filter_map(|line| {
+            line.split_whitespace()
+                .filter_map(|f| f.strip_prefix("dport="))
+                .nth(1)?
+                .parse()
+                .ok()
+        })
+        .collect();
+    ports.sort_unstable();
+    Ok(ports)
+}
+
 /// node3 announced the egress IP when it took it and again a few times (upstream caches miss
 /// single announcements), and never once node2 had taken it back.
 fn announced_while_held(cluster: &Cluster, arp: &ArpSeen) -> Result<()> {

@@ -188,6 +188,8 @@ pub struct Datapath {
     nft: Option<NftApplied>,
     /// The egress IPs on the uplink now, for the repeated announcements of those just taken.
     held_now: tokio::sync::watch::Sender<BTreeSet<Ipv4Addr>>,
+    /// The remapped connections of the other holders, restored on taking their egress IPs.
+    handed_over: tokio::sync::watch::Receiver<conntrack::HandedOver>,
     /// Which holders packets reach through the tunnel.
     tunnels: tunnel::Tunnels,
     /// The egress IPs of `announce: Aws` gateways held here, in EC2.
@@ -214,10 +216,29 @@ impl Datapath {
             state,
             nft: None,
             held_now: tokio::sync::watch::Sender::new(BTreeSet::new()),
+            handed_over: tokio::sync::watch::channel(conntrack::HandedOver::new()).1,
             tunnels: tunnel::Tunnels::default(),
             ec2: aws::Announced::new(ec2),
             _lock: lock,
         })
+    }
+
+    /// The egress IPs held here, as each apply leaves them.
+    pub fn held(&self) -> tokio::sync::watch::Receiver<BTreeSet<Ipv4Addr>> {
+        self.held_now.subscribe()
+    }
+
+    /// Where the other holders' remapped connections come from.
+    pub fn restore_from(
+        &mut self,
+        handed_over: tokio::sync::watch::Receiver<conntrack::HandedOver>,
+    ) {
+        self.handed_over = handed_over;
+    }
+
+    /// Our fwmark bit.
+    pub fn mark(&self) -> u32 {
+        self.config.fwmark
     }
 
     pub fn counters(&self) -> BTreeMap<u32, static_egress_common::Counters> {
@@ -330,16 +351,14 @@ impl Datapath {
             .await?
             .into_iter()
             .collect();
-        for ip in snat
-            .iter()
-            .map(|s| s.egress_ip)
-            .filter(|ip| !present.contains(ip))
-        {
+        for taken in snat.iter().filter(|s| !present.contains(&s.egress_ip)) {
+            let ip = taken.egress_ip;
             if let Err(e) = conntrack::forget_translated_to(ip) {
                 applied.warnings.push(format!(
                     "forgetting connections translated to {ip} before taking it: {e}"
                 ));
             }
+            self.restore_remapped(taken, rule.mark, &mut applied.warnings);
         }
         let in_force = self.sync_nft(&snat, marks, devices, check, &mut applied)?;
         let warnings = &mut applied.warnings;
@@ -695,6 +714,30 @@ impl Datapath {
             self.state.save(&self.config.state_dir)?;
         }
         Ok(())
+    }
+
+    /// Restores the connections the last holder of `taken` translated to other ports than
+    /// their own (see [`crate::source::flows`]): only those of pods it translates.
+    fn restore_remapped(&self, taken: &SnatPlan, mark: u32, warnings: &mut Warnings) {
+        let ip = taken.egress_ip;
+        let flows: Vec<conntrack::Remapped> = self
+            .handed_over
+            .borrow()
+            .get(&ip)
+            .into_iter()
+            .flatten()
+            .filter(|f| taken.pods.binary_search(f.source.ip()).is_ok())
+            .copied()
+            .collect();
+        match conntrack::restore(ip, &flows, mark) {
+            Ok(0) => {}
+            Ok(restored) => {
+                tracing::info!(egress_ip = %ip, restored, "restored remapped connections of the last holder");
+            }
+            Err(e) => warnings.push(format!(
+                "restoring the remapped connections of {ip}'s last holder: {e}"
+            )),
+        }
     }
 
     /// Adds the held egress IPs that are not `present` on the uplink (recorded first) and

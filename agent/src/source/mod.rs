@@ -1,10 +1,12 @@
 //! The agent's inputs: its objects, from a file of Kubernetes objects (read as a stream of
-//! documents) watched for changes or from the cluster's API server, and what probes between
-//! nodes say of the nodes that may hold egress IPs.
+//! documents) watched for changes or from the cluster's API server, what probes between
+//! nodes say of the nodes that may hold egress IPs, and the connections their holders hand
+//! over.
 
 pub mod cni;
 pub mod documents;
 mod file;
+pub mod flows;
 #[cfg(test)]
 mod fuzz;
 pub mod kube;

@@ -19,7 +19,7 @@ const USAGE: &str = "usage:
   se-probe serve --listen ADDR:PORT [--log FILE]
   se-probe ask ADDR:PORT [--timeout-ms N]
   se-probe loop ADDR:PORT --interval-ms N --count N [--timeout-ms N]
-  se-probe stream ADDR:PORT --interval-ms N --seconds N [--timeout-ms N]
+  se-probe stream ADDR:PORT --interval-ms N --seconds N [--timeout-ms N] [--source-port N]
   se-probe echo --listen ADDR:PORT
   se-probe rr ADDR:PORT --count N [--size BYTES] [--warmup N] [--timeout-ms N]
   se-probe arp INTERFACE SENDER_IP TARGET_IP --interval-ms N";
@@ -116,12 +116,20 @@ fn run(args: &[String]) -> Result<ExitCode, Failure> {
             })
         }
         "stream" => {
-            parsed.only(&["interval-ms", "seconds", "timeout-ms"], 1)?;
+            parsed.only(&["interval-ms", "seconds", "timeout-ms", "source-port"], 1)?;
             let addr = parse_addr(&parsed.positional[0])?;
             let interval = parsed.millis("interval-ms", 10)?;
             let seconds = parsed.number("seconds", None)?;
             let timeout = parsed.millis("timeout-ms", 10_000)?;
-            let outcome = stream(addr, interval, Duration::from_secs(seconds), timeout);
+            let source_port = u16::try_from(parsed.number("source-port", Some(0))?)
+                .map_err(|_| Failure::Usage("--source-port must be 0..=65535".into()))?;
+            let outcome = stream(
+                addr,
+                source_port,
+                interval,
+                Duration::from_secs(seconds),
+                timeout,
+            );
             println!("{outcome}");
             Ok(if outcome.starts_with("survived") {
                 ExitCode::SUCCESS
@@ -313,14 +321,21 @@ fn ask(addr: SocketAddr, timeout: Duration) -> Result<String, String> {
 
 /// One connection kept busy for `duration`: a numbered message every `interval`, each echoed
 /// back. Says `survived <echoes> <longest silence ms>` or `broken <echoes> <longest silence
-/// ms> <why>`; the silence is the longest time between two echoes (or from the start).
-fn stream(addr: SocketAddr, interval: Duration, duration: Duration, timeout: Duration) -> String {
+/// ms> <why>`; the silence is the longest time between two echoes (or from the start). From
+/// `source_port` when it is not 0 (two pods' connections from one port: SNAT remaps one).
+fn stream(
+    addr: SocketAddr,
+    source_port: u16,
+    interval: Duration,
+    duration: Duration,
+    timeout: Duration,
+) -> String {
     let mut echoes = 0_u64;
     let mut longest = Duration::ZERO;
     let broken = |echoes: u64, longest: Duration, why: String| {
         format!("broken {echoes} {} {why}", longest.as_millis())
     };
-    let mut conn = match TcpStream::connect_timeout(&addr, timeout) {
+    let mut conn = match connect_from(addr, source_port, timeout) {
         Ok(conn) => conn,
         Err(e) => return broken(0, longest, format!("cannot connect: {e}")),
     };
@@ -352,6 +367,25 @@ fn stream(addr: SocketAddr, interval: Duration, duration: Duration, timeout: Dur
         std::thread::sleep(interval);
     }
     format!("survived {echoes} {}", longest.as_millis())
+}
+
+/// A connection to `addr` from `source_port` (any when 0).
+fn connect_from(addr: SocketAddr, source_port: u16, timeout: Duration) -> io::Result<TcpStream> {
+    if source_port == 0 {
+        return TcpStream::connect_timeout(&addr, timeout);
+    }
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    let any: SocketAddr = match addr {
+        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, source_port).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, source_port).into(),
+    };
+    socket.bind(&any.into())?;
+    socket.connect_timeout(&addr.into(), timeout)?;
+    Ok(socket.into())
 }
 
 fn echo_serve(listen: SocketAddr) -> Result<(), Failure> {
