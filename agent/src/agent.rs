@@ -246,7 +246,12 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
                 }
             }
             _ = renew.tick() => {
-                if agent.membership.renew(&mut datapath)? || agent.membership.handover_due() {
+                // The health changes with time too: a drain handed over, a cordon's grace.
+                if agent.membership.renew(&mut datapath)?
+                    || agent.membership.handover_due()
+                    || (agent.membership.settled()
+                        && agent.membership.health(&agent.node) != agent.config.health)
+                {
                     agent.reconcile(&mut datapath, &objects, Check::Changes).await?;
                 }
             }
@@ -367,6 +372,17 @@ impl Agent {
         };
         self.membership
             .set_peers(plan::peers(&loaded.snapshot, &self.node));
+        let cordoned = loaded
+            .snapshot
+            .nodes
+            .values()
+            .filter(|n| n.unschedulable)
+            .map(|n| n.name.clone())
+            .collect();
+        if self.membership.set_cordoned(&self.node, cordoned) {
+            // The kernel answers draining (or serving again) from now, not the next renewal.
+            self.membership.renew(datapath)?;
+        }
         if !self.membership.settled() {
             // Nothing is applied before the probes have had their chance: a starting node
             // would take its peers' egress IPs, or send to a node whose agent never ran. But

@@ -8,6 +8,13 @@
 //!   came back): until its agent has planned with that.
 //!
 //! Every node then hears it as fenced, or silent, and no two nodes serve one egress IP.
+//!
+//! A cordoned node drains: its kernel answers *draining* as soon as its agent sees the cordon,
+//! so the others take its egress IPs within an interval, while it translates what still
+//! reaches it for [`FailoverOptions::handover`]. The others wait for that answer rather than
+//! act on the cordon in the objects, which each node sees at its own moment; they act on the
+//! cordon alone once [`FailoverOptions::cordon_grace`] has passed without it (an agent that
+//! does not drain), as a planned move.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -43,6 +50,13 @@ impl FailoverOptions {
     pub fn handover(&self) -> Duration {
         self.probes.interval * 6
     }
+
+    /// How long a cordoned node that still answers *serving* keeps its egress IPs: the
+    /// nodes see the cordon in the objects moments apart (a file read, a watch event), and it
+    /// drains as soon as its agent does.
+    pub fn cordon_grace(&self) -> Duration {
+        self.probes.interval * 20
+    }
 }
 
 /// This node's standing, as its own lease and the probes it received say.
@@ -67,6 +81,10 @@ pub struct Membership {
     /// The probes settled once: from then on the agent plans whatever they say.
     settled_once: bool,
     draining: bool,
+    /// Since when this node is cordoned, as far as its agent knows: it drains meanwhile.
+    cordoned_since: Option<Instant>,
+    /// The other nodes the objects say are cordoned, and since when this agent knows.
+    cordoned: BTreeMap<String, Instant>,
     /// Served for twice the rejoin time (see `Health::veterans`).
     veteran: bool,
     /// Stopping for a restart: the data path stays and serves on its lease.
@@ -92,6 +110,8 @@ impl Membership {
             peers_known: false,
             settled_once: false,
             draining: false,
+            cordoned_since: None,
+            cordoned: BTreeMap::new(),
             veteran: false,
             stopping: false,
             own: Own::default(),
@@ -176,15 +196,46 @@ impl Membership {
         self.peers_known && self.liveness.settled && self.liveness.targets == self.peers.targets
     }
 
-    pub fn draining(&self) -> bool {
-        self.draining
+    /// Told to drain (SIGTERM), or cordoned.
+    fn draining(&self) -> bool {
+        self.draining || self.cordoned_since.is_some()
+    }
+
+    /// The nodes the objects say are cordoned now (`node` is this one); `true` when this
+    /// node starts or stops draining for it.
+    pub fn set_cordoned(&mut self, node: &str, mut cordoned: BTreeSet<String>) -> bool {
+        let now = Instant::now();
+        let own = cordoned.remove(node);
+        let changed = own != self.cordoned_since.is_some();
+        if changed {
+            self.cordoned_since = own.then_some(now);
+            if own {
+                tracing::info!("cordoned: handing the egress IPs of this node over");
+            } else {
+                tracing::info!("no longer cordoned: serving again");
+            }
+        }
+        self.cordoned.retain(|name, _| cordoned.contains(name));
+        for name in cordoned {
+            self.cordoned.entry(name).or_insert(now);
+        }
+        changed
     }
 
     /// The health of the candidate holders for the planner: the peers' as probed, this
     /// node's own as its lease says.
     pub fn health(&self, node: &str) -> Health {
         let mut health = self.liveness.health.clone();
-        if self.draining {
+        cordons(
+            &mut health,
+            &self.cordoned,
+            self.options.cordon_grace(),
+            Instant::now(),
+        );
+        let handed_over = self
+            .cordoned_since
+            .is_some_and(|since| since.elapsed() >= self.options.handover());
+        if self.draining || handed_over {
             health.down.insert(node.to_owned(), Down::Draining);
         } else {
             match self.own {
@@ -250,7 +301,7 @@ impl Membership {
             }
         }
         self.own = own;
-        let count_out = own == Own::Serving && !self.draining;
+        let count_out = own == Own::Serving && !self.draining();
         self.asks.send_if_modified(|old| {
             let changed = old.count_out != count_out;
             old.count_out = count_out;
@@ -307,7 +358,7 @@ impl Membership {
             steady: self.options.probes.interval * 2,
             isolated: self.options.probes.silent_after(),
             acked,
-            draining: self.draining,
+            draining: self.draining(),
         }
     }
 }
@@ -320,6 +371,21 @@ struct Terms {
     isolated: Duration,
     acked: u32,
     draining: bool,
+}
+
+/// Marks the nodes cordoned for `grace` or longer as such, unless the probes already say why
+/// they cannot hold (draining, as they should).
+fn cordons(
+    health: &mut Health,
+    cordoned: &BTreeMap<String, Instant>,
+    grace: Duration,
+    now: Instant,
+) {
+    for (name, since) in cordoned {
+        if now.duration_since(*since) >= grace {
+            health.down.entry(name.clone()).or_insert(Down::Cordoned);
+        }
+    }
 }
 
 fn nanos(d: Duration) -> u64 {
@@ -363,6 +429,25 @@ fn standing(lease: &Lease, heard: &Heard, now: u64, rejoin: Duration) -> Own {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cordon_counts_only_after_the_grace_and_a_drain_comes_first() {
+        let start = Instant::now();
+        let grace = Duration::from_secs(1);
+        let cordoned = BTreeMap::from([("n2".to_owned(), start), ("n3".to_owned(), start)]);
+        let mut health = Health::default();
+        health.down.insert("n3".into(), Down::Draining);
+        cordons(
+            &mut health,
+            &cordoned,
+            grace,
+            start + Duration::from_millis(999),
+        );
+        assert_eq!(health.down.get("n2"), None);
+        cordons(&mut health, &cordoned, grace, start + grace);
+        assert_eq!(health.down.get("n2"), Some(&Down::Cordoned));
+        assert_eq!(health.down.get("n3"), Some(&Down::Draining));
+    }
 
     const S: u64 = 1_000_000_000;
     const MS: u64 = 1_000_000;

@@ -385,6 +385,7 @@ impl Cluster {
                     labels: node.spec.labels.clone(),
                     annotations: Labels::new(),
                     ready: node.spec.ready,
+                    unschedulable: false,
                     internal_ip: Some(lab_node.ip),
                     pod_cidrs: vec![lab_node.pod_cidr],
                 }

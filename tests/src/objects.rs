@@ -282,6 +282,8 @@ pub struct Node {
     pub annotations: Labels,
     /// The `Ready` condition's status, `True` or `False`.
     pub ready: bool,
+    /// `spec.unschedulable`: cordoned.
+    pub unschedulable: bool,
     pub internal_ip: Option<Ipv4Addr>,
     /// Written as `spec.podCIDRs`, with the first also as `spec.podCIDR`, as Kubernetes does.
     pub pod_cidrs: Vec<Ipv4Net>,
@@ -295,6 +297,7 @@ impl Node {
             labels: Labels::new(),
             annotations: Labels::new(),
             ready: true,
+            unschedulable: false,
             internal_ip: None,
             pod_cidrs: Vec::new(),
         }
@@ -327,6 +330,7 @@ impl Node {
             spec: Some(core::NodeSpec {
                 pod_cidr: cidrs.first().cloned(),
                 pod_cidrs: (!cidrs.is_empty()).then_some(cidrs),
+                unschedulable: self.unschedulable.then_some(true),
                 ..core::NodeSpec::default()
             }),
             status: Some(core::NodeStatus {

@@ -535,6 +535,53 @@ fn a_draining_holder_hands_over_with_no_gap() -> Result<()> {
     })
 }
 
+/// A cordoned holder drains as one told to by SIGTERM: the others take its egress IP within
+/// an interval of hearing it drain, while it translates what still reaches it.
+#[test]
+fn a_cordoned_holder_hands_over_with_no_gap() -> Result<()> {
+    Scene::run(|scene| {
+        let stream = scene.stream(5)?;
+        let loop_ = probe(&scene.cluster, &scene.pod, 5)?;
+        let arp = scene.cluster.watch_arp(EGRESS_IP)?;
+        std::thread::sleep(Duration::from_millis(1000));
+
+        let mut cordoned = Ok(());
+        scene.cluster.update_objects(|o| {
+            cordoned = o.node_mut("node2").map(|n| n.unschedulable = true);
+        })?;
+        cordoned?;
+        let took = scene.until_held_by("node3", "node2")?;
+        let answers = loop_.wait_timed(Duration::from_secs(30))?;
+        let failed = answers.iter().filter(|(_, a)| a.source().is_none()).count();
+        let gap = longest_gap(&answers)?;
+        let outcome = stream.wait(Duration::from_secs(30))?;
+        let arp = arp.finish()?;
+        eprintln!(
+            "cordon: node3 holds the egress IP alone after {took:?}; {failed} failed connections, longest gap {gap:?}; stream {outcome:?}"
+        );
+        // As the drain (above).
+        ensure!(
+            failed <= 2 && gap < Duration::from_millis(150),
+            "{failed} connections failed during the handover, the longest gap {gap:?}"
+        );
+        ensure!(
+            outcome.survived,
+            "the long-lived connection broke: {outcome:?}"
+        );
+        one_answerer(&arp)?;
+
+        // Uncordoned, node2 serves again and takes its egress IP back.
+        scene.cluster.update_objects(|o| {
+            if let Ok(node) = o.node_mut("node2") {
+                node.unschedulable = false;
+            }
+        })?;
+        let back = scene.until_held_by("node2", "node3")?;
+        eprintln!("uncordoned: node2 holds the egress IP again after {back:?}");
+        Ok(())
+    })
+}
+
 /// Sends `signal` to the agent's process.
 fn signal(agent: &AgentHandle, signal: libc::c_int) -> Result<()> {
     let pid = libc::pid_t::try_from(agent.pid())?;

@@ -1,6 +1,6 @@
 //! Holder election, the failover policy: the nodes that may hold a gateway's egress IPs are
-//! those that are Ready, not cordoned, have an InternalIP, match its `nodeSelector` and, as far
-//! as this node's probes tell, serve now; they take the egress IPs in turn, in name order.
+//! those that are Ready, have an InternalIP, match its `nodeSelector` and, as far as this
+//! node's probes tell, serve now (a cordoned node drains: see [`crate::membership`]); they take the egress IPs in turn, in name order.
 //! Nodes that came back less than the rejoin time ago take part only when no other can and
 //! none is silent, so that a node that flaps does not pull the IPs back and forth. Every node decides alone, from
 //! the same objects and from probes that every node sees alike within an interval or two.
@@ -36,8 +36,18 @@ pub enum Down {
     Fenced,
     /// This node itself: a peer counted it out, or its lease ran out, since it last planned.
     CutOff,
-    /// It is handing its egress IPs over before it stops.
+    /// It is handing its egress IPs over (before it stops, or because it is cordoned).
     Draining,
+    /// It is cordoned and did not drain: it may still serve, so its egress IPs move as in a
+    /// planned move.
+    Cordoned,
+}
+
+impl Down {
+    /// The node no longer serves (or hands over): its egress IPs are taken at once.
+    fn let_go(self) -> bool {
+        self != Self::Cordoned
+    }
 }
 
 impl fmt::Display for Down {
@@ -47,6 +57,7 @@ impl fmt::Display for Down {
             Self::Fenced => "it answers that it is fenced",
             Self::CutOff => "it was counted out by another node, or its lease ran out",
             Self::Draining => "it is draining",
+            Self::Cordoned => "it is cordoned",
         })
     }
 }
@@ -62,9 +73,10 @@ pub struct Peers {
     pub candidate: bool,
 }
 
-/// Whether `node` may hold egress IPs of any gateway as far as its Node object goes.
+/// Whether `node` may hold egress IPs of any gateway as far as its Node object goes. A cordon
+/// is not enough to count it out (see [`Down::Cordoned`]).
 fn may_hold(node: &NodeInfo) -> bool {
-    node.ready && !node.unschedulable && node.internal_ip.is_some()
+    node.ready && node.internal_ip.is_some()
 }
 
 /// Whether `node` may hold `gateway`'s egress IPs by its Node object, whatever the probes say.
@@ -153,8 +165,8 @@ pub fn peers(snapshot: &Snapshot, node: &str) -> Peers {
 }
 
 /// The egress IPs that `next` gives `node` and `applied` gave another node that still serves
-/// (not down in `health`): a planned move, which that node makes at its own probe tick. The
-/// taker waits for it to let go; a node that is down has let go already.
+/// (not down in `health`, or only cordoned): a planned move, which that node makes at its own
+/// probe tick. The taker waits for it to let go; a node that is down has let go already.
 pub fn handovers(
     applied: &NodePlan,
     next: &NodePlan,
@@ -167,7 +179,7 @@ pub fn handovers(
         .filter(|ip| {
             before
                 .get(ip)
-                .is_some_and(|old| old != node && !health.down.contains_key(old))
+                .is_some_and(|old| old != node && !health.down.get(old).is_some_and(|d| d.let_go()))
         })
         .collect()
 }
@@ -204,10 +216,15 @@ impl NodePlan {
 
 /// Why `node` no longer holds an egress IP of `gateway`, for the event that says it moved.
 pub fn why_moved(snapshot: &Snapshot, gateway: &str, node: &str, health: &Health) -> String {
+    let info = snapshot.nodes.get(node);
     if let Some(down) = health.down.get(node) {
-        return down.to_string();
+        return if *down == Down::Draining && info.is_some_and(|n| n.unschedulable) {
+            "it is cordoned (it drained)".into()
+        } else {
+            down.to_string()
+        };
     }
-    let Some(info) = snapshot.nodes.get(node) else {
+    let Some(info) = info else {
         return "its Node is gone".into();
     };
     if !info.ready {

@@ -957,17 +957,40 @@ fn probes_move_egress_ips_off_nodes_that_are_down_and_rejoining_nodes_wait() {
     );
     assert!(around.candidate);
     assert_eq!(around.addresses.len(), 2, "n3 probes too");
-    // A cordoned node hands its egress IPs over, and is no candidate to probe.
+    // A cordoned node keeps its egress IPs until it drains (or its cordon counts without:
+    // see `membership`), and stays a candidate to probe, whose drain the others hear.
     let cordoned = world.edit_node("n2", |n| n.unschedulable = true);
-    let plan = cordoned.plan("n1");
-    assert!(
-        plan.gateways[0]
+    let holders_then = |health: Health| -> Vec<Option<String>> {
+        plan(
+            &cordoned.0,
+            "n1",
+            &PlanConfig {
+                health,
+                ..PlanConfig::default()
+            },
+        )
+        .gateways[0]
             .egress
             .iter()
-            .all(|e| e.holder.as_ref().is_some_and(|h| h.node == "n1"))
+            .map(|e| e.holder.as_ref().map(|h| h.node.clone()))
+            .collect()
+    };
+    assert_eq!(holders_then(Health::default()), [some("n1"), some("n2")]);
+    for down in [Down::Draining, Down::Cordoned] {
+        let health = Health {
+            down: [("n2".to_owned(), down)].into(),
+            ..Health::default()
+        };
+        assert_eq!(holders_then(health), [some("n1"), some("n1")]);
+    }
+    assert_eq!(
+        peers(&cordoned.0, "n1")
+            .targets
+            .into_keys()
+            .collect::<Vec<_>>(),
+        ["n2"]
     );
-    assert!(peers(&cordoned.0, "n1").targets.is_empty());
-    assert!(!peers(&cordoned.0, "n2").candidate);
+    assert!(peers(&cordoned.0, "n2").candidate);
 }
 
 #[test]
@@ -1175,6 +1198,15 @@ fn a_planned_move_waits_for_the_serving_holder_to_let_go() {
         ..Health::default()
     };
     assert!(handovers(&applied, &next, "n1", &n2_down).is_empty());
+    // A node cordoned that did not drain may still serve: the move waits as a planned one.
+    let n2_cordoned = Health {
+        down: [("n2".to_owned(), Down::Cordoned)].into(),
+        ..Health::default()
+    };
+    assert_eq!(
+        handovers(&applied, &next, "n1", &n2_cordoned),
+        ["192.0.2.1".parse().expect("ip")].into()
+    );
     // While it waits, its plan holds the IP for no node.
     let waiting = plan(
         &world.0,
