@@ -403,13 +403,13 @@ impl Agent {
         report_new(&mut self.problems, now, |m| tracing::warn!("{m}"));
         self.config.health = self.membership.health(&self.node);
         self.config.starting = self.announced.starting(&loaded.snapshot);
-        self.config.not_yet.clear();
+        self.config.moving.clear();
         let mut plan = plan::plan(&loaded.snapshot, &self.node, &self.config);
         if let Some((applied, ..)) = &self.applied {
-            self.config.not_yet =
+            self.config.moving =
                 self.membership
-                    .not_yet(applied, &plan, &self.node, &self.config.health);
-            if !self.config.not_yet.is_empty() {
+                    .moving(applied, &plan, &self.node, &self.config.health);
+            if !self.config.moving.is_empty() {
                 plan = plan::plan(&loaded.snapshot, &self.node, &self.config);
             }
         }
@@ -438,7 +438,6 @@ impl Agent {
                         health: self.config.health.clone(),
                         refused: applied.refused,
                         lost: self.config.lost.clone(),
-                        pending: self.config.not_yet.clone(),
                     })));
                 }
                 if let Some(held) = &self.held {

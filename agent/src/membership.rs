@@ -24,7 +24,7 @@ use static_egress_common::{Heard, LEASE_DRAINING, Lease};
 use tokio::sync::watch;
 
 use crate::datapath::{Datapath, DatapathError, monotonic_ns};
-use crate::plan::{Down, Health, NodePlan, Peers, handovers};
+use crate::plan::{Down, Health, Holder, NodePlan, Peers, handovers};
 use crate::source::probes::{Asks, Liveness, ProbeConfig};
 
 /// How often the nodes that probed this one are counted (a walk of a map of up to one entry
@@ -96,8 +96,8 @@ pub struct Membership {
     acked: Option<u32>,
     probed_by: usize,
     counted_at: Option<Instant>,
-    /// Planned takeovers under way (see `not_yet`), and when each began.
-    taking: BTreeMap<Ipv4Addr, Instant>,
+    /// Planned moves under way (see `moving`): the old holder, and when the move is due.
+    taking: BTreeMap<Ipv4Addr, (Holder, Instant)>,
 }
 
 impl Membership {
@@ -123,42 +123,46 @@ impl Membership {
         }
     }
 
-    /// Of the egress IPs that `next` gives `node` from a node that still serves them in
-    /// `applied`, those it must not take yet: that node lets go at its own next probe tick
-    /// and apply, which four intervals cover. A planned move has a short gap rather than two
-    /// holders. A takeover under way stays one while `next` gives the IP to this node, though
-    /// the plan applied meanwhile held it for no node.
-    pub fn not_yet(
+    /// The planned moves from `applied` to `next` still under way (see
+    /// [`PlanConfig::moving`](crate::plan::PlanConfig::moving)): each waits four intervals,
+    /// which cover the old holder's next probe tick and apply, from when this node first
+    /// saw it; the old holder itself waits two more, to translate what nodes that act a
+    /// little later still send it. A move ends when it is due (the plan made now enacts it)
+    /// or when `next` no longer makes it.
+    pub fn moving(
         &mut self,
         applied: &NodePlan,
         next: &NodePlan,
         node: &str,
         health: &Health,
-    ) -> BTreeSet<Ipv4Addr> {
-        let handovers = handovers(applied, next, node, health);
-        let mine = next.held_by(node);
+    ) -> BTreeMap<Ipv4Addr, Holder> {
+        let after = next.holders();
+        self.taking
+            .retain(|ip, (old, _)| after.get(ip).is_some_and(|new| *new != old.node));
         let now = Instant::now();
-        self.taking.retain(|ip, _| mine.contains(ip));
-        for ip in handovers {
-            self.taking.entry(ip).or_insert(now);
+        for (ip, old) in handovers(applied, next, health) {
+            let wait = if old.node == node {
+                self.options.handover()
+            } else {
+                self.handover_wait()
+            };
+            self.taking.entry(ip).or_insert((old, now + wait));
         }
-        let wait = self.handover_wait();
+        self.taking.retain(|_, (_, due)| *due > now);
         self.taking
             .iter()
-            .filter(|(_, at)| now.duration_since(**at) < wait)
-            .map(|(ip, _)| *ip)
+            .map(|(ip, (old, _))| (*ip, old.clone()))
             .collect()
     }
 
-    /// A takeover has waited long enough: the agent plans again.
+    /// A planned move is due: the agent plans again.
     pub fn handover_due(&self) -> bool {
-        let wait = self.handover_wait();
-        self.taking.values().any(|at| at.elapsed() >= wait)
+        let now = Instant::now();
+        self.taking.values().any(|(_, due)| *due <= now)
     }
 
-    /// The old holder hears of the move up to an interval after this node (each reads the
-    /// other's uptime from its probes), acts at its next tick and applies: four intervals
-    /// cover that with room to spare.
+    /// Four intervals: the old holder hears of the move up to an interval after this node
+    /// (each reads the other's uptime from its probes), acts at its next tick and applies.
     fn handover_wait(&self) -> Duration {
         self.options.probes.interval * 4
     }

@@ -651,8 +651,10 @@ fn a_holder_turning_not_ready_hands_over_with_one_holder_at_a_time_and_streams_s
     })
 }
 
-/// A change of the objects moves the egress IP from node2, which still serves, to node3: node2
-/// lets go at its tick, node3 takes it after, with a short gap and no two holders.
+/// A change of the objects moves the egress IP from node2, which still serves, to node3: for
+/// four probe intervals every node keeps sending to node2, which translates without announcing
+/// the IP any more; then node3 takes it and the others follow, while node2 translates what
+/// still reaches it for two intervals more. No gap, and never two nodes answering ARP.
 fn objects_move_the_egress_ip(
     what: &str,
     edit: impl FnOnce(&mut netlab::objects::Objects) -> Result<()>,
@@ -670,18 +672,18 @@ fn objects_move_the_egress_ip(
         eprintln!("{what}: node3 holds the egress IP alone after {took:?}");
 
         let answers = loop_.wait_timed(Duration::from_secs(30))?;
+        let failed = answers.iter().filter(|(_, a)| a.source().is_none()).count();
         let gap = longest_gap(&answers)?;
         let outcome = stream.wait(Duration::from_secs(30))?;
-        eprintln!("stream across the move: {outcome:?}");
+        eprintln!("{what}: {failed} failed connections, longest gap {gap:?}; stream {outcome:?}");
         ensure!(
             outcome.survived,
             "the long-lived connection broke: {outcome:?}"
         );
-        // The file reload, four probe intervals of handover wait, the apply, and the
-        // loop's 50 ms resolution.
+        // As the drain.
         ensure!(
-            gap < Duration::from_millis(500),
-            "new connections went unanswered for {gap:?}"
+            failed <= 2 && gap < Duration::from_millis(150),
+            "{failed} connections failed during the move, the longest gap {gap:?}"
         );
         one_answerer(&arp.finish()?)?;
         Ok(())

@@ -941,6 +941,14 @@ pub fn map_contents(
     pod_links: &HashMap<Ipv4Addr, PodLink>,
 ) -> MapContents {
     let mut maps = MapContents::default();
+    // Per egress IP held here: a gateway's own setting, or quiet while it leaves in a planned
+    // move (see `PlanConfig::moving`).
+    let quiet: BTreeSet<Ipv4Addr> = plan
+        .snat
+        .iter()
+        .filter(|s| s.announce.quiet())
+        .map(|s| s.egress_ip)
+        .collect();
     for gw in &plan.gateways {
         let flags = match gw.failure_policy {
             FailurePolicy::FailClosed => GATEWAY_FAIL_CLOSED,
@@ -951,7 +959,7 @@ pub fn map_contents(
             let entry = match &e.holder {
                 Some(h) => EgressEntry {
                     holder: wire(h.node_ip),
-                    flags: if h.node == plan.node && gw.announce.quiet() {
+                    flags: if h.node == plan.node && quiet.contains(&e.ip) {
                         EGRESS_LOCAL | EGRESS_QUIET
                     } else if h.node == plan.node {
                         EGRESS_LOCAL
@@ -1137,6 +1145,37 @@ mod tests {
             EGRESS_LOCAL
         );
         assert_eq!(single_remote_holder(&plan(["node2", "node3"], &[])), None);
+    }
+
+    #[test]
+    fn an_egress_ip_held_here_is_quiet_as_its_translation_says() {
+        let mut local = plan(["node1", "node1"], &[]);
+        let snat = |addr: &str, announce: Announce| SnatPlan {
+            gateway: "a".into(),
+            egress_ip: ip(addr),
+            pods: vec![],
+            destinations: vec![],
+            excluded: vec![],
+            announce,
+        };
+        // Gateway `a` answers ARP, but its IP leaves in a planned move (see
+        // `PlanConfig::moving`); `b`'s goes on.
+        local.snat = vec![
+            snat("10.99.0.200", Announce::None),
+            snat("10.99.0.201", Announce::Arp),
+        ];
+        let maps = map_contents(
+            &local,
+            None,
+            &BTreeMap::new(),
+            &BTreeSet::new(),
+            &HashMap::new(),
+        );
+        assert_eq!(
+            maps.egress[&wire(ip("10.99.0.200"))].flags,
+            EGRESS_LOCAL | EGRESS_QUIET
+        );
+        assert_eq!(maps.egress[&wire(ip("10.99.0.201"))].flags, EGRESS_LOCAL);
     }
 
     #[test]

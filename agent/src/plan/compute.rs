@@ -14,7 +14,7 @@ use super::{
     Budget, DestEntry, GatewayPlan, HeldPod, HoldReason, Holder, NodePlan, PlanConfig, PlanProblem,
     PodPlan, Reason, RejectReason, Rejection, SnatPlan,
 };
-use crate::model::{Gateway, NamespaceInfo, PodInfo, Snapshot};
+use crate::model::{Announce, Gateway, NamespaceInfo, PodInfo, Snapshot};
 
 /// FNV-1a, 32 bits: stable across releases and architectures, unlike `std`'s hashers.
 fn fnv1a_32(bytes: &[u8]) -> u32 {
@@ -54,6 +54,9 @@ pub fn plan(snapshot: &Snapshot, node: &str, config: &PlanConfig) -> NodePlan {
     } = accept_gateways(snapshot, &cluster_cidrs, &config.health);
     let mut gateways = gateways;
     for egress in gateways.iter_mut().flat_map(|g| g.egress.iter_mut()) {
+        if let Some(old) = config.moving.get(&egress.ip) {
+            egress.holder = Some(old.clone());
+        }
         if egress.holder.as_ref().is_none_or(|h| h.node != node) {
             continue;
         }
@@ -65,8 +68,6 @@ pub fn plan(snapshot: &Snapshot, node: &str, config: &PlanConfig) -> NodePlan {
                     node_ip: n.internal_ip?,
                 })
             });
-        } else if config.not_yet.contains(&egress.ip) {
-            egress.holder = None;
         }
     }
 
@@ -227,7 +228,16 @@ pub fn plan(snapshot: &Snapshot, node: &str, config: &PlanConfig) -> NodePlan {
                 pods,
                 destinations: plan.destinations.clone(),
                 excluded: plan.excluded.clone(),
-                announce: plan.announce,
+                // Leaving in a planned move: translated, no longer answering ARP (the new
+                // holder will). A BGP route or an EC2 assignment stays until it lets go: the
+                // new holder's replaces it, and without either nothing reaches the IP.
+                announce: if config.moving.contains_key(&egress_ip)
+                    && plan.announce == Announce::Arp
+                {
+                    Announce::None
+                } else {
+                    plan.announce
+                },
             }
         })
         .collect();

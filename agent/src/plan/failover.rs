@@ -164,22 +164,26 @@ pub fn peers(snapshot: &Snapshot, node: &str) -> Peers {
     }
 }
 
-/// The egress IPs that `next` gives `node` and `applied` gave another node that still serves
-/// (not down in `health`, or only cordoned): a planned move, which that node makes at its own
-/// probe tick. The taker waits for it to let go; a node that is down has let go already.
+/// The planned moves between `applied` and `next`: the egress IPs that `next` gives another
+/// node than `applied` did, where that node still serves (not down in `health`, or only
+/// cordoned), with that node. It lets go at its own probe tick, the others hear of the move
+/// within moments of each other: they all wait before they act on it (see
+/// [`PlanConfig::moving`](super::PlanConfig::moving)). From a node that is down, the move
+/// happens at once: it has let go already.
 pub fn handovers(
     applied: &NodePlan,
     next: &NodePlan,
-    node: &str,
     health: &Health,
-) -> BTreeSet<Ipv4Addr> {
-    let before = applied.holders();
-    next.held_by(node)
-        .into_iter()
-        .filter(|ip| {
-            before
-                .get(ip)
-                .is_some_and(|old| old != node && !health.down.get(old).is_some_and(|d| d.let_go()))
+) -> BTreeMap<Ipv4Addr, Holder> {
+    let after = next.holders();
+    applied
+        .gateways
+        .iter()
+        .flat_map(|g| &g.egress)
+        .filter_map(|e| Some((e.ip, e.holder.clone()?)))
+        .filter(|(ip, old)| {
+            after.get(ip).is_some_and(|new| *new != old.node)
+                && !health.down.get(&old.node).is_some_and(|d| d.let_go())
         })
         .collect()
 }

@@ -11,7 +11,7 @@ mod props;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
@@ -30,9 +30,12 @@ pub struct PlanConfig {
     pub cluster_cidrs: Vec<Ipv4Net>,
     /// What probes say of the nodes that could hold egress IPs (every node serves by default).
     pub health: Health,
-    /// Egress IPs this node takes over from a node that still serves them: not before that
-    /// node has let go (see [`failover::handovers`]), so that no two nodes hold one at once.
-    pub not_yet: BTreeSet<Ipv4Addr>,
+    /// Planned moves under way (see [`failover::handovers`]): egress IPs that go to another
+    /// node, with the node that holds them and still serves. Until the move is due, every node
+    /// plans them with that holder: pods' packets still go there, the new holder does not take
+    /// them yet, and the old one translates what reaches it without answering ARP for them,
+    /// so that no two nodes answer for one at once.
+    pub moving: BTreeMap<Ipv4Addr, Holder>,
     /// Egress IPs whose holder Lease another node claimed after this node (cluster mode, see
     /// [`crate::source::leases`]), by that node: this node does not hold them while the claim
     /// stands, and routes their pods' packets to that node.

@@ -1185,39 +1185,52 @@ fn a_planned_move_waits_for_the_serving_holder_to_let_go() {
         down: [("n1".to_owned(), Down::Silent)].into(),
         ..Health::default()
     };
-    // n2 held the IP while n1 was away; n1 is back and takes it: n2 still serves, so n1 waits.
-    let applied = on("n1", n1_away.clone());
-    let next = on("n1", Health::default());
-    assert_eq!(
-        handovers(&applied, &next, "n1", &Health::default()),
-        ["192.0.2.1".parse().expect("ip")].into()
-    );
+    // n2 held the IP while n1 was away; n1 is back and takes it: n2 still serves, so the
+    // move waits (on every node: n3 sees the same).
+    let applied = on("n3", n1_away.clone());
+    let next = on("n3", Health::default());
+    let n2 = Holder {
+        node: "n2".into(),
+        node_ip: ip("10.0.0.2"),
+    };
+    let moving = BTreeMap::from([(ip("192.0.2.1"), n2.clone())]);
+    assert_eq!(handovers(&applied, &next, &Health::default()), moving);
     // From a node that is down, the move is no handover: it has let go already.
     let n2_down = Health {
         down: [("n2".to_owned(), Down::Silent)].into(),
         ..Health::default()
     };
-    assert!(handovers(&applied, &next, "n1", &n2_down).is_empty());
+    assert!(handovers(&applied, &next, &n2_down).is_empty());
     // A node cordoned that did not drain may still serve: the move waits as a planned one.
     let n2_cordoned = Health {
         down: [("n2".to_owned(), Down::Cordoned)].into(),
         ..Health::default()
     };
-    assert_eq!(
-        handovers(&applied, &next, "n1", &n2_cordoned),
-        ["192.0.2.1".parse().expect("ip")].into()
-    );
-    // While it waits, its plan holds the IP for no node.
-    let waiting = plan(
-        &world.0,
-        "n1",
-        &PlanConfig {
-            not_yet: ["192.0.2.1".parse().expect("ip")].into(),
-            ..PlanConfig::default()
-        },
-    );
-    assert!(waiting.held_by("n1").is_empty());
-    assert!(waiting.snat.is_empty());
+    assert_eq!(handovers(&applied, &next, &n2_cordoned), moving);
+    // While it waits, every plan names n2: n1 does not take the IP, n3 sends to n2, and n2
+    // translates without announcing it.
+    let waiting = |node: &str| {
+        plan(
+            &world.0,
+            node,
+            &PlanConfig {
+                moving: moving.clone(),
+                ..PlanConfig::default()
+            },
+        )
+    };
+    for node in ["n1", "n2", "n3"] {
+        assert_eq!(
+            waiting(node).holders(),
+            BTreeMap::from([(ip("192.0.2.1"), "n2".to_owned())])
+        );
+    }
+    assert!(waiting("n1").snat.is_empty());
+    let leaving = waiting("n2");
+    let [snat] = &leaving.snat[..] else {
+        panic!("n2 translates the IP: {:?}", leaving.snat);
+    };
+    assert_eq!(snat.announce, Announce::None);
 }
 
 /// A pod the runtime is starting on n1: the objects know it (labels) but not its address yet.

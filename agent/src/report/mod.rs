@@ -74,9 +74,6 @@ pub struct Report {
     pub refused: BTreeMap<String, String>,
     /// Egress IPs this node lost to a later Lease claim, by the node that claimed them.
     pub lost: BTreeMap<Ipv4Addr, String>,
-    /// Egress IPs this node is about to take from a node that still serves them (it waits for
-    /// that node to let go): the plan shows them without a holder, which is not a move.
-    pub pending: BTreeSet<Ipv4Addr>,
 }
 
 /// Runs `reporter` on a task of its own and returns where to send it the latest [`Report`]:
@@ -171,21 +168,14 @@ impl Reporter {
             self.seeded = true;
             self.seed_moves().await;
         }
-        status::track_moves(
-            &mut self.moves,
-            snapshot,
-            plan,
-            health,
-            &report.pending,
-            now,
-        );
+        status::track_moves(&mut self.moves, snapshot, plan, health, now);
         let writes = self
             .publish_statuses(snapshot, plan, now, &mut published)
             .await;
         self.warn_pods(plan, now, &mut published).await;
         self.warn_gateways(plan, &writes, refused, lost, now, &mut published)
             .await;
-        self.announce_holders(snapshot, plan, health, &report.pending, now, &mut published)
+        self.announce_holders(snapshot, plan, health, now, &mut published)
             .await;
         published
     }
@@ -301,7 +291,6 @@ impl Reporter {
         snapshot: &Snapshot,
         plan: &NodePlan,
         health: &Health,
-        pending: &BTreeSet<Ipv4Addr>,
         now: Timestamp,
         published: &mut Published,
     ) {
@@ -309,13 +298,6 @@ impl Reporter {
         for gateway in &plan.gateways {
             for egress in &gateway.egress {
                 let key = (gateway.name.clone(), egress.ip);
-                if pending.contains(&egress.ip) {
-                    // Not moved yet: the old holder is still the one to name when it does.
-                    if let Some(before) = self.holders.remove(&key) {
-                        holders.insert(key, before);
-                    }
-                    continue;
-                }
                 let holder = egress.holder.as_ref().map(|h| h.node.clone());
                 let mut seen = holder.clone();
                 if let Some(before) = self.holders.get(&key)

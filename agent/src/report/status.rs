@@ -1,7 +1,7 @@
 //! What each gateway's status says and which node writes it. Every node computes the same
 //! thing from the same snapshot, so exactly one of them writes each gateway's status.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -79,25 +79,18 @@ pub(super) fn seed_moves(moves: &mut Moves, gateways: &[EgressGateway]) {
 
 /// Notes the egress IPs of `plan` that moved since the last call. Every node keeps its own
 /// record, so that whichever writes a gateway's status can say when and why its IPs moved.
-/// `pending` egress IPs are about to be taken over by this node: not moved yet.
+/// A planned move under way is not one yet: the plan still names the old holder.
 pub(super) fn track_moves(
     moves: &mut Moves,
     snapshot: &Snapshot,
     plan: &NodePlan,
     health: &Health,
-    pending: &BTreeSet<Ipv4Addr>,
     now: Timestamp,
 ) {
     let mut next = Moves::new();
     for gateway in &plan.gateways {
         for egress in &gateway.egress {
             let key = (gateway.name.clone(), egress.ip);
-            if pending.contains(&egress.ip)
-                && let Some(before) = moves.remove(&key)
-            {
-                next.insert(key, before);
-                continue;
-            }
             let node = egress.holder.as_ref().map(|h| h.node.clone());
             let moved = match moves.remove(&key) {
                 Some(before) if before.node == node => before,

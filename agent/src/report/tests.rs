@@ -13,7 +13,7 @@ use tower_test::mock;
 
 use super::*;
 use crate::model::{FailurePolicy, Gateway, NamespaceInfo, NodeInfo, PodInfo, Selector};
-use crate::plan::{PlanConfig, plan};
+use crate::plan::{Holder, PlanConfig, plan};
 use crate::testing::labels;
 
 /// One request as the API server saw it.
@@ -226,7 +226,6 @@ fn report_of(snapshot: &Snapshot, plan: NodePlan) -> Report {
         health: Health::default(),
         refused: BTreeMap::new(),
         lost: BTreeMap::new(),
-        pending: BTreeSet::new(),
     }
 }
 
@@ -526,18 +525,23 @@ async fn new_holder_announces_the_move() {
         "the old holder says nothing"
     );
 
-    // While node3 waits for node2 to let go, its plan shows the IP without a holder: not a
-    // move, and no event yet.
+    // While the move is under way, node3's plan still names node2: not a move, and no event
+    // yet.
     let ip: Ipv4Addr = "10.99.0.200".parse().unwrap();
+    let node2_ip = after.nodes["node2"].internal_ip.unwrap();
     let waiting = PlanConfig {
-        not_yet: BTreeSet::from([ip]),
+        moving: BTreeMap::from([(
+            ip,
+            Holder {
+                node: "node2".into(),
+                node_ip: node2_ip,
+            },
+        )]),
         ..PlanConfig::default()
     };
-    let report = Report {
-        pending: waiting.not_yet.clone(),
-        ..report_of(&after, plan(&after, "node3", &waiting))
-    };
-    node3.publish(&report).await;
+    node3
+        .publish(&report_of(&after, plan(&after, "node3", &waiting)))
+        .await;
     assert!(
         node3_server.take().iter().all(|s| s.method != "POST"),
         "an event before the move"
