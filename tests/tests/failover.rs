@@ -419,6 +419,7 @@ fn a_takeover_due_while_the_takers_agent_restarts_happens_when_it_is_back() -> R
 #[test]
 fn a_killed_agent_moves_nothing_within_its_lease_and_is_fenced_after() -> Result<()> {
     Scene::run(|scene| {
+        let stream = scene.stream(8)?;
         let loop_ = probe(&scene.cluster, &scene.pod, 10)?;
         let arp = scene.cluster.watch_arp(EGRESS_IP)?;
         std::thread::sleep(Duration::from_millis(500));
@@ -449,11 +450,16 @@ fn a_killed_agent_moves_nothing_within_its_lease_and_is_fenced_after() -> Result
         let answers = loop_.stop_timed()?;
         let gap = longest_gap(&answers)?;
         let arp = arp.finish()?;
-        eprintln!("longest gap {gap:?}");
+        let outcome = stream.wait(Duration::from_secs(30))?;
+        eprintln!("longest gap {gap:?}; stream {outcome:?}");
         one_answerer(&arp)?;
         ensure!(
             gap < Duration::from_millis(600),
             "new connections went unanswered for {gap:?}"
+        );
+        ensure!(
+            outcome.survived,
+            "the long-lived connection broke: {outcome:?}"
         );
         Ok(())
     })
@@ -597,6 +603,7 @@ fn signal(agent: &AgentHandle, signal: libc::c_int) -> Result<()> {
 #[test]
 fn a_frozen_agent_is_fenced_at_the_end_of_its_lease_and_rejoins_after_it_thaws() -> Result<()> {
     Scene::run(|scene| {
+        let stream = scene.stream(7)?;
         let loop_ = probe(&scene.cluster, &scene.pod, 9)?;
         let arp = scene.cluster.watch_arp(EGRESS_IP)?;
         std::thread::sleep(Duration::from_millis(500));
@@ -626,6 +633,13 @@ fn a_frozen_agent_is_fenced_at_the_end_of_its_lease_and_rejoins_after_it_thaws()
         let answers = loop_.wait_timed(Duration::from_secs(30))?;
         longest_gap(&answers)?;
         one_answerer(&arp.finish()?)?;
+        // Across the fencing and the move back.
+        let outcome = stream.wait(Duration::from_secs(30))?;
+        eprintln!("stream {outcome:?}");
+        ensure!(
+            outcome.survived,
+            "the long-lived connection broke: {outcome:?}"
+        );
         Ok(())
     })
 }
