@@ -138,15 +138,9 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
     let mut signals = Signals::new()?;
     let failover = options.failover.clone();
     let (asks, probe_asks) = watch::channel(Asks::default());
-    datapath.restore_from(crate::source::flows::start(
-        FlowSync {
-            port: failover.probes.port,
-            interval: failover.flow_sync,
-            mark: datapath.mark(),
-        },
-        datapath.held(),
-        probe_asks.clone(),
-    ));
+    let sync = FlowSync::new(&failover, datapath.mark());
+    let handed_over = crate::source::flows::start(sync, datapath.held(), probe_asks.clone());
+    datapath.restore_from(handed_over);
     let mut liveness = crate::source::probes::start(failover.probes.clone(), probe_asks)
         .map_err(AgentError::Probes)?;
     let mut agent = Agent {
@@ -246,11 +240,8 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
                 }
             }
             _ = renew.tick() => {
-                // The health changes with time too: a drain handed over, a cordon's grace.
                 if agent.membership.renew(&mut datapath)?
-                    || agent.membership.handover_due()
-                    || (agent.membership.settled()
-                        && agent.membership.health(&agent.node) != agent.config.health)
+                    || agent.membership.due(&agent.node, &agent.config.health)
                 {
                     agent.reconcile(&mut datapath, &objects, Check::Changes).await?;
                 }
@@ -372,14 +363,7 @@ impl Agent {
         };
         self.membership
             .set_peers(plan::peers(&loaded.snapshot, &self.node));
-        let cordoned = loaded
-            .snapshot
-            .nodes
-            .values()
-            .filter(|n| n.unschedulable)
-            .map(|n| n.name.clone())
-            .collect();
-        if self.membership.set_cordoned(&self.node, cordoned) {
+        if self.membership.set_cordoned(&self.node, &loaded.snapshot) {
             // The kernel answers draining (or serving again) from now, not the next renewal.
             self.membership.renew(datapath)?;
         }

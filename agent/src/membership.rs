@@ -24,6 +24,7 @@ use static_egress_common::{Heard, LEASE_DRAINING, Lease};
 use tokio::sync::watch;
 
 use crate::datapath::{Datapath, DatapathError, monotonic_ns};
+use crate::model::Snapshot;
 use crate::plan::{Down, Health, Holder, NodePlan, Peers, handovers};
 use crate::source::probes::{Asks, Liveness, ProbeConfig};
 
@@ -155,10 +156,13 @@ impl Membership {
             .collect()
     }
 
-    /// A planned move is due: the agent plans again.
-    pub fn handover_due(&self) -> bool {
+    /// The agent must plan again though nothing came in: a planned move is due, or the health
+    /// it planned with (`planned`) changed with time (a cordoned node's drain handed over, a cordon's grace
+    /// ran out).
+    pub fn due(&self, node: &str, planned: &Health) -> bool {
         let now = Instant::now();
         self.taking.values().any(|(_, due)| *due <= now)
+            || (self.settled() && self.health(node) != *planned)
     }
 
     /// Four intervals: the old holder hears of the move up to an interval after this node
@@ -205,9 +209,15 @@ impl Membership {
         self.draining || self.cordoned_since.is_some()
     }
 
-    /// The nodes the objects say are cordoned now (`node` is this one); `true` when this
+    /// Takes the nodes `snapshot` says are cordoned (`node` is this one); `true` when this
     /// node starts or stops draining for it.
-    pub fn set_cordoned(&mut self, node: &str, mut cordoned: BTreeSet<String>) -> bool {
+    pub fn set_cordoned(&mut self, node: &str, snapshot: &Snapshot) -> bool {
+        let mut cordoned: BTreeSet<String> = snapshot
+            .nodes
+            .values()
+            .filter(|n| n.unschedulable)
+            .map(|n| n.name.clone())
+            .collect();
         let now = Instant::now();
         let own = cordoned.remove(node);
         let changed = own != self.cordoned_since.is_some();

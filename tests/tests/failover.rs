@@ -519,25 +519,7 @@ fn a_draining_holder_hands_over_with_no_gap() -> Result<()> {
 
         scene.agents[1].stop()?;
         ensure!(scene.holds("node3") && !scene.holds("node2"));
-        let answers = loop_.wait_timed(Duration::from_secs(30))?;
-        let failed = answers.iter().filter(|(_, a)| a.source().is_none()).count();
-        let gap = longest_gap(&answers)?;
-        let outcome = stream.wait(Duration::from_secs(30))?;
-        let arp = arp.finish()?;
-        eprintln!("drain: {failed} failed connections, longest gap {gap:?}; stream {outcome:?}");
-        // The nodes hear the drain each at its own probe tick: a connection opened in the
-        // interval between the first and the last of them to act may take the old path out
-        // and meet the new ARP answer on its way back (README, "Failover").
-        ensure!(
-            failed <= 2 && gap < Duration::from_millis(150),
-            "{failed} connections failed during the drain, the longest gap {gap:?}"
-        );
-        ensure!(
-            outcome.survived,
-            "the long-lived connection broke: {outcome:?}"
-        );
-        one_answerer(&arp)?;
-        Ok(())
+        handed_over_without_a_gap("drain", loop_, stream, arp)
     })
 }
 
@@ -557,24 +539,8 @@ fn a_cordoned_holder_hands_over_with_no_gap() -> Result<()> {
         })?;
         cordoned?;
         let took = scene.until_held_by("node3", "node2")?;
-        let answers = loop_.wait_timed(Duration::from_secs(30))?;
-        let failed = answers.iter().filter(|(_, a)| a.source().is_none()).count();
-        let gap = longest_gap(&answers)?;
-        let outcome = stream.wait(Duration::from_secs(30))?;
-        let arp = arp.finish()?;
-        eprintln!(
-            "cordon: node3 holds the egress IP alone after {took:?}; {failed} failed connections, longest gap {gap:?}; stream {outcome:?}"
-        );
-        // As the drain (above).
-        ensure!(
-            failed <= 2 && gap < Duration::from_millis(150),
-            "{failed} connections failed during the handover, the longest gap {gap:?}"
-        );
-        ensure!(
-            outcome.survived,
-            "the long-lived connection broke: {outcome:?}"
-        );
-        one_answerer(&arp)?;
+        eprintln!("cordon: node3 holds the egress IP alone after {took:?}");
+        handed_over_without_a_gap("cordon", loop_, stream, arp)?;
 
         // Uncordoned, node2 serves again and takes its egress IP back.
         scene.cluster.update_objects(|o| {
@@ -586,6 +552,34 @@ fn a_cordoned_holder_hands_over_with_no_gap() -> Result<()> {
         eprintln!("uncordoned: node2 holds the egress IP again after {back:?}");
         Ok(())
     })
+}
+
+/// What a handover without a gap leaves: at most 2 failed new connections and no gap over
+/// 150 ms, the long-lived stream alive, one node answering ARP throughout. The nodes switch
+/// each at its own probe tick: a connection opened between the first and the last of them to
+/// act may take the old path out and meet the new ARP answer on its way back (README,
+/// "Failover").
+fn handed_over_without_a_gap(
+    what: &str,
+    loop_: ProbeLoop,
+    stream: Stream,
+    arp: netlab::ArpWatch,
+) -> Result<()> {
+    let answers = loop_.wait_timed(Duration::from_secs(30))?;
+    let failed = answers.iter().filter(|(_, a)| a.source().is_none()).count();
+    let gap = longest_gap(&answers)?;
+    let outcome = stream.wait(Duration::from_secs(30))?;
+    let arp = arp.finish()?;
+    eprintln!("{what}: {failed} failed connections, longest gap {gap:?}; stream {outcome:?}");
+    ensure!(
+        failed <= 2 && gap < Duration::from_millis(150),
+        "{what}: {failed} connections failed, the longest gap {gap:?}"
+    );
+    ensure!(
+        outcome.survived,
+        "{what}: the long-lived connection broke: {outcome:?}"
+    );
+    one_answerer(&arp)
 }
 
 /// Sends `signal` to the agent's process.
@@ -684,23 +678,7 @@ fn objects_move_the_egress_ip(
         edited?;
         let took = scene.until_held_by("node3", "node2")?;
         eprintln!("{what}: node3 holds the egress IP alone after {took:?}");
-
-        let answers = loop_.wait_timed(Duration::from_secs(30))?;
-        let failed = answers.iter().filter(|(_, a)| a.source().is_none()).count();
-        let gap = longest_gap(&answers)?;
-        let outcome = stream.wait(Duration::from_secs(30))?;
-        eprintln!("{what}: {failed} failed connections, longest gap {gap:?}; stream {outcome:?}");
-        ensure!(
-            outcome.survived,
-            "the long-lived connection broke: {outcome:?}"
-        );
-        // As the drain.
-        ensure!(
-            failed <= 2 && gap < Duration::from_millis(150),
-            "{failed} connections failed during the move, the longest gap {gap:?}"
-        );
-        one_answerer(&arp.finish()?)?;
-        Ok(())
+        handed_over_without_a_gap(what, loop_, stream, arp)
     })
 }
 

@@ -59,6 +59,17 @@ pub struct FlowSync {
     pub mark: u32,
 }
 
+impl FlowSync {
+    /// As the agent's failover options say, with our fwmark bit.
+    pub fn new(failover: &crate::membership::FailoverOptions, mark: u32) -> Self {
+        Self {
+            port: failover.probes.port,
+            interval: failover.flow_sync,
+            mark,
+        }
+    }
+}
+
 /// Starts sending the remapped connections of the egress IPs in `held` to the nodes in
 /// `peers`, and listening for theirs; the returned watch has what was heard. Handing over is
 /// an improvement, not a duty: when the port cannot be bound, it is logged and nothing is
