@@ -152,12 +152,10 @@ pub fn start_servers(cluster: &Cluster) -> Result<Servers> {
 /// Everything in [`Sample`]; `full_set` false measures only what the scale runs compare
 /// (one TCP stream and round trips).
 pub fn sample(cluster: &Cluster, pod: &LabPod, effort: Effort, full_set: bool) -> Result<Sample> {
-    let busy_before = busy_cpu_seconds()?;
-    let tcp1_gbps = tcp(cluster, pod, effort.seconds, 1)?;
-    let busy = busy_cpu_seconds()? - busy_before;
+    let (tcp1_gbps, cpu_s_per_gbit) = tcp_with_cpu(cluster, pod, effort.seconds)?;
     let mut s = Sample {
         tcp1_gbps,
-        cpu_s_per_gbit: busy / (tcp1_gbps * effort.seconds as f64),
+        cpu_s_per_gbit,
         ..Sample::default()
     };
     if full_set {
@@ -218,6 +216,15 @@ fn tcp(cluster: &Cluster, pod: &LabPod, seconds: u64, streams: u32) -> Result<f6
         .as_f64()
         .context("iperf3 JSON without end.sum_received.bits_per_second")?;
     Ok(bps / 1e9)
+}
+
+/// One TCP stream for `seconds`: its goodput in Gbit/s and the busy CPU of the whole machine
+/// (both ends and every hop) per gigabit moved, in CPU-seconds.
+pub fn tcp_with_cpu(cluster: &Cluster, pod: &LabPod, seconds: u64) -> Result<(f64, f64)> {
+    let busy_before = busy_cpu_seconds()?;
+    let gbps = tcp(cluster, pod, seconds, 1)?;
+    let busy = busy_cpu_seconds()? - busy_before;
+    Ok((gbps, busy / (gbps * seconds as f64)))
 }
 
 /// 64-byte UDP datagrams at the rate `trafgen` (Debian's netsniff-ng) writes them into the

@@ -32,10 +32,10 @@ pub struct Options {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Part {
-    /// Throughput, small-packet rate and latency of the five variants.
+    /// Throughput, small-packet rate and latency of the six variants.
     Datapath,
-    /// Latency of the hand-built path and of static-egress, alternated in pairs, with the
-    /// difference's confidence interval.
+    /// Latency and one-stream goodput of the hand-built path, static-egress, its tunnel and
+    /// its fast path, alternated in rounds, with the differences' confidence intervals.
     Latency,
     /// Per-packet cost as selected pods, destination prefixes and gateways grow.
     Scale,
@@ -62,11 +62,8 @@ struct Settings {
     idle_window: Duration,
     /// Rounds of one unplanned and one planned move each.
     failover_rounds: usize,
-    /// Pairs of latency rounds (hand-built, static-egress), round trips in each, and the quiet
-    /// time after a variant is set up.
-    latency_pairs: usize,
-    latency_round_trips: u32,
-    latency_settle: Duration,
+    /// Rounds of the paired part (hand-built, static-egress, its tunnel and fast path).
+    paired: paired::Effort,
     /// Round trips sampled per variant by the profile part.
     profile_round_trips: u32,
 }
@@ -90,9 +87,12 @@ const QUICK: Settings = Settings {
     memory_pods: &[10_000],
     idle_window: Duration::from_secs(10),
     failover_rounds: 20,
-    latency_pairs: 8,
-    latency_round_trips: 3_000,
-    latency_settle: Duration::from_secs(2),
+    paired: paired::Effort {
+        rounds: 8,
+        round_trips: 3_000,
+        settle: Duration::from_secs(2),
+        tcp_seconds: 2,
+    },
     profile_round_trips: 20_000,
 };
 
@@ -115,9 +115,12 @@ const FULL: Settings = Settings {
     memory_pods: &[10_000, 100_000],
     idle_window: Duration::from_secs(35),
     failover_rounds: 50,
-    latency_pairs: 20,
-    latency_round_trips: 10_000,
-    latency_settle: Duration::from_secs(6),
+    paired: paired::Effort {
+        rounds: 20,
+        round_trips: 10_000,
+        settle: Duration::from_secs(6),
+        tcp_seconds: 4,
+    },
     profile_round_trips: 100_000,
 };
 
@@ -196,7 +199,7 @@ pub struct Results {
     pub change_ms: Vec<f64>,
     pub startups: Vec<Startup>,
     pub failover: Option<failover::FailoverResults>,
-    pub latency: Vec<paired::Pair>,
+    pub paired: Vec<paired::Round>,
     pub profile: Vec<profile::Profile>,
 }
 
@@ -240,12 +243,7 @@ pub fn run(options: &Options) -> Result<()> {
             datapath(&mut bench, settings, &mut results)?;
         }
         if wanted(Part::Latency) {
-            results.latency = paired::run(
-                &mut bench,
-                settings.latency_pairs,
-                settings.latency_round_trips,
-                settings.latency_settle,
-            )?;
+            results.paired = paired::run(&mut bench, settings.paired)?;
         }
         if wanted(Part::Scale) {
             scale(&mut bench, settings, &mut results)?;
@@ -292,13 +290,16 @@ fn describe(s: &Settings) -> String {
     format!(
         "{} round(s) per variant, median shown; iperf3 {} s per run, {} streams for the \
          multi-stream figure; {} round trips of 64 B for latency; scale points: iperf3 {} s, {} \
-         round trips",
+         round trips; paired rounds: {}, each variant {} round trips then a {} s stream",
         s.rounds,
         s.datapath.seconds,
         s.datapath.streams,
         s.datapath.round_trips,
         s.scale.seconds,
-        s.scale.round_trips
+        s.scale.round_trips,
+        s.paired.rounds,
+        s.paired.round_trips,
+        s.paired.tcp_seconds,
     )
 }
 

@@ -1,9 +1,12 @@
-//! `cargo xtask bench latency`: request/response latency of the hand-built path, of
-//! static-egress and of its fast path, alternated many times in one run (hand, ours, fast,
-//! fast, ours, hand, ...: each round in the other order than the last, so that a drift of the
-//! machine weighs on all alike), each round's p50 and p99 paired with the hand-built path's. The difference of the pairs, with a 95%
-//! confidence interval, tells a gap of a few microseconds from the noise of one run, which the
-//! medians of single runs could not (`datapath` showed -3 to +14.7 µs for the same code).
+//! `cargo xtask bench latency`: the hand-built path, static-egress, its tunnel and its fast
+//! path, alternated many times in one run (hand, ours, tunnel, fast, fast, tunnel, ours, hand,
+//! ...: each round in the other order than the last, so that a drift of the machine weighs on
+//! all alike). Each variant's request/response latency, one-stream TCP goodput and CPU per
+//! round trip and per gigabit are paired with the hand-built path's of the same round (the
+//! tunnel's also with the direct path's). The differences of the pairs, with a 95% confidence
+//! interval, tell a gap of a few microseconds or percent from the noise of one run, which the
+//! medians of single runs could not (`datapath` showed -3 to +14.7 µs for the same code, and
+//! one-stream goodput swings by 10-20% between runs).
 //!
 //! The quiet time after each set-up is measured too, in short windows: whether the first
 //! seconds after the agents start are slower than the steady state, and than the hand-built
@@ -18,70 +21,96 @@ use super::measure;
 
 /// One round: the variants measured back to back.
 #[derive(Clone, Debug)]
-pub struct Pair {
-    pub hand: Round,
-    pub ours: Round,
+pub struct Round {
+    pub hand: Leg,
+    pub ours: Leg,
+    /// `--tunnel always`.
+    pub tunnel: Leg,
     /// `--fast-path`.
-    pub fast: Round,
+    pub fast: Leg,
 }
 
+/// One variant's figures in a round.
 #[derive(Clone, Debug)]
-pub struct Round {
+pub struct Leg {
     pub p50_us: f64,
     pub p99_us: f64,
     /// Busy CPU of the whole machine per round trip, in microseconds.
     pub cpu_us: f64,
+    /// One TCP stream's goodput.
+    pub tcp_gbps: f64,
+    /// Busy CPU of the whole machine per gigabit of that stream, in CPU-seconds.
+    pub cpu_s_per_gbit: f64,
     /// The quiet time after set-up, in windows: (seconds from set-up to the window's end, its
     /// RR p50 in microseconds).
     pub start: Vec<(f64, f64)>,
 }
 
+/// How much each variant of a round is measured.
+#[derive(Clone, Copy, Debug)]
+pub struct Effort {
+    pub rounds: usize,
+    pub round_trips: u32,
+    /// Quiet time after a variant is set up (measured in windows), before its figures.
+    pub settle: Duration,
+    /// Length of the one-stream TCP run.
+    pub tcp_seconds: u64,
+}
+
 /// Round trips in one window of the quiet time: about 50 ms of them.
 const WINDOW_ROUND_TRIPS: u32 = 2_000;
 
-/// `pairs` rounds of `round_trips` each, after `settle` in each variant.
-pub fn run(
-    bench: &mut Bench,
-    pairs: usize,
-    round_trips: u32,
-    settle: Duration,
-) -> Result<Vec<Pair>> {
-    let mut out = Vec::with_capacity(pairs);
-    for i in 0..pairs {
-        let mut order = [Variant::Hand, Variant::Ours, Variant::Fast];
+pub fn run(bench: &mut Bench, effort: Effort) -> Result<Vec<Round>> {
+    let mut out = Vec::with_capacity(effort.rounds);
+    for i in 0..effort.rounds {
+        let mut order = [Variant::Hand, Variant::Ours, Variant::Tunnel, Variant::Fast];
         if i % 2 == 1 {
             order.reverse();
         }
-        let (mut hand, mut ours, mut fast) = (None, None, None);
+        let (mut hand, mut ours, mut tunnel, mut fast) = (None, None, None, None);
         for variant in order {
-            println!("latency pair {}: {}", i + 1, variant.title());
-            bench.enter(variant, Size::ONE)?;
-            let set_up = Instant::now();
-            let mut start = Vec::new();
-            while set_up.elapsed() < settle {
-                let (p50, _) = measure::rr(&bench.cluster, &bench.pod, WINDOW_ROUND_TRIPS)?;
-                start.push((set_up.elapsed().as_secs_f64(), p50));
-            }
-            let (p50_us, p99_us, cpu_us) =
-                measure::rr_with_cpu(&bench.cluster, &bench.pod, round_trips)?;
-            let round = Round {
-                p50_us,
-                p99_us,
-                cpu_us,
-                start,
-            };
+            println!("paired round {}: {}", i + 1, variant.title());
+            let leg = measure_leg(bench, variant, effort)?;
             match variant {
-                Variant::Hand => hand = Some(round),
-                Variant::Fast => fast = Some(round),
-                _ => ours = Some(round),
+                Variant::Hand => hand = Some(leg),
+                Variant::Tunnel => tunnel = Some(leg),
+                Variant::Fast => fast = Some(leg),
+                _ => ours = Some(leg),
             }
         }
-        if let (Some(hand), Some(ours), Some(fast)) = (hand, ours, fast) {
-            out.push(Pair { hand, ours, fast });
+        if let (Some(hand), Some(ours), Some(tunnel), Some(fast)) = (hand, ours, tunnel, fast) {
+            out.push(Round {
+                hand,
+                ours,
+                tunnel,
+                fast,
+            });
         }
     }
     bench.leave()?;
     Ok(out)
+}
+
+fn measure_leg(bench: &mut Bench, variant: Variant, effort: Effort) -> Result<Leg> {
+    bench.enter(variant, Size::ONE)?;
+    let set_up = Instant::now();
+    let mut start = Vec::new();
+    while set_up.elapsed() < effort.settle {
+        let (p50, _) = measure::rr(&bench.cluster, &bench.pod, WINDOW_ROUND_TRIPS)?;
+        start.push((set_up.elapsed().as_secs_f64(), p50));
+    }
+    let (p50_us, p99_us, cpu_us) =
+        measure::rr_with_cpu(&bench.cluster, &bench.pod, effort.round_trips)?;
+    let (tcp_gbps, cpu_s_per_gbit) =
+        measure::tcp_with_cpu(&bench.cluster, &bench.pod, effort.tcp_seconds)?;
+    Ok(Leg {
+        p50_us,
+        p99_us,
+        cpu_us,
+        tcp_gbps,
+        cpu_s_per_gbit,
+        start,
+    })
 }
 
 /// Mean of `values` and the half-width of its 95% confidence interval (Student's t).

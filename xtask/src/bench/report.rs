@@ -9,7 +9,8 @@ use serde_json::{Value, json};
 
 use super::failover::{self, FailoverResults};
 use super::lab::Variant;
-use super::measure::Sample;
+use super::measure::{Sample, median};
+use super::paired::{Leg, Round, mean_ci};
 use super::{Axis, Results};
 
 const TARGET_THROUGHPUT: f64 = 0.97;
@@ -73,88 +74,121 @@ fn cell(value: f64, base: f64, unit: &str, decimals: usize) -> String {
     format!("{value:.decimals$} {unit} ({:.2})", value / base)
 }
 
-/// The paired latency rounds: each variant's medians, and the mean difference of the pairs with
-/// its 95% confidence interval (the target is judged on the interval's upper end).
-fn latency(md: &mut String, pairs: &[super::paired::Pair]) {
-    use super::measure::median;
-    use super::paired::{Round, mean_ci};
-    if pairs.is_empty() {
+type Pick = fn(&Round) -> &Leg;
+
+const HAND: Pick = |r| &r.hand;
+const OURS: Pick = |r| &r.ours;
+const TUNNEL: Pick = |r| &r.tunnel;
+const FAST: Pick = |r| &r.fast;
+
+/// What the paired part compares: each variant with the hand-built path, the tunnel with the
+/// direct path.
+const COMPARED: [(&str, Pick, Pick); 3] = [
+    ("static-egress - hand-built", OURS, HAND),
+    ("--fast-path - hand-built", FAST, HAND),
+    ("tunnel - static-egress", TUNNEL, OURS),
+];
+
+/// Mean over the rounds of `f(a) - f(b)`, and the half-width of its 95% interval.
+fn paired_diff(rounds: &[Round], a: Pick, b: Pick, f: fn(&Leg) -> f64) -> (f64, f64) {
+    mean_ci(&rounds.iter().map(|r| f(a(r)) - f(b(r))).collect::<Vec<_>>())
+}
+
+/// Mean over the rounds of `f(a) / f(b)`, and the half-width of its 95% interval.
+fn paired_ratio(rounds: &[Round], a: Pick, b: Pick, f: fn(&Leg) -> f64) -> (f64, f64) {
+    mean_ci(&rounds.iter().map(|r| f(a(r)) / f(b(r))).collect::<Vec<_>>())
+}
+
+/// The paired rounds: each variant's median over the rounds, and the mean difference (latency,
+/// CPU per round trip) or ratio (goodput, CPU per gigabit) of the pairs with its 95% confidence
+/// interval. The latency target is judged on the interval's upper end.
+fn paired(md: &mut String, rounds: &[Round]) {
+    if rounds.is_empty() {
         return;
     }
-    let col = |f: &dyn Fn(&super::paired::Pair) -> f64| pairs.iter().map(f).collect::<Vec<f64>>();
-    let diff = |f: fn(&Round) -> f64| {
-        let (ours, ours_h) = mean_ci(&col(&|p| f(&p.ours) - f(&p.hand)));
-        let (fast, fast_h) = mean_ci(&col(&|p| f(&p.fast) - f(&p.hand)));
-        format!("{ours:+.1} ± {ours_h:.1} µs | {fast:+.1} ± {fast_h:.1} µs")
+    let medians = |f: fn(&Leg) -> f64, unit: &str, decimals: usize| {
+        [HAND, OURS, FAST, TUNNEL]
+            .iter()
+            .map(|pick| {
+                let m = median(rounds.iter().map(|r| f(pick(r))));
+                format!("{m:.decimals$} {unit}")
+            })
+            .collect::<Vec<_>>()
+            .join(" | ")
     };
-    let medians = |f: fn(&Round) -> f64| {
-        format!(
-            "{:.1} µs | {:.1} µs | {:.1} µs",
-            median(col(&|p| f(&p.hand))),
-            median(col(&|p| f(&p.ours))),
-            median(col(&|p| f(&p.fast))),
-        )
+    // Differences for times, ratios for goodput and CPU per gigabit.
+    let compared = |f: fn(&Leg) -> f64, ratio: bool| {
+        COMPARED
+            .iter()
+            .map(|(_, a, b)| {
+                if ratio {
+                    let (mean, half) = paired_ratio(rounds, *a, *b, f);
+                    format!("x{mean:.3} ± {half:.3}")
+                } else {
+                    let (mean, half) = paired_diff(rounds, *a, *b, f);
+                    format!("{mean:+.1} ± {half:.1} µs")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" | ")
     };
-    let (d50, h50) = mean_ci(&col(&|p| p.ours.p50_us - p.hand.p50_us));
-    let (f50, _) = fast_p50(pairs);
+    let (d50, h50) = paired_diff(rounds, OURS, HAND, |l| l.p50_us);
+    let (f50, _) = paired_diff(rounds, FAST, HAND, |l| l.p50_us);
     let _ = writeln!(
         md,
-        "**Latency, paired** ({} rounds, hand-built, static-egress and its fast path alternated, \
-         each round in the other order than the last; 64 B round trips; differences to the \
-         hand-built path of the same round):\n\n\
-         | | hand-built (median of rounds) | static-egress | --fast-path | static-egress - hand-built (mean, 95% CI) | --fast-path - hand-built |\n\
-         |---|---|---|---|---|---|\n\
+        "**Paired rounds** ({} rounds of the hand-built path, static-egress, its fast path and \
+         its tunnel, each round in the other order than the last; 64 B round trips, then one TCP \
+         stream; differences (latency, CPU per round trip) and ratios (goodput, CPU per \
+         gigabit) to the variant named, in the same round, as mean and 95% interval):\n\n\
+         | | hand-built (median of rounds) | static-egress | --fast-path | tunnel | {} |\n\
+         |---|---|---|---|---|---|---|---|\n\
          | RR p50 | {} | {} |\n\
          | RR p99 | {} | {} |\n\
-         | CPU per round trip (whole machine) | {} | {} |\n\n\
+         | CPU per round trip (whole machine) | {} | {} |\n\
+         | TCP 1 stream | {} | {} |\n\
+         | CPU per Gbit (1 stream, whole machine) | {} | {} |\n\n\
          Added p50 latency <= {TARGET_ADDED_P50_US} µs with the interval's upper end: {}. \
          The fast path's p50 at or below the hand-built path's (mean): {}.\n",
-        pairs.len(),
-        medians(|r| r.p50_us),
-        diff(|r| r.p50_us),
-        medians(|r| r.p99_us),
-        diff(|r| r.p99_us),
-        medians(|r| r.cpu_us),
-        diff(|r| r.cpu_us),
+        rounds.len(),
+        COMPARED.map(|(what, _, _)| what).join(" | "),
+        medians(|l| l.p50_us, "µs", 1),
+        compared(|l| l.p50_us, false),
+        medians(|l| l.p99_us, "µs", 1),
+        compared(|l| l.p99_us, false),
+        medians(|l| l.cpu_us, "µs", 1),
+        compared(|l| l.cpu_us, false),
+        medians(|l| l.tcp_gbps, "Gbit/s", 2),
+        compared(|l| l.tcp_gbps, true),
+        medians(|l| l.cpu_s_per_gbit, "CPU-s", 3),
+        compared(|l| l.cpu_s_per_gbit, true),
         yes(d50 + h50 <= TARGET_ADDED_P50_US),
         yes(f50 <= 0.0),
     );
 }
 
-/// The fast path's p50 minus the hand-built path's: the mean over the rounds, and the half-width
-/// of its 95% interval.
-fn fast_p50(pairs: &[super::paired::Pair]) -> (f64, f64) {
-    let diffs: Vec<f64> = pairs
-        .iter()
-        .map(|p| p.fast.p50_us - p.hand.p50_us)
-        .collect();
-    super::paired::mean_ci(&diffs)
-}
-
 /// The quiet time after set-up, second by second: the median of the windows' RR p50 that ended
 /// in each second, over every round of the variant, beside its steady p50.
-fn start_up(md: &mut String, pairs: &[super::paired::Pair]) {
-    use super::measure::median;
-    let seconds = pairs
+fn start_up(md: &mut String, rounds: &[Round]) {
+    let seconds = rounds
         .iter()
-        .flat_map(|p| p.hand.start.iter().chain(&p.ours.start))
+        .flat_map(|r| r.hand.start.iter().chain(&r.ours.start))
         .map(|(t, _)| t.ceil() as usize)
         .max()
         .unwrap_or(0);
     if seconds == 0 {
         return;
     }
-    let in_second = |rounds: Vec<&super::paired::Round>, s: usize| {
-        median(rounds.iter().flat_map(|r| {
-            r.start
+    let in_second = |legs: &[&Leg], s: usize| {
+        median(legs.iter().flat_map(|l| {
+            l.start
                 .iter()
                 .filter(move |(t, _)| t.ceil() as usize == s)
                 .map(|(_, p50)| *p50)
         }))
     };
-    let hand: Vec<_> = pairs.iter().map(|p| &p.hand).collect();
-    let ours: Vec<_> = pairs.iter().map(|p| &p.ours).collect();
-    let steady = |rounds: &[&super::paired::Round]| median(rounds.iter().map(|r| r.p50_us));
+    let hand: Vec<&Leg> = rounds.iter().map(HAND).collect();
+    let ours: Vec<&Leg> = rounds.iter().map(OURS).collect();
+    let steady = |legs: &[&Leg]| median(legs.iter().map(|l| l.p50_us));
     let (hand_steady, ours_steady) = (steady(&hand), steady(&ours));
     md.push_str(
         "**The first seconds** after each set-up (round trips in windows of 2,000 while the \
@@ -166,8 +200,8 @@ fn start_up(md: &mut String, pairs: &[super::paired::Pair]) {
         let _ = writeln!(
             md,
             "| {s} | {} | {} |",
-            cell(in_second(hand.clone(), s), hand_steady, "µs", 1),
-            cell(in_second(ours.clone(), s), ours_steady, "µs", 1),
+            cell(in_second(&hand, s), hand_steady, "µs", 1),
+            cell(in_second(&ours, s), ours_steady, "µs", 1),
         );
     }
     md.push('\n');
@@ -205,8 +239,8 @@ fn markdown(results: &Results, header: &str) -> String {
         }
         md.push('\n');
     }
-    latency(&mut md, &results.latency);
-    start_up(&mut md, &results.latency);
+    paired(&mut md, &results.paired);
+    start_up(&mut md, &results.paired);
     for axis in Axis::ALL {
         scale_table(&mut md, results, axis);
     }
@@ -435,58 +469,97 @@ fn growth(results: &Results, axis: Axis, variant: Variant) -> Option<(f64, f64)>
     ))
 }
 
+/// One stream's goodput of `a` over `b` for the targets: the paired rounds' mean ratio when
+/// there are any (single runs swing by more than the margins), the datapath medians' otherwise.
+fn tcp_ratio(
+    results: &Results,
+    medians: &[(Variant, Sample)],
+    (a, b): (Pick, Pick),
+    (va, vb): (Variant, Variant),
+    what: &str,
+) -> Option<(f64, String)> {
+    if results.paired.is_empty() {
+        let r = of(medians, va)?.tcp1_gbps / of(medians, vb)?.tcp1_gbps;
+        return Some((r, format!("{:.1}% ({what})", r * 100.0)));
+    }
+    let (r, half) = paired_ratio(&results.paired, a, b, |l| l.tcp_gbps);
+    Some((
+        r,
+        format!("{:.1} ± {:.1}% ({what}, paired)", r * 100.0, half * 100.0),
+    ))
+}
+
+/// RR p50 of `a` minus `b`, as [`tcp_ratio`] takes it; judged on the interval's upper end.
+fn rr_added(
+    results: &Results,
+    medians: &[(Variant, Sample)],
+    (a, b): (Pick, Pick),
+    (va, vb): (Variant, Variant),
+) -> Option<(f64, String)> {
+    if results.paired.is_empty() {
+        let d = of(medians, va)?.rr_p50_us - of(medians, vb)?.rr_p50_us;
+        return Some((d, format!("{d:+.1} µs RR p50")));
+    }
+    let (d, half) = paired_diff(&results.paired, a, b, |l| l.p50_us);
+    Some((d + half, format!("{d:+.1} ± {half:.1} µs RR p50 (paired)")))
+}
+
 fn targets(md: &mut String, results: &Results, medians: &[(Variant, Sample)]) {
     let mut rows: Vec<(String, String, &str)> = Vec::new();
-    if let (Some(hand), Some(ours)) = (of(medians, Variant::Hand), of(medians, Variant::Ours)) {
-        let (r1, rn) = (
-            ours.tcp1_gbps / hand.tcp1_gbps,
-            ours.tcpn_gbps / hand.tcpn_gbps,
-        );
+    let (ours, fast, tunnel) = (
+        ((OURS, HAND), (Variant::Ours, Variant::Hand)),
+        ((FAST, HAND), (Variant::Fast, Variant::Hand)),
+        ((TUNNEL, OURS), (Variant::Tunnel, Variant::Ours)),
+    );
+    if let Some((r1, one)) = tcp_ratio(results, medians, ours.0, ours.1, "1 stream") {
+        let multi = of(medians, Variant::Ours)
+            .zip(of(medians, Variant::Hand))
+            .map(|(o, h)| o.tcpn_gbps / h.tcpn_gbps);
+        let shown = multi.map_or_else(String::new, |rn| {
+            format!(", {:.1}% (multi-stream)", rn * 100.0)
+        });
         rows.push((
             "throughput >= 97% of variant 2".into(),
-            format!(
-                "{:.1}% (1 stream), {:.1}% (multi-stream)",
-                r1 * 100.0,
-                rn * 100.0
-            ),
-            yes(r1 >= TARGET_THROUGHPUT && rn >= TARGET_THROUGHPUT),
+            format!("{one}{shown}"),
+            yes(r1 >= TARGET_THROUGHPUT && multi.is_none_or(|rn| rn >= TARGET_THROUGHPUT)),
         ));
-        let added = ours.rr_p50_us - hand.rr_p50_us;
+    }
+    if let Some((added, shown)) = rr_added(results, medians, ours.0, ours.1) {
         rows.push((
             "added latency <= 5 µs p50 over variant 2".into(),
-            format!("{added:+.1} µs"),
+            shown,
             yes(added <= TARGET_ADDED_P50_US),
         ));
     }
-    if let (Some(hand), Some(fast)) = (of(medians, Variant::Hand), of(medians, Variant::Fast)) {
-        let (tcp, small) = (
-            fast.tcp1_gbps / hand.tcp1_gbps,
-            fast.udp_kpps / hand.udp_kpps,
-        );
-        // The paired rounds when there are any: single runs cannot tell a few microseconds.
-        let (added, rr) = if results.latency.is_empty() {
-            let added = fast.rr_p50_us - hand.rr_p50_us;
-            (added, format!("{added:+.1} µs RR p50"))
+    if let (Some((tcp, one)), Some((_, rr))) = (
+        tcp_ratio(results, medians, fast.0, fast.1, "TCP 1 stream"),
+        rr_added(results, medians, fast.0, fast.1),
+    ) {
+        // At or below on the mean: "past" is about where the figures sit, not an interval.
+        let faster = if results.paired.is_empty() {
+            of(medians, Variant::Fast)
+                .zip(of(medians, Variant::Hand))
+                .is_some_and(|(f, h)| f.rr_p50_us <= h.rr_p50_us)
         } else {
-            let (added, half) = fast_p50(&results.latency);
-            (added, format!("{added:+.1} ± {half:.1} µs RR p50 (paired)"))
+            paired_diff(&results.paired, FAST, HAND, |l| l.p50_us).0 <= 0.0
         };
+        let small = of(medians, Variant::Fast)
+            .zip(of(medians, Variant::Hand))
+            .map(|(f, h)| f.udp_kpps / h.udp_kpps);
+        let shown = small.map_or_else(String::new, |r| format!(", {r:.2} (64 B rate)"));
         rows.push((
             "past hand-built: the fast path at >= 1.00 of variant 2 (variant 6 vs 2)".into(),
-            format!("{tcp:.2} (TCP 1 stream), {small:.2} (64 B rate), {rr}"),
-            yes(tcp >= 1.0 && small >= 1.0 && added <= 0.0),
+            format!("{one}{shown}, {rr}"),
+            yes(tcp >= 1.0 && small.is_none_or(|r| r >= 1.0) && faster),
         ));
     }
-    if let (Some(direct), Some(tunnel)) = (of(medians, Variant::Ours), of(medians, Variant::Tunnel))
-    {
-        let r1 = tunnel.tcp1_gbps / direct.tcp1_gbps;
-        let added = tunnel.rr_p50_us - direct.rr_p50_us;
+    if let (Some((r1, one)), Some((added, rr))) = (
+        tcp_ratio(results, medians, tunnel.0, tunnel.1, "1 stream"),
+        rr_added(results, medians, tunnel.0, tunnel.1),
+    ) {
         rows.push((
             "the tunnel costs no more than the direct path (variant 5 vs 4)".into(),
-            format!(
-                "{:.1}% of its throughput (1 stream), {added:+.1} µs RR p50",
-                r1 * 100.0
-            ),
+            format!("{one} of its throughput, {rr}"),
             yes(r1 >= TARGET_THROUGHPUT && added <= TARGET_ADDED_P50_US),
         ));
     }
@@ -544,6 +617,17 @@ fn sample_json(s: &Sample) -> Value {
     })
 }
 
+fn leg_json(l: &Leg) -> Value {
+    json!({
+        "rr_p50_us": l.p50_us,
+        "rr_p99_us": l.p99_us,
+        "cpu_us_per_round_trip": l.cpu_us,
+        "tcp1_gbps": l.tcp_gbps,
+        "cpu_s_per_gbit": l.cpu_s_per_gbit,
+        "start": l.start,
+    })
+}
+
 fn raw(results: &Results, header: &str) -> Value {
     json!({
         "run": header,
@@ -557,6 +641,12 @@ fn raw(results: &Results, header: &str) -> Value {
             "n": p.n,
             "variant": p.variant.key(),
             "sample": sample_json(&p.sample),
+        })).collect::<Vec<_>>(),
+        "paired": results.paired.iter().map(|r| json!({
+            "hand": leg_json(&r.hand),
+            "static-egress": leg_json(&r.ours),
+            "static-egress-tunnel": leg_json(&r.tunnel),
+            "static-egress-fast": leg_json(&r.fast),
         })).collect::<Vec<_>>(),
         "change_ms": results.change_ms,
         "failover": results.failover.as_ref().map(|f| json!({
@@ -818,9 +908,53 @@ mod tests {
         let md = markdown(&results, "test run");
         assert!(md.contains("| 4 static-egress |"), "{md}");
         assert!(md.contains("98.8% (1 stream)"), "{md}");
-        assert!(md.contains("+3.0 µs | met"), "{md}");
+        assert!(md.contains("+3.0 µs RR p50 | met"), "{md}");
         let svg = chart(&results);
         assert!(svg.starts_with("<svg") && svg.ends_with("</svg>\n"));
+    }
+
+    #[test]
+    fn paired_rounds_judge_the_targets_on_the_pairs() {
+        let leg = |p50: f64, gbps: f64| Leg {
+            p50_us: p50,
+            p99_us: p50 * 1.5,
+            cpu_us: p50,
+            tcp_gbps: gbps,
+            cpu_s_per_gbit: 1.0 / gbps,
+            start: vec![(0.5, p50), (1.0, p50)],
+        };
+        // The rounds drift together: the pairs' differences stay steady.
+        let rounds: Vec<Round> = (0..10)
+            .map(|i| {
+                let drift = f64::from(i % 3);
+                Round {
+                    hand: leg(20.0 + drift, 30.0 - drift),
+                    ours: leg(21.0 + drift, 29.7 - drift),
+                    tunnel: leg(21.5 + drift, 25.0 - drift),
+                    fast: leg(19.5 + drift, 30.6 - drift),
+                }
+            })
+            .collect();
+        let results = Results {
+            paired: rounds,
+            ..Results::default()
+        };
+        let md = markdown(&results, "test run");
+        assert!(md.contains("| RR p50 | 21.0 µs | 22.0 µs | 20.5 µs | 22.5 µs | +1.0 ± 0.0 µs | -0.5 ± 0.0 µs | +0.5 ± 0.0 µs |"), "{md}");
+        assert!(
+            md.contains(
+                "| throughput >= 97% of variant 2 | 99.0 ± 0.0% (1 stream, paired) | met |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "102.1 ± 0.0% (TCP 1 stream, paired), -0.5 ± 0.0 µs RR p50 (paired) | met |"
+            ),
+            "{md}"
+        );
+        assert!(md.contains("| the tunnel costs no more than the direct path (variant 5 vs 4) | 83.7 ± 0.4% (1 stream, paired) of its throughput"), "{md}");
+        assert!(md.contains("**missed**"), "{md}");
     }
 
     #[test]
