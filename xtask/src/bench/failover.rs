@@ -102,6 +102,21 @@ struct Round {
 /// One cut-off of node2 (node3 takes over) and its return (node2 takes the IP back once it has
 /// served for the rejoin time), under a loop of new connections and one long-lived stream.
 fn round(cluster: &mut Cluster, pod: &LabPod) -> Result<Round> {
+    // Every round measures a move away from node2: if the egress IP is elsewhere when the round
+    // starts (nothing here moves it between rounds), that is worth seeing, and the round waits
+    // for node2 to hold it again rather than measure a cut-off of a node that held nothing.
+    if !holds_alone(cluster, "node2", "node3", EGRESS_IP) {
+        let waited = Instant::now();
+        wait_until(MOVE_TIMEOUT, || {
+            holds_alone(cluster, "node2", "node3", EGRESS_IP)
+        })
+        .context("node2 did not hold the egress IP alone at the start of the round")?;
+        println!(
+            "failover: node2 did not hold the egress IP alone when the round started (waited {:.1} s)",
+            waited.elapsed().as_secs_f64()
+        );
+        std::thread::sleep(QUIET);
+    }
     let seconds = (QUIET * 3 + REJOIN * 2).as_secs() + 3;
     let stream =
         cluster.start_stream(pod, Duration::from_millis(10), Duration::from_secs(seconds))?;
