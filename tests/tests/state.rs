@@ -188,7 +188,9 @@ fn durable_replacements(trace: &str, dir: &Path, file: &str) -> Result<usize> {
     let mut replaced = 0;
     let mut tmp_synced = false;
     for (i, line) in lines.iter().enumerate() {
-        if line.contains("fsync(") && line.contains(&format!("<{tmp}>)")) {
+        // `<path>` closes the descriptor's name: followed by `)`, or by ` <unfinished ...>`
+        // where another thread's call came in between (`strace -f`).
+        if line.contains("fsync(") && line.contains(&format!("<{tmp}>")) {
             tmp_synced = true;
         }
         let is_rename = line.contains("rename") && line.contains(&format!("\"{tmp}\""));
@@ -208,7 +210,7 @@ fn durable_replacements(trace: &str, dir: &Path, file: &str) -> Result<usize> {
         let dir_synced = lines[i + 1..]
             .iter()
             .take_while(|l| !(l.contains("rename") && l.contains(&format!("\"{tmp}\""))))
-            .any(|l| l.contains("fsync(") && l.contains(&format!("<{dir}>)")));
+            .any(|l| l.contains("fsync(") && l.contains(&format!("<{dir}>")));
         ensure!(
             dir_synced,
             "{file} replaced without an fsync of {dir} after the rename:\n{trace}"
@@ -267,6 +269,15 @@ fn the_checker_of_durable_writes_tells_the_difference() -> Result<()> {
     let no_dir = "1 fsync(9</x/state/state.json.tmp>) = 0\n\
                   1 rename(\"/x/state/state.json.tmp\", \"/x/state/state.json\") = 0\n";
     assert!(durable_replacements(no_dir, dir, "state.json").is_err());
+    // The same calls split by another thread's (CI saw this).
+    let split = "1 fsync(9</x/state/state.json.tmp> <unfinished ...>\n\
+                 2 openat(AT_FDCWD</>, \"/x/objects.yaml\", O_RDONLY) = 10</x/objects.yaml>\n\
+                 1 <... fsync resumed>) = 0\n\
+                 1 rename(\"/x/state/state.json.tmp\", \"/x/state/state.json\" <unfinished ...>\n\
+                 1 <... rename resumed>) = 0\n\
+                 1 fsync(9</x/state> <unfinished ...>\n\
+                 1 <... fsync resumed>) = 0\n";
+    assert_eq!(durable_replacements(split, dir, "state.json")?, 1);
     Ok(())
 }
 
