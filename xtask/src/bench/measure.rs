@@ -233,7 +233,7 @@ pub fn tcp_with_cpu(cluster: &Cluster, pod: &LabPod, seconds: u64) -> Result<(f6
 /// iperf3 more than the path). Thousands the external host received per second, counted by its
 /// own nftables counter over `seconds` once the stream runs, and the machine's busy CPU per
 /// datagram received (ns) over the same time.
-fn udp_small(cluster: &Cluster, pod: &LabPod, seconds: u64) -> Result<(f64, f64)> {
+pub fn udp_small(cluster: &Cluster, pod: &LabPod, seconds: u64) -> Result<(f64, f64)> {
     let stream = SmallStream::start(cluster, pod)?;
     let (before, busy, started) = (received(cluster)?, busy_cpu_seconds()?, Instant::now());
     std::thread::sleep(Duration::from_secs(seconds));

@@ -91,7 +91,7 @@ const QUICK: Settings = Settings {
         rounds: 8,
         round_trips: 3_000,
         settle: Duration::from_secs(2),
-        tcp_seconds: 2,
+        stream_seconds: 2,
     },
     profile_round_trips: 20_000,
 };
@@ -119,7 +119,7 @@ const FULL: Settings = Settings {
         rounds: 20,
         round_trips: 10_000,
         settle: Duration::from_secs(6),
-        tcp_seconds: 4,
+        stream_seconds: 4,
     },
     profile_round_trips: 100_000,
 };
@@ -290,7 +290,8 @@ fn describe(s: &Settings) -> String {
     format!(
         "{} round(s) per variant, median shown; iperf3 {} s per run, {} streams for the \
          multi-stream figure; {} round trips of 64 B for latency; scale points: iperf3 {} s, {} \
-         round trips; paired rounds: {}, each variant {} round trips then a {} s stream",
+         round trips; paired rounds: {}, each variant {} round trips, then a {} s TCP stream \
+         and as long a 64 B stream",
         s.rounds,
         s.datapath.seconds,
         s.datapath.streams,
@@ -299,7 +300,7 @@ fn describe(s: &Settings) -> String {
         s.scale.round_trips,
         s.paired.rounds,
         s.paired.round_trips,
-        s.paired.tcp_seconds,
+        s.paired.stream_seconds,
     )
 }
 

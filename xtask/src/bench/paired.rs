@@ -1,9 +1,9 @@
 //! `cargo xtask bench latency`: the hand-built path, static-egress, its tunnel and its fast
 //! path, alternated many times in one run (hand, ours, tunnel, fast, fast, tunnel, ours, hand,
 //! ...: each round in the other order than the last, so that a drift of the machine weighs on
-//! all alike). Each variant's request/response latency, one-stream TCP goodput and CPU per
-//! round trip and per gigabit are paired with the hand-built path's of the same round (the
-//! tunnel's also with the direct path's). The differences of the pairs, with a 95% confidence
+//! all alike). Each variant's request/response latency, one-stream TCP goodput, 64-byte packet
+//! rate and CPU per round trip, gigabit and packet are paired with the hand-built path's of the
+//! same round (the tunnel's also with the direct path's). The differences of the pairs, with a 95% confidence
 //! interval, tell a gap of a few microseconds or percent from the noise of one run, which the
 //! medians of single runs could not (`datapath` showed -3 to +14.7 µs for the same code, and
 //! one-stream goodput swings by 10-20% between runs).
@@ -41,6 +41,10 @@ pub struct Leg {
     pub tcp_gbps: f64,
     /// Busy CPU of the whole machine per gigabit of that stream, in CPU-seconds.
     pub cpu_s_per_gbit: f64,
+    /// 64-byte datagrams the external host received, thousands per second (trafgen).
+    pub udp_kpps: f64,
+    /// Busy CPU of the whole machine per datagram received, in nanoseconds.
+    pub cpu_ns_per_packet: f64,
     /// The quiet time after set-up, in windows: (seconds from set-up to the window's end, its
     /// RR p50 in microseconds).
     pub start: Vec<(f64, f64)>,
@@ -53,8 +57,8 @@ pub struct Effort {
     pub round_trips: u32,
     /// Quiet time after a variant is set up (measured in windows), before its figures.
     pub settle: Duration,
-    /// Length of the one-stream TCP run.
-    pub tcp_seconds: u64,
+    /// Length of the one-stream TCP run, and of the 64-byte stream.
+    pub stream_seconds: u64,
 }
 
 /// Round trips in one window of the quiet time: about 50 ms of them.
@@ -105,13 +109,17 @@ fn measure_leg(bench: &mut Bench, variant: Variant, effort: Effort) -> Result<Le
     let (p50_us, p99_us, cpu_us) =
         measure::rr_with_cpu(&bench.cluster, &bench.pod, effort.round_trips)?;
     let (tcp_gbps, cpu_s_per_gbit) =
-        measure::tcp_with_cpu(&bench.cluster, &bench.pod, effort.tcp_seconds)?;
+        measure::tcp_with_cpu(&bench.cluster, &bench.pod, effort.stream_seconds)?;
+    let (udp_kpps, cpu_ns_per_packet) =
+        measure::udp_small(&bench.cluster, &bench.pod, effort.stream_seconds)?;
     Ok(Leg {
         p50_us,
         p99_us,
         cpu_us,
         tcp_gbps,
         cpu_s_per_gbit,
+        udp_kpps,
+        cpu_ns_per_packet,
         start,
     })
 }

@@ -138,15 +138,17 @@ fn paired(md: &mut String, rounds: &[Round]) {
         md,
         "**Paired rounds** ({} rounds of the hand-built path, static-egress, its fast path and \
          its tunnel, each round in the other order than the last; 64 B round trips, then one TCP \
-         stream; differences (latency, CPU per round trip) and ratios (goodput, CPU per \
-         gigabit) to the variant named, in the same round, as mean and 95% interval):\n\n\
+         stream, then a stream of 64 B datagrams; differences (latency, CPU per round trip) and \
+         ratios (rates, CPU per gigabit and per packet) to the variant named, in the same round, as mean and 95% interval):\n\n\
          | | hand-built (median of rounds) | static-egress | --fast-path | tunnel | {} |\n\
          |---|---|---|---|---|---|---|---|\n\
          | RR p50 | {} | {} |\n\
          | RR p99 | {} | {} |\n\
          | CPU per round trip (whole machine) | {} | {} |\n\
          | TCP 1 stream | {} | {} |\n\
-         | CPU per Gbit (1 stream, whole machine) | {} | {} |\n\n\
+         | CPU per Gbit (1 stream, whole machine) | {} | {} |\n\
+         | UDP 64 B rate (trafgen) | {} | {} |\n\
+         | CPU per 64 B packet (whole machine) | {} | {} |\n\n\
          Added p50 latency <= {TARGET_ADDED_P50_US} µs with the interval's upper end: {}. \
          The fast path's p50 at or below the hand-built path's (mean): {}.\n",
         rounds.len(),
@@ -161,6 +163,10 @@ fn paired(md: &mut String, rounds: &[Round]) {
         compared(|l| l.tcp_gbps, true),
         medians(|l| l.cpu_s_per_gbit, "CPU-s", 3),
         compared(|l| l.cpu_s_per_gbit, true),
+        medians(|l| l.udp_kpps, "kpps", 0),
+        compared(|l| l.udp_kpps, true),
+        medians(|l| l.cpu_ns_per_packet, "ns", 0),
+        compared(|l| l.cpu_ns_per_packet, true),
         yes(d50 + h50 <= TARGET_ADDED_P50_US),
         yes(f50 <= 0.0),
     );
@@ -543,10 +549,21 @@ fn targets(md: &mut String, results: &Results, medians: &[(Variant, Sample)]) {
         } else {
             paired_diff(&results.paired, FAST, HAND, |l| l.p50_us).0 <= 0.0
         };
-        let small = of(medians, Variant::Fast)
-            .zip(of(medians, Variant::Hand))
-            .map(|(f, h)| f.udp_kpps / h.udp_kpps);
-        let shown = small.map_or_else(String::new, |r| format!(", {r:.2} (64 B rate)"));
+        let small = if results.paired.is_empty() {
+            of(medians, Variant::Fast)
+                .zip(of(medians, Variant::Hand))
+                .map(|(f, h)| {
+                    let r = f.udp_kpps / h.udp_kpps;
+                    (r, format!("{r:.2}"))
+                })
+        } else {
+            let (r, half) = paired_ratio(&results.paired, FAST, HAND, |l| l.udp_kpps);
+            Some((r, format!("{r:.3} ± {half:.3}, paired")))
+        };
+        let shown = small
+            .as_ref()
+            .map_or_else(String::new, |(_, r)| format!(", {r} (64 B rate)"));
+        let small = small.map(|(r, _)| r);
         rows.push((
             "past hand-built: the fast path at >= 1.00 of variant 2 (variant 6 vs 2)".into(),
             format!("{one}{shown}, {rr}"),
@@ -624,6 +641,8 @@ fn leg_json(l: &Leg) -> Value {
         "cpu_us_per_round_trip": l.cpu_us,
         "tcp1_gbps": l.tcp_gbps,
         "cpu_s_per_gbit": l.cpu_s_per_gbit,
+        "udp_kpps": l.udp_kpps,
+        "cpu_ns_per_packet": l.cpu_ns_per_packet,
         "start": l.start,
     })
 }
@@ -921,6 +940,8 @@ mod tests {
             cpu_us: p50,
             tcp_gbps: gbps,
             cpu_s_per_gbit: 1.0 / gbps,
+            udp_kpps: gbps * 10.0,
+            cpu_ns_per_packet: 100.0 / gbps,
             start: vec![(0.5, p50), (1.0, p50)],
         };
         // The rounds drift together: the pairs' differences stay steady.
@@ -949,7 +970,7 @@ mod tests {
         );
         assert!(
             md.contains(
-                "102.1 ± 0.0% (TCP 1 stream, paired), -0.5 ± 0.0 µs RR p50 (paired) | met |"
+                "102.1 ± 0.0% (TCP 1 stream, paired), 1.021 ± 0.000, paired (64 B rate), -0.5 ± 0.0 µs RR p50 (paired) | met |"
             ),
             "{md}"
         );
