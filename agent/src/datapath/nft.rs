@@ -130,18 +130,16 @@ pub fn render(snat: &[SnatPlan], marks: u32, devices: Devices<'_>) -> String {
 
 /// A connection that came through the tunnel keeps our bit in its conntrack mark, so that its
 /// replies get it too and our table sends them back through the tunnel (its routes for the
-/// other nodes' pod CIDRs); their SYNs are clamped to what fits the tunnel, both ways. These
-/// chains see every packet, so each rule tests the connection first (its state, its mark),
-/// which rules most packets out before the device's name is compared.
+/// other nodes' pod CIDRs); their SYNs are clamped to what fits the tunnel, both ways. One
+/// chain, at prerouting, where every packet passes anyway: a second one (at forward, where
+/// clamping usually sits) would cost every forwarded packet another hook. Each rule tests the
+/// connection first (its state, its mark), which rules most packets out before the device's
+/// name is compared.
 fn render_tunnel(s: &mut String, tunnel: Tunnel<'_>) {
     let Tunnel { device, mark, mss } = tunnel;
     let _ = writeln!(
         s,
-        "  chain tunnel_mark {{\n    type filter hook prerouting priority mangle; policy accept;\n    ct state new iifname \"{device}\" ct mark set ct mark or {mark:#x}\n    ct mark & {mark:#x} == {mark:#x} ct direction reply iifname != \"{device}\" meta mark set meta mark or {mark:#x}\n  }}"
-    );
-    let _ = writeln!(
-        s,
-        "  chain tunnel_mss {{\n    type filter hook forward priority mangle; policy accept;\n    ct mark & {mark:#x} == {mark:#x} tcp flags syn tcp option maxseg size > {mss} tcp option maxseg size set {mss}\n  }}"
+        "  chain tunnel {{\n    type filter hook prerouting priority mangle; policy accept;\n    ct state new iifname \"{device}\" ct mark set ct mark or {mark:#x}\n    ct mark & {mark:#x} == {mark:#x} ct direction reply iifname != \"{device}\" meta mark set meta mark or {mark:#x}\n    ct mark & {mark:#x} == {mark:#x} tcp flags syn tcp option maxseg size > {mss} tcp option maxseg size set {mss}\n  }}"
     );
 }
 
@@ -365,10 +363,14 @@ mod tests {
         // A node that translates nothing has no connection to send back through the tunnel:
         // no chain of the tunnel's sees its packets.
         let text = render(&[], 0x2000, tunneled);
-        assert!(!text.contains("tunnel_mark") && !text.contains("tunnel_mss"));
+        assert!(!text.contains("chain tunnel"));
         let text = render(std::slice::from_ref(&plan), 0x2000, tunneled);
         assert!(text.contains("ct state new iifname \"se-tunnel\" ct mark set ct mark or 0x2000"));
         assert!(text.contains("tcp option maxseg size set 1410"));
+        assert!(
+            !text.contains("hook forward"),
+            "one chain for the tunnel: {text}"
+        );
         assert!(text.contains(
             "iifname \"se-tunnel\" meta mark & 0x2000 != 0 counter drop comment \"not translated here\""
         ));
