@@ -3,8 +3,8 @@
 //! ...: each round in the other order than the last, so that a drift of the machine weighs on
 //! all alike). Each variant's request/response latency, one-stream TCP goodput, 64-byte packet
 //! rate and CPU per round trip, gigabit and packet are paired with the hand-built path's of the
-//! same round (the tunnel's also with the direct path's). The differences of the pairs, with a 95% confidence
-//! interval, tell a gap of a few microseconds or percent from the noise of one run, which the
+//! same round (the tunnel's also with the direct path's). The differences of the pairs, with a
+//! 95% confidence interval, tell a gap of a few microseconds or percent from the noise of one run, which the
 //! medians of single runs could not (`datapath` showed -3 to +14.7 µs for the same code, and
 //! one-stream goodput swings by 10-20% between runs).
 //!
