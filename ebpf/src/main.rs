@@ -47,8 +47,8 @@ use aya_log_ebpf::debug;
 use static_egress_common::{
     CONFIG_FAST_PATH, Config, Counters, DEST_GATEWAY_BITS, DEST_VIA_GATEWAY, DestKey, EGRESS_LOCAL,
     EGRESS_QUIET, EGRESS_ROUTED, EGRESS_TUNNEL, EgressEntry, GATEWAY_FAIL_CLOSED, GATEWAY_HOLD,
-    GatewayEntry, Guard, Heard, LEASE_DRAINING, Lease, POD_VETH, PodEntry, Prober, RANGE_CLUSTER,
-    RANGE_NODE, RANGE_REMOTE_PODS, capacity, probe, tunnel,
+    GatewayEntry, Guard, Heard, Lease, POD_VETH, PodEntry, Prober, RANGE_CLUSTER, RANGE_NODE,
+    RANGE_REMOTE_PODS, capacity, probe, tunnel,
 };
 
 #[map(name = "SE_PODS")]
@@ -117,9 +117,6 @@ const TUNNEL_MACS: [u8; 12] = {
     }
     macs
 };
-/// How far the coarse clock may lag the precise one: a tick (4 ms at 250 Hz; 10 ms at the
-/// slowest tick rate), doubled for a tick that comes late.
-const COARSE_LAG_NS: u64 = 20_000_000;
 /// `TC_ACT_UNSPEC` is what TCX calls `TCX_NEXT`: the next program (or legacy tc) decides.
 const TCX_NEXT: i32 = TC_ACT_UNSPEC;
 
@@ -402,48 +399,15 @@ fn hold(ctx: &TcContext, src: u32, dst: u32) -> Option<i32> {
     Some(TC_ACT_SHOT as i32)
 }
 
-/// Whether this node may serve its egress IPs: its lease runs, no peer counted it out since its
-/// agent last planned, probes did not stop coming (it is not cut off right now), and it is not
-/// draining (then it serves, but says so).
-///
-/// Every packet leaving with an egress IP asks, so the clock is read coarsely: a tick behind
-/// at most, without the clock source read of `bpf_ktime_get_ns`, which was half the run time
-/// of the holder's `se_uplink_egress` (115 ns per packet with it, 57 without). Both ends of
-/// where the time may be give the same answer nearly always (fenced stays fenced as time goes
-/// on); only near a deadline is the precise clock read, so the deadlines hold as before.
+/// Whether this node may serve its egress IPs now (see `Lease::state`).
 fn lease_state() -> u8 {
     let (Some(lease), Some(heard)) = (SE_LEASE.get(0), SE_HEARD.get(0)) else {
         return probe::FENCED;
     };
-    // SAFETY: reads the kernel's coarse monotonic clock.
-    let coarse = unsafe { bpf_ktime_get_coarse_ns() };
-    let early = lease_state_at(lease, heard, coarse);
-    if early == lease_state_at(lease, heard, coarse.saturating_add(COARSE_LAG_NS)) {
-        return early;
-    }
-    // SAFETY: reads the kernel's monotonic clock.
-    lease_state_at(lease, heard, unsafe { bpf_ktime_get_ns() })
-}
-
-fn lease_state_at(lease: &Lease, heard: &Heard, now: u64) -> u8 {
-    if now >= lease.expires_ns || heard.cut_offs != lease.cut_offs_seen || silent(lease, heard, now)
-    {
-        probe::FENCED
-    } else if lease.flags & LEASE_DRAINING != 0 {
-        probe::DRAINING
-    } else {
-        probe::SERVING
-    }
-}
-
-/// Cut off: no probe came, and no answer to this node's own probes either. Probes that stop
-/// while answers still come mean the other agents are away (restarting), not this node: it
-/// serves on.
-fn silent(lease: &Lease, heard: &Heard, now: u64) -> bool {
-    lease.silence_ns != 0
-        && heard.last_request_ns != 0
-        && now.saturating_sub(heard.last_request_ns) > lease.silence_ns
-        && now.saturating_sub(heard.last_reply_ns) > lease.silence_ns
+    // SAFETY: both read the kernel's monotonic clock, coarsely and precisely.
+    lease.state(heard, unsafe { bpf_ktime_get_coarse_ns() }, || unsafe {
+        bpf_ktime_get_ns()
+    })
 }
 
 /// A probe came in from `from`, which counts this node out when `view` is `probe::LOST`: this
@@ -523,7 +487,7 @@ fn answer_probe(ctx: &TcContext) -> Option<i32> {
             // single entry.
             unsafe {
                 let now = bpf_ktime_get_ns();
-                if !silent(lease, &*heard, now) {
+                if !lease.silent(&*heard, now) {
                     (*heard).last_reply_ns = now;
                 }
             }
