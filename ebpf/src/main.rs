@@ -35,9 +35,9 @@ use aya_ebpf::{
         bpf_fib_lookup, bpf_redir_neigh, bpf_tunnel_key,
     },
     helpers::generated::{
-        bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_get_hash_recalc, bpf_get_prandom_u32,
-        bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh,
-        bpf_redirect_peer, bpf_skb_set_tunnel_key,
+        bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_coarse_ns,
+        bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer,
+        bpf_skb_set_tunnel_key,
     },
     macros::{classifier, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
@@ -46,9 +46,9 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use static_egress_common::{
     CONFIG_FAST_PATH, Config, Counters, DEST_GATEWAY_BITS, DEST_VIA_GATEWAY, DestKey, EGRESS_LOCAL,
-    EGRESS_QUIET, EGRESS_ROUTED, EGRESS_TUNNEL, EgressEntry, GATEWAY_FAIL_CLOSED, GATEWAY_HOLD,
-    GatewayEntry, Guard, Heard, Lease, POD_VETH, PodEntry, Prober, RANGE_CLUSTER, RANGE_NODE,
-    RANGE_REMOTE_PODS, capacity, probe, tunnel,
+    EGRESS_ON_LINK, EGRESS_QUIET, EGRESS_ROUTED, EGRESS_TUNNEL, EgressEntry, GATEWAY_FAIL_CLOSED,
+    GATEWAY_HOLD, GatewayEntry, Guard, Heard, Lease, POD_VETH, PodEntry, Prober, RANGE_CLUSTER,
+    RANGE_NODE, RANGE_REMOTE_PODS, capacity, probe, tunnel,
 };
 
 #[map(name = "SE_PODS")]
@@ -215,7 +215,7 @@ fn fast_out(ctx: &TcContext, config: &Config, egress: &EgressEntry) -> Option<i3
     }
     let ttl = forwardable(ctx)?;
     if egress.flags & EGRESS_TUNNEL != 0 {
-        let verdict = encapsulate(ctx, config, egress.holder)?;
+        let verdict = encapsulate(ctx, config, egress.holder, on_link(egress))?;
         return Some(
             if decrement_ttl(ctx, ETH_HLEN + tunnel::OVERHEAD as usize, ttl) {
                 verdict
@@ -652,7 +652,7 @@ fn uplink_egress(ctx: &TcContext) -> Option<i32> {
     ctx.set_mark(mark & !mark_bit);
     if egress.flags & EGRESS_TUNNEL != 0 {
         let config = SE_CONFIG.get(0)?;
-        if let Some(verdict) = encapsulate(ctx, config, egress.holder) {
+        if let Some(verdict) = encapsulate(ctx, config, egress.holder, on_link(egress)) {
             return Some(verdict);
         }
         // The kernel's tunnel device takes it instead; `tunnel_egress` addresses it there.
@@ -688,7 +688,9 @@ fn tunnel_egress(ctx: &TcContext) -> Option<i32> {
     // SAFETY: `skb` is the live context pointer; other bits of the mark belong to others.
     let mark = unsafe { (*ctx.skb.skb).mark };
     ctx.set_mark(mark & !config.mark);
-    if let Some(verdict) = encapsulate(ctx, config, remote) {
+    // The holder does not know which of its peers are on its subnet: the kernel looks the
+    // outer destination up.
+    if let Some(verdict) = encapsulate(ctx, config, remote, false) {
         return Some(verdict);
     }
     // Left to the kernel's device: addressed to it here.
@@ -727,12 +729,19 @@ fn tunnel_egress(ctx: &TcContext) -> Option<i32> {
     Some(TCX_NEXT)
 }
 
+/// Whether the outer packet to the holder in `egress` goes straight to it (see
+/// `EGRESS_ON_LINK`).
+fn on_link(egress: &EgressEntry) -> bool {
+    egress.flags & EGRESS_ON_LINK != 0
+}
+
 /// Wraps a packet for `remote` here and hands it to the uplink, the way the kernel's VXLAN
 /// device would (the same bytes on the wire, so either end may be either), without its cost:
-/// no second device, no route lookup and netfilter pass for the outer packet, no UDP socket.
-/// `None` (packet unchanged) leaves it to the kernel's device: no node address or uplink known
-/// yet, or a packet that would not fit the uplink once wrapped (the device fragments it).
-fn encapsulate(ctx: &TcContext, config: &Config, remote: u32) -> Option<i32> {
+/// no second device, no netfilter pass for the outer packet, no UDP socket, and for a `remote`
+/// `on_link` no route lookup either. `None` (packet unchanged) leaves it to the kernel's
+/// device: no node address or uplink known yet, or a packet that would not fit the uplink once
+/// wrapped (the device fragments it).
+fn encapsulate(ctx: &TcContext, config: &Config, remote: u32, on_link: bool) -> Option<i32> {
     if config.node_ip == 0 || config.tunnel_port == 0 || config.uplink_ifindex == 0 {
         return None;
     }
@@ -753,8 +762,12 @@ fn encapsulate(ctx: &TcContext, config: &Config, remote: u32) -> Option<i32> {
     if !fits || total > usize::from(u16::MAX) {
         return None;
     }
-    // SAFETY: plain helper calls on the live context.
-    let (hash, id) = unsafe { (bpf_get_hash_recalc(skb), bpf_get_prandom_u32()) };
+    let ip: [u8; 20] = read(ctx, ETH_HLEN)?;
+    // The ports, if the header has no options (`flow_hash` looks at them only then).
+    let ports = read::<u32>(ctx, UDP_OFF).unwrap_or(0);
+    let hash = tunnel::flow_hash(&ip, ports);
+    // SAFETY: a plain helper call.
+    let id = unsafe { bpf_get_prandom_u32() };
     let flags = u64::from(
         BPF_F_ADJ_ROOM_FIXED_GSO
             | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
@@ -769,6 +782,9 @@ fn encapsulate(ctx: &TcContext, config: &Config, remote: u32) -> Option<i32> {
         return Some(TC_ACT_SHOT);
     }
     count(|g| &mut g.tunnel_out);
+    if on_link {
+        return Some(redirect_neigh(config.uplink_ifindex, remote));
+    }
     // SAFETY: a plain helper call; no next hop given: the kernel looks the outer destination
     // up and fills in both link-layer addresses.
     Some(unsafe { bpf_redirect_neigh(config.uplink_ifindex, core::ptr::null_mut(), 0, 0) } as i32)

@@ -7,7 +7,8 @@ use std::net::Ipv4Addr;
 use anyhow::{Result, ensure};
 use netlab::counter::{Counted, TcCounter, TcHook, TcMode};
 use netlab::fixture::{
-    EGRESS_IP, GATEWAY, api_pod, expect_source, gateway, has_address, start_agents,
+    EGRESS_IP, GATEWAY, api_pod, expect_source, gateway, has_address, payments_gateway,
+    start_agents, with_agent_logs,
 };
 use netlab::objects::match_labels;
 use netlab::{Cluster, LabPod, PodSpec};
@@ -124,4 +125,38 @@ fn programs_after_ours_see_every_packet_we_neither_drop_nor_redirect() -> Result
     expect_source(&cluster, &first, EGRESS_IP)?;
     expect_source(&cluster, &second, second_ip)?;
     Ok(())
+}
+
+#[test]
+fn a_single_holder_is_reached_by_routing_from_the_start() -> Result<()> {
+    // One node holds the egress IP of all of node1's selected pods: our table routes their
+    // packets to it, and the uplink program leaves them be once it sees them addressed to
+    // the holder's link-layer address (a redirect would take each packet through the
+    // uplink's hook twice, and the programs after ours would see it without our bit).
+    let mut cluster = Cluster::builder()
+        .nodes(2)
+        .with_node("node2", |n| n.label("egress", "true"))
+        .probe_bin(env!("CARGO_BIN_EXE_se-probe"))
+        .build()?;
+    payments_gateway(&mut cluster, EGRESS_IP)?;
+    let pod = api_pod(&mut cluster, "api-1", "node1")?;
+    let node1 = cluster.node("node1")?;
+    let counter = TcCounter::attach(node1, &node1.uplink, TcHook::Egress, TcMode::Tcx, &[pod.ip])?;
+    let agents = start_agents(&cluster, &[])?;
+    let result = (|| {
+        ping(&cluster, &pod)?;
+        // Routed, not redirected: each request leaves with our bit still on it.
+        let seen = counter.read(pod.ip)?;
+        let want = Counted {
+            packets: PINGS,
+            marked: PINGS,
+        };
+        ensure!(
+            seen == want,
+            "node1's uplink: counted {seen:?}, wanted {want:?}"
+        );
+        expect_source(&cluster, &pod, EGRESS_IP)?;
+        Ok(())
+    })();
+    with_agent_logs(&agents, result)
 }

@@ -20,9 +20,9 @@ use std::path::PathBuf;
 
 use static_egress_common::{
     CONFIG_FAST_PATH, Config, DEST_EXCLUDED, DEST_GATEWAY_BITS, DEST_VIA_GATEWAY, DestKey,
-    EGRESS_LOCAL, EGRESS_QUIET, EGRESS_ROUTED, EGRESS_TUNNEL, EgressEntry, GATEWAY_FAIL_CLOSED,
-    GATEWAY_HOLD, GatewayEntry, Guard, Heard, Lease, POD_VETH, PodEntry, RANGE_CLUSTER, RANGE_NODE,
-    RANGE_REMOTE_PODS,
+    EGRESS_LOCAL, EGRESS_ON_LINK, EGRESS_QUIET, EGRESS_ROUTED, EGRESS_TUNNEL, EgressEntry,
+    GATEWAY_FAIL_CLOSED, GATEWAY_HOLD, GatewayEntry, Guard, Heard, Lease, POD_VETH, PodEntry,
+    RANGE_CLUSTER, RANGE_NODE, RANGE_REMOTE_PODS,
 };
 
 use crate::model::{Announce, FailurePolicy};
@@ -411,11 +411,7 @@ impl Datapath {
             tunnel_port: self.config.tunnel_port.to_be(),
             tunnel_ifindex: tunnel_index,
             uplink_ifindex: uplink.index,
-            flags: if self.config.fast_path {
-                CONFIG_FAST_PATH
-            } else {
-                0
-            },
+            flags: config_flags(plan, self.config.fast_path),
         })?;
         let holders = plan.remote_holders();
         // The nodes that would send here after a takeover too: it then finds their link-layer
@@ -930,6 +926,22 @@ pub fn single_remote_holder(plan: &NodePlan) -> Option<Ipv4Addr> {
     }
 }
 
+/// `Config::flags` for `plan`: the fast path only while a pod of this node leaves through
+/// another node (nothing else can take it, and the uplink's ingress program would look every
+/// packet's destination up among the local pods for nothing).
+fn config_flags(plan: &NodePlan, fast_path: bool) -> u32 {
+    let holders = plan.holders();
+    let sends_away = plan
+        .pods
+        .iter()
+        .any(|p| holders.get(&p.egress_ip).is_some_and(|h| *h != plan.node));
+    if fast_path && sends_away {
+        CONFIG_FAST_PATH
+    } else {
+        0
+    }
+}
+
 /// The BPF map contents a plan asks for; `routed` is the holder our table routes to, `macs`
 /// the holders' link-layer addresses known now, `tunneled` the holders reached through the
 /// tunnel.
@@ -937,7 +949,7 @@ pub fn map_contents(
     plan: &NodePlan,
     routed: Option<Ipv4Addr>,
     macs: &BTreeMap<Ipv4Addr, [u8; 6]>,
-    tunneled: &BTreeSet<Ipv4Addr>,
+    tunneled: &tunnel::Tunneled,
     pod_links: &HashMap<Ipv4Addr, PodLink>,
 ) -> MapContents {
     let mut maps = MapContents::default();
@@ -963,6 +975,8 @@ pub fn map_contents(
                         EGRESS_LOCAL | EGRESS_QUIET
                     } else if h.node == plan.node {
                         EGRESS_LOCAL
+                    } else if tunneled.on_link.contains(&h.node_ip) {
+                        EGRESS_TUNNEL | EGRESS_ON_LINK
                     } else if tunneled.contains(&h.node_ip) {
                         EGRESS_TUNNEL
                     } else if routed == Some(h.node_ip) {
@@ -1121,7 +1135,7 @@ mod tests {
             &one,
             single_remote_holder(&one),
             &BTreeMap::new(),
-            &BTreeSet::new(),
+            &tunnel::Tunneled::default(),
             &HashMap::new(),
         );
         assert_eq!(routed.egress[&wire(ip("10.99.0.200"))].flags, EGRESS_ROUTED);
@@ -1137,7 +1151,7 @@ mod tests {
                 &local,
                 None,
                 &BTreeMap::new(),
-                &BTreeSet::new(),
+                &tunnel::Tunneled::default(),
                 &HashMap::new()
             )
             .egress[&wire(ip("10.99.0.201"))]
@@ -1145,6 +1159,17 @@ mod tests {
             EGRESS_LOCAL
         );
         assert_eq!(single_remote_holder(&plan(["node2", "node3"], &[])), None);
+    }
+
+    #[test]
+    fn the_fast_path_is_on_only_while_a_local_pod_leaves_through_another_node() {
+        let away = plan(["node2", "node1"], &["10.99.0.200", "10.99.0.201"]);
+        assert_eq!(config_flags(&away, true), CONFIG_FAST_PATH);
+        assert_eq!(config_flags(&away, false), 0);
+        // Its only pod leaves here, or it has none: nothing for the fast path to take.
+        let here = plan(["node2", "node1"], &["10.99.0.201"]);
+        assert_eq!(config_flags(&here, true), 0);
+        assert_eq!(config_flags(&plan(["node2", "node3"], &[]), true), 0);
     }
 
     #[test]
@@ -1168,7 +1193,7 @@ mod tests {
             &local,
             None,
             &BTreeMap::new(),
-            &BTreeSet::new(),
+            &tunnel::Tunneled::default(),
             &HashMap::new(),
         );
         assert_eq!(
@@ -1182,10 +1207,20 @@ mod tests {
     fn tunneled_holders_are_flagged_and_the_peers_known() {
         let mut one = plan(["node2", "node3"], &["10.99.0.200", "10.99.0.201"]);
         one.peers = vec![("10.244.2.0/24".parse().expect("net"), ip("10.99.0.12"))];
-        let tunneled = BTreeSet::from([ip("10.99.0.13")]);
+        let mut tunneled = tunnel::Tunneled {
+            holders: BTreeSet::from([ip("10.99.0.13")]),
+            on_link: BTreeSet::new(),
+        };
         let maps = map_contents(&one, None, &BTreeMap::new(), &tunneled, &HashMap::new());
         assert_eq!(maps.egress[&wire(ip("10.99.0.200"))].flags, 0);
         assert_eq!(maps.egress[&wire(ip("10.99.0.201"))].flags, EGRESS_TUNNEL);
+        // On the uplink's subnet, the holder is the outer packet's next hop.
+        tunneled.on_link.insert(ip("10.99.0.13"));
+        let maps = map_contents(&one, None, &BTreeMap::new(), &tunneled, &HashMap::new());
+        assert_eq!(
+            maps.egress[&wire(ip("10.99.0.201"))].flags,
+            EGRESS_TUNNEL | EGRESS_ON_LINK
+        );
         assert_eq!(
             maps.peers,
             BTreeMap::from([((24, wire(ip("10.244.2.0"))), wire(ip("10.99.0.12")))])
@@ -1220,7 +1255,13 @@ mod tests {
             ),
         ]);
         let two = plan(["node2", "node3"], &["10.99.0.200"; 3]);
-        let maps = map_contents(&two, None, &BTreeMap::new(), &BTreeSet::new(), &links);
+        let maps = map_contents(
+            &two,
+            None,
+            &BTreeMap::new(),
+            &tunnel::Tunneled::default(),
+            &links,
+        );
         let entry = |i| maps.pods[&wire(ip(i))];
         assert_eq!(
             (entry("10.244.1.2").ifindex, entry("10.244.1.2").flags),

@@ -64,6 +64,20 @@ pub struct Tunnels {
     last: BTreeSet<Ipv4Addr>,
 }
 
+/// The holders packets reach through the tunnel, and those of them on the uplink's subnet: the
+/// outer packet goes to those as its next hop, without a route lookup per packet.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tunneled {
+    pub holders: BTreeSet<Ipv4Addr>,
+    pub on_link: BTreeSet<Ipv4Addr>,
+}
+
+impl Tunneled {
+    pub fn contains(&self, holder: &Ipv4Addr) -> bool {
+        self.holders.contains(holder)
+    }
+}
+
 impl Tunnels {
     /// The other nodes holding egress IPs in `plan` that packets reach through the tunnel, as
     /// `mode` and this node's routes say; a change is logged.
@@ -73,9 +87,9 @@ impl Tunnels {
         uplink: &Interface,
         plan: &NodePlan,
         mode: TunnelMode,
-    ) -> Result<BTreeSet<Ipv4Addr>, DatapathError> {
+    ) -> Result<Tunneled, DatapathError> {
         let holders = plan.remote_holders();
-        let mut tunneled = BTreeSet::new();
+        let mut tunneled = Tunneled::default();
         if !holders.is_empty() && mode != TunnelMode::Never {
             let pods_routed = pods_routed(nl, uplink, &plan.remote_pod_cidrs).await?;
             for holder in holders {
@@ -84,13 +98,16 @@ impl Tunnels {
                     pods_routed,
                 };
                 if mode.tunneled(reach) {
-                    tunneled.insert(holder);
+                    tunneled.holders.insert(holder);
+                    if reach.on_link {
+                        tunneled.on_link.insert(holder);
+                    }
                 }
             }
         }
-        if tunneled != self.last {
-            tracing::info!(tunneled = ?tunneled, ?mode, "holders reached through the tunnel");
-            self.last = tunneled.clone();
+        if tunneled.holders != self.last {
+            tracing::info!(tunneled = ?tunneled.holders, ?mode, "holders reached through the tunnel");
+            self.last = tunneled.holders.clone();
         }
         Ok(tunneled)
     }
