@@ -944,7 +944,7 @@ fn config_flags(plan: &NodePlan, fast_path: bool) -> u32 {
 
 /// The BPF map contents a plan asks for; `routed` is the holder our table routes to, `macs`
 /// the holders' link-layer addresses known now, `tunneled` the holders reached through the
-/// tunnel.
+/// tunnel (and which of them are on the uplink's subnet).
 pub fn map_contents(
     plan: &NodePlan,
     routed: Option<Ipv4Addr>,
