@@ -486,26 +486,22 @@ mod tests {
     #[test]
     fn near_a_deadline_the_precise_clock_decides() {
         let lease = lease();
-        // The coarse clock a tick behind the lease's end: the precise one says it has passed.
-        let probed = heard(9_950 * MS);
-        assert_eq!(
-            lease.state(&probed, 9_995 * MS, || 10_000 * MS),
-            probe::FENCED
-        );
-        assert_eq!(
-            lease.state(&probed, 9_990 * MS, || 9_995 * MS),
-            probe::SERVING
-        );
-        // The same at the end of the silence time.
-        let heard = heard(1_000 * MS);
-        assert_eq!(
-            lease.state(&heard, 1_095 * MS, || 1_101 * MS),
-            probe::FENCED
-        );
-        assert_eq!(
-            lease.state(&heard, 1_090 * MS, || 1_099 * MS),
-            probe::SERVING
-        );
+        // (last probe heard, coarse clock, precise clock, state): the coarse clock a tick
+        // behind the lease's end, then behind the end of the silence time; the precise one
+        // says whether it has passed.
+        let cases = [
+            (9_950, 9_995, 10_000, probe::FENCED),
+            (9_950, 9_990, 9_995, probe::SERVING),
+            (1_000, 1_095, 1_101, probe::FENCED),
+            (1_000, 1_090, 1_099, probe::SERVING),
+        ];
+        for (at, coarse, precise, state) in cases {
+            assert_eq!(
+                lease.state(&heard(at * MS), coarse * MS, || precise * MS),
+                state,
+                "heard at {at} ms, clocks at {coarse} and {precise} ms"
+            );
+        }
     }
 
     #[test]
