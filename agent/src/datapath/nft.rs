@@ -80,10 +80,12 @@ pub fn render(snat: &[SnatPlan], marks: u32, devices: Devices<'_>) -> String {
         // left through the previous holder: answered by this node's stack it would reset
         // that connection. Dropped before conntrack confirms it, it leaves no state behind,
         // the peer sends it again, and by then the pod's own next packet has come this way
-        // and made the connection known here (README, "Failover").
+        // and made the connection known here (README, "Failover"). Every packet the node
+        // receives passes this chain: the connection's state comes first, and nearly all of
+        // them, of known connections, go no further.
         let _ = writeln!(
             s,
-            "  chain input {{\n    type filter hook input priority filter; policy accept;\n    ip daddr @held meta l4proto {{ tcp, udp }} ct state new,invalid counter drop comment \"not a connection of this holder\"\n  }}"
+            "  chain input {{\n    type filter hook input priority filter; policy accept;\n    ct state new,invalid ip daddr @held meta l4proto {{ tcp, udp }} counter drop comment \"not a connection of this holder\"\n  }}"
         );
     }
     // Only a node that translates needs them: its tunneled connections' replies go back
@@ -130,16 +132,18 @@ pub fn render(snat: &[SnatPlan], marks: u32, devices: Devices<'_>) -> String {
 
 /// A connection that came through the tunnel keeps our bit in its conntrack mark, so that its
 /// replies get it too and our table sends them back through the tunnel (its routes for the
-/// other nodes' pod CIDRs); their SYNs are clamped to what fits the tunnel, both ways. One
-/// chain, at prerouting, where every packet passes anyway: a second one (at forward, where
-/// clamping usually sits) would cost every forwarded packet another hook. Each rule tests the
-/// connection first (its state, its mark), which rules most packets out before the device's
-/// name is compared.
+/// other nodes' pod CIDRs); their SYNs are clamped to what fits the tunnel, both ways.
+/// The mark is set in a NAT chain, which conntrack runs for a connection's first packet only
+/// (before others' DNAT at `dstnat`, which would end the chain walk, though ours never binds).
+/// Every packet of the node passes the filter chain at prerouting, so it has one rule, the
+/// connection's mark, and what tunneled connections need sits behind it: the three rules it
+/// had each took every packet, ours or not, on every holder. It comes after the NAT chain, so
+/// that a connection's first SYN is clamped too.
 fn render_tunnel(s: &mut String, tunnel: Tunnel<'_>) {
     let Tunnel { device, mark, mss } = tunnel;
     let _ = writeln!(
         s,
-        "  chain tunnel {{\n    type filter hook prerouting priority mangle; policy accept;\n    ct state new iifname \"{device}\" ct mark set ct mark or {mark:#x}\n    ct mark & {mark:#x} == {mark:#x} ct direction reply iifname != \"{device}\" meta mark set meta mark or {mark:#x}\n    ct mark & {mark:#x} == {mark:#x} tcp flags syn tcp option maxseg size > {mss} tcp option maxseg size set {mss}\n  }}"
+        "  chain tunnel_new {{\n    type nat hook prerouting priority dstnat - 10; policy accept;\n    iifname \"{device}\" ct mark set ct mark or {mark:#x}\n  }}\n  chain tunneled {{\n    ct direction reply iifname != \"{device}\" meta mark set meta mark or {mark:#x}\n    tcp flags syn tcp option maxseg size > {mss} tcp option maxseg size set {mss}\n  }}\n  chain tunnel {{\n    type filter hook prerouting priority dstnat + 10; policy accept;\n    ct mark & {mark:#x} == {mark:#x} jump tunneled\n  }}"
     );
 }
 
@@ -344,7 +348,7 @@ mod tests {
         assert!(!text.contains("prerouting"));
         assert!(text.contains("set held { type ipv4_addr; elements = { 10.99.0.200 }; }"));
         assert!(text.contains(
-            "ip daddr @held meta l4proto { tcp, udp } ct state new,invalid counter drop"
+            "ct state new,invalid ip daddr @held meta l4proto { tcp, udp } counter drop"
         ));
         // A node that translates nothing drops nothing.
         assert!(text.contains(
@@ -365,8 +369,14 @@ mod tests {
         let text = render(&[], 0x2000, tunneled);
         assert!(!text.contains("chain tunnel"));
         let text = render(std::slice::from_ref(&plan), 0x2000, tunneled);
-        assert!(text.contains("ct state new iifname \"se-tunnel\" ct mark set ct mark or 0x2000"));
+        assert!(text.contains(
+            "type nat hook prerouting priority dstnat - 10; policy accept;\n    iifname \"se-tunnel\" ct mark set ct mark or 0x2000\n  }"
+        ));
         assert!(text.contains("tcp option maxseg size set 1410"));
+        // Every packet of the node meets one rule of ours at prerouting, not three.
+        assert!(text.contains(
+            "type filter hook prerouting priority dstnat + 10; policy accept;\n    ct mark & 0x2000 == 0x2000 jump tunneled\n  }"
+        ));
         assert!(
             !text.contains("hook forward"),
             "one chain for the tunnel: {text}"
