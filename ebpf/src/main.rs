@@ -122,6 +122,7 @@ const TCX_NEXT: i32 = TC_ACT_UNSPEC;
 
 #[classifier]
 pub fn se_pod_ingress(ctx: TcContext) -> i32 {
+    pull_headers(&ctx);
     pod_ingress(&ctx).unwrap_or(TCX_NEXT)
 }
 
@@ -149,6 +150,17 @@ pub fn se_uplink_egress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn se_tunnel_egress(ctx: TcContext) -> i32 {
     tunnel_egress(&ctx).unwrap_or(TC_ACT_SHOT)
+}
+
+/// A pod's packet whose headers are not where the programs read them directly (a packet
+/// socket's, as trafgen sends them, has only its Ethernet header there) gets them pulled there
+/// once, up to the ports: the stack's IPv4 receive would pull them next anyway (the fast path's
+/// TTL write too), and until then every field read costs a `bpf_skb_load_bytes` call and copy.
+fn pull_headers(ctx: &TcContext) {
+    if ctx.data() + PAYLOAD_OFF > ctx.data_end() && ctx.len() as usize >= PAYLOAD_OFF {
+        // On failure the reads take the helper's way, as before.
+        let _ = ctx.pull_data(PAYLOAD_OFF as u32);
+    }
 }
 
 /// `None` means "no verdict of ours": the packet goes on to the next program, marked or not.

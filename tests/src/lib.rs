@@ -67,6 +67,7 @@ pub mod objects;
 mod process;
 mod snapshot;
 mod teardown;
+pub mod trafgen;
 
 use std::time::{Duration, Instant};
 

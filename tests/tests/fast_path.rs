@@ -2,7 +2,8 @@
 //! the pod's interface straight to the uplink (or into the tunnel), and the holder's replies
 //! straight back to the pod. The origins' conntrack never sees them, yet every connection
 //! leaves with the egress IP (every answer the external server gave is counted), transfers
-//! larger than a packet cross both ways, and the path has as many hops as without it.
+//! larger than a packet cross both ways, datagrams whose headers the programs cannot read
+//! directly leave with the egress IP too, and the path has as many hops as without it.
 
 use std::net::Ipv4Addr;
 
@@ -13,6 +14,8 @@ use netlab::fixture::{
 use netlab::{Cluster, LabPod, PodStyle, exec, exec_output};
 
 const IPERF_PORT: u16 = 5201;
+/// Where the packet socket's datagrams go (counted by the external host, answered by nobody).
+const RING_PORT: u16 = 7790;
 
 /// Three nodes, node2 the only one that may hold the egress IP, an `api` pod on each: routed
 /// (its own veth) on node1 and node2, behind a bridge on node3.
@@ -51,6 +54,7 @@ fn fast(cluster: &Cluster, pods: &[LabPod]) -> Result<()> {
     all_leave_with(cluster, pods, EGRESS_IP)?;
     let origin = &pods[0];
     transfers(cluster, origin, IPERF_PORT)?;
+    ring_datagrams_leave_with_the_egress_ip(cluster, origin)?;
     // Pod -> origin -> holder -> router -> server: three hops lower the TTL, on the fast path
     // as on the slow one.
     let ext = cluster.ext_ip().to_string();
@@ -80,6 +84,42 @@ fn fast(cluster: &Cluster, pods: &[LabPod]) -> Result<()> {
         !tracked(cluster, "node2", origin.ip)?.is_empty(),
         "the holder tracked none of {}'s connections",
         origin.name
+    );
+    Ok(())
+}
+
+/// Datagrams that trafgen writes into a packet socket's ring reach the programs with their IP
+/// and UDP headers outside the part read directly: every one the server sees came from the
+/// egress IP (the server counts them by source from its first packet on).
+fn ring_datagrams_leave_with_the_egress_ip(cluster: &Cluster, pod: &LabPod) -> Result<()> {
+    let ext = cluster.ext_netns();
+    exec(
+        ext,
+        [
+            "nft",
+            &format!(
+                "add table ip ring; add chain ip ring seen {{ type filter hook prerouting priority -300; }}; \
+                 add rule ip ring seen udp dport {RING_PORT} ip saddr {EGRESS_IP} counter; \
+                 add rule ip ring seen udp dport {RING_PORT} counter"
+            ),
+        ],
+    )?;
+    let stream = netlab::trafgen::Stream::start(cluster, pod, RING_PORT)?;
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    drop(stream);
+    let listing = exec(ext, ["nft", "list", "chain", "ip", "ring", "seen"])?;
+    exec(ext, ["nft", "delete", "table", "ip", "ring"])?;
+    let counts: Vec<u64> = listing
+        .split("counter packets ")
+        .skip(1)
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .collect();
+    let [from_egress, all] = counts[..] else {
+        anyhow::bail!("the server's counters are not what was set up: {listing}");
+    };
+    ensure!(
+        all > 0 && from_egress == all,
+        "of {all} datagrams from the packet socket the server saw, {from_egress} came from {EGRESS_IP}"
     );
     Ok(())
 }

@@ -2,7 +2,6 @@
 //! `se-probe rr` for request/response latency. Every run is bounded by `timeout(1)`.
 
 use std::fs::File;
-use std::os::unix::process::CommandExt as _;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,7 +13,7 @@ use serde_json::Value;
 const IPERF_PORT: u16 = 5201;
 const ECHO_PORT: u16 = 7778;
 /// Where the small-packet stream goes; the external host counts and drops it.
-const SMALL_PORT: u16 = 7779;
+pub const SMALL_PORT: u16 = 7779;
 /// Added to a run's own duration before `timeout` kills it.
 const GRACE_SECS: u64 = 20;
 const RR_SIZE: &str = "64";
@@ -234,7 +233,7 @@ pub fn tcp_with_cpu(cluster: &Cluster, pod: &LabPod, seconds: u64) -> Result<(f6
 /// own nftables counter over `seconds` once the stream runs, and the machine's busy CPU per
 /// datagram received (ns) over the same time.
 pub fn udp_small(cluster: &Cluster, pod: &LabPod, seconds: u64) -> Result<(f64, f64)> {
-    let stream = SmallStream::start(cluster, pod)?;
+    let stream = netlab::trafgen::Stream::start(cluster, pod, SMALL_PORT)?;
     let (before, busy, started) = (received(cluster)?, busy_cpu_seconds()?, Instant::now());
     std::thread::sleep(Duration::from_secs(seconds));
     let packets = (received(cluster)? - before) as f64;
@@ -248,77 +247,6 @@ pub fn udp_small(cluster: &Cluster, pod: &LabPod, seconds: u64) -> Result<(f64, 
     Ok((
         packets / started.elapsed().as_secs_f64() / 1e3,
         busy * 1e9 / packets,
-    ))
-}
-
-/// trafgen sending 64-byte UDP datagrams from the pod to the external host, from half a second
-/// after [`SmallStream::start`] until dropped.
-pub struct SmallStream {
-    sender: Child,
-    log: std::path::PathBuf,
-}
-
-impl SmallStream {
-    pub fn start(cluster: &Cluster, pod: &LabPod) -> Result<Self> {
-        let config = cluster.dir().join("small.trafgen");
-        std::fs::write(&config, trafgen_config(cluster, pod)?)?;
-        let log = cluster.dir().join("trafgen.out");
-        let out = File::create(&log)?;
-        // Its own process group: trafgen sends from a child per CPU, which must stop with it
-        // (a sender left behind would send on through the next variant).
-        let sender = Command::new("ip")
-            .args([
-                "netns", "exec", &pod.netns, "trafgen", "--dev", "eth0", "--cpus", "1",
-            ])
-            .arg("--conf")
-            .arg(&config)
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .process_group(0)
-            .spawn()
-            .context("cannot start trafgen in the pod")?;
-        std::thread::sleep(Duration::from_millis(500));
-        Ok(Self { sender, log })
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .trim()
-            .to_owned()
-    }
-}
-
-impl Drop for SmallStream {
-    fn drop(&mut self) {
-        if let Ok(group) = i32::try_from(self.sender.id()) {
-            // SAFETY: signals the process group `start` made; no memory is involved.
-            unsafe { libc::kill(-group, libc::SIGKILL) };
-        }
-        let _ = self.sender.wait();
-    }
-}
-
-/// One 64-byte UDP datagram from the pod to the external host's [`SMALL_PORT`], Ethernet
-/// header included (to the pod's next hop, which the earlier runs resolved).
-fn trafgen_config(cluster: &Cluster, pod: &LabPod) -> Result<String> {
-    let ext = cluster.ext_ip();
-    let json = |args: &[&str]| -> Result<Value> {
-        serde_json::from_str(&pod.exec(args)?).context("ip printed no JSON")
-    };
-    let route = json(&["ip", "-j", "route", "get", &ext.to_string()])?;
-    let hop = route[0]["gateway"]
-        .as_str()
-        .map_or(ext.to_string(), str::to_owned);
-    let neighbour = json(&["ip", "-j", "neigh", "show", &hop, "dev", "eth0"])?;
-    let link = json(&["ip", "-j", "link", "show", "eth0"])?;
-    let (Some(da), Some(sa)) = (neighbour[0]["lladdr"].as_str(), link[0]["address"].as_str())
-    else {
-        bail!("no link-layer address for the pod's next hop {hop}: {neighbour}");
-    };
-    Ok(format!(
-        "{{ eth(da={da}, sa={sa}), ipv4(saddr={}, daddr={ext}, ttl=64), udp(sport=40000, dport={SMALL_PORT}), fill(0x41, 64) }}\n",
-        pod.ip
     ))
 }
 

@@ -101,7 +101,8 @@ fn record(bench: &Bench, load: Load, data: &Path) -> Result<f64> {
             measure::field(&line, "n")
         }
         Load::Small(seconds) => {
-            let _stream = measure::SmallStream::start(&bench.cluster, &bench.pod)?;
+            let _stream =
+                netlab::trafgen::Stream::start(&bench.cluster, &bench.pod, measure::SMALL_PORT)?;
             let before = measure::received(&bench.cluster)?;
             let secs = seconds.to_string();
             crate::util::output(perf.args(["sleep", &secs]))?;
