@@ -373,6 +373,10 @@ mod tests {
             "type nat hook prerouting priority dstnat - 10; policy accept;\n    iifname \"se-tunnel\" ct mark set ct mark or 0x2000\n  }"
         ));
         assert!(text.contains("tcp option maxseg size set 1410"));
+        // Behind the jump: the replies of tunneled connections take our bit, and our table.
+        assert!(text.contains(
+            "chain tunneled {\n    ct direction reply iifname != \"se-tunnel\" meta mark set meta mark or 0x2000\n"
+        ));
         // Every packet of the node meets one rule of ours at prerouting, not three.
         assert!(text.contains(
             "type filter hook prerouting priority dstnat + 10; policy accept;\n    ct mark & 0x2000 == 0x2000 jump tunneled\n  }"
