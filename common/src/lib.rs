@@ -156,7 +156,8 @@ pub const EGRESS_TUNNEL: u32 = 4;
 /// outer packet goes to it as its next hop (no route looked up for every packet).
 pub const EGRESS_ON_LINK: u32 = 16;
 /// `EgressEntry::flags`: our routing table already sends packets to this holder (checked
-/// against `holder_mac`: with our rule gone, they would go elsewhere).
+/// against `holder_mac`: with our rule gone, they would go elsewhere), so the uplink's program
+/// lets them go on as they are, or with `EGRESS_TUNNEL | EGRESS_ON_LINK` wrapped.
 pub const EGRESS_ROUTED: u32 = 2;
 
 /// Per-CPU value of `SE_COUNTERS`, keyed by gateway id.

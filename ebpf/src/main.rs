@@ -128,6 +128,9 @@ pub fn se_pod_ingress(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn se_uplink_ingress(ctx: TcContext) -> i32 {
+    if unwrapped_here(&ctx) {
+        return TCX_NEXT;
+    }
     if let Some(verdict) = answer_probe(&ctx) {
         return verdict;
     }
@@ -227,7 +230,7 @@ fn fast_out(ctx: &TcContext, config: &Config, egress: &EgressEntry) -> Option<i3
     }
     let ttl = forwardable(ctx)?;
     if egress.flags & EGRESS_TUNNEL != 0 {
-        let verdict = encapsulate(ctx, config, egress.holder, on_link(egress))?;
+        let verdict = encapsulate(ctx, config, egress.holder, onward(egress))?;
         return Some(
             if decrement_ttl(ctx, ETH_HLEN + tunnel::OVERHEAD as usize, ttl) {
                 verdict
@@ -552,24 +555,48 @@ fn answer_probe(ctx: &TcContext) -> Option<i32> {
     Some(unsafe { bpf_redirect(ifindex, 0) } as i32)
 }
 
+/// A packet that [`decapsulate`] took out of the tunnel on the uplink and handed to the tunnel
+/// device with our bit (see [`uplink_ingress`]): looked at there already, it goes on at once.
+fn unwrapped_here(ctx: &TcContext) -> bool {
+    let Some(config) = SE_CONFIG.get(0) else {
+        return false;
+    };
+    // SAFETY: `skb` is the live context pointer.
+    let (mark, ifindex) = unsafe { ((*ctx.skb.skb).mark, (*ctx.skb.skb).ifindex) };
+    ifindex == config.tunnel_ifindex && mark & config.mark != 0
+}
+
+/// Whether a packet from `src` to `dst` comes from another node's pod and leaves the cluster:
+/// it is here to leave with an egress IP held here.
+fn passing_through(src: u32, dst: u32) -> bool {
+    SE_RANGES
+        .get(&Key::new(32, src))
+        .is_some_and(|r| *r & RANGE_REMOTE_PODS != 0)
+        && SE_RANGES
+            .get(&Key::new(32, dst))
+            .is_none_or(|r| *r & RANGE_CLUSTER == 0)
+}
+
+/// Gives a packet passing through our bit, for the guard in [`uplink_egress`].
+fn mark_passing(ctx: &TcContext, config: &Config) {
+    // SAFETY: `skb` is the live context pointer; other bits of the mark belong to others.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    ctx.set_mark(mark | config.mark);
+    count(|g| &mut g.transit);
+}
+
 /// Marks a packet from another node's pod to outside the cluster: it is here to leave with an
 /// egress IP, and the guard in [`uplink_egress`] must see it if it would leave otherwise. On
 /// the uplink it must come from another node (`SE_SENDERS`), or it is dropped: a host on the
 /// segment sending as a pod. (Through the tunnel, [`decapsulate`] checked the outer source.)
 fn uplink_ingress(ctx: &TcContext) -> Option<i32> {
     let (src, dst) = ipv4_addrs(ctx)?;
-    if *SE_RANGES.get(&Key::new(32, src))? & RANGE_REMOTE_PODS == 0 {
-        return None;
-    }
-    if SE_RANGES
-        .get(&Key::new(32, dst))
-        .is_some_and(|r| *r & RANGE_CLUSTER != 0)
-    {
+    if !passing_through(src, dst) {
         return None;
     }
     let config = SE_CONFIG.get(0)?;
     // SAFETY: `skb` is the live context pointer.
-    let (mark, ifindex) = unsafe { ((*ctx.skb.skb).mark, (*ctx.skb.skb).ifindex) };
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     if ifindex == config.uplink_ifindex {
         let sender: [u8; 6] = read(ctx, 6)?;
         // SAFETY: entries are written whole by the agent.
@@ -584,9 +611,7 @@ fn uplink_ingress(ctx: &TcContext) -> Option<i32> {
             return Some(TC_ACT_SHOT);
         }
     }
-    // Other bits of the mark belong to others.
-    ctx.set_mark(mark | config.mark);
-    count(|g| &mut g.transit);
+    mark_passing(ctx, config);
     None
 }
 
@@ -657,14 +682,19 @@ fn uplink_egress(ctx: &TcContext) -> Option<i32> {
     }
     // Routed to the holder already: unless routing did not do its part (our rule or table
     // gone), in which case the redirect below takes the packet there anyway.
-    if egress.flags & EGRESS_ROUTED != 0 && read::<[u8; 6]>(ctx, 0)? == egress.holder_mac {
+    let routed = egress.flags & EGRESS_ROUTED != 0 && read::<[u8; 6]>(ctx, 0)? == egress.holder_mac;
+    if routed && egress.flags & EGRESS_TUNNEL == 0 {
         return None;
     }
-    // The redirected packet passes this hook again; without the bit it goes out unchanged.
+    // A redirected packet passes this hook again; without the bit it goes out unchanged. A
+    // wrapped one is the node's own.
     ctx.set_mark(mark & !mark_bit);
     if egress.flags & EGRESS_TUNNEL != 0 {
         let config = SE_CONFIG.get(0)?;
-        if let Some(verdict) = encapsulate(ctx, config, egress.holder, on_link(egress)) {
+        // Addressed to the holder already, the wrapped packet goes on from here: a redirect
+        // would take it through the device's queue and this hook a second time.
+        let onward = if routed { Onward::Here } else { onward(egress) };
+        if let Some(verdict) = encapsulate(ctx, config, egress.holder, onward) {
             return Some(verdict);
         }
         // The kernel's tunnel device takes it instead; `tunnel_egress` addresses it there.
@@ -702,7 +732,7 @@ fn tunnel_egress(ctx: &TcContext) -> Option<i32> {
     ctx.set_mark(mark & !config.mark);
     // The holder does not know which of its peers are on its subnet: the kernel looks the
     // outer destination up.
-    if let Some(verdict) = encapsulate(ctx, config, remote, false) {
+    if let Some(verdict) = encapsulate(ctx, config, remote, Onward::Route) {
         return Some(verdict);
     }
     // Left to the kernel's device: addressed to it here.
@@ -741,19 +771,34 @@ fn tunnel_egress(ctx: &TcContext) -> Option<i32> {
     Some(TCX_NEXT)
 }
 
-/// Whether the outer packet to the holder in `egress` goes straight to it (see
-/// `EGRESS_ON_LINK`).
-fn on_link(egress: &EgressEntry) -> bool {
-    egress.flags & EGRESS_ON_LINK != 0
+/// Where a packet wrapped for the tunnel goes next.
+#[derive(Clone, Copy)]
+enum Onward {
+    /// On through the hook it is in: the uplink's egress, its frame addressed to the holder.
+    Here,
+    /// To the holder's link-layer address on the uplink (it is on the uplink's subnet).
+    Neighbour,
+    /// Where the kernel's route to the outer destination says.
+    Route,
 }
 
-/// Wraps a packet for `remote` here and hands it to the uplink, the way the kernel's VXLAN
-/// device would (the same bytes on the wire, so either end may be either), without its cost:
-/// no second device, no netfilter pass for the outer packet, no UDP socket, and for a `remote`
-/// `on_link` no route lookup either. `None` (packet unchanged) leaves it to the kernel's
-/// device: no node address or uplink known yet, or a packet that would not fit the uplink once
-/// wrapped (the device fragments it).
-fn encapsulate(ctx: &TcContext, config: &Config, remote: u32, on_link: bool) -> Option<i32> {
+/// How the outer packet to the holder in `egress` gets there from a hook that is not the
+/// uplink's egress: straight to it when it is on the uplink's subnet (see `EGRESS_ON_LINK`).
+fn onward(egress: &EgressEntry) -> Onward {
+    if egress.flags & EGRESS_ON_LINK != 0 {
+        Onward::Neighbour
+    } else {
+        Onward::Route
+    }
+}
+
+/// Wraps a packet for `remote` here and hands it to the uplink (`onward`), the way the
+/// kernel's VXLAN device would (the same bytes on the wire, so either end may be either),
+/// without its cost: no second device, no netfilter pass for the outer packet, no UDP socket,
+/// and for a `remote` on the uplink's subnet no route lookup either. `None` (packet unchanged)
+/// leaves it to the kernel's device: no node address or uplink known yet, or a packet that
+/// would not fit the uplink once wrapped (the device fragments it).
+fn encapsulate(ctx: &TcContext, config: &Config, remote: u32, onward: Onward) -> Option<i32> {
     if config.node_ip == 0 || config.tunnel_port == 0 || config.uplink_ifindex == 0 {
         return None;
     }
@@ -794,12 +839,16 @@ fn encapsulate(ctx: &TcContext, config: &Config, remote: u32, on_link: bool) -> 
         return Some(TC_ACT_SHOT);
     }
     count(|g| &mut g.tunnel_out);
-    if on_link {
-        return Some(redirect_neigh(config.uplink_ifindex, remote));
-    }
-    // SAFETY: a plain helper call; no next hop given: the kernel looks the outer destination
-    // up and fills in both link-layer addresses.
-    Some(unsafe { bpf_redirect_neigh(config.uplink_ifindex, core::ptr::null_mut(), 0, 0) } as i32)
+    Some(match onward {
+        Onward::Here => TCX_NEXT,
+        Onward::Neighbour => redirect_neigh(config.uplink_ifindex, remote),
+        // SAFETY: a plain helper call; no next hop given: the kernel looks the outer
+        // destination up and fills in both link-layer addresses.
+        Onward::Route => {
+            (unsafe { bpf_redirect_neigh(config.uplink_ifindex, core::ptr::null_mut(), 0, 0) })
+                as i32
+        }
+    })
 }
 
 /// Outer IPv4 (`total` bytes long, no DF: a smaller path fragments it, as the kernel's
@@ -864,8 +913,9 @@ fn ipv4_checksum(h: &[u8; 50]) -> u16 {
 }
 
 /// Takes a tunnel packet from another node out of the tunnel here and hands the inner packet
-/// to the tunnel device as if the device had received it (its programs, nftables rules and
-/// routes see what they would have seen). A tunnel packet from anyone else is dropped. GRO
+/// to the tunnel device as if the device had received it (its nftables rules and routes see
+/// what they would have seen; our program there, what [`uplink_ingress`] would have marked
+/// there, marked already). A tunnel packet from anyone else is dropped. GRO
 /// aggregates (this kernel cannot clear their tunnel offload state from eBPF, so they would
 /// not be segmented right if forwarded) and whatever is not ours go on to the kernel.
 fn decapsulate(ctx: &TcContext) -> Option<i32> {
@@ -919,6 +969,12 @@ fn decapsulate(ctx: &TcContext) -> Option<i32> {
     count(|g| &mut g.tunnel_in);
     if let Some(verdict) = fast_back(ctx, config, true) {
         return Some(verdict);
+    }
+    // Marked here, the program on the device lets it go on without a second look.
+    if let Some((src, dst)) = ipv4_addrs(ctx)
+        && passing_through(src, dst)
+    {
+        mark_passing(ctx, config);
     }
     if ctx.store(0, &TUNNEL_MACS, 0).is_err() {
         return Some(TC_ACT_SHOT);

@@ -17,11 +17,13 @@ pub enum TcHook {
     Egress,
 }
 
-/// How the counter is attached: after the TCX chain's other programs, or as a classic tc
-/// filter on a clsact qdisc (which runs only when the TCX chain ends in `TCX_NEXT`).
+/// How the counter is attached: after the TCX chain's other programs, in front of them
+/// (attached after them), or as a classic tc filter on a clsact qdisc (which runs only when
+/// the TCX chain ends in `TCX_NEXT`).
 #[derive(Clone, Copy, Debug)]
 pub enum TcMode {
     Tcx,
+    TcxFirst,
     Legacy,
 }
 
@@ -31,6 +33,8 @@ pub struct Counted {
     pub packets: u64,
     /// Of those, the packets that carried a fwmark.
     pub marked: u64,
+    /// Packets from it inside the agent's tunnel packets (not among `packets`).
+    pub wrapped: u64,
 }
 
 /// One attached counter; it goes with the node's namespace and bpffs.
@@ -63,6 +67,7 @@ impl TcCounter {
         };
         let mode_name = match mode {
             TcMode::Tcx => "tcx",
+            TcMode::TcxFirst => "tcx-first",
             TcMode::Legacy => "legacy",
         };
         let pin = node
@@ -106,8 +111,12 @@ impl TcCounter {
             ],
         )?;
         let mut fields = out.split_whitespace().map(str::parse::<u64>);
-        match (fields.next(), fields.next()) {
-            (Some(Ok(packets)), Some(Ok(marked))) => Ok(Counted { packets, marked }),
+        match (fields.next(), fields.next(), fields.next()) {
+            (Some(Ok(packets)), Some(Ok(marked)), Some(Ok(wrapped))) => Ok(Counted {
+                packets,
+                marked,
+                wrapped,
+            }),
             _ => anyhow::bail!("odd counter output {out:?}"),
         }
     }

@@ -177,6 +177,17 @@ pub fn live_status(cluster: &Cluster, node: &str, output: &str) -> Result<String
     ])
 }
 
+/// Packets `node`'s programs took out of the tunnel and put into it themselves.
+pub fn tunnel_counts(cluster: &Cluster, node: &str) -> Result<(u64, u64)> {
+    let status: serde_json::Value = serde_json::from_str(&live_status(cluster, node, "json")?)?;
+    let count = |field: &str| {
+        status["guard"][field]
+            .as_u64()
+            .with_context(|| format!("no guard.{field} in {status}"))
+    };
+    Ok((count("tunnel_in")?, count("tunnel_out")?))
+}
+
 /// Stops `agent` (SIGTERM), starts a new one on its node with `args` and waits until it has
 /// applied the objects itself (its predecessor's status does not count).
 pub fn restart_agent(

@@ -8,7 +8,7 @@ use anyhow::{Result, ensure};
 use netlab::counter::{Counted, TcCounter, TcHook, TcMode};
 use netlab::fixture::{
     EGRESS_IP, GATEWAY, api_pod, expect_source, gateway, has_address, payments_gateway,
-    start_agents, with_agent_logs,
+    start_agents, tunnel_counts, with_agent_logs,
 };
 use netlab::objects::match_labels;
 use netlab::{Cluster, LabPod, PodSpec};
@@ -91,12 +91,7 @@ fn programs_after_ours_see_every_packet_we_neither_drop_nor_redirect() -> Result
         ping(&cluster, pod)?;
     }
     for (place, counter) in &on_holder {
-        let seen = counter.read(first.ip)?;
-        let want = Counted {
-            packets: PINGS,
-            marked: PINGS,
-        };
-        ensure!(seen == want, "{place}: counted {seen:?}, wanted {want:?}");
+        seen_once_marked(counter, first.ip, place)?;
     }
     for (place, counter, only) in &counters {
         for pod in [&first, &second] {
@@ -106,12 +101,14 @@ fn programs_after_ours_see_every_packet_we_neither_drop_nor_redirect() -> Result
                 Some(ip) if *ip == pod.ip => Counted {
                     packets: PINGS,
                     marked: PINGS,
+                    wrapped: 0,
                 },
                 Some(_) => Counted::default(),
                 // On the uplink, ours took the bit off before handing the packet to the holder.
                 None => Counted {
                     packets: PINGS,
                     marked: 0,
+                    wrapped: 0,
                 },
             };
             ensure!(
@@ -127,12 +124,8 @@ fn programs_after_ours_see_every_packet_we_neither_drop_nor_redirect() -> Result
     Ok(())
 }
 
-#[test]
-fn a_single_holder_is_reached_by_routing_from_the_start() -> Result<()> {
-    // One node holds the egress IP of all of node1's selected pods: our table routes their
-    // packets to it, and the uplink program leaves them be once it sees them addressed to
-    // the holder's link-layer address (a redirect would take each packet through the
-    // uplink's hook twice, and the programs after ours would see it without our bit).
+/// Two nodes, node2 holding the egress IP of node1's pod.
+fn one_holder() -> Result<(Cluster, LabPod)> {
     let mut cluster = Cluster::builder()
         .nodes(2)
         .with_node("node2", |n| n.label("egress", "true"))
@@ -140,22 +133,62 @@ fn a_single_holder_is_reached_by_routing_from_the_start() -> Result<()> {
         .build()?;
     payments_gateway(&mut cluster, EGRESS_IP)?;
     let pod = api_pod(&mut cluster, "api-1", "node1")?;
+    Ok((cluster, pod))
+}
+
+/// The counter saw each request of the pings from `src` once, as the pod sent it, with our bit.
+fn seen_once_marked(counter: &TcCounter, src: Ipv4Addr, place: &str) -> Result<()> {
+    let seen = counter.read(src)?;
+    let want = Counted {
+        packets: PINGS,
+        marked: PINGS,
+        wrapped: 0,
+    };
+    ensure!(seen == want, "{place}: counted {seen:?}, wanted {want:?}");
+    Ok(())
+}
+
+#[test]
+fn a_single_holder_is_reached_by_routing_from_the_start() -> Result<()> {
+    // One node holds the egress IP of all of node1's selected pods: our table routes their
+    // packets to it, and the uplink program leaves them be once it sees them addressed to
+    // the holder's link-layer address (a redirect would take each packet through the
+    // uplink's hook twice, and the programs after ours would see it without our bit).
+    let (cluster, pod) = one_holder()?;
     let node1 = cluster.node("node1")?;
     let counter = TcCounter::attach(node1, &node1.uplink, TcHook::Egress, TcMode::Tcx, &[pod.ip])?;
     let agents = start_agents(&cluster, &[])?;
     let result = (|| {
         ping(&cluster, &pod)?;
         // Routed, not redirected: each request leaves with our bit still on it.
-        let seen = counter.read(pod.ip)?;
-        let want = Counted {
-            packets: PINGS,
-            marked: PINGS,
-        };
-        ensure!(
-            seen == want,
-            "node1's uplink: counted {seen:?}, wanted {want:?}"
-        );
+        seen_once_marked(&counter, pod.ip, "node1's uplink")?;
         expect_source(&cluster, &pod, EGRESS_IP)?;
+        Ok(())
+    })();
+    with_agent_logs(&agents, result)
+}
+
+#[test]
+fn a_single_holder_through_the_tunnel_gets_each_packet_wrapped_in_one_pass() -> Result<()> {
+    // The same through the tunnel, the holder on the uplink's subnet: our table routes to it,
+    // and the uplink program wraps each packet addressed to it and lets it go on, where a
+    // redirect would take it through the uplink's hook a second time, wrapped. A counter in
+    // front of ours sees the packet as it comes, and would see that second pass too.
+    let (cluster, pod) = one_holder()?;
+    let agents = start_agents(&cluster, &["--tunnel", "always"])?;
+    let result = (|| {
+        expect_source(&cluster, &pod, EGRESS_IP)?;
+        let node1 = cluster.node("node1")?;
+        let first = TcMode::TcxFirst;
+        let counter = TcCounter::attach(node1, &node1.uplink, TcHook::Egress, first, &[pod.ip])?;
+        ping(&cluster, &pod)?;
+        seen_once_marked(&counter, pod.ip, "node1's uplink, in front of our program")?;
+        // Wrapped all the same: the holder unwrapped each one.
+        let (unwrapped, _) = tunnel_counts(&cluster, "node2")?;
+        ensure!(
+            unwrapped >= PINGS,
+            "node2 unwrapped {unwrapped} packets, wanted at least {PINGS}"
+        );
         Ok(())
     })();
     with_agent_logs(&agents, result)

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
 use netlab::fixture::{
-    EGRESS_IP, GATEWAY, all_leave_with, api_pod, gateway, live_status, payments_gateway,
-    start_agents, with_agent_logs,
+    EGRESS_IP, GATEWAY, all_leave_with, api_pod, gateway, payments_gateway, start_agents,
+    tunnel_counts, with_agent_logs,
 };
 use netlab::{Answer, Cluster, ClusterBuilder, LabPod, exec};
 
@@ -88,17 +88,6 @@ fn the_tunnel_route_to_other_nodes_pods_holds_across_rechecks() -> Result<()> {
     )?;
     let result = (0..4).try_for_each(|_| all_leave_with(&cluster, &pods, EGRESS_IP));
     with_agent_logs(&agents, result)
-}
-
-/// Packets `node`'s programs took out of the tunnel and put into it themselves.
-fn tunnel_counts(cluster: &Cluster, node: &str) -> Result<(u64, u64)> {
-    let status: serde_json::Value = serde_json::from_str(&live_status(cluster, node, "json")?)?;
-    let count = |field: &str| {
-        status["guard"][field]
-            .as_u64()
-            .with_context(|| format!("no guard.{field} in {status}"))
-    };
-    Ok((count("tunnel_in")?, count("tunnel_out")?))
 }
 
 fn never_leaks(cluster: &Cluster, pod: &LabPod) -> Result<()> {

@@ -394,7 +394,11 @@ impl Datapath {
             .sync(announced(|a| a == Announce::Aws), &self.held_now, warnings);
 
         self.nl.sync_rule(rule).await?;
-        let via = single_remote_holder(plan).filter(|h| !tunneled.contains(h));
+        // Through the tunnel too when the holder is on the uplink's subnet: the uplink's
+        // program then wraps a packet addressed to it and lets it go on (the outer packet has
+        // the same next hop), where it would otherwise redirect it to the holder.
+        let via = single_remote_holder(plan)
+            .filter(|h| !tunneled.contains(h) || tunneled.on_link.contains(h));
         self.nl
             .sync_table(
                 rule.table,
@@ -417,7 +421,9 @@ impl Datapath {
         // The nodes that would send here after a takeover too: it then finds their link-layer
         // addresses known instead of waiting for them (a cut-off holder's replacement waited up
         // to half a second).
-        let direct = holders.iter().filter(|h| !tunneled.contains(h));
+        let direct = holders
+            .iter()
+            .filter(|h| !tunneled.contains(h) || via == Some(**h));
         for ip in direct.chain(&plan.standby_senders) {
             self.record(|s| {
                 s.neighbours.insert(*ip);
@@ -899,9 +905,9 @@ fn wire(ip: Ipv4Addr) -> u32 {
 
 /// The node that holds the egress IPs of every local selected pod, when there is exactly one
 /// and it is not this node: our table can then route to it directly, and the uplink program
-/// leaves those packets alone (one pass through the egress path instead of two). Not while
-/// this node holds an egress IP itself: other nodes' pods' packets, marked on arrival, must
-/// find the way out in our table.
+/// leaves those packets alone, or wraps them for the tunnel and lets them go on (one pass
+/// through the egress path instead of two). Not while this node holds an egress IP itself:
+/// other nodes' pods' packets, marked on arrival, must find the way out in our table.
 pub fn single_remote_holder(plan: &NodePlan) -> Option<Ipv4Addr> {
     if !plan.snat.is_empty() {
         return None;
@@ -976,7 +982,12 @@ pub fn map_contents(
                     } else if h.node == plan.node {
                         EGRESS_LOCAL
                     } else if tunneled.on_link.contains(&h.node_ip) {
-                        EGRESS_TUNNEL | EGRESS_ON_LINK
+                        let routed = if routed == Some(h.node_ip) {
+                            EGRESS_ROUTED
+                        } else {
+                            0
+                        };
+                        EGRESS_TUNNEL | EGRESS_ON_LINK | routed
                     } else if tunneled.contains(&h.node_ip) {
                         EGRESS_TUNNEL
                     } else if routed == Some(h.node_ip) {
@@ -1214,12 +1225,19 @@ mod tests {
         let maps = map_contents(&one, None, &BTreeMap::new(), &tunneled, &HashMap::new());
         assert_eq!(maps.egress[&wire(ip("10.99.0.200"))].flags, 0);
         assert_eq!(maps.egress[&wire(ip("10.99.0.201"))].flags, EGRESS_TUNNEL);
-        // On the uplink's subnet, the holder is the outer packet's next hop.
+        // On the uplink's subnet, the holder is the outer packet's next hop; our table may
+        // route to it.
         tunneled.on_link.insert(ip("10.99.0.13"));
         let maps = map_contents(&one, None, &BTreeMap::new(), &tunneled, &HashMap::new());
         assert_eq!(
             maps.egress[&wire(ip("10.99.0.201"))].flags,
             EGRESS_TUNNEL | EGRESS_ON_LINK
+        );
+        let via = Some(ip("10.99.0.13"));
+        let maps = map_contents(&one, via, &BTreeMap::new(), &tunneled, &HashMap::new());
+        assert_eq!(
+            maps.egress[&wire(ip("10.99.0.201"))].flags,
+            EGRESS_TUNNEL | EGRESS_ON_LINK | EGRESS_ROUTED
         );
         assert_eq!(
             maps.peers,

@@ -1,6 +1,8 @@
 //! Counts IPv4 packets per source address, and how many of them carry any fwmark, then hands
 //! every packet on (`TCX_NEXT`). The end-to-end tests attach it behind the agent's programs,
-//! as a TCX link and as a legacy tc filter, to check that the agent shares its hooks.
+//! as a TCX link and as a legacy tc filter, to check that the agent shares its hooks, and in
+//! front of them, to see how often a packet passes the hook. A packet wrapped for the agent's
+//! tunnel (UDP to its default port) counts under the source of the packet inside, as wrapped.
 //!
 //! Only sources the loader entered in `SE_TEST_COUNTS` are counted: the program never inserts,
 //! so two CPUs cannot race to create an entry.
@@ -20,6 +22,7 @@ use aya_ebpf::{
 pub struct Count {
     pub packets: u64,
     pub marked: u64,
+    pub wrapped: u64,
 }
 
 #[map(name = "SE_TEST_COUNTS")]
@@ -27,6 +30,12 @@ static SE_TEST_COUNTS: PerCpuHashMap<u32, Count> = PerCpuHashMap::with_max_entri
 
 const ETH_P_IP_WIRE: u16 = 0x0800_u16.to_be();
 const IP_SRC_OFF: usize = 14 + 12;
+const IPPROTO_UDP: u8 = 17;
+/// The agent's default `--tunnel-port`, which the tests keep.
+const TUNNEL_PORT_WIRE: u16 = 8475_u16.to_be();
+/// Where the inner packet's source lies in a tunnel packet (outer IPv4 without options, UDP,
+/// VXLAN, inner Ethernet).
+const INNER_SRC_OFF: usize = 14 + 20 + 8 + 8 + 14 + 12;
 
 #[classifier]
 pub fn se_test_count(ctx: TcContext) -> i32 {
@@ -37,6 +46,12 @@ pub fn se_test_count(ctx: TcContext) -> i32 {
 fn count(ctx: &TcContext) -> Option<()> {
     if ctx.load::<u16>(12).ok()? != ETH_P_IP_WIRE {
         return None;
+    }
+    if let Some(inner) = wrapped_source(ctx) {
+        let entry = SE_TEST_COUNTS.get_ptr_mut(&inner)?;
+        // SAFETY: a per-CPU value: only this CPU writes it while the program runs.
+        unsafe { (*entry).wrapped += 1 };
+        return Some(());
     }
     let src: u32 = ctx.load(IP_SRC_OFF).ok()?;
     let entry = SE_TEST_COUNTS.get_ptr_mut(&src)?;
@@ -50,6 +65,17 @@ fn count(ctx: &TcContext) -> Option<()> {
         }
     }
     Some(())
+}
+
+/// The inner source of a tunnel packet.
+fn wrapped_source(ctx: &TcContext) -> Option<u32> {
+    let version_ihl: u8 = ctx.load(14).ok()?;
+    let protocol: u8 = ctx.load(14 + 9).ok()?;
+    let port: u16 = ctx.load(14 + 20 + 2).ok()?;
+    if version_ihl != 0x45 || protocol != IPPROTO_UDP || port != TUNNEL_PORT_WIRE {
+        return None;
+    }
+    ctx.load(INNER_SRC_OFF).ok()
 }
 
 #[cfg(not(test))]

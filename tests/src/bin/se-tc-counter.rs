@@ -1,6 +1,7 @@
 //! Loads the tests' own packet counter (`tests/counter-ebpf`) onto an interface, behind whatever
-//! is attached there, and reads its counts: the end-to-end tests use it to check that the
-//! agent's programs leave every packet they do not drop or redirect to the programs after them.
+//! is attached there (or, as `tcx-first`, in front of it), and reads its counts: the end-to-end
+//! tests use it to check that the agent's programs leave every packet they do not drop or
+//! redirect to the programs after them, and how often a packet passes a hook.
 //!
 //! Run inside the namespace of the interface (`ip netns exec`). The counts map is pinned in
 //! `--pin DIR` (on a bpffs), so it outlives this process; so are TCX links, while legacy tc
@@ -18,8 +19,8 @@ use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::{Ebpf, util::nr_cpus};
 
 const USAGE: &str = "usage:
-  se-tc-counter attach --obj FILE --iface NAME --hook ingress|egress --mode tcx|legacy --pin DIR --src IP...
-  se-tc-counter read --pin DIR --src IP   (prints: packets marked)";
+  se-tc-counter attach --obj FILE --iface NAME --hook ingress|egress --mode tcx|tcx-first|legacy --pin DIR --src IP...
+  se-tc-counter read --pin DIR --src IP   (prints: packets marked wrapped)";
 
 const MAP: &str = "SE_TEST_COUNTS";
 const PROGRAM: &str = "se_test_count";
@@ -30,9 +31,10 @@ const PROGRAM: &str = "se_test_count";
 struct Count {
     packets: u64,
     marked: u64,
+    wrapped: u64,
 }
 
-// SAFETY: `repr(C)`, two integers, no padding.
+// SAFETY: `repr(C)`, three integers, no padding.
 unsafe impl aya::Pod for Count {}
 
 fn main() -> ExitCode {
@@ -76,16 +78,17 @@ fn run(args: &[String]) -> Result<()> {
                 "egress" => TcAttachType::Egress,
                 other => bail!("unknown hook {other:?}"),
             };
-            let legacy = match flag("mode")? {
-                "tcx" => false,
-                "legacy" => true,
+            let place = match flag("mode")? {
+                "tcx" => Place::Last,
+                "tcx-first" => Place::First,
+                "legacy" => Place::Legacy,
                 other => bail!("unknown mode {other:?}"),
             };
             attach(
                 Path::new(flag("obj")?),
                 flag("iface")?,
                 hook,
-                legacy,
+                place,
                 &pin,
                 &sources()?,
             )
@@ -95,18 +98,29 @@ fn run(args: &[String]) -> Result<()> {
                 bail!("read takes one --src");
             };
             let count = read(&pin, src)?;
-            println!("{} {}", count.packets, count.marked);
+            println!("{} {} {}", count.packets, count.marked, count.wrapped);
             Ok(())
         }
         other => bail!("unknown command {other:?}"),
     }
 }
 
+/// Where on the interface's hook the counter goes.
+#[derive(Clone, Copy)]
+enum Place {
+    /// At the end of the TCX chain.
+    Last,
+    /// At the front of the TCX chain.
+    First,
+    /// A classic tc filter, after the TCX chain.
+    Legacy,
+}
+
 fn attach(
     obj: &Path,
     iface: &str,
     hook: TcAttachType,
-    legacy: bool,
+    place: Place,
     pin: &Path,
     sources: &[Ipv4Addr],
 ) -> Result<()> {
@@ -129,30 +143,32 @@ fn attach(
         .context("the object has no counter program")?
         .try_into()?;
     program.load()?;
-    if legacy {
-        // The qdisc may be there already (another filter, or our own earlier attach).
-        if let Err(e) = tc::qdisc_add_clsact(iface)
-            && !e.to_string().contains("exists")
-        {
-            return Err(e).context("adding the clsact qdisc");
+    let order = match place {
+        Place::Last => LinkOrder::last(),
+        Place::First => LinkOrder::first(),
+        Place::Legacy => {
+            attach_legacy(program, iface, hook)?;
+            return Ok(());
         }
-        let id = program.attach_with_options(
-            iface,
-            hook,
-            TcAttachOptions::Netlink(NlOptions::default()),
-        )?;
-        // A netlink filter stays on the interface when its loader exits, unless the loader
-        // detaches it: keep it by never dropping the link.
-        std::mem::forget(program.take_link(id)?);
-    } else {
-        let id = program.attach_with_options(
-            iface,
-            hook,
-            TcAttachOptions::TcxOrder(LinkOrder::last()),
-        )?;
-        let link = FdLink::try_from(program.take_link(id)?)?;
-        link.pin(pin.join("link"))?;
+    };
+    let id = program.attach_with_options(iface, hook, TcAttachOptions::TcxOrder(order))?;
+    let link = FdLink::try_from(program.take_link(id)?)?;
+    link.pin(pin.join("link"))?;
+    Ok(())
+}
+
+fn attach_legacy(program: &mut SchedClassifier, iface: &str, hook: TcAttachType) -> Result<()> {
+    // The qdisc may be there already (another filter, or our own earlier attach).
+    if let Err(e) = tc::qdisc_add_clsact(iface)
+        && !e.to_string().contains("exists")
+    {
+        return Err(e).context("adding the clsact qdisc");
     }
+    let id =
+        program.attach_with_options(iface, hook, TcAttachOptions::Netlink(NlOptions::default()))?;
+    // A netlink filter stays on the interface when its loader exits, unless the loader
+    // detaches it: keep it by never dropping the link.
+    std::mem::forget(program.take_link(id)?);
     Ok(())
 }
 
@@ -166,5 +182,6 @@ fn read(pin: &Path, src: Ipv4Addr) -> Result<Count> {
     Ok(per_cpu.iter().fold(Count::default(), |sum, c| Count {
         packets: sum.packets + c.packets,
         marked: sum.marked + c.marked,
+        wrapped: sum.wrapped + c.wrapped,
     }))
 }
