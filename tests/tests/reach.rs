@@ -12,7 +12,7 @@ use netlab::fixture::{
     EGRESS_IP, GATEWAY, all_leave_with, api_pod, gateway, payments_gateway, start_agents,
     tunnel_counts, with_agent_logs,
 };
-use netlab::{Answer, Cluster, ClusterBuilder, LabPod, exec};
+use netlab::{Answer, Cluster, ClusterBuilder, LabPod, exec, expect_none_leaked};
 
 const LOOP_INTERVAL: Duration = Duration::from_millis(20);
 const IPERF_PORT: u16 = 5201;
@@ -87,6 +87,55 @@ fn the_tunnel_route_to_other_nodes_pods_holds_across_rechecks() -> Result<()> {
         &["--tunnel", "always", "--resync-interval", "500ms"],
     )?;
     let result = (0..4).try_for_each(|_| all_leave_with(&cluster, &pods, EGRESS_IP));
+    with_agent_logs(&agents, result)
+}
+
+/// The gateway moves from one holder to another while a pod's connections go through the
+/// tunnel over a fabric that drops pod sources (both holders on the uplink's subnet, so each in
+/// turn is where the origin's table routes): no connection leaves with another address during
+/// the move, every one does with the egress IP after it, and the new holder unwraps them.
+#[test]
+fn a_gateway_moving_to_another_holder_through_the_tunnel_leaks_nothing() -> Result<()> {
+    let mut cluster = builder()
+        .with_node("node3", |n| n.label("egress", "true"))
+        .overlay(true)
+        .fabric_drops_pod_sources(true)
+        .build()?;
+    let mut pods = pods(&mut cluster, EGRESS_IP)?;
+    pods.truncate(1);
+    let on = |node: &str| {
+        gateway(GATEWAY, EGRESS_IP).node_selector(netlab::objects::match_labels([(
+            "kubernetes.io/hostname",
+            node,
+        )]))
+    };
+    cluster.update_objects(|o| o.set_gateway(on("node2")))?;
+    let agents = start_agents(&cluster, &[])?;
+    let result = (|| {
+        all_leave_with(&cluster, &pods, EGRESS_IP)?;
+        let (before, _) = tunnel_counts(&cluster, "node3")?;
+        let during = cluster.start_loop_with_timeout(
+            &pods[0],
+            LOOP_INTERVAL,
+            150,
+            Duration::from_millis(300),
+        )?;
+        std::thread::sleep(Duration::from_millis(500));
+        netlab::fixture::change(&mut cluster, |o| o.set_gateway(on("node3")))?;
+        let answers = during.wait(Duration::from_secs(60))?;
+        let answered = expect_none_leaked(&answers, EGRESS_IP)?;
+        ensure!(
+            answered > 0,
+            "no connection was answered during the move: {answers:?}"
+        );
+        all_leave_with(&cluster, &pods, EGRESS_IP)?;
+        let (after, _) = tunnel_counts(&cluster, "node3")?;
+        ensure!(
+            after > before,
+            "node3 unwrapped nothing after the move ({before} packets before, {after} after)"
+        );
+        Ok(())
+    })();
     with_agent_logs(&agents, result)
 }
 
