@@ -2,6 +2,7 @@
 //! iptables/ipset one, on the same namespace topology and traffic, back to back in one run.
 
 mod failover;
+mod idle;
 mod lab;
 mod measure;
 mod paired;
@@ -217,13 +218,14 @@ pub fn run(options: &Options) -> Result<()> {
         (artifacts.agent, artifacts.probe)
     };
     let settings = if options.full { &FULL } else { &QUICK };
+    let idle = idle::PollingIdle::hold();
     let wanted = |part| {
         options.part.is_none_or(|p| p == part)
             && (part != Part::Profile || options.part == Some(Part::Profile))
     };
 
     let mut results = Results {
-        settings: describe(settings),
+        settings: format!("{}; {}", describe(settings), idle.describe()),
         ..Results::default()
     };
     if [
