@@ -394,11 +394,7 @@ impl Datapath {
             .sync(announced(|a| a == Announce::Aws), &self.held_now, warnings);
 
         self.nl.sync_rule(rule).await?;
-        // Through the tunnel too when the holder is on the uplink's subnet: the uplink's
-        // program then wraps a packet addressed to it and lets it go on (the outer packet has
-        // the same next hop), where it would otherwise redirect it to the holder.
-        let via = single_remote_holder(plan)
-            .filter(|h| !tunneled.contains(h) || tunneled.on_link.contains(h));
+        let via = routed_holder(plan, &tunneled);
         self.nl
             .sync_table(
                 rule.table,
@@ -903,6 +899,14 @@ fn wire(ip: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(ip.octets())
 }
 
+/// The holder our table routes to: the single remote holder, directly or, when it is on the
+/// uplink's subnet, through the tunnel too (the uplink's program then wraps a packet addressed
+/// to it and lets it go on: the outer packet has the same next hop). A tunneled holder behind
+/// a router is not: the packet it would be routed to is not the outer packet's next hop.
+pub fn routed_holder(plan: &NodePlan, tunneled: &tunnel::Tunneled) -> Option<Ipv4Addr> {
+    single_remote_holder(plan).filter(|h| !tunneled.contains(h) || tunneled.on_link.contains(h))
+}
+
 /// The node that holds the egress IPs of every local selected pod, when there is exactly one
 /// and it is not this node: our table can then route to it directly, and the uplink program
 /// leaves those packets alone, or wraps them for the tunnel and lets them go on (one pass
@@ -1234,6 +1238,14 @@ mod tests {
             EGRESS_TUNNEL | EGRESS_ON_LINK
         );
         let via = Some(ip("10.99.0.13"));
+        let mine = plan(["node3", "node3"], &["10.99.0.201", "10.99.0.201"]);
+        assert_eq!(routed_holder(&mine, &tunneled), via);
+        let behind_a_router = tunnel::Tunneled {
+            on_link: BTreeSet::new(),
+            ..tunneled.clone()
+        };
+        assert_eq!(routed_holder(&mine, &behind_a_router), None);
+        assert_eq!(routed_holder(&mine, &tunnel::Tunneled::default()), via);
         let maps = map_contents(&one, via, &BTreeMap::new(), &tunneled, &HashMap::new());
         assert_eq!(
             maps.egress[&wire(ip("10.99.0.201"))].flags,
