@@ -139,7 +139,7 @@ struct AgentArgs {
     tunnel: TunnelMode,
     /// The tunnel's UDP port, the same on every node (not the CNI's own VXLAN port: flannel
     /// and Cilium use 8472, Calico 4789).
-    #[arg(long, default_value_t = 8475)]
+    #[arg(long, default_value_t = static_egress_common::tunnel::DEFAULT_PORT)]
     tunnel_port: u16,
     /// Hand selected pods' packets for a holder on another node straight from the pod's
     /// interface to the uplink (or the tunnel), and the holder's replies straight back to the

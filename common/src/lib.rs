@@ -214,6 +214,9 @@ pub mod tunnel {
     /// a packet's source loosely only on a device that has an address (`rp_filter` 2), and a
     /// reply coming back through the tunnel has an outside source that routes elsewhere.
     pub const ADDRESS: [u8; 4] = [169, 254, 83, 69];
+    /// The UDP port of `--tunnel-port` when none is given: not the CNIs' own VXLAN port
+    /// (flannel and Cilium use 8472, Calico 4789).
+    pub const DEFAULT_PORT: u16 = 8475;
     /// The VXLAN network identifier of our packets.
     pub const VNI: u32 = 0x5345;
     /// Outer IPv4 (20), UDP (8), VXLAN (8) and inner Ethernet (14) headers.

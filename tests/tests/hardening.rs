@@ -478,8 +478,9 @@ fn spoofed_and_real(cluster: &Cluster, api: &LabPod) -> Result<()> {
             .join(":")
     };
     node(&format!(
-        "ip link add spoof type vxlan id {} dstport 8475 remote {node2} local 10.99.0.66 dev eth0",
-        static_egress_common::tunnel::VNI
+        "ip link add spoof type vxlan id {} dstport {} remote {node2} local 10.99.0.66 dev eth0",
+        static_egress_common::tunnel::VNI,
+        static_egress_common::tunnel::DEFAULT_PORT
     ))?;
     node(&format!(
         "ip link set spoof address {} up",

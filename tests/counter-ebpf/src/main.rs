@@ -15,6 +15,7 @@ use aya_ebpf::{
     maps::PerCpuHashMap,
     programs::TcContext,
 };
+use static_egress_common::tunnel;
 
 /// Per-CPU value, keyed by the source address as the four bytes seen on the wire.
 #[repr(C)]
@@ -32,7 +33,7 @@ const ETH_P_IP_WIRE: u16 = 0x0800_u16.to_be();
 const IP_SRC_OFF: usize = 14 + 12;
 const IPPROTO_UDP: u8 = 17;
 /// The agent's default `--tunnel-port`, which the tests keep.
-const TUNNEL_PORT_WIRE: u16 = 8475_u16.to_be();
+const TUNNEL_PORT_WIRE: u16 = tunnel::DEFAULT_PORT.to_be();
 /// Where the inner packet's source lies in a tunnel packet (outer IPv4 without options, UDP,
 /// VXLAN, inner Ethernet).
 const INNER_SRC_OFF: usize = 14 + 20 + 8 + 8 + 14 + 12;
