@@ -674,6 +674,13 @@ impl Cluster {
         &self.router_netns
     }
 
+    /// Makes the router's link to the external host carry packets of at most `mtu` bytes out
+    /// of the cluster: a larger one with DF set gets the router's "fragmentation needed".
+    pub fn narrow_outside_link(&self, mtu: u32) -> Result<()> {
+        ip_in(&self.router_netns, &format!("link set ext0 mtu {mtu}"))?;
+        Ok(())
+    }
+
     /// The router's bridge for the main node segment.
     pub fn router_bridge(&self) -> &str {
         &self.settings.router_bridge

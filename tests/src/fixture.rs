@@ -230,10 +230,19 @@ pub fn health(cluster: &Cluster, node: &str, ready: bool) -> Result<String> {
     }
 }
 
-/// 4 MB from `pod` to the external server and 4 MB back with iperf3 on `port` (segmentation
-/// offload on, as a pod's TCP stack sends): both complete, and the server saw both connections
-/// come from the egress IP.
-pub fn transfers(cluster: &Cluster, pod: &LabPod, port: u16) -> Result<()> {
+/// Which ways [`transfers`] moves its 4 MB.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Ways {
+    /// From the pod to the external server.
+    Up,
+    /// Up, then from the server back to the pod.
+    UpAndDown,
+}
+
+/// 4 MB from `pod` to the external server, and with [`Ways::UpAndDown`] 4 MB back, with iperf3
+/// on `port` (segmentation offload on, as a pod's TCP stack sends): each completes, and the
+/// server saw every connection come from the egress IP.
+pub fn transfers(cluster: &Cluster, pod: &LabPod, port: u16, ways: Ways) -> Result<()> {
     let log = cluster.dir().join("iperf3.log");
     let port = port.to_string();
     crate::exec(
@@ -245,7 +254,11 @@ pub fn transfers(cluster: &Cluster, pod: &LabPod, port: u16) -> Result<()> {
     )?;
     std::thread::sleep(Duration::from_millis(300));
     let ext = cluster.ext_ip().to_string();
-    for reverse in [false, true] {
+    let directions: &[bool] = match ways {
+        Ways::Up => &[false],
+        Ways::UpAndDown => &[false, true],
+    };
+    for &reverse in directions {
         let mut args = vec![
             "timeout",
             "30",
@@ -271,7 +284,7 @@ pub fn transfers(cluster: &Cluster, pod: &LabPod, port: u16) -> Result<()> {
         .filter(|l| l.contains("Accepted connection from"))
         .collect::<Vec<_>>();
     anyhow::ensure!(
-        from.len() == 2 && from.iter().all(|l| l.contains(&EGRESS_IP.to_string())),
+        from.len() == directions.len() && from.iter().all(|l| l.contains(&EGRESS_IP.to_string())),
         "the server saw: {from:?}"
     );
     Ok(())

@@ -9,7 +9,8 @@ use std::net::Ipv4Addr;
 
 use anyhow::{Context as _, Result, ensure};
 use netlab::fixture::{
-    EGRESS_IP, all_leave_with, api_pod, payments_gateway, start_agents, transfers, with_agent_logs,
+    EGRESS_IP, Ways, all_leave_with, api_pod, payments_gateway, start_agents, transfers,
+    with_agent_logs,
 };
 use netlab::{Cluster, LabPod, PodStyle, exec, exec_output};
 
@@ -53,7 +54,7 @@ fn selected_traffic_skips_the_origins_netfilter_both_ways() -> Result<()> {
 fn fast(cluster: &Cluster, pods: &[LabPod]) -> Result<()> {
     all_leave_with(cluster, pods, EGRESS_IP)?;
     let origin = &pods[0];
-    transfers(cluster, origin, IPERF_PORT)?;
+    transfers(cluster, origin, IPERF_PORT, Ways::UpAndDown)?;
     ring_datagrams_leave_with_the_egress_ip(cluster, origin)?;
     // Pod -> origin -> holder -> router -> server: three hops lower the TTL, on the fast path
     // as on the slow one.

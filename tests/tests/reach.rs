@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
 use netlab::fixture::{
-    EGRESS_IP, GATEWAY, all_leave_with, api_pod, gateway, payments_gateway, start_agents,
+    EGRESS_IP, GATEWAY, Ways, all_leave_with, api_pod, gateway, payments_gateway, start_agents,
     tunnel_counts, with_agent_logs,
 };
 use netlab::{Answer, Cluster, ClusterBuilder, LabPod, exec, expect_none_leaked};
@@ -206,7 +206,42 @@ fn transfers(cluster: &Cluster, pod: &LabPod) -> Result<()> {
              add rule ip lab input icmp type destination-unreachable drop",
         ],
     )?;
-    netlab::fixture::transfers(cluster, pod, IPERF_PORT)
+    netlab::fixture::transfers(cluster, pod, IPERF_PORT, Ways::UpAndDown)
+}
+
+/// A link beyond the holder narrower than the tunnel's clamped segments (the router's to the
+/// outside, 1,300 bytes): the router's "fragmentation needed" to the egress IP comes back to the
+/// pod through the tunnel, the pod learns the path's MTU and its upload completes, with the
+/// fast path and without. Lost, the pod would resend full-size segments until it gave up.
+#[test]
+fn a_narrower_link_beyond_the_holder_is_learned_through_the_tunnel() -> Result<()> {
+    const NARROW: u32 = 1300;
+    for options in [&[][..], &["--fast-path"][..]] {
+        let mut cluster = builder()
+            .overlay(true)
+            .fabric_drops_pod_sources(true)
+            .build()?;
+        let pods = pods(&mut cluster, EGRESS_IP)?;
+        cluster.narrow_outside_link(NARROW)?;
+        let agents = start_agents(&cluster, options)?;
+        let result = upload_learns_mtu(&cluster, &pods[0], NARROW)
+            .with_context(|| format!("agents with {options:?}"));
+        with_agent_logs(&agents, result)?;
+    }
+    Ok(())
+}
+
+fn upload_learns_mtu(cluster: &Cluster, pod: &LabPod, mtu: u32) -> Result<()> {
+    // Only up: the external host's own link stays at 1,500 bytes, the router's side of it does
+    // not, and a full-size segment from the host would not cross it.
+    netlab::fixture::transfers(cluster, pod, IPERF_PORT, Ways::Up)?;
+    let ext = cluster.ext_ip().to_string();
+    let route = pod.exec(["ip", "route", "get", &ext])?;
+    ensure!(
+        route.contains(&format!("mtu {mtu}")),
+        "the pod did not learn the path's MTU of {mtu}: {route}"
+    );
+    Ok(())
 }
 
 /// The router's route to `ip`, if BIRD put one there.
