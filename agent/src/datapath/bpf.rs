@@ -21,24 +21,11 @@ use static_egress_common::{
 };
 
 use super::DatapathError;
+use super::maps::MapContents;
 
 /// The kernel object built by `cargo xtask build`; empty when built without it.
 static OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/static-egress.bpf.o"));
-
-/// Everything the kernel maps must hold, computed from a plan.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct MapContents {
-    pub pods: BTreeMap<u32, PodEntry>,
-    /// (prefix length including the gateway bits, key) -> verdict
-    pub dests: BTreeMap<(u32, DestKey), u8>,
-    pub gateways: BTreeMap<u32, GatewayEntry>,
-    pub egress: BTreeMap<u32, EgressEntry>,
-    /// (prefix length, address) -> `RANGE_*` bits.
-    pub ranges: BTreeMap<(u32, u32), u8>,
-    /// (prefix length, address) of another node's pod CIDR -> that node's address.
-    pub peers: BTreeMap<(u32, u32), u32>,
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Hook {
