@@ -101,6 +101,58 @@ fn pods_wired_by_cni_plugins_on_an_overlay_go_through_the_tunnel() -> Result<()>
     with_agent_logs(&agents, result)
 }
 
+/// Agents restarted with another `--tunnel-port`: the tunnel device, left by the first run,
+/// is made again on the new port, so what the kernel's side of the tunnel takes (the GRO
+/// aggregates of a transfer, fragments of a large datagram) is still received: 4 MB each way
+/// cross, and a ping as large as the pod's MTU. Before, the device kept the old port and a
+/// transfer crawled at a few hundred kbit/s. A port another VXLAN device holds is refused
+/// before anything is taken down.
+#[test]
+fn another_tunnel_port_after_a_restart_moves_the_device_too() -> Result<()> {
+    const PORT: &str = "9475";
+    let mut cluster = overlay().build()?;
+    let pods = pods(&mut cluster, EGRESS_IP)?;
+    let agents = start_agents(&cluster, &[])?;
+    let result = all_leave_with(&cluster, &pods, EGRESS_IP);
+    with_agent_logs(&agents, result)?;
+    drop(agents);
+    // The overlay's own port (Flannel's 8472): refused with a clear error, and the device and
+    // the data path the first run left stay.
+    let taken = cluster
+        .nodes()
+        .iter()
+        .map(|n| cluster.start_agent(&n.name, ["--tunnel-port", "8472"]))
+        .collect::<Result<Vec<_>>>()?;
+    let result = netlab::wait_until(Duration::from_secs(10), || {
+        taken.iter().all(|a| {
+            a.log()
+                .is_ok_and(|l| l.contains("the tunnel's UDP port 8472 is taken on this node"))
+        })
+    })
+    .context("the agents did not refuse the CNI's port")
+    .and_then(|()| all_leave_with(&cluster, &pods, EGRESS_IP));
+    with_agent_logs(&taken, result)?;
+    drop(taken);
+    for node in cluster.nodes() {
+        std::fs::remove_file(node.status_path())?;
+    }
+    let agents = start_agents(&cluster, &["--tunnel-port", PORT])?;
+    let result = (|| {
+        for node in ["node1", "node2"] {
+            let device = cluster
+                .node(node)?
+                .exec(["ip", "-d", "link", "show", "se-tunnel"])?;
+            ensure!(
+                device.contains(&format!("dstport {PORT}")),
+                "{node}: {device}"
+            );
+        }
+        netlab::fixture::transfers(&cluster, &pods[0], IPERF_PORT, Ways::UpAndDown)?;
+        large_pings(&cluster, &pods[0])
+    })();
+    with_agent_logs(&agents, result)
+}
+
 /// `--tunnel always` where the nodes also route pods over the uplink (main's table has a route
 /// to each other node's pods through it): our table's route to those pods goes through the
 /// tunnel after every apply and every re-check, not only after the first. Every connection

@@ -856,3 +856,38 @@ fn start_fresh_with_env(
     let _ = fs::remove_file(&status);
     cluster.start_agent_with_env(node, args, &[("SE_CAPS", OsStr::new(caps))])
 }
+
+/// An interface named like the tunnel device that is not one of ours (a bridge here) is never
+/// taken over nor deleted: the agent's apply fails and says why, and `cleanup`, whose record
+/// says the agent meant to make the tunnel, leaves the bridge where it was. The same cleanup
+/// without a record (by name) leaves it too.
+#[test]
+fn an_interface_with_the_tunnels_name_is_never_taken_over() -> Result<()> {
+    let cluster = cluster()?;
+    let node1 = cluster.node("node1")?.clone();
+    node1.exec(["ip", "link", "add", "se-tunnel", "type", "bridge"])?;
+    cluster.write_objects()?;
+    let agent = start_fresh(&cluster, "node1", &[])?;
+    let said = "interface se-tunnel exists and is not a VXLAN device of ours";
+    wait_until(Duration::from_secs(10), || {
+        agent.log().is_ok_and(|l| l.contains(said))
+    })
+    .with_context(|| agent.log().unwrap_or_default())?;
+    drop(agent);
+    let bridge = || -> Result<()> {
+        let link = node1.exec(["ip", "-d", "link", "show", "se-tunnel"])?;
+        ensure!(
+            link.contains("bridge"),
+            "se-tunnel is no longer the bridge: {link}"
+        );
+        Ok(())
+    };
+    for _ in 0..2 {
+        expect_success(
+            &cleanup_with(&cluster, "node1", &lab_paths(&cluster, "node1")?)?,
+            "cleanup",
+        )?;
+        bridge()?;
+    }
+    Ok(())
+}

@@ -104,6 +104,17 @@ pub enum DatapathError {
     NoNodeIp(String),
     #[error("no interface holds this node's InternalIP {0}")]
     NoUplink(Ipv4Addr),
+    #[error(
+        "interface {0} exists and is not a VXLAN device of ours (collect-metadata); the tunnel \
+         needs that name: remove or rename it"
+    )]
+    TunnelNameTaken(String),
+    #[error(
+        "the tunnel's UDP port {0} is taken on this node (another VXLAN device, such as the \
+         CNI's own: flannel and Cilium use 8472, Calico 4789); choose another --tunnel-port, \
+         the same on every node"
+    )]
+    TunnelPortTaken(u16),
     #[error("--announce-table and --route-table must be different tables, not both {0}")]
     SameTable(u32),
     #[error(transparent)]
@@ -132,7 +143,11 @@ impl DatapathError {
             Self::Io { .. } | Self::Lock(_) | Self::State { .. } => "state",
             Self::RuleInTheWay { .. } | Self::NetlinkSocket(_) | Self::Netlink { .. } => "routing",
             Self::NftSpawn(_) | Self::Nft(_) => "nftables",
-            Self::NoNodeIp(_) | Self::NoUplink(_) | Self::SameTable(_) => "node",
+            Self::NoNodeIp(_)
+            | Self::NoUplink(_)
+            | Self::SameTable(_)
+            | Self::TunnelNameTaken(_)
+            | Self::TunnelPortTaken(_) => "node",
             Self::Aws(_) => "cloud",
         }
     }

@@ -10,7 +10,7 @@ use ipnet::Ipv4Net;
 use rtnetlink::packet_route::{
     AddressFamily,
     address::{AddressAttribute, AddressMessage},
-    link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+    link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
     neighbour::{
         NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourMessage, NeighbourState,
     },
@@ -284,6 +284,31 @@ impl Netlink {
         mac: [u8; 6],
         mtu: u32,
     ) -> Result<u32, DatapathError> {
+        if let Some(index) = self.interface_index(name).await? {
+            match self.tunnel_port(index).await? {
+                Some(found) if found == port => {}
+                // Ours, from a run with another `--tunnel-port`: left as it is, the kernel's
+                // side of the tunnel (GRO aggregates, fragments) would listen on the old port
+                // while the programs send to the new one.
+                Some(found) => {
+                    // The old device goes only once the new one can have its port: a port
+                    // another device holds would leave no tunnel at all.
+                    if std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))
+                        .is_err_and(|e| e.kind() == std::io::ErrorKind::AddrInUse)
+                    {
+                        return Err(DatapathError::TunnelPortTaken(port));
+                    }
+                    tracing::info!(
+                        device = name,
+                        old = found,
+                        port,
+                        "tunnel device made again for another port"
+                    );
+                    self.remove_tunnel(name).await?;
+                }
+                None => return Err(DatapathError::TunnelNameTaken(name.to_owned())),
+            }
+        }
         if self.interface_index(name).await?.is_none() {
             let message = rtnetlink::LinkMessageBuilder::<rtnetlink::LinkVxlan>::new(name)
                 .port(port)
@@ -321,16 +346,50 @@ impl Netlink {
                 .set(message)
                 .execute()
                 .await
-                .map_err(nl("set tunnel device up"))?;
+                .map_err(|e| match e {
+                    // The device binds its UDP port when it comes up.
+                    rtnetlink::Error::NetlinkError(ref m) if m.raw_code() == -libc::EADDRINUSE => {
+                        DatapathError::TunnelPortTaken(port)
+                    }
+                    e => nl("set tunnel device up")(e),
+                })?;
         }
         Ok(index)
     }
 
-    /// Deletes the interface `name` if it exists.
-    pub async fn remove_interface(&self, name: &str) -> Result<bool, DatapathError> {
+    /// The UDP port of the interface `index` if it is a collect-metadata VXLAN device (as ours
+    /// are), `None` if it is anything else.
+    async fn tunnel_port(&self, index: u32) -> Result<Option<u16>, DatapathError> {
+        let mut links = self.handle.link().get().match_index(index).execute();
+        let Some(msg) = links.try_next().await.map_err(nl("get link"))? else {
+            return Ok(None);
+        };
+        let vxlan = msg.attributes.into_iter().find_map(|a| match a {
+            LinkAttribute::LinkInfo(infos) => infos.into_iter().find_map(|i| match i {
+                LinkInfo::Data(InfoData::Vxlan(v)) => Some(v),
+                _ => None,
+            }),
+            _ => None,
+        });
+        Ok(vxlan
+            .filter(|v| v.contains(&InfoVxlan::CollectMetadata(true)))
+            .and_then(|v| {
+                v.into_iter().find_map(|i| match i {
+                    InfoVxlan::Port(p) => Some(p),
+                    _ => None,
+                })
+            }))
+    }
+
+    /// Deletes the tunnel device `name` if it exists and is one (a collect-metadata VXLAN
+    /// device, as ours are): an interface of that name that is anything else is not ours.
+    pub async fn remove_tunnel(&self, name: &str) -> Result<bool, DatapathError> {
         let Some(index) = self.interface_index(name).await? else {
             return Ok(false);
         };
+        if self.tunnel_port(index).await?.is_none() {
+            return Ok(false);
+        }
         self.handle
             .link()
             .del(index)

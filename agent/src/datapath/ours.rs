@@ -53,7 +53,7 @@ pub(super) async fn remove_by_name(
     }
     result.found |= nft::remove()?;
     result.found |= bpf::remove_pins(bpffs)?;
-    result.found |= nl.remove_interface(tunnel::DEVICE).await?;
+    result.found |= nl.remove_tunnel(tunnel::DEVICE).await?;
     Ok(result)
 }
 
@@ -119,7 +119,7 @@ pub(super) async fn cleanup(
                 }
             }
             if state.tunnel {
-                nl.remove_interface(tunnel::DEVICE).await?;
+                nl.remove_tunnel(tunnel::DEVICE).await?;
             }
             if let Some(table) = state.announce_table {
                 nl.flush_table(table).await?;
