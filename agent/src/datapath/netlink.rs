@@ -2,7 +2,7 @@
 //! from the main table, or by asking the kernel for the route to a pod the table does not
 //! settle), our rule and table, and the egress IPs.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 
 use futures_util::TryStreamExt as _;
@@ -250,9 +250,16 @@ impl Netlink {
     ) -> Result<(), DatapathError> {
         // Replacing first: a default route that changes gateway is swapped in place, so marked
         // packets never find the table without one.
-        let current = self.table_routes(table).await?;
+        // Keyed once each: a table holds a route per other node's pods, and comparing every
+        // pair took 1.5 s per apply with 2,000 nodes.
+        let current: HashSet<RouteKey> = self
+            .table_routes(table)
+            .await?
+            .iter()
+            .map(route_key)
+            .collect();
         for route in wanted {
-            if !current.iter().any(|c| same_route(c, route)) {
+            if !current.contains(&route_key(route)) {
                 self.handle
                     .route()
                     .add(route.clone())
@@ -262,8 +269,9 @@ impl Netlink {
                     .map_err(nl("add route"))?;
             }
         }
+        let wanted: HashSet<RouteKey> = wanted.iter().map(route_key).collect();
         for route in self.table_routes(table).await? {
-            if !wanted.iter().any(|w| same_route(w, &route)) {
+            if !wanted.contains(&route_key(&route)) {
                 self.handle
                     .route()
                     .del(route)
@@ -780,18 +788,19 @@ fn default_via(holder: Ipv4Addr, uplink: u32, table: u32) -> RouteMessage {
     route
 }
 
-fn same_route(a: &RouteMessage, b: &RouteMessage) -> bool {
-    let key = |r: &RouteMessage| {
-        let mut attrs: Vec<String> = r
-            .attributes
-            .iter()
-            .filter(|a| is_path(a))
-            .map(|a| format!("{a:?}"))
-            .collect();
-        attrs.sort();
-        (r.header.destination_prefix_length, attrs)
-    };
-    key(a) == key(b)
+/// Where a route leads, as two routes that lead to the same place have it alike: its prefix
+/// length and its path attributes (see [`is_path`]), in order.
+type RouteKey = (u8, Vec<String>);
+
+fn route_key(r: &RouteMessage) -> RouteKey {
+    let mut attrs: Vec<String> = r
+        .attributes
+        .iter()
+        .filter(|a| is_path(a))
+        .map(|a| format!("{a:?}"))
+        .collect();
+    attrs.sort();
+    (r.header.destination_prefix_length, attrs)
 }
 
 #[cfg(test)]
