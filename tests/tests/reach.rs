@@ -14,7 +14,9 @@ use netlab::fixture::{
     start_agents, tunnel_counts, with_agent_logs,
 };
 use netlab::objects::Node;
-use netlab::{Answer, Cluster, ClusterBuilder, CniPlugin, LabPod, exec, expect_none_leaked};
+use netlab::{
+    AgentHandle, Answer, Cluster, ClusterBuilder, CniPlugin, LabPod, exec, expect_none_leaked,
+};
 
 const LOOP_INTERVAL: Duration = Duration::from_millis(20);
 const IPERF_PORT: u16 = 5201;
@@ -286,7 +288,9 @@ fn never_leaks(cluster: &Cluster, pod: &LabPod) -> Result<()> {
 }
 
 /// The holder on another subnet behind the router, its egress IP on that subnet: reached
-/// through the tunnel (it is not on-link), with or without an overlay.
+/// through the tunnel (it is not on-link), with or without an overlay. The holder does not ask
+/// its own segment for the other nodes' link-layer addresses (they are behind the router: no
+/// neighbour entry, no warning that they do not answer, no apply again for them).
 #[test]
 fn a_holder_on_another_subnet_is_reached_through_the_tunnel() -> Result<()> {
     for overlay in [false, true] {
@@ -300,9 +304,30 @@ fn a_holder_on_another_subnet_is_reached_through_the_tunnel() -> Result<()> {
         let pods = pods(&mut cluster, egress_ip)?;
         let agents = start_agents(&cluster, &[])?;
         let result = all_leave_with(&cluster, &pods, egress_ip)
+            .and_then(|()| no_neighbours_behind_the_router(&cluster, &agents[1]))
             .with_context(|| format!("overlay: {overlay}"));
         with_agent_logs(&agents, result)?;
     }
+    Ok(())
+}
+
+/// node2 (`holder`'s node, on its own subnet) has no neighbour entry for node1 or node3 and
+/// has not warned about them.
+fn no_neighbours_behind_the_router(cluster: &Cluster, holder: &AgentHandle) -> Result<()> {
+    let node2 = cluster.node("node2")?;
+    let neighbours = node2.exec(["ip", "-4", "neigh", "show"])?;
+    for other in ["node1", "node3"] {
+        let ip = cluster.node(other)?.ip.to_string();
+        ensure!(
+            !neighbours.lines().any(|l| l.starts_with(&format!("{ip} "))),
+            "node2 asks its segment for {other} ({ip}), which is behind the router: {neighbours}"
+        );
+    }
+    let log = holder.log()?;
+    ensure!(
+        !log.contains("does not answer ARP"),
+        "node2 warned about nodes behind the router"
+    );
     Ok(())
 }
 

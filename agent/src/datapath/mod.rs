@@ -331,15 +331,20 @@ impl Datapath {
             .fold(rule.mark, |marks, r| marks | r.mark);
         let snat = self.not_taken_from_others(&plan.snat, &mut applied).await?;
         // The standby senders too: after a takeover their pods' first packets find them.
-        let mut macs = self
+        let (mut macs, mut neighbours) = self
             .sender_macs(&uplink, &plan.senders, &mut applied)
             .await?;
-        macs.extend(
-            self.nl
-                .neighbour_macs(uplink.index, &plan.standby_senders)
-                .await?
-                .into_values(),
-        );
+        let standby = self
+            .nl
+            .neighbour_macs(uplink.index, &plan.standby_senders)
+            .await?;
+        let mut standby_on_link = Vec::new();
+        for ip in &plan.standby_senders {
+            if standby.contains_key(ip) || tunnel::on_link(&self.nl, &uplink, *ip).await? {
+                standby_on_link.push(*ip);
+            }
+        }
+        macs.extend(standby.into_values());
         self.bpf.sync_senders(&macs)?;
         // Every node has the tunnel's device: any may receive through it, as holder or as
         // origin of the replies.
@@ -433,11 +438,12 @@ impl Datapath {
         let direct = holders
             .iter()
             .filter(|h| !tunneled.contains(h) || via == Some(**h));
-        for ip in direct.chain(&plan.standby_senders) {
+        for ip in direct.chain(&standby_on_link) {
             self.record(|s| {
                 s.neighbours.insert(*ip);
             })?;
             self.nl.keep_resolved(uplink.index, *ip).await?;
+            neighbours.insert(*ip);
         }
 
         let holder_macs = self
@@ -488,12 +494,7 @@ impl Datapath {
         let unused: Vec<Ipv4Addr> = self
             .state
             .neighbours
-            .iter()
-            .filter(|ip| {
-                (!holders.contains(ip) || tunneled.contains(ip))
-                    && plan.senders.binary_search(ip).is_err()
-                    && plan.standby_senders.binary_search(ip).is_err()
-            })
+            .difference(&neighbours)
             .copied()
             .collect();
         for ip in unused {
@@ -561,22 +562,30 @@ impl Datapath {
         Ok(kept)
     }
 
-    /// The link-layer addresses of the nodes that send this node packets to translate, as the
-    /// uplink's neighbour table has them. A sender without one yet gets a managed entry (the
-    /// kernel resolves it and keeps it resolved) and a short wait; if it is still unknown,
-    /// its pods' packets are dropped here until the next apply, which comes soon.
+    /// The link-layer addresses of the nodes on the uplink's subnet that send this node packets
+    /// to translate, as the uplink's neighbour table has them, and those nodes. A sender
+    /// without one yet gets a managed entry (the kernel resolves it and keeps it resolved) and
+    /// a short wait; if it is still unknown, its pods' packets are dropped here until the next
+    /// apply, which comes soon. A sender behind a router is none of these: its packets come
+    /// through the tunnel.
     async fn sender_macs(
         &mut self,
         uplink: &netlink::Interface,
         senders: &[Ipv4Addr],
         applied: &mut Applied,
-    ) -> Result<BTreeSet<[u8; 6]>, DatapathError> {
+    ) -> Result<(BTreeSet<[u8; 6]>, BTreeSet<Ipv4Addr>), DatapathError> {
         let mut known = self.nl.neighbour_macs(uplink.index, senders).await?;
-        let missing: Vec<Ipv4Addr> = senders
-            .iter()
-            .filter(|ip| !known.contains_key(ip))
-            .copied()
-            .collect();
+        let mut on_link: BTreeSet<Ipv4Addr> = known.keys().copied().collect();
+        let mut missing = Vec::new();
+        for ip in senders.iter().filter(|ip| !known.contains_key(ip)) {
+            // Only a node on the uplink's subnet sends here with its own link-layer address;
+            // the others' packets come through the tunnel, where their outer source is checked
+            // instead, and asking the segment for their addresses would go unanswered.
+            if tunnel::on_link(&self.nl, uplink, *ip).await? {
+                missing.push(*ip);
+                on_link.insert(*ip);
+            }
+        }
         if !missing.is_empty() {
             for ip in &missing {
                 self.record(|s| {
@@ -585,11 +594,13 @@ impl Datapath {
                 self.nl.keep_resolved(uplink.index, *ip).await?;
             }
             let deadline = tokio::time::Instant::now() + RESOLVE_WAIT;
-            while known.len() < senders.len() && tokio::time::Instant::now() < deadline {
+            while missing.iter().any(|ip| !known.contains_key(ip))
+                && tokio::time::Instant::now() < deadline
+            {
                 tokio::time::sleep(RESOLVE_POLL).await;
                 known = self.nl.neighbour_macs(uplink.index, senders).await?;
             }
-            for ip in senders.iter().filter(|ip| !known.contains_key(ip)) {
+            for ip in missing.iter().filter(|ip| !known.contains_key(ip)) {
                 applied.warnings.push(format!(
                     "node {ip} does not answer ARP on {}: packets of its pods are not \
                      translated here until it does",
@@ -598,7 +609,7 @@ impl Datapath {
                 applied.incomplete = true;
             }
         }
-        Ok(known.into_values().collect())
+        Ok((known.into_values().collect(), on_link))
     }
 
     /// Replaces our table when the plan's SNAT changed or, when checking everything, when the

@@ -113,13 +113,13 @@ impl Tunnels {
     }
 }
 
-/// Whether `holder` is on the uplink's subnet: the kernel's route to it has no gateway.
-async fn on_link(
+/// Whether `node` is on the uplink's subnet: the kernel's route to it has no gateway.
+pub(super) async fn on_link(
     nl: &Netlink,
     uplink: &Interface,
-    holder: Ipv4Addr,
+    node: Ipv4Addr,
 ) -> Result<bool, DatapathError> {
-    Ok(matches!(nl.route_to(holder).await?, Some((oif, None)) if oif == uplink.index))
+    Ok(matches!(nl.route_to(node).await?, Some((oif, None)) if oif == uplink.index))
 }
 
 /// Whether this node routes the other nodes' pod CIDRs (`pod_cidrs`) over the uplink.
