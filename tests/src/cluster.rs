@@ -361,14 +361,14 @@ impl Cluster {
         let router_ext_ip = plan.router_ext_ip;
         ip_in(
             &router,
-            &format!("link add ext0 type veth peer name eth0 netns {ext}"),
+            &format!("link add {ROUTER_EXT} type veth peer name eth0 netns {ext}"),
         )?;
-        ip_in(&router, &format!("link set ext0 mtu {mtu}"))?;
+        ip_in(&router, &format!("link set {ROUTER_EXT} mtu {mtu}"))?;
         ip_in(
             &router,
-            &format!("addr add {router_ext_ip}/{ext_len} dev ext0"),
+            &format!("addr add {router_ext_ip}/{ext_len} dev {ROUTER_EXT}"),
         )?;
-        ip_in(&router, "link set ext0 up")?;
+        ip_in(&router, &format!("link set {ROUTER_EXT} up"))?;
         ip_in(&ext, &format!("link set eth0 mtu {mtu}"))?;
         ip_in(
             &ext,
@@ -677,7 +677,10 @@ impl Cluster {
     /// Makes the router's link to the external host carry packets of at most `mtu` bytes out
     /// of the cluster: a larger one with DF set gets the router's "fragmentation needed".
     pub fn narrow_outside_link(&self, mtu: u32) -> Result<()> {
-        ip_in(&self.router_netns, &format!("link set ext0 mtu {mtu}"))?;
+        ip_in(
+            &self.router_netns,
+            &format!("link set {ROUTER_EXT} mtu {mtu}"),
+        )?;
         Ok(())
     }
 
@@ -1645,6 +1648,9 @@ fn undo_attach(
 
 /// `ip -n NETNS <command>`, the command split at spaces: every name in it was checked to have
 /// none, which keeps the topology code readable.
+/// The router's end of its link to the external host.
+const ROUTER_EXT: &str = "ext0";
+
 fn ip_in(netns: &str, command: &str) -> Result<String> {
     ip(["-n", netns].into_iter().chain(command.split_whitespace()))
 }

@@ -193,10 +193,9 @@ fn two_thousand_nodes_more_keep_applies_quick() -> Result<()> {
             through >= MORE as usize,
             "{through} routes through the tunnel on node1, not one per other node"
         );
+        let moved = far(0)?.label("moved", "yes");
         let started = Instant::now();
-        change(&mut cluster, |o| {
-            o.set_node(far(0).expect("node").label("moved", "yes"))
-        })?;
+        change(&mut cluster, |o| o.set_node(moved))?;
         let took = started.elapsed();
         eprintln!("with {MORE} nodes more, a change was in force on every node in {took:?}");
         ensure!(
