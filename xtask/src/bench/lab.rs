@@ -1,4 +1,4 @@
-//! The bench's topology and the four ways of giving its pod a fixed source address.
+//! The bench's topology and the ways of giving its pod a fixed source address.
 //!
 //! node1 is the origin with the measured pod, node2 the gateway that holds the egress IP. Every
 //! command here runs inside the lab's namespaces, and each variant is taken down again (checked
@@ -26,6 +26,13 @@ const HAND_TABLE: &str = "100";
 const IPT_TABLE: &str = "101";
 const IPT_MARK: &str = "0x1000/0x1000";
 const IPSET: &str = "se-bench-pods";
+/// The hand-built tunnel: the kernel's VXLAN device on each node (IANA's port, a VNI of its
+/// own) and a /30 between the two for the route through it.
+const HAND_VXLAN_DEV: &str = "bench-vx";
+const HAND_VXLAN_VNI: &str = "4242";
+const HAND_VXLAN_PORT: &str = "4789";
+const HAND_VXLAN_NODE1: &str = "169.254.42.1";
+const HAND_VXLAN_NODE2: &str = "169.254.42.2";
 const IPT_CHAIN: &str = "SE-BENCH";
 /// Pods this many and beyond go to an objects-only node: one node's pod map holds 65,536.
 const PODS_PER_NODE: u32 = 50_000;
@@ -50,16 +57,20 @@ pub enum Variant {
     /// static-egress agents on both nodes with `--fast-path`: node1's programs hand the pod's
     /// packets to node2 and the replies back to the pod, past node1's routing and netfilter.
     Fast,
+    /// [`Variant::Hand`] through the kernel's VXLAN devices between node1 and node2, with the
+    /// MSS clamped to the devices' MTU: the tunnel's like-for-like baseline.
+    HandTunnel,
 }
 
 impl Variant {
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::None,
         Self::Hand,
         Self::Iptables,
         Self::Ours,
         Self::Tunnel,
         Self::Fast,
+        Self::HandTunnel,
     ];
 
     pub fn key(self) -> &'static str {
@@ -70,6 +81,7 @@ impl Variant {
             Self::Ours => "static-egress",
             Self::Tunnel => "static-egress-tunnel",
             Self::Fast => "static-egress-fast",
+            Self::HandTunnel => "hand-vxlan",
         }
     }
 
@@ -81,6 +93,7 @@ impl Variant {
             Self::Ours => "4 static-egress",
             Self::Tunnel => "5 static-egress through the tunnel (--tunnel always)",
             Self::Fast => "6 static-egress --fast-path",
+            Self::HandTunnel => "7 hand-built VXLAN devices + ip rule + nft SNAT",
         }
     }
 
@@ -97,6 +110,7 @@ impl Variant {
         match self {
             Self::None => "pod > node1 > router > ext",
             Self::Tunnel => "pod > node1 > VXLAN > node2 > router > ext",
+            Self::HandTunnel => "pod > node1 > VXLAN device > node2 > router > ext",
             Self::Fast => "pod > node1 (tc only) > node2 > router > ext",
             _ => "pod > node1 > node2 > router > ext",
         }
@@ -202,10 +216,10 @@ impl Bench {
         }
         match variant {
             Variant::None => {}
-            Variant::Hand => {
-                ensure!(size == Size::ONE, "the hand-built variant is one pod");
+            Variant::Hand | Variant::HandTunnel => {
+                ensure!(size == Size::ONE, "the hand-built variants are one pod");
                 if self.active != Some(variant) {
-                    self.hand_up()?;
+                    self.hand_up(variant == Variant::HandTunnel)?;
                 }
             }
             Variant::Iptables => {
@@ -244,7 +258,8 @@ impl Bench {
     pub fn leave(&mut self) -> Result<()> {
         match self.active.take() {
             None | Some(Variant::None) => return Ok(()),
-            Some(Variant::Hand) => self.hand_down()?,
+            Some(Variant::Hand) => self.hand_down(false)?,
+            Some(Variant::HandTunnel) => self.hand_down(true)?,
             Some(Variant::Iptables) => self.iptables_down()?,
             Some(Variant::Ours | Variant::Tunnel | Variant::Fast) => {
                 self.stop_agents()?;
@@ -375,10 +390,85 @@ impl Bench {
         Ok(())
     }
 
-    fn hand_up(&self) -> Result<()> {
+    /// node1: a rule for the pod to a table with one route to node2 (through the VXLAN devices
+    /// with `tunnel`) and the masquerade exception; node2: the egress IP and one SNAT rule. The
+    /// tunnel adds the devices, node2's route back to the pod through them, and on both nodes
+    /// the MSS of connections through them clamped to the devices' MTU, as one clamps a tunnel
+    /// by hand (the pod's MTU is the uplink's).
+    fn hand_up(&self, tunnel: bool) -> Result<()> {
         let (n1, n2) = self.nodes()?;
         let pod = self.pod.ip.to_string();
+        let node1_ip = self.cluster.node("node1")?.ip.to_string();
         let node2_ip = self.cluster.node("node2")?.ip.to_string();
+        let clamp = if tunnel {
+            for (ns, local, remote, addr) in [
+                (n1, &node1_ip, &node2_ip, HAND_VXLAN_NODE1),
+                (n2, &node2_ip, &node1_ip, HAND_VXLAN_NODE2),
+            ] {
+                exec(
+                    ns,
+                    &[
+                        "ip",
+                        "link",
+                        "add",
+                        HAND_VXLAN_DEV,
+                        "type",
+                        "vxlan",
+                        "id",
+                        HAND_VXLAN_VNI,
+                        "local",
+                        local,
+                        "remote",
+                        remote,
+                        "dstport",
+                        HAND_VXLAN_PORT,
+                        "dev",
+                        "eth0",
+                    ],
+                )?;
+                exec(
+                    ns,
+                    &[
+                        "ip",
+                        "addr",
+                        "add",
+                        &format!("{addr}/30"),
+                        "dev",
+                        HAND_VXLAN_DEV,
+                    ],
+                )?;
+                exec(ns, &["ip", "link", "set", HAND_VXLAN_DEV, "up"])?;
+            }
+            exec(
+                n2,
+                &[
+                    "ip",
+                    "route",
+                    "add",
+                    &pod,
+                    "via",
+                    HAND_VXLAN_NODE1,
+                    "dev",
+                    HAND_VXLAN_DEV,
+                ],
+            )?;
+            let clamp = format!(
+                "  chain forward {{\n    type filter hook forward priority mangle;\n    oifname \"{HAND_VXLAN_DEV}\" tcp flags syn / syn,rst tcp option maxseg size set rt mtu\n  }}\n"
+            );
+            nft_file(
+                &self.cluster,
+                n1,
+                &format!("table ip se_bench {{\n{clamp}}}\n"),
+            )?;
+            clamp
+        } else {
+            String::new()
+        };
+        let (via, dev) = if tunnel {
+            (HAND_VXLAN_NODE2, HAND_VXLAN_DEV)
+        } else {
+            (node2_ip.as_str(), "eth0")
+        };
         exec(
             n1,
             &[
@@ -388,8 +478,7 @@ impl Bench {
         exec(
             n1,
             &[
-                "ip", "route", "add", "default", "via", &node2_ip, "dev", "eth0", "table",
-                HAND_TABLE,
+                "ip", "route", "add", "default", "via", via, "dev", dev, "table", HAND_TABLE,
             ],
         )?;
         exec(
@@ -419,12 +508,12 @@ impl Bench {
             ],
         )?;
         let ruleset = format!(
-            "table ip se_bench {{\n  chain post {{\n    type nat hook postrouting priority srcnat - 10;\n    ip saddr {pod} snat to {EGRESS_IP}\n  }}\n}}\n"
+            "table ip se_bench {{\n  chain post {{\n    type nat hook postrouting priority srcnat - 10;\n    ip saddr {pod} snat to {EGRESS_IP}\n  }}\n{clamp}}}\n"
         );
         nft_file(&self.cluster, n2, &ruleset)
     }
 
-    fn hand_down(&self) -> Result<()> {
+    fn hand_down(&self, tunnel: bool) -> Result<()> {
         let (n1, n2) = self.nodes()?;
         let pod = self.pod.ip.to_string();
         exec(
@@ -461,6 +550,13 @@ impl Bench {
             ],
         )?;
         exec(n2, &["nft", "delete", "table", "ip", "se_bench"])?;
+        if tunnel {
+            exec(n1, &["nft", "delete", "table", "ip", "se_bench"])?;
+            // Its addresses and routes go with it.
+            for ns in [n1, n2] {
+                exec(ns, &["ip", "link", "del", HAND_VXLAN_DEV])?;
+            }
+        }
         Ok(())
     }
 

@@ -1,9 +1,10 @@
-//! `cargo xtask bench latency`: the hand-built path, static-egress, its tunnel and its fast
-//! path, alternated many times in one run (hand, ours, tunnel, fast, fast, tunnel, ours, hand,
-//! ...: each round in the other order than the last, so that a drift of the machine weighs on
-//! all alike). Each variant's request/response latency, one-stream TCP goodput, 64-byte packet
-//! rate and CPU per round trip, gigabit and packet are paired with the hand-built path's of the
-//! same round (the tunnel's also with the direct path's). The differences of the pairs, with a
+//! `cargo xtask bench latency`: the hand-built path, the same through hand-built VXLAN
+//! devices, static-egress, its tunnel and its fast path, alternated many times in one run
+//! (hand, hand's tunnel, ours, tunnel, fast, fast, tunnel, ...: each round in the other order
+//! than the last, so that a drift of the machine weighs on all alike). Each variant's
+//! request/response latency, one-stream TCP goodput, 64-byte packet rate and CPU per round
+//! trip, gigabit and packet are paired with the hand-built path's of the same round (the
+//! tunnel's with the direct path's and with the hand-built tunnel's). The differences of the pairs, with a
 //! 95% confidence interval, tell a gap of a few microseconds or percent from the noise of one run, which the
 //! medians of single runs could not (`datapath` showed -3 to +14.7 µs for the same code, and
 //! one-stream goodput swings by 10-20% between runs).
@@ -23,6 +24,8 @@ use super::measure;
 #[derive(Clone, Debug)]
 pub struct Round {
     pub hand: Leg,
+    /// The hand-built path through the kernel's VXLAN devices.
+    pub hand_tunnel: Leg,
     pub ours: Leg,
     /// `--tunnel always`.
     pub tunnel: Leg,
@@ -64,20 +67,28 @@ pub struct Effort {
 /// Round trips in one window of the quiet time: about 50 ms of them.
 const WINDOW_ROUND_TRIPS: u32 = 2_000;
 
-/// `effort.rounds` rounds of the four variants; the bench lab is left clean after the last.
+/// `effort.rounds` rounds of the five variants; the bench lab is left clean after the last.
 pub fn run(bench: &mut Bench, effort: Effort) -> Result<Vec<Round>> {
     let mut out = Vec::with_capacity(effort.rounds);
     for i in 0..effort.rounds {
-        let mut order = [Variant::Hand, Variant::Ours, Variant::Tunnel, Variant::Fast];
+        let mut order = [
+            Variant::Hand,
+            Variant::HandTunnel,
+            Variant::Ours,
+            Variant::Tunnel,
+            Variant::Fast,
+        ];
         if i % 2 == 1 {
             order.reverse();
         }
-        let (mut hand, mut ours, mut tunnel, mut fast) = (None, None, None, None);
+        let (mut hand, mut hand_tunnel, mut ours, mut tunnel, mut fast) =
+            (None, None, None, None, None);
         for variant in order {
             println!("paired round {}: {}", i + 1, variant.title());
             let leg = measure_leg(bench, variant, effort)?;
             match variant {
                 Variant::Hand => hand = Some(leg),
+                Variant::HandTunnel => hand_tunnel = Some(leg),
                 Variant::Ours => ours = Some(leg),
                 Variant::Tunnel => tunnel = Some(leg),
                 Variant::Fast => fast = Some(leg),
@@ -85,9 +96,12 @@ pub fn run(bench: &mut Bench, effort: Effort) -> Result<Vec<Round>> {
                 Variant::None | Variant::Iptables => {}
             }
         }
-        if let (Some(hand), Some(ours), Some(tunnel), Some(fast)) = (hand, ours, tunnel, fast) {
+        if let (Some(hand), Some(hand_tunnel), Some(ours), Some(tunnel), Some(fast)) =
+            (hand, hand_tunnel, ours, tunnel, fast)
+        {
             out.push(Round {
                 hand,
+                hand_tunnel,
                 ours,
                 tunnel,
                 fast,

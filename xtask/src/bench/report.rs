@@ -80,13 +80,26 @@ const HAND: Pick = |r| &r.hand;
 const OURS: Pick = |r| &r.ours;
 const TUNNEL: Pick = |r| &r.tunnel;
 const FAST: Pick = |r| &r.fast;
+const HAND_TUNNEL: Pick = |r| &r.hand_tunnel;
 
-/// What the paired part compares: each variant with the hand-built path, the tunnel with the
-/// direct path.
-const COMPARED: [(&str, Pick, Pick); 3] = [
+/// The paired part's variants, as its table shows them.
+const PAIRED_VARIANTS: [(&str, Pick); 5] = [
+    ("hand-built (median of rounds)", HAND),
+    ("static-egress", OURS),
+    ("--fast-path", FAST),
+    ("tunnel", TUNNEL),
+    ("hand-built VXLAN", HAND_TUNNEL),
+];
+
+/// What the paired part compares: each variant with the hand-built path; the tunnel with the
+/// direct path and with the hand-built tunnel, whose own cost over the hand-built path is
+/// beside it.
+const COMPARED: [(&str, Pick, Pick); 5] = [
     ("static-egress - hand-built", OURS, HAND),
     ("--fast-path - hand-built", FAST, HAND),
     ("tunnel - static-egress", TUNNEL, OURS),
+    ("hand-built VXLAN - hand-built", HAND_TUNNEL, HAND),
+    ("tunnel - hand-built VXLAN", TUNNEL, HAND_TUNNEL),
 ];
 
 /// Mean over the rounds of `f(a) - f(b)`, and the half-width of its 95% interval.
@@ -180,15 +193,16 @@ fn paired(md: &mut String, rounds: &[Round]) {
     let (f50, _) = paired_diff(rounds, FAST, HAND, |l| l.p50_us);
     let _ = writeln!(
         md,
-        "**Paired rounds** ({} rounds of the hand-built path, static-egress, its fast path and \
-         its tunnel, each round in the other order than the last; 64 B round trips, then one TCP \
-         stream, then a stream of 64 B datagrams; differences (latency, CPU per round trip) and \
-         ratios (rates, CPU per gigabit and per packet) to the variant named, in the same round, \
-         as mean and 95% interval):\n\n\
-         | | hand-built (median of rounds) | static-egress | --fast-path | tunnel | {} |\n\
-         |---|---|---|---|---|---|---|---|",
+        "**Paired rounds** ({} rounds of the hand-built path, the same through hand-built VXLAN \
+         devices, static-egress, its fast path and its tunnel, each round in the other order \
+         than the last; 64 B round trips, then one TCP stream, then a stream of 64 B datagrams; \
+         differences (latency, CPU per round trip) and ratios (rates, CPU per gigabit and per \
+         packet) to the variant named, in the same round, as mean and 95% interval):\n\n\
+         | | {} | {} |\n|---|{}",
         rounds.len(),
+        PAIRED_VARIANTS.map(|(what, _)| what).join(" | "),
         COMPARED.map(|(what, _, _)| what).join(" | "),
+        "---|".repeat(PAIRED_VARIANTS.len() + COMPARED.len()),
     );
     for PairedRow {
         label,
@@ -198,7 +212,7 @@ fn paired(md: &mut String, rounds: &[Round]) {
         compare,
     } in PAIRED_ROWS
     {
-        let medians = [HAND, OURS, FAST, TUNNEL].map(|pick| {
+        let medians = PAIRED_VARIANTS.map(|(_, pick)| {
             let m = median(rounds.iter().map(|r| f(pick(r))));
             format!("{m:.decimals$} {unit}")
         });
@@ -566,12 +580,43 @@ fn rr_added(
     Some((d + half, format!("{d:+.1} ± {half:.1} µs RR p50 (paired)")))
 }
 
+/// What one path adds to another: ratios of their one-stream goodput and 64 B rate, and the
+/// difference of their RR p50.
+struct Added {
+    tcp: f64,
+    small: f64,
+    rr_us: f64,
+}
+
+/// [`Added`] of `a` over `b`: the paired rounds' means when the run has them, the datapath
+/// medians' otherwise.
+fn added_cost(
+    results: &Results,
+    medians: &[(Variant, Sample)],
+    (a, b): (Pick, Pick),
+    (va, vb): (Variant, Variant),
+) -> Option<Added> {
+    if results.paired.is_empty() {
+        let (a, b) = (of(medians, va)?, of(medians, vb)?);
+        return Some(Added {
+            tcp: a.tcp1_gbps / b.tcp1_gbps,
+            small: a.udp_kpps / b.udp_kpps,
+            rr_us: a.rr_p50_us - b.rr_p50_us,
+        });
+    }
+    let rounds = &results.paired;
+    Some(Added {
+        tcp: paired_ratio(rounds, a, b, |l| l.tcp_gbps).0,
+        small: paired_ratio(rounds, a, b, |l| l.udp_kpps).0,
+        rr_us: paired_diff(rounds, a, b, |l| l.p50_us).0,
+    })
+}
+
 fn targets(md: &mut String, results: &Results, medians: &[(Variant, Sample)]) {
     let mut rows: Vec<(String, String, &str)> = Vec::new();
-    let (ours, fast, tunnel) = (
+    let (ours, fast) = (
         ((OURS, HAND), (Variant::Ours, Variant::Hand)),
         ((FAST, HAND), (Variant::Fast, Variant::Hand)),
-        ((TUNNEL, OURS), (Variant::Tunnel, Variant::Ours)),
     );
     if let Some((r1, one)) = tcp_ratio(results, medians, ours.0, ours.1, "1 stream") {
         let multi = of(medians, Variant::Ours)
@@ -631,6 +676,7 @@ fn targets(md: &mut String, results: &Results, medians: &[(Variant, Sample)]) {
             yes(tcp >= 1.0 && small.is_none_or(|r| r >= 1.0) && faster),
         ));
     }
+    let tunnel = ((TUNNEL, OURS), (Variant::Tunnel, Variant::Ours));
     if let (Some((r1, one)), Some((added, rr))) = (
         tcp_ratio(results, medians, tunnel.0, tunnel.1, "1 stream"),
         rr_added(results, medians, tunnel.0, tunnel.1),
@@ -639,6 +685,41 @@ fn targets(md: &mut String, results: &Results, medians: &[(Variant, Sample)]) {
             "the tunnel costs no more than the direct path (variant 5 vs 4)".into(),
             format!("{one} of its throughput, {rr}"),
             yes(r1 >= TARGET_THROUGHPUT && added <= TARGET_ADDED_P50_US),
+        ));
+    }
+    // What our wrapping adds to a tunnel against what our redirect adds to the direct path:
+    // each over the same path built by hand.
+    if let (Some(wrap), Some(redirect)) = (
+        added_cost(
+            results,
+            medians,
+            (TUNNEL, HAND_TUNNEL),
+            (Variant::Tunnel, Variant::HandTunnel),
+        ),
+        added_cost(
+            results,
+            medians,
+            (OURS, HAND),
+            (Variant::Ours, Variant::Hand),
+        ),
+    ) {
+        let paired = if results.paired.is_empty() {
+            ""
+        } else {
+            " (paired, means)"
+        };
+        rows.push((
+            "the tunnel adds no more to VXLAN built by hand than the direct path adds to the \
+             hand-built path (variant 5 vs 7, against 4 vs 2)"
+                .into(),
+            format!(
+                "TCP 1 stream x{:.3} against x{:.3}, 64 B rate x{:.3} against x{:.3}, RR p50 \
+                 {:+.1} against {:+.1} µs{paired}",
+                wrap.tcp, redirect.tcp, wrap.small, redirect.small, wrap.rr_us, redirect.rr_us
+            ),
+            yes(wrap.tcp >= redirect.tcp
+                && wrap.small >= redirect.small
+                && wrap.rr_us <= redirect.rr_us),
         ));
     }
     for axis in Axis::ALL {
@@ -724,6 +805,7 @@ fn raw(results: &Results, header: &str) -> Value {
         })).collect::<Vec<_>>(),
         "paired": results.paired.iter().map(|r| json!({
             "hand": leg_json(&r.hand),
+            "hand-vxlan": leg_json(&r.hand_tunnel),
             "static-egress": leg_json(&r.ours),
             "static-egress-tunnel": leg_json(&r.tunnel),
             "static-egress-fast": leg_json(&r.fast),
@@ -751,8 +833,8 @@ fn raw(results: &Results, header: &str) -> Value {
 
 const WIDTH: f64 = 900.0;
 const PANEL_H: f64 = 260.0;
-const COLORS: [&str; 6] = [
-    "#888888", "#4e79a7", "#e15759", "#59a14f", "#f28e2b", "#b07aa1",
+const COLORS: [&str; 7] = [
+    "#888888", "#4e79a7", "#e15759", "#59a14f", "#f28e2b", "#b07aa1", "#76b7b2",
 ];
 
 fn chart(results: &Results) -> String {
@@ -1011,6 +1093,7 @@ mod tests {
                 let drift = f64::from(i % 3);
                 Round {
                     hand: leg(20.0 + drift, 30.0 - drift),
+                    hand_tunnel: leg(23.0 + drift, 25.5 - drift),
                     ours: leg(21.0 + drift, 29.7 - drift),
                     tunnel: leg(21.5 + drift, 25.0 - drift),
                     fast: leg(19.5 + drift, 30.6 - drift),
@@ -1022,10 +1105,10 @@ mod tests {
             ..Results::default()
         };
         let md = markdown(&results, "test run");
-        assert!(md.contains("| RR p50 | 21.0 µs | 22.0 µs | 20.5 µs | 22.5 µs | +1.0 ± 0.0 µs | -0.5 ± 0.0 µs | +0.5 ± 0.0 µs |"), "{md}");
+        assert!(md.contains("| RR p50 | 21.0 µs | 22.0 µs | 20.5 µs | 22.5 µs | 24.0 µs | +1.0 ± 0.0 µs | -0.5 ± 0.0 µs | +0.5 ± 0.0 µs | +3.0 ± 0.0 µs | -1.5 ± 0.0 µs |"), "{md}");
         assert!(
             md.contains(
-                "| UDP 64 B rate (trafgen) | 290 kpps | 287 kpps | 296 kpps | 240 kpps | x0.990"
+                "| UDP 64 B rate (trafgen) | 290 kpps | 287 kpps | 296 kpps | 240 kpps | 245 kpps | x0.990"
             ),
             "{md}"
         );
@@ -1042,6 +1125,7 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("| the tunnel costs no more than the direct path (variant 5 vs 4) | 83.7 ± 0.4% (1 stream, paired) of its throughput"), "{md}");
+        assert!(md.contains("| the tunnel adds no more to VXLAN built by hand than the direct path adds to the hand-built path (variant 5 vs 7, against 4 vs 2) | TCP 1 stream x0.980 against x0.990, 64 B rate x0.980 against x0.990, RR p50 -1.5 against +1.0 µs (paired, means) | **missed** |"), "{md}");
         assert!(md.contains("**missed**"), "{md}");
     }
 
