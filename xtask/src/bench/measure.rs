@@ -18,15 +18,25 @@ pub const SMALL_PORT: u16 = 7779;
 const GRACE_SECS: u64 = 20;
 const RR_SIZE: &str = "64";
 
-/// The CPU the round trips' client and server both run on (the last one). Left to the
-/// scheduler, a run found them on one CPU or on two, by chance, and its round trips took about
-/// 10 or about 14 µs on this VM whatever the path (the other CPU's wake-up); each path on one
-/// CPU gives each variant the same chance, and the differences between paths are the same
-/// either way.
-fn rr_cpu() -> String {
-    std::thread::available_parallelism()
-        .map_or(0, |n| n.get() - 1)
+/// The CPUs of the round trips' client (the first) and server (the last; the same one on a
+/// single CPU). Left to the scheduler, a run found them on one CPU or on two by chance, and its
+/// round trips took about 10 or about 14 µs on this VM whatever the path (the other CPU's
+/// wake-up), so that two variants of one round could be 4 µs apart for nothing. Two CPUs, as
+/// two hosts never share one.
+#[derive(Clone, Copy)]
+enum RrEnd {
+    Client,
+    Server,
+}
+
+impl RrEnd {
+    fn cpu(self) -> String {
+        match self {
+            Self::Client => 0,
+            Self::Server => std::thread::available_parallelism().map_or(0, |n| n.get() - 1),
+        }
         .to_string()
+    }
 }
 
 /// One measurement of a variant on the current policy.
@@ -153,7 +163,7 @@ pub fn start_servers(cluster: &Cluster) -> Result<Servers> {
         &[
             "taskset",
             "-c",
-            &rr_cpu(),
+            &RrEnd::Server.cpu(),
             &probe,
             "echo",
             "--listen",
@@ -294,7 +304,7 @@ pub fn rr_command(cluster: &Cluster, pod: &LabPod, count: u32) -> Vec<String> {
         &[
             "taskset",
             "-c",
-            &rr_cpu(),
+            &RrEnd::Client.cpu(),
             &probe,
             "rr",
             &addr,
