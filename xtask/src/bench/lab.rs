@@ -26,6 +26,7 @@ const HAND_TABLE: &str = "100";
 const IPT_TABLE: &str = "101";
 const IPT_MARK: &str = "0x1000/0x1000";
 const IPSET: &str = "se-bench-pods";
+const IPT_CHAIN: &str = "SE-BENCH";
 /// The hand-built tunnel: the kernel's VXLAN device on each node (IANA's port, a VNI of its
 /// own) and a /30 between the two for the route through it.
 const HAND_VXLAN_DEV: &str = "bench-vx";
@@ -33,7 +34,6 @@ const HAND_VXLAN_VNI: &str = "4242";
 const HAND_VXLAN_PORT: &str = "4789";
 const HAND_VXLAN_NODE1: &str = "169.254.42.1";
 const HAND_VXLAN_NODE2: &str = "169.254.42.2";
-const IPT_CHAIN: &str = "SE-BENCH";
 /// Pods this many and beyond go to an objects-only node: one node's pod map holds 65,536.
 const PODS_PER_NODE: u32 = 50_000;
 const SHADOW_NODE: &str = "shadow";
