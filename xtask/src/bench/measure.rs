@@ -18,11 +18,11 @@ pub const SMALL_PORT: u16 = 7779;
 const GRACE_SECS: u64 = 20;
 const RR_SIZE: &str = "64";
 
-/// The CPUs of the round trips' client (the first) and server (the last; the same one on a
-/// single CPU). Left to the scheduler, a run found them on one CPU or on two by chance, and its
-/// round trips took about 10 or about 14 µs on this VM whatever the path (the other CPU's
-/// wake-up), so that two variants of one round could be 4 µs apart for nothing. Two CPUs, as
-/// two hosts never share one.
+/// The CPUs of the round trips' client (the first this process may run on) and server (the
+/// last; the same one on a single CPU). Left to the scheduler, a run found them on one CPU or
+/// on two by chance, and its round trips took about 10 or about 14 µs on this VM whatever the
+/// path (the other CPU's wake-up), so that two variants of one round could be 4 µs apart for
+/// nothing. Two CPUs, as two hosts never share one.
 #[derive(Clone, Copy)]
 enum RrEnd {
     Client,
@@ -31,12 +31,26 @@ enum RrEnd {
 
 impl RrEnd {
     fn cpu(self) -> String {
+        let allowed = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let (first, last) = first_and_last_cpu(&allowed).unwrap_or(("0", "0"));
         match self {
-            Self::Client => 0,
-            Self::Server => std::thread::available_parallelism().map_or(0, |n| n.get() - 1),
+            Self::Client => first,
+            Self::Server => last,
         }
-        .to_string()
+        .to_owned()
     }
+}
+
+/// The first and last CPU of `Cpus_allowed_list` in a `/proc/<pid>/status` text (a cpuset may
+/// not start at 0: `2-3,6`).
+fn first_and_last_cpu(status: &str) -> Option<(&str, &str)> {
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?
+        .trim();
+    let first = list.split([',', '-']).next()?;
+    let last = list.rsplit([',', '-']).next()?;
+    (!first.is_empty() && !last.is_empty()).then_some((first, last))
 }
 
 /// One measurement of a variant on the current policy.
@@ -409,6 +423,19 @@ pub fn rss_kib(pid: u32) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn round_trips_take_the_first_and_last_allowed_cpu() {
+        let status = "Name:\txtask\nCpus_allowed:\t3\nCpus_allowed_list:\t0-1\n";
+        assert_eq!(first_and_last_cpu(status), Some(("0", "1")));
+        let cpuset = "Cpus_allowed_list:\t2-3,6\n";
+        assert_eq!(first_and_last_cpu(cpuset), Some(("2", "6")));
+        assert_eq!(
+            first_and_last_cpu("Cpus_allowed_list:\t5\n"),
+            Some(("5", "5"))
+        );
+        assert_eq!(first_and_last_cpu("Name:\txtask\n"), None);
+    }
 
     #[test]
     fn busy_cpu_leaves_out_idle_and_iowait() {
