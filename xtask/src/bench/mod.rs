@@ -256,7 +256,7 @@ pub fn run(options: &Options) -> Result<()> {
         if wanted(Part::Profile) {
             results.profile = profile::run(
                 &mut bench,
-                &[Variant::Hand, Variant::Ours, Variant::Tunnel, Variant::Fast],
+                &profile::VARIANTS,
                 &[
                     profile::Load::Rr(settings.profile_round_trips),
                     profile::Load::Tcp(settings.datapath.seconds),

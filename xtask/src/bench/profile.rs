@@ -177,8 +177,28 @@ fn per_unit(samples: &BTreeMap<String, u64>, work: f64) -> BTreeMap<String, f64>
         .collect()
 }
 
-/// For each load: busy CPU per unit of each variant, then the `top` symbols whose cost differs
-/// most between the first variant and each other, in ns per unit.
+/// The variants profiled, in this order.
+pub const VARIANTS: [Variant; 5] = [
+    Variant::Hand,
+    Variant::Ours,
+    Variant::Fast,
+    Variant::Tunnel,
+    Variant::HandTunnel,
+];
+
+/// The profiles compared, as the paired rounds compare them: each path with the hand-built one,
+/// the tunnel with the direct path and with the tunnel built by hand, and that one with the
+/// hand-built direct path (what VXLAN itself costs).
+const COMPARED: [(Variant, Variant); 5] = [
+    (Variant::Hand, Variant::Ours),
+    (Variant::Hand, Variant::Fast),
+    (Variant::Ours, Variant::Tunnel),
+    (Variant::Hand, Variant::HandTunnel),
+    (Variant::HandTunnel, Variant::Tunnel),
+];
+
+/// For each load: busy CPU per unit of each variant, then for each pair of [`COMPARED`] the
+/// `top` symbols whose cost differs most between the two, in ns per unit.
 pub fn markdown(profiles: &[Profile], top: usize) -> String {
     let mut md = String::new();
     let loads: Vec<Load> = profiles.iter().fold(Vec::new(), |mut acc, p| {
@@ -192,9 +212,6 @@ pub fn markdown(profiles: &[Profile], top: usize) -> String {
             .iter()
             .filter(|p| p.load.unit() == load.unit())
             .collect();
-        let Some((base, others)) = of_load.split_first() else {
-            continue;
-        };
         let unit = load.unit();
         let _ = writeln!(
             md,
@@ -208,7 +225,11 @@ pub fn markdown(profiles: &[Profile], top: usize) -> String {
                 p.total()
             );
         }
-        for other in others {
+        let of_variant = |v: Variant| of_load.iter().find(|p| p.variant == v);
+        for (base, other) in COMPARED
+            .iter()
+            .filter_map(|&(a, b)| of_variant(a).zip(of_variant(b)))
+        {
             let mut diff: Vec<(String, f64, f64)> = base
                 .per_unit_ns
                 .keys()
@@ -248,5 +269,43 @@ mod tests {
         assert_eq!(samples.len(), 2);
         assert_eq!(samples["tcp_sendmsg"], 125);
         assert_eq!(per_unit(&samples, 10.0)["main"], 100_000.0);
+    }
+
+    #[test]
+    fn the_tunnel_is_set_beside_the_direct_path_and_the_tunnel_built_by_hand() {
+        let profile = |variant, ns: &[(&str, f64)]| Profile {
+            variant,
+            load: Load::Tcp(1),
+            per_unit_ns: ns.iter().map(|(s, n)| ((*s).to_owned(), *n)).collect(),
+        };
+        let md = markdown(
+            &[
+                profile(Variant::Hand, &[("ip_forward", 10.0)]),
+                profile(Variant::Ours, &[("ip_forward", 10.0), ("bpf_prog", 2.0)]),
+                profile(Variant::Tunnel, &[("ip_forward", 10.0), ("vxlan_rcv", 5.0)]),
+                profile(
+                    Variant::HandTunnel,
+                    &[("ip_forward", 10.0), ("vxlan_rcv", 7.0)],
+                ),
+            ],
+            5,
+        );
+        let tables: Vec<&str> = md.lines().filter(|l| l.starts_with("| symbol")).collect();
+        // Without the fast path's profile, its comparison is left out.
+        assert_eq!(
+            tables,
+            [
+                "| symbol | hand | static-egress | difference |",
+                "| symbol | static-egress | static-egress-tunnel | difference |",
+                "| symbol | hand | hand-vxlan | difference |",
+                "| symbol | hand-vxlan | static-egress-tunnel | difference |",
+            ],
+            "{md}"
+        );
+        assert!(md.contains("| `vxlan_rcv` | 7 | 5 | -2 |"), "{md}");
+        assert!(
+            md.contains("- 7 hand-built VXLAN devices + ip rule + nft SNAT: 17 ns per MB"),
+            "{md}"
+        );
     }
 }
