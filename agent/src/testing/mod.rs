@@ -1,5 +1,7 @@
-//! Fixtures and builders shared by the unit tests of every layer, and the generators
-//! (proptest strategies) of the property tests.
+//! Fixtures and builders shared by the unit tests of every layer, the generators (proptest
+//! strategies) of the property tests, and a fake API server ([`api_server`]).
+
+pub mod api_server;
 
 use std::net::Ipv4Addr;
 
